@@ -1,0 +1,217 @@
+"""The user-facing model: `load_model(...)` and `ASRModel.transcribe / new_stream`."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .audio import as_float32, check_rate, resample
+from .decoding.greedy import DecodedChunk, greedy_decode, initial_state
+from .decoding.tokenizer import Tokenizer
+from .errors import ModelLoadError
+from .models.checkpoint import read_checkpoint
+from .models.config import ModelConfig, parse_model_config
+from .models.transducer_model import TransducerModel
+from .streaming.plan import ChunkPlan, ModeShape
+from .streaming.stream import CacheAwareStream, FullContextStream
+from .transcript import Transcript
+
+DEFAULT_MODEL = "nvidia/nemotron-speech-streaming-en-0.6b"
+FULL_CONTEXT_UPDATE_MS = 1000  # default partial interval for full-context models
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use device='cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Encoder dtype. 'auto' is float32: the reference precision, exact against NeMo."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}")
+        return dtype
+    if dtype == "auto":
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"invalid dtype {dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+    return _DTYPES[dtype]
+
+
+class ASRModel:
+    """A loaded transducer: offline transcription and streams. The frontend, prediction network and
+    joint always run in float32; `dtype` applies to the encoder."""
+
+    def __init__(self, module: TransducerModel, tokenizer: Tokenizer, source: str, device: torch.device):
+        self.module = module
+        self.tokenizer = tokenizer
+        self.source = source
+        self.device = device
+        self._plans: dict[tuple[int, int], ChunkPlan] = {}
+        cfg = module.cfg
+        self.decoding_args = (cfg.decoding.durations, cfg.decoding.max_symbols)
+        self._modes = {self._shape(c).latency_ms(cfg.frontend.hop_length, self.sample_rate): c for c in cfg.encoder.att_context_sizes} if cfg.cache_aware else {}
+
+    # ---- description -------------------------------------------------------------------------------
+    @property
+    def config(self) -> ModelConfig:
+        return self.module.cfg
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.frontend.sample_rate
+
+    @property
+    def cache_aware(self) -> bool:
+        """True if the encoder streams with bounded caches (otherwise streams re-encode the utterance)."""
+        return self.config.cache_aware
+
+    @property
+    def latency_modes(self) -> list[int]:
+        """Selectable streaming latencies in ms (chunk durations), default first; [] for full context."""
+        return list(self._modes)
+
+    @property
+    def default_latency_ms(self) -> int | None:
+        return next(iter(self._modes), None)
+
+    def _shape(self, context: tuple[int, int]) -> ModeShape:
+        return ModeShape.of(self.config.encoder, context)
+
+    def context_for(self, latency_ms: int | None) -> tuple[int, int]:
+        """Attention (left, right) context of a latency mode; None picks the checkpoint's default."""
+        if latency_ms is None:
+            return self.config.encoder.att_context_sizes[0]
+        if not self._modes:
+            raise ValueError(
+                f"this model ({self.source}) has full-context attention and no latency modes; omit latency_ms"
+            )
+        if isinstance(latency_ms, bool) or latency_ms not in self._modes:
+            modes = ", ".join(str(m) for m in self._modes)
+            raise ValueError(f"latency_ms={latency_ms!r} is not a mode of this model; choose one of: {modes}")
+        return self._modes[latency_ms]
+
+    def plan(self, context: tuple[int, int]) -> ChunkPlan:
+        if context not in self._plans:
+            self._plans[context] = ChunkPlan.build(self.module.encoder, context)
+        return self._plans[context]
+
+    # ---- offline -----------------------------------------------------------------------------------
+    def make_transcript(self, labels: list[int], frames: list[int], durations: list[int]) -> Transcript:
+        return self.tokenizer.transcript(labels, frames, durations, self.config.frame_samples, self.sample_rate)
+
+    @torch.no_grad()
+    def _transcribe_batch(self, audios: list[np.ndarray], context: tuple[int, int]) -> list[Transcript]:
+        lengths = torch.tensor([a.shape[0] for a in audios], dtype=torch.long)
+        batch = torch.zeros(len(audios), int(lengths.max()) if len(audios) else 0)
+        for i, a in enumerate(audios):
+            batch[i, : a.shape[0]] = torch.from_numpy(a)
+        module = self.module
+        features, n_frames = module.frontend(batch.to(self.device), lengths.to(self.device))
+        encoded, enc_len = module.encoder(features, n_frames, context)
+        enc_len = torch.where(n_frames == 0, torch.zeros_like(enc_len), enc_len)  # no audio frame: no output
+        state = initial_state(module.decoder, module.joint, len(audios), self.device)
+        decoded, _ = greedy_decode(module.decoder, module.joint, encoded, enc_len, state, *self.decoding_args)
+        return [self._row_transcript(decoded, i) for i in range(len(audios))]
+
+    def _row_transcript(self, decoded: DecodedChunk, row: int) -> Transcript:
+        return self.make_transcript(decoded.labels[row], decoded.frames[row], decoded.durations[row])
+
+    def transcribe(
+        self,
+        audio,
+        *,
+        latency_ms: int | None = None,
+        sample_rate: int = 16000,
+        batch_size: int = 8,
+    ) -> Transcript | list[Transcript]:
+        """Transcribe a whole clip (1-D float32 in [-1, 1] or int16 at `sample_rate`), or a list of clips.
+
+        With `latency_ms` the encoder uses that streaming mode's attention context, so the result equals
+        streaming in that mode; None uses the checkpoint's default context."""
+        context = self.context_for(latency_ms)
+        check_rate(sample_rate)
+        single = not isinstance(audio, (list, tuple))
+        clips = [audio] if single else list(audio)
+        prepared = [
+            resample(as_float32(a, name=f"audio[{i}]" if not single else "audio"), sample_rate, self.sample_rate)
+            for i, a in enumerate(clips)
+        ]
+        results: list[Transcript] = []
+        for start in range(0, len(prepared), max(1, batch_size)):
+            results += self._transcribe_batch(prepared[start : start + batch_size], context)
+        return results[0] if single else results
+
+    # ---- streaming ---------------------------------------------------------------------------------
+    def new_stream(self, *, latency_ms: int | None = None, sample_rate: int = 16000):
+        """A single stream: `feed(audio)` pieces of any size, `transcript()` so far, `finalize()`.
+
+        Cache-aware models: `latency_ms` is one of `latency_modes` (None: the checkpoint default).
+        Full-context models: the interval at which partials are recomputed (None: 1000 ms)."""
+        if self.cache_aware:
+            return CacheAwareStream(self, self.plan(self.context_for(latency_ms)), sample_rate)
+        interval = FULL_CONTEXT_UPDATE_MS if latency_ms is None else latency_ms
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
+            raise ValueError(f"latency_ms must be a positive integer number of milliseconds, got {latency_ms!r}")
+        return FullContextStream(self, interval, sample_rate)
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        kind = "TDT" if cfg.is_tdt else "RNN-T"
+        modes = ",".join(map(str, self.latency_modes)) or "full-context"
+        return (
+            f"ASRModel({self.source!r}, {kind}, {cfg.encoder.n_layers}x{cfg.encoder.d_model}, "
+            f"latency_ms=[{modes}], device={self.device}, encoder dtype={self.module.encoder.dtype})"
+        )
+
+
+def load_model(
+    source: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+) -> ASRModel:
+    """Load a NeMo FastConformer transducer (RNN-T, TDT, hybrid RNNT-CTC).
+
+    source: a `.nemo` file, an extracted checkpoint directory, or a Hugging Face repo id (downloaded
+    through huggingface_hub, its cache and progress bar; `revision` picks a branch/tag/commit).
+    device: 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'. dtype: encoder precision; 'auto' is
+    float32."""
+    dev = resolve_device(device)
+    enc_dtype = resolve_dtype(dtype)
+    checkpoint = read_checkpoint(source, revision)
+    cfg = parse_model_config(checkpoint.config, name=str(source))
+    with torch.device("meta"):
+        module = TransducerModel(cfg)
+    module.load_weights(checkpoint.state_dict, str(source))
+    del checkpoint.state_dict
+    try:
+        tokenizer = Tokenizer(checkpoint.tokenizer_proto)
+    except Exception as exc:  # sentencepiece raises RuntimeError/OSError on a corrupt model file
+        raise ModelLoadError(f"'{source}': cannot load the SentencePiece tokenizer ({exc})") from None
+    if tokenizer.vocab_size != cfg.prediction.vocab_size:
+        raise ModelLoadError(
+            f"'{source}': tokenizer has {tokenizer.vocab_size} pieces but the decoder expects {cfg.prediction.vocab_size}"
+        )
+    module = module.float().to(dev).eval()
+    module.encoder.to(enc_dtype)
+    return ASRModel(module, tokenizer, str(source), dev)

@@ -1,0 +1,95 @@
+"""Audio input: file reading, validation, channel downmix and resampling, with clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import AudioError
+
+
+def as_float32(audio, *, name: str = "audio") -> np.ndarray:
+    """A 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor, list).
+    int16/int32 are scaled to [-1, 1]. Raises AudioError for other shapes/dtypes and NaN/inf samples."""
+    if hasattr(audio, "detach") and hasattr(audio, "cpu"):  # torch.Tensor, without importing torch here
+        audio = audio.detach().cpu().numpy()
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        raise AudioError(f"{name}: raw bytes are ambiguous here; pass a numpy array (int16 PCM or float32)")
+    arr = np.asarray(audio)
+    if arr.dtype == np.int16:
+        arr = arr.astype(np.float32) / 32768.0
+    elif arr.dtype == np.int32:
+        arr = arr.astype(np.float32) / 2147483648.0
+    elif arr.dtype in (np.float32, np.float64, np.float16):
+        arr = arr.astype(np.float32, copy=False)
+    else:
+        raise AudioError(f"{name}: unsupported sample dtype {arr.dtype} (use float32 in [-1, 1] or int16 PCM)")
+    if arr.ndim != 1:
+        raise AudioError(f"{name}: expected mono audio as a 1-D array, got shape {tuple(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise AudioError(f"{name}: contains NaN or infinite samples")
+    return arr
+
+
+def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Resample a whole signal (soxr, high quality)."""
+    check_rate(from_rate)
+    if from_rate == to_rate or audio.size == 0:
+        return audio
+    import soxr
+
+    return soxr.resample(audio, from_rate, to_rate, quality="HQ").astype(np.float32, copy=False)
+
+
+def check_rate(rate) -> int:
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not 1000 <= int(rate) <= 384000:
+        raise AudioError(f"unsupported sample rate {rate!r}: expected an integer between 1000 and 384000 Hz")
+    return int(rate)
+
+
+class StreamResampler:
+    """Incremental resampler for audio arriving in pieces (soxr's streaming API). `flush()` returns the
+    filter's tail so no pushed audio is lost."""
+
+    def __init__(self, from_rate: int, to_rate: int):
+        self.from_rate = check_rate(from_rate)
+        self.to_rate = to_rate
+        self._stream = None
+        if self.from_rate != to_rate:
+            import soxr
+
+            self._stream = soxr.ResampleStream(self.from_rate, to_rate, 1, dtype="float32", quality="HQ")
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        if self._stream is None:
+            return audio
+        return self._stream.resample_chunk(audio, last=False)
+
+    def flush(self) -> np.ndarray:
+        if self._stream is None:
+            return np.zeros(0, dtype=np.float32)
+        tail = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        self._stream.clear()
+        return tail
+
+
+def load_audio_file(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
+    """Read a wav/flac/ogg file, downmix to mono and resample to `sample_rate`: 1-D float32."""
+    import soundfile
+
+    text = os.fspath(path)
+    if not os.path.exists(text):
+        raise AudioError(f"{text}: no such file")
+    if os.path.isdir(text):
+        raise AudioError(f"{text}: is a directory, not an audio file")
+    try:
+        data, rate = soundfile.read(text, dtype="float32", always_2d=True)
+    except Exception as exc:  # libsndfile reports corrupt/unknown formats with various exception types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AudioError(f"{text}: cannot read audio ({reason})") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{text}: the file holds no audio samples")
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    mono = as_float32(mono, name=text)
+    return resample(mono, int(rate), sample_rate)

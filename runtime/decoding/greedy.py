@@ -1,0 +1,166 @@
+"""Batched greedy transducer decoding by label looping (NeMo's GreedyBatchedRNNTLoopLabelsComputer and
+GreedyBatchedTDTLoopLabelsComputer, arXiv 2406.06220), with the decoder state carried across chunks.
+
+The loop finds, for every stream at once, the next non-blank label (advancing time over blanks, or by the
+predicted duration for TDT), then runs one batched prediction-network step for all streams that found a
+label. Its rules follow NeMo's exactly, including the max_symbols cap and TDT's duration handling, so the
+labels equal NeMo's. Decoding a chunk needs nothing from later chunks; what crosses a chunk boundary is
+the prediction-network state and, for TDT, how far the last duration jumped past the chunk's end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.transducer import Joint, PredictionNetwork
+
+
+@dataclass
+class DecoderState:
+    """Per-stream transducer decoding state, batch-first so an engine can keep it slot-indexed."""
+
+    h: torch.Tensor  # [layers, B, pred_hidden] LSTM hidden state
+    c: torch.Tensor  # [layers, B, rnn_hidden] LSTM cell state
+    pred_out: torch.Tensor  # [B, joint_hidden] projected prediction output for the last label (or SOS)
+    time_jump: torch.Tensor  # [B] long: frames to skip at the next chunk's start (TDT overshoot)
+    frame_offset: torch.Tensor  # [B] long: encoder frames decoded before the next chunk
+
+
+def initial_state(prediction: PredictionNetwork, joint: Joint, batch: int, device=None) -> DecoderState:
+    """State after the start-of-sequence step: one LSTM step on the blank (zero) embedding from zeros."""
+    blank = torch.full((batch,), prediction.cfg.vocab_size, dtype=torch.long, device=device)
+    out, (h, c) = prediction.step(blank, prediction.zero_state(batch, device))
+    zeros = torch.zeros(batch, dtype=torch.long, device=device)
+    return DecoderState(h=h, c=c, pred_out=joint.project_prediction(out), time_jump=zeros, frame_offset=zeros.clone())
+
+
+@dataclass
+class DecodedChunk:
+    """Labels found in one chunk, per stream, with absolute encoder-frame times."""
+
+    labels: list[list[int]]
+    frames: list[list[int]]  # frame at which each label was emitted
+    durations: list[list[int]]  # TDT: predicted duration in frames; RNN-T: 1
+
+
+class _Store:
+    """Growable [B, N] result buffers written with masks, read back once at the end of the chunk."""
+
+    def __init__(self, batch: int, capacity: int, device):
+        self.labels = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.frames = torch.zeros_like(self.labels)
+        self.durations = torch.zeros_like(self.labels)
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch, device=device)
+
+    def add(self, mask: torch.Tensor, labels, frames, durations):
+        if int(self.count.max()) + 1 >= self.labels.shape[1]:
+            grow = lambda t: torch.cat((t, torch.zeros_like(t)), dim=1)  # noqa: E731
+            self.labels, self.frames, self.durations = map(grow, (self.labels, self.frames, self.durations))
+        idx = self.count
+        self.labels[self.rows, idx] = torch.where(mask, labels, self.labels[self.rows, idx])
+        self.frames[self.rows, idx] = torch.where(mask, frames, self.frames[self.rows, idx])
+        self.durations[self.rows, idx] = torch.where(mask, durations, self.durations[self.rows, idx])
+        self.count += mask
+
+    def to_lists(self, offsets: torch.Tensor) -> DecodedChunk:
+        count = self.count.tolist()
+        labels = self.labels.tolist()
+        frames = (self.frames + offsets[:, None]).tolist()
+        durations = self.durations.tolist()
+        return DecodedChunk(
+            labels=[row[:n] for row, n in zip(labels, count)],
+            frames=[row[:n] for row, n in zip(frames, count)],
+            durations=[row[:n] for row, n in zip(durations, count)],
+        )
+
+
+@torch.no_grad()
+def greedy_decode(
+    prediction: PredictionNetwork,
+    joint: Joint,
+    encoded: torch.Tensor,
+    lengths: torch.Tensor,
+    state: DecoderState,
+    durations: tuple[int, ...] = (),
+    max_symbols: int | None = 10,
+) -> tuple[DecodedChunk, DecoderState]:
+    """Decode one chunk of encoder output for a batch of streams.
+
+    encoded: [B, T, d] encoder frames; lengths: [B] valid frames per stream; state: carried from the
+    previous chunk (or `initial_state`). Returns the labels found and the state for the next chunk.
+    """
+    batch, max_time, _ = encoded.shape
+    device = encoded.device
+    blank = prediction.cfg.vocab_size
+    tdt = len(durations) > 0
+    num_dur = len(durations)
+    dur_values = torch.tensor(durations if tdt else [1], dtype=torch.long, device=device)
+
+    enc_proj = joint.project_encoder(encoded)  # [B, T, joint_hidden]
+    rows = torch.arange(batch, device=device)
+    lengths = lengths.to(device=device, dtype=torch.long)
+    last_t = torch.clamp(lengths - 1, min=0)
+    time = state.time_jump.clone()
+    h, c, pred_out = state.h, state.c, state.pred_out
+    store = _Store(batch, max(1, max_time * (max_symbols or 2)) + 1, device)
+    last_nb_time = torch.full((batch,), -1, dtype=torch.long, device=device)
+    last_nb_count = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def joint_at(t: torch.Tensor):
+        logits = joint(enc_proj[rows, torch.minimum(t, last_t)], pred_out)  # [B, V+1(+D)]
+        if not tdt:
+            return logits.argmax(dim=-1), dur_values.expand(batch)
+        label = logits[:, :-num_dur].argmax(dim=-1)
+        dur = dur_values[logits[:, -num_dur:].argmax(dim=-1)]
+        # A blank must move time forward, even when its predicted duration is 0.
+        dur = torch.where((label == blank) & (dur == 0), torch.ones_like(dur), dur)
+        return label, dur
+
+    active = time < lengths
+    while bool(active.any()):
+        active_before = active.clone()
+        labels, dur = joint_at(time)
+        label_time = time.clone()
+        is_blank = labels == blank
+        time = time + (dur if tdt else is_blank.long()) * active
+        active = time < lengths
+        advance = active & is_blank
+        while bool(advance.any()):
+            label_time = torch.where(advance, time, label_time)
+            more_labels, more_dur = joint_at(time)
+            labels = torch.where(advance, more_labels, labels)
+            dur = torch.where(advance, more_dur, dur)
+            is_blank = labels == blank
+            # TDT moves by the new label's duration, blank or not; RNN-T only past a blank.
+            time = time + (dur if tdt else is_blank.long()) * advance
+            active = time < lengths
+            advance = active & is_blank
+        # RNN-T: an active stream here holds a non-blank label. TDT: the label's duration may have
+        # carried the stream past its end, and it still counts.
+        found = (active_before & ~is_blank) if tdt else active
+        store.add(found, labels, label_time, dur)
+        same_frame = found & (last_nb_time == label_time)
+        last_nb_count = torch.where(same_frame, last_nb_count + 1, torch.where(found, 1, last_nb_count))
+        last_nb_time = torch.where(found, label_time, last_nb_time)
+
+        out, (h_new, c_new) = prediction.step(labels, (h, c))
+        keep = found[None, :, None]
+        h = torch.where(keep, h_new, h)
+        c = torch.where(keep, c_new, c)
+        pred_out = torch.where(found[:, None], joint.project_prediction(out), pred_out)
+
+        if max_symbols is not None:
+            force = active & ~is_blank & (last_nb_count >= max_symbols) & (last_nb_time == time)
+            time = time + force.long()
+            active = time < lengths
+
+    decoded = store.to_lists(state.frame_offset)
+    # Only TDT can jump past a chunk's end; an RNN-T stream always stops exactly at it.
+    time_jump = time - lengths if tdt else torch.zeros_like(time)
+    new_state = DecoderState(
+        h=h, c=c, pred_out=pred_out, time_jump=time_jump, frame_offset=state.frame_offset + lengths
+    )
+    return decoded, new_state
