@@ -4,7 +4,9 @@ Differences from NeMo that do not change results:
 - a streaming step caches the *projected* keys and values of the left-context frames instead of the
   normalized layer input, so a step projects only its new frames;
 - the positional projection `linear_pos(pos_emb)` is passed in precomputed: it depends only on the
-  number of keys, so the streaming code computes it once per chunk shape.
+  numbers of queries and keys, so the streaming code computes it once per chunk shape;
+- NeMo scores T queries against 2K-1 positions and shifts the result (rel_shift); only K+T-1 of those
+  positions are ever read, so only they are projected and scored, and the shift is a strided view.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from torch import nn
 MASK_VALUE = -10000.0  # NeMo's INF_VAL: masked scores are filled with this, not -inf
 
 
-def relative_positions(num_keys: int, d_model: int, device=None) -> torch.Tensor:
-    """Sinusoidal embeddings of relative positions num_keys-1 ... -(num_keys-1): [2K-1, d_model] fp32.
-    Same arithmetic as NeMo's RelPositionalEncoding.create_pe (interleaved sin/cos)."""
-    positions = torch.arange(num_keys - 1, -num_keys, -1, dtype=torch.float32, device=device).unsqueeze(1)
+def relative_positions(num_queries: int, num_keys: int, d_model: int, device=None) -> torch.Tensor:
+    """Sinusoidal embeddings of the relative positions (query - key) that T queries, the last T of K
+    keys, can see: K-1 down to -(T-1). [K+T-1, d_model] fp32, NeMo's RelPositionalEncoding arithmetic
+    (interleaved sin/cos)."""
+    positions = torch.arange(num_keys - 1, -num_queries, -1, dtype=torch.float32, device=device).unsqueeze(1)
     div_term = torch.exp(
         torch.arange(0, d_model, 2, dtype=torch.float32, device=device) * -(math.log(10000.0) / d_model)
     )
@@ -30,12 +33,15 @@ def relative_positions(num_keys: int, d_model: int, device=None) -> torch.Tensor
     return pe
 
 
-def rel_shift(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, P] scores against positions -> scores against keys (NeMo's rel_shift): for T queries
-    that are the last T of K = C + T keys, entry (i, j) ends up holding relative distance (C + i) - j."""
-    b, h, t, p = x.shape
-    x = nn.functional.pad(x, (1, 0)).view(b, h, p + 1, t)
-    return x[:, :, 1:].reshape(b, h, t, p)
+def positional_scores(q: torch.Tensor, pos: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """q: [B, H, T, d_k]; pos: [H, d_k, P=K+T-1] projected positions -> [B, H, T, K] where entry (i, j)
+    is q_i . pos(distance (K - T + i) - j), the result of NeMo's matmul + rel_shift."""
+    b, h, t, d = q.shape
+    p = pos.shape[-1]
+    # One bmm per head over all B*T queries: no copy of the positions per batch element.
+    raw = torch.bmm(q.transpose(0, 1).reshape(h, b * t, d), pos)  # [H, B*T, P]
+    # Column of distance (K-T+i)-j is (T-1-i)+j: a strided view of the raw scores.
+    return raw.as_strided((b, h, t, num_keys), (t * p, b * t * p, p - 1, 1), raw.storage_offset() + t - 1)
 
 
 class RelPositionMultiHeadAttention(nn.Module):
@@ -54,9 +60,9 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.pos_bias_v = pos_bias_v if pos_bias_v is not None else nn.Parameter(torch.zeros(n_heads, self.d_k))
 
     def project_positions(self, pos_emb: torch.Tensor) -> torch.Tensor:
-        """[P, d_model] position embeddings -> [1, H, P, d_k] projected positions."""
-        p = self.linear_pos(pos_emb.to(self.linear_pos.weight.dtype))
-        return p.view(1, -1, self.h, self.d_k).transpose(1, 2)
+        """[P, d_model] position embeddings -> [H, d_k, P] projected positions."""
+        p = self.linear_pos(pos_emb.to(self.linear_pos.weight.dtype))  # [P, d_model]
+        return p.view(-1, self.h, self.d_k).permute(1, 2, 0).contiguous()
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, d_model] -> [B, H, T, d_k]"""
@@ -66,27 +72,25 @@ class RelPositionMultiHeadAttention(nn.Module):
         self,
         x: torch.Tensor,
         pos: torch.Tensor,
-        visible: torch.Tensor,
+        hidden: torch.Tensor,
         k_cache: torch.Tensor | None = None,
         v_cache: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, T, d] normalized input; pos: [1, H, 2K-1, d_k] projected positions for K = C + T keys;
-        visible: [B, T, K] bool; k_cache, v_cache: [B, H, C, d_k] projected keys/values of the C cached
-        frames (None when C = 0). Returns (out [B, T, d], keys [B, H, K, d_k], values [B, H, K, d_k])."""
+        """x: [B, T, d] normalized input; pos: [H, d_k, K+T-1] projected positions for K = C + T keys;
+        hidden: [B, 1, T, K] bool, True where a query may not see a key; k_cache, v_cache:
+        [B, H, C, d_k] projected keys/values of the C cached frames (None when C = 0).
+        Returns (out [B, T, d], keys [B, H, K, d_k], values [B, H, K, d_k])."""
         q = self.heads(self.linear_q(x))  # [B, H, T, d_k]
         k = self.heads(self.linear_k(x))
         v = self.heads(self.linear_v(x))
         if k_cache is not None:
             k = torch.cat((k_cache, k), dim=2)  # [B, H, K, d_k]
             v = torch.cat((v_cache, v), dim=2)
-        num_keys = k.shape[2]
-        q_u = q + self.pos_bias_u[None, :, None, :].to(q.dtype)
-        q_v = q + self.pos_bias_v[None, :, None, :].to(q.dtype)
-        bd = rel_shift(torch.matmul(q_v, pos.transpose(-2, -1)))[..., :num_keys]  # [B, H, T, K]
-        hidden = visible[:, None]  # [B, 1, T, K]
-        bd = (bd / math.sqrt(self.d_k)).masked_fill(~hidden, MASK_VALUE)
+        q_u = q + self.pos_bias_u.to(q.dtype)[None, :, None, :]
+        q_v = q + self.pos_bias_v.to(q.dtype)[None, :, None, :]
+        bd = positional_scores(q_v, pos, k.shape[2]) * (1.0 / math.sqrt(self.d_k))  # [B, H, T, K]
+        bd.masked_fill_(hidden, MASK_VALUE)
+        # Rows whose every key is hidden occur only for padding queries; their outputs are never read.
         out = nn.functional.scaled_dot_product_attention(q_u, k, v, attn_mask=bd)  # [B, H, T, d_k]
-        # NeMo zeroes the probabilities of masked keys, so a query that sees nothing outputs 0.
-        out = out.masked_fill(~visible.any(dim=-1)[:, None, :, None], 0.0)
         out = out.transpose(1, 2).reshape(x.shape[0], -1, self.h * self.d_k)
         return self.linear_out(out), k, v

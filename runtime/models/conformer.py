@@ -55,7 +55,7 @@ class ConvModule(nn.Module):
         else:
             x = torch.cat((cache.to(x.dtype), x), dim=2)
         history = x
-        x = self.depthwise_conv(nn.functional.pad(x, (0, right)))
+        x = self.depthwise_conv(nn.functional.pad(x, (0, right)) if right else x)
         if self.norm_type == "layer_norm":
             x = self.batch_norm(x.transpose(1, 2)).transpose(1, 2)
         else:
@@ -78,11 +78,12 @@ class ConformerLayer(nn.Module):
         self.feed_forward2 = FeedForward(d, cfg.d_ff, cfg.use_bias)
         self.norm_out = nn.LayerNorm(d)
 
-    def forward(self, x, pos, visible, padded, k_cache=None, v_cache=None, conv_cache=None):
-        """x: [B, T, d]; pos: [1, H, 2K-1, d_k]; visible: [B, T, K]; padded: [B, T].
+    def forward(self, x, pos, hidden, padded, k_cache=None, v_cache=None, conv_cache=None):
+        """x: [B, T, d]; pos: [H, d_k, K+T-1]; hidden: [B, 1, T, K] keys a query may not see;
+        padded: [B, T] frames past the valid length.
         Returns (x [B, T, d], keys, values [B, H, K, d_k], conv history [B, d, left + T])."""
         x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
-        att, keys, values = self.self_attn(self.norm_self_att(x), pos, visible, k_cache, v_cache)
+        att, keys, values = self.self_attn(self.norm_self_att(x), pos, hidden, k_cache, v_cache)
         x = x + att
         conv, history = self.conv(self.norm_conv(x), padded, conv_cache)
         x = x + conv
@@ -134,9 +135,9 @@ class ConformerEncoder(nn.Module):
             x = x * self.xscale
         return x, lo, hi
 
-    def positions(self, num_keys: int) -> list[torch.Tensor]:
-        """Projected relative positions for K keys, one [1, H, 2K-1, d_k] tensor per layer."""
-        pe = relative_positions(num_keys, self.cfg.d_model, device=self.pre_encode.out.weight.device)
+    def positions(self, num_queries: int, num_keys: int) -> list[torch.Tensor]:
+        """Projected relative positions for T queries (the last of K keys): one [H, d_k, K+T-1] per layer."""
+        pe = relative_positions(num_queries, num_keys, self.cfg.d_model, device=self.pre_encode.out.weight.device)
         return [layer.self_attn.project_positions(pe) for layer in self.layers]
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor, context: tuple[int, int] | None = None):
@@ -150,7 +151,8 @@ class ConformerEncoder(nn.Module):
         valid = t[None, :] < out_len[:, None]  # [B, T']
         pattern = attention_pattern(self.cfg.att_context_style, context, frames, frames, x.device)
         visible = pattern[None] & valid[:, :, None] & valid[:, None, :]  # [B, T', T']
+        hidden = ~visible[:, None]
         padded = ~valid
-        for layer, pos in zip(self.layers, self.positions(frames)):
-            x, _, _, _ = layer(x, pos, visible, padded)
+        for layer, pos in zip(self.layers, self.positions(frames, frames)):
+            x, _, _, _ = layer(x, pos, hidden, padded)
         return x, out_len

@@ -1,10 +1,10 @@
 """One cache-aware encoder step for a batch of streams in the same latency mode.
 
-Per stream and layer the cache holds the projected attention keys and values of the last C frames
-(right-aligned; `length` of them valid) and the last `left` inputs of the depthwise conv. Streams at
-different fill levels share a batch: unfilled cache rows are masked out of attention, as in NeMo's
-cache_aware_stream_step. A step projects only its new frames, so its cost grows with the chunk, not with
-the 70-frame left context.
+Per stream the cache holds, for each conformer layer, the projected attention keys and values of the last
+C frames (right-aligned; `length` of them valid) and the last `left` inputs of the depthwise conv, and for
+each strided subsampling conv its last input frame. Streams at different fill levels share a batch:
+unfilled cache rows are masked out of attention, as in NeMo's cache_aware_stream_step. A step projects
+and convolves only its new frames, so its cost grows with the chunk, not with the 70-frame left context.
 """
 
 from __future__ import annotations
@@ -19,22 +19,25 @@ from .plan import ChunkPlan
 
 @dataclass
 class EncoderCache:
-    """Streaming encoder state of B streams (batch at dim 1 of the per-layer tensors)."""
+    """Streaming encoder state of B streams, one tensor per layer (batch first)."""
 
-    keys: torch.Tensor  # [layers, B, H, C, d_k] projected keys of the last C frames
-    values: torch.Tensor  # [layers, B, H, C, d_k]
-    conv: torch.Tensor  # [layers, B, d_model, conv_left] depthwise-conv input history
-    length: torch.Tensor  # [B] long: valid cached frames (the last `length` of C)
+    keys: list[torch.Tensor]  # per layer [B, H, C, d_k] projected keys of the last C frames
+    values: list[torch.Tensor]  # per layer [B, H, C, d_k]
+    conv: list[torch.Tensor]  # per layer [B, d_model, conv_left] depthwise-conv input history
+    sub: list[torch.Tensor]  # per strided subsampling conv [B, C_in, 1, F_in] its last input frame
+    length: torch.Tensor  # [B] long: valid cached attention frames (the last `length` of C)
 
     @staticmethod
     def zeros(encoder: ConformerEncoder, cache_frames: int, batch: int, device=None, dtype=None) -> "EncoderCache":
         cfg = encoder.cfg
         dtype = dtype or encoder.dtype
-        kv = (cfg.n_layers, batch, cfg.n_heads, cache_frames, cfg.d_head)
+        kv = (batch, cfg.n_heads, cache_frames, cfg.d_head)
+        layers = range(cfg.n_layers)
         return EncoderCache(
-            keys=torch.zeros(kv, device=device, dtype=dtype),
-            values=torch.zeros(kv, device=device, dtype=dtype),
-            conv=torch.zeros(cfg.n_layers, batch, cfg.d_model, cfg.conv_context[0], device=device, dtype=dtype),
+            keys=[torch.zeros(kv, device=device, dtype=dtype) for _ in layers],
+            values=[torch.zeros(kv, device=device, dtype=dtype) for _ in layers],
+            conv=[torch.zeros(batch, cfg.d_model, cfg.conv_context[0], device=device, dtype=dtype) for _ in layers],
+            sub=[torch.zeros(batch, *s, device=device, dtype=dtype) for s in encoder.pre_encode.cache_shapes()],
             length=torch.zeros(batch, dtype=torch.long, device=device),
         )
 
@@ -43,38 +46,33 @@ class EncoderCache:
 def encoder_step(
     encoder: ConformerEncoder,
     plan: ChunkPlan,
-    window: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
+    mel: torch.Tensor,
     cache: EncoderCache,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, EncoderCache]:
-    """window: [B, window_mel, F] mel frames (fp32); lo, hi: [B] valid range of the window (lo > 0 at
-    a stream's start, hi < window_mel on its last, partial step). Returns (encoded [B, T, d],
-    valid encoded frames [B], next cache)."""
+    """mel: [B, step_mel, F] fp32 new frames. lo, hi: [B] valid range of [cached frame, new frames]
+    (None: all valid); lo > 0 only on a stream's first step (ModeShape.first_valid), hi only on its
+    last, partial one. Returns (encoded [B, T, d], valid encoded frames [B], next cache)."""
     shape = plan.shape
-    x, _, out_hi = encoder.subsample(window, lo, hi)  # [B, drop + T, d]
-    x = x[:, shape.drop :]
-    out_len = torch.clamp(out_hi - shape.drop, min=0, max=shape.chunk_frames)
-    frames = x.shape[1]
+    x, sub, out_len = encoder.pre_encode.step(mel.to(encoder.dtype), cache.sub, lo, hi)  # [B, T, d]
+    if encoder.xscale is not None:
+        x = x * encoder.xscale
+    batch, frames = x.shape[0], x.shape[1]
+    if out_len is None:
+        out_len = torch.full((batch,), frames, dtype=torch.long, device=x.device)
     c = shape.cache_frames
     t = torch.arange(c + frames, device=x.device)
     query_valid = t[None, c:] < (c + out_len)[:, None]  # [B, T]
     key_valid = (t[None, :] >= (c - cache.length)[:, None]) & (t[None, :] < (c + out_len)[:, None])  # [B, C+T]
-    visible = plan.pattern[None] & query_valid[:, :, None] & key_valid[:, None, :]  # [B, T, C+T]
+    hidden = ~(plan.pattern[None, None] & query_valid[:, None, :, None] & key_valid[:, None, None, :])
     padded = ~query_valid
     keys, values, conv = [], [], []
     for i, layer in enumerate(encoder.layers):
-        x, k, v, history = layer(
-            x, plan.positions[i], visible, padded, cache.keys[i], cache.values[i], cache.conv[i]
-        )
+        x, k, v, history = layer(x, plan.positions[i], hidden, padded, cache.keys[i], cache.values[i], cache.conv[i])
         keys.append(k[:, :, frames:])
         values.append(v[:, :, frames:])
         conv.append(history[:, :, frames:])
     # As NeMo, the fill grows by the step's full (padded) width; only a stream's last step is padded.
-    next_cache = EncoderCache(
-        keys=torch.stack(keys),
-        values=torch.stack(values),
-        conv=torch.stack(conv),
-        length=torch.clamp(cache.length + frames, max=c),
-    )
-    return x, out_len, next_cache
+    length = torch.clamp(cache.length + frames, max=c)
+    return x, out_len, EncoderCache(keys=keys, values=values, conv=conv, sub=sub, length=length)

@@ -1,11 +1,10 @@
 """Shapes and precomputed tensors of one cache-aware latency mode.
 
-For a mode [left, right] and subsampling factor f, NeMo streams chunks of (right + 1) encoder frames:
-its first step takes 1 + f*right mel frames, later steps take f + 1 cached mel frames plus f*(right + 1)
-new ones and drop the first 2 subsampled frames. Here every step, the first included, takes the same
-window of f + 1 + f*(right + 1) mel frames starting at mel index `start`; frames before the stream's
-start are zeros masked out by the subsampling (lo = -start), which reproduces NeMo's first step exactly
-while letting first and later steps share one batch and one shape.
+For a mode [left, right] and subsampling factor f, a streaming step turns f*(right + 1) new mel frames
+into right + 1 encoder frames. NeMo's first step is shorter (1 + f*right mel frames); here it is laid out
+like every later step, its window starting f - 1 frames before the stream's start, and those frames are
+masked zeros, which is exactly the zero padding offline encoding sees. So first and later steps share one
+batch and one shape.
 """
 
 from __future__ import annotations
@@ -26,30 +25,26 @@ class ModeShape:
     factor: int  # subsampling factor
     chunk_frames: int  # encoder frames per step: right + 1
     cache_frames: int  # attention left context kept per layer: left
-    step_mel: int  # new mel frames per step: factor * (right + 1)
-    window_mel: int  # mel frames fed per step: factor + 1 + step_mel
-    drop: int  # subsampled frames dropped from the window's start: they belong to the previous step
-    first_start: int  # mel index of the first window's start (negative: zero-padded stream start)
+    step_mel: int  # mel frames per step: factor * (right + 1)
+    first_start: int  # mel index where the first step's window starts (1 - factor: before the stream)
 
     @staticmethod
     def of(cfg: EncoderConfig, context: tuple[int, int]) -> "ModeShape":
         f = cfg.subsampling_factor
         left, right = context
-        pre_cache = f + 1  # NeMo's pre_encode_cache_size
-        drop = 1 + (pre_cache - 1) // f
-        step_mel = f * (right + 1)
-        window = pre_cache + step_mel
-        first_mel = 1 + f * right
         return ModeShape(
             context=(left, right),
             factor=f,
             chunk_frames=right + 1,
             cache_frames=left,
-            step_mel=step_mel,
-            window_mel=window,
-            drop=drop,
-            first_start=first_mel - window,
+            step_mel=f * (right + 1),
+            first_start=1 - f,
         )
+
+    def first_valid(self, window_start: int) -> int:
+        """`lo` of a step whose window starts at mel `window_start`: its index of mel frame 0, counting
+        the subsampling's cached frame (0 once the stream has started)."""
+        return 1 - window_start if window_start < 0 else 0
 
     def frame_ms(self, hop_length: int, sample_rate: int) -> float:
         return 1000.0 * self.factor * hop_length / sample_rate
@@ -65,7 +60,7 @@ class ChunkPlan:
 
     shape: ModeShape
     pattern: torch.Tensor  # [T, C+T] bool: attention allowed by the mode, before padding masks
-    positions: list[torch.Tensor]  # per layer [1, H, 2(C+T)-1, d_k]: linear_pos of the relative positions
+    positions: list[torch.Tensor]  # per layer [H, d_k, C+2T-1]: linear_pos of the relative positions
 
     @staticmethod
     @torch.no_grad()
@@ -74,4 +69,4 @@ class ChunkPlan:
         keys = shape.cache_frames + shape.chunk_frames
         device = encoder.pre_encode.out.weight.device
         pattern = attention_pattern(encoder.cfg.att_context_style, context, shape.chunk_frames, keys, device)
-        return ChunkPlan(shape=shape, pattern=pattern, positions=encoder.positions(keys))
+        return ChunkPlan(shape=shape, pattern=pattern, positions=encoder.positions(shape.chunk_frames, keys))

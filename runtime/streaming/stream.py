@@ -81,30 +81,32 @@ class CacheAwareStream(_StreamBase):
         self.decoder = initial_state(module.decoder, module.joint, 1, device)
         self.hypothesis = _Hypothesis()
 
-    def _step(self, hi: int) -> int:
+    def _step(self, available: int) -> int:
+        """Encode and decode the window at `window_start`, holding `available` of its step_mel frames."""
         shape = self.plan.shape
         offset = self.window_start - self.mel_start
-        window = self.mel[:, offset : offset + hi]
-        if window.shape[1] < shape.window_mel:
-            window = torch.nn.functional.pad(window, (0, shape.window_mel - window.shape[1]))
+        window = self.mel[:, offset : offset + min(available, shape.step_mel)]
+        if window.shape[1] < shape.step_mel:
+            window = torch.nn.functional.pad(window, (0, shape.step_mel - window.shape[1]))
         device = self.model.device
-        lo = torch.tensor([max(0, -self.window_start)], device=device)
-        hi_t = torch.tensor([hi], device=device)
+        first = shape.first_valid(self.window_start)
+        lo = torch.tensor([first], device=device) if first else None
+        # hi counts the subsampling's cached frame in front of the window.
+        hi = torch.tensor([1 + available], device=device) if available < shape.step_mel else None
         module = self.model.module
-        encoded, length, self.cache = encoder_step(module.encoder, self.plan, window.T[None], lo, hi_t, self.cache)
+        encoded, length, self.cache = encoder_step(module.encoder, self.plan, window.T[None], self.cache, lo, hi)
         decoded, self.decoder = greedy_decode(
             module.decoder, module.joint, encoded, length, self.decoder, *self.model.decoding_args
         )
         self.window_start += shape.step_mel
-        keep_from = self.window_start - self.mel_start
-        self.mel = self.mel[:, keep_from:]
+        self.mel = self.mel[:, self.window_start - self.mel_start :]
         self.mel_start = self.window_start
         return self.hypothesis.extend(decoded)
 
     def _run_full_windows(self) -> int:
-        shape, emitted = self.plan.shape, 0
-        while self.mel_start + self.mel.shape[1] >= self.window_start + shape.window_mel:
-            emitted += self._step(shape.window_mel)
+        step, emitted = self.plan.shape.step_mel, 0
+        while self.mel_start + self.mel.shape[1] >= self.window_start + step:
+            emitted += self._step(step)
         return emitted
 
     def feed(self, audio) -> int:
@@ -130,9 +132,9 @@ class CacheAwareStream(_StreamBase):
         self.mel = torch.cat((self.mel, mel), dim=1)
         self._run_full_windows()
         mel_end = self.mel_start + self.mel.shape[1]  # frames of the utterance (index of the last + 1)
-        # Frames up to window_start + factor + 1 were covered by earlier steps (none before frame 0):
-        # a last, partial step is needed only if real frames lie beyond that.
-        if mel_end > max(0, self.window_start + self.plan.shape.factor + 1):
+        # Earlier steps covered the frames before window_start: a last, partial step is needed only if
+        # real frames lie beyond it.
+        if mel_end > max(0, self.window_start):
             self._step(mel_end - self.window_start)
         final = self.transcript()
         self.reset()

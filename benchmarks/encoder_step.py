@@ -1,0 +1,139 @@
+"""Encoder streaming-step time per chunk: monosemantic vs NeMo's `cache_aware_stream_step`.
+
+Both run the same random weights (a NeMo model built here, saved to .nemo and loaded by our real loader),
+the same batch size and the same steady-state input: a full window of mel frames, with caches already
+full (70 frames of left context), as a stream is after its first 5.6 s. Timings alternate between the two
+implementations in one process, so machine noise hits both; the figure that counts is the ratio.
+
+    python benchmarks/encoder_step.py --arch reduced --device cpu --batch 1 32
+    python benchmarks/encoder_step.py --arch full --device cuda --batch 1 32
+
+Needs the `nemo` extra (`pip install -e '.[dev]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from _support.nemo_checkpoints import VARIANTS, model_config, quiet_nemo, train_tokenizer  # noqa: E402
+from _support.nemo_reference import nemo_cache_aware_step_fn  # noqa: E402
+
+import monosemantic  # noqa: E402
+from monosemantic.streaming.encoder_step import EncoderCache, encoder_step  # noqa: E402
+
+ARCHS = {
+    # Nemotron's architecture, reduced to run on a laptop CPU.
+    "reduced": dict(n_layers=8, d_model=256, n_heads=4, subsampling_conv_channels=128, pred_hidden=320, joint_hidden=320),
+    # nvidia/nemotron-speech-streaming-en-0.6b: 24 x 1024, 8 heads, 256 subsampling channels, LSTM 2 x 640.
+    "full": dict(n_layers=24, d_model=1024, n_heads=8, subsampling_conv_channels=256, pred_hidden=640, joint_hidden=640),
+}
+
+
+def build_models(arch: str, device: str, workdir: Path):
+    """A NeMo model with NeMo's default random init, and the same weights loaded by monosemantic."""
+    from omegaconf import OmegaConf
+
+    variant = replace(VARIANTS["nemotron_rnnt"], name=f"bench_{arch}", **ARCHS[arch])
+    tokenizer = train_tokenizer(workdir / "tokenizer")
+    with quiet_nemo():
+        from nemo.collections.asr.models import EncDecRNNTBPEModel
+
+        torch.manual_seed(0)
+        nemo_model = EncDecRNNTBPEModel(cfg=OmegaConf.create(model_config(variant, tokenizer)))
+        nemo_model.eval()
+        path = workdir / f"{variant.name}.nemo"
+        nemo_model.save_to(str(path))
+    nemo_model = nemo_model.to(device)
+    ours = monosemantic.load_model(str(path), device=device)
+    return nemo_model, ours
+
+
+def our_step_fn(model, latency_ms: int, batch: int):
+    """A zero-arg callable running one steady-state encoder step of `model` (caches full, carried)."""
+    plan = model.plan(model.context_for(latency_ms))
+    shape = plan.shape
+    encoder = model.module.encoder
+    gen = torch.Generator().manual_seed(0)
+    window = torch.randn(batch, shape.window_mel, encoder.cfg.feat_in, generator=gen).to(model.device)
+    lo = torch.zeros(batch, dtype=torch.long, device=model.device)
+    hi = torch.full((batch,), shape.window_mel, dtype=torch.long, device=model.device)
+    cache = EncoderCache.zeros(encoder, shape.cache_frames, batch, model.device)
+    for t in (cache.keys, cache.values, cache.conv):
+        t.copy_(torch.randn(t.shape, generator=gen))
+    cache.length.fill_(shape.cache_frames)
+    state = {"cache": cache}
+
+    def step():
+        out, _, state["cache"] = encoder_step(encoder, plan, window, lo, hi, state["cache"])
+        return out
+
+    return step
+
+
+def timed(fn, device: str, iters: int) -> float:
+    """Mean seconds per call over `iters` calls."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def compare(ours_fn, nemo_fn, device: str, rounds: int, iters: int) -> tuple[float, float]:
+    """Median per-step seconds of each, measured in alternating rounds."""
+    for fn in (ours_fn, nemo_fn):
+        timed(fn, device, 3)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(timed(ours_fn, device, iters))
+        theirs.append(timed(nemo_fn, device, iters))
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="reduced")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        nemo_model, ours = build_models(args.arch, args.device, Path(tmp))
+        machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        print(f"# encoder step, arch={args.arch} ({ours.config.encoder.n_layers}x{ours.config.encoder.d_model}), "
+              f"device={args.device} ({machine}), fp32, torch {torch.__version__}")
+        print(f"{'latency':>8} {'batch':>5} {'ours ms':>9} {'nemo ms':>9} {'speedup':>8}")
+        rows = []
+        for latency in ours.latency_modes:
+            context = list(ours.context_for(latency))
+            for batch in args.batch:
+                nemo_fn = nemo_cache_aware_step_fn(nemo_model, context, batch)
+                ours_fn = our_step_fn(ours, latency, batch)
+                t_ours, t_nemo = compare(ours_fn, nemo_fn, args.device, args.rounds, args.iters)
+                rows.append({"latency_ms": latency, "batch": batch, "ours_ms": t_ours * 1e3, "nemo_ms": t_nemo * 1e3, "speedup": t_nemo / t_ours})
+                print(f"{latency:>8} {batch:>5} {t_ours * 1e3:>9.2f} {t_nemo * 1e3:>9.2f} {t_nemo / t_ours:>7.2f}x", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"arch": args.arch, "device": args.device, "machine": machine, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
