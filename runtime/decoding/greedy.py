@@ -27,6 +27,27 @@ class DecoderState:
     time_jump: torch.Tensor  # [B] long: frames to skip at the next chunk's start (TDT overshoot)
     frame_offset: torch.Tensor  # [B] long: encoder frames decoded before the next chunk
 
+    @staticmethod
+    def cat(states: list["DecoderState"]) -> "DecoderState":
+        """Join the streams of several states into one batch, in order."""
+        return DecoderState(
+            h=torch.cat([s.h for s in states], dim=1),
+            c=torch.cat([s.c for s in states], dim=1),
+            pred_out=torch.cat([s.pred_out for s in states]),
+            time_jump=torch.cat([s.time_jump for s in states]),
+            frame_offset=torch.cat([s.frame_offset for s in states]),
+        )
+
+    def select(self, rows: torch.Tensor | slice) -> "DecoderState":
+        """The state of a subset of the streams."""
+        return DecoderState(
+            h=self.h[:, rows],
+            c=self.c[:, rows],
+            pred_out=self.pred_out[rows],
+            time_jump=self.time_jump[rows],
+            frame_offset=self.frame_offset[rows],
+        )
+
 
 def initial_state(prediction: PredictionNetwork, joint: Joint, batch: int, device=None) -> DecoderState:
     """State after the start-of-sequence step: one LSTM step on the blank (zero) embedding from zeros."""

@@ -54,8 +54,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.linear_v = nn.Linear(d_model, d_model, bias=use_bias)
         self.linear_out = nn.Linear(d_model, d_model, bias=use_bias)
         self.linear_pos = nn.Linear(d_model, d_model, bias=False)
-        # Tied biases are the encoder's Parameters, shared by every layer as in NeMo (the checkpoint lists
-        # them under each layer too).
+        # Tied biases (untie_biases=False) arrive as Parameters shared by every layer.
         self.pos_bias_u = pos_bias_u if pos_bias_u is not None else nn.Parameter(torch.zeros(n_heads, self.d_k))
         self.pos_bias_v = pos_bias_v if pos_bias_v is not None else nn.Parameter(torch.zeros(n_heads, self.d_k))
 

@@ -118,9 +118,10 @@ class ConformerEncoder(nn.Module):
         self.pre_encode = ConvSubsampling(cfg)
         shared_u = shared_v = None
         if not cfg.untie_biases:
-            self.pos_bias_u = nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))
-            self.pos_bias_v = nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))
-            shared_u, shared_v = self.pos_bias_u, self.pos_bias_v
+            # As in NeMo, one pair shared by every layer, registered only on the layers (so the checkpoint
+            # lists it under each layer's self_attn and not on the encoder).
+            shared_u = nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))
+            shared_v = nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))
         self.layers = nn.ModuleList(ConformerLayer(cfg, shared_u, shared_v) for _ in range(cfg.n_layers))
         self.xscale = math.sqrt(cfg.d_model) if cfg.xscaling else None
 

@@ -41,6 +41,27 @@ class EncoderCache:
             length=torch.zeros(batch, dtype=torch.long, device=device),
         )
 
+    @staticmethod
+    def cat(caches: list["EncoderCache"]) -> "EncoderCache":
+        """Join the streams of several caches into one batch, in order."""
+        return EncoderCache(
+            keys=[torch.cat(t) for t in zip(*(c.keys for c in caches))],
+            values=[torch.cat(t) for t in zip(*(c.values for c in caches))],
+            conv=[torch.cat(t) for t in zip(*(c.conv for c in caches))],
+            sub=[torch.cat(t) for t in zip(*(c.sub for c in caches))],
+            length=torch.cat([c.length for c in caches]),
+        )
+
+    def select(self, rows: torch.Tensor | slice) -> "EncoderCache":
+        """The cache of a subset of the streams."""
+        return EncoderCache(
+            keys=[t[rows] for t in self.keys],
+            values=[t[rows] for t in self.values],
+            conv=[t[rows] for t in self.conv],
+            sub=[t[rows] for t in self.sub],
+            length=self.length[rows],
+        )
+
 
 @torch.no_grad()
 def encoder_step(

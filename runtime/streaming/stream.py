@@ -81,20 +81,26 @@ class CacheAwareStream(_StreamBase):
         self.decoder = initial_state(module.decoder, module.joint, 1, device)
         self.hypothesis = _Hypothesis()
 
-    def _step(self, available: int) -> int:
-        """Encode and decode the window at `window_start`, holding `available` of its step_mel frames."""
+    def next_window(self, available: int) -> tuple[torch.Tensor, int, int]:
+        """The next step's input: (mel [step_mel, n_mels] with zeros past `available` frames, lo, hi),
+        lo and hi as encoder_step takes them (0 and step_mel + 1 when they mask nothing)."""
         shape = self.plan.shape
         offset = self.window_start - self.mel_start
         window = self.mel[:, offset : offset + min(available, shape.step_mel)]
         if window.shape[1] < shape.step_mel:
             window = torch.nn.functional.pad(window, (0, shape.step_mel - window.shape[1]))
-        device = self.model.device
-        first = shape.first_valid(self.window_start)
-        lo = torch.tensor([first], device=device) if first else None
         # hi counts the subsampling's cached frame in front of the window.
-        hi = torch.tensor([1 + available], device=device) if available < shape.step_mel else None
+        return window.T, shape.first_valid(self.window_start), 1 + min(available, shape.step_mel)
+
+    def _step(self, available: int) -> int:
+        """Encode and decode the window at `window_start`, holding `available` of its step_mel frames."""
+        shape = self.plan.shape
+        window, first, end = self.next_window(available)
+        device = self.model.device
+        lo = torch.tensor([first], device=device) if first else None
+        hi = torch.tensor([end], device=device) if end <= shape.step_mel else None
         module = self.model.module
-        encoded, length, self.cache = encoder_step(module.encoder, self.plan, window.T[None], self.cache, lo, hi)
+        encoded, length, self.cache = encoder_step(module.encoder, self.plan, window[None], self.cache, lo, hi)
         decoded, self.decoder = greedy_decode(
             module.decoder, module.joint, encoded, length, self.decoder, *self.model.decoding_args
         )

@@ -1,0 +1,97 @@
+"""Greedy label-looping decoding: equal to NeMo's on arbitrary encoder outputs (RNN-T and TDT, ragged
+batches), and chunked decoding with carried state equals decoding the whole sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monosemantic.decoding.greedy import DecoderState, greedy_decode, initial_state
+
+
+def encoder_outputs(model, audio_clips):
+    """Real encoder outputs of all clips as one ragged batch: ([B, T, d], [B])."""
+    clips = list(audio_clips.values())
+    lengths = torch.tensor([len(c) for c in clips])
+    batch = torch.zeros(len(clips), int(lengths.max()))
+    for i, c in enumerate(clips):
+        batch[i, : len(c)] = torch.from_numpy(c)
+    with torch.no_grad():
+        feats, n = model.module.frontend(batch, lengths)
+        return model.module.encoder(feats, n)
+
+
+def decode(model, encoded, lengths, state=None):
+    module = model.module
+    state = state or initial_state(module.decoder, module.joint, encoded.shape[0])
+    return greedy_decode(module.decoder, module.joint, encoded, lengths, state, *model.decoding_args)
+
+
+@pytest.mark.parametrize("variant", ["nemotron_rnnt", "nemotron_tdt", "parakeet_tdt", "parakeet_rnnt"])
+def test_labels_and_frames_equal_nemo_decoding(ms_model, nemo_model, audio_clips, variant):
+    model, reference = ms_model(variant), nemo_model(variant)
+    encoded, lengths = encoder_outputs(model, audio_clips)
+    # Perturb so the decoder sees inputs NeMo's transcribe never produced for these clips.
+    encoded = encoded + 0.3 * torch.randn(encoded.shape, generator=torch.Generator().manual_seed(3))
+    ours, _ = decode(model, encoded, lengths)
+    with torch.no_grad():
+        hyps = reference.decoding.rnnt_decoder_predictions_tensor(
+            encoder_output=encoded.transpose(1, 2), encoded_lengths=lengths, return_hypotheses=True
+        )
+    for row, hyp in enumerate(hyps):
+        assert ours.labels[row] == [int(t) for t in hyp.y_sequence]
+        assert ours.frames[row] == [int(t) for t in hyp.timestamp]
+    assert sum(map(len, ours.labels)) > 50
+
+
+@pytest.mark.parametrize("variant", ["nemotron_rnnt", "nemotron_tdt", "parakeet_tdt"])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 16])
+def test_chunked_decoding_with_carried_state_equals_whole(ms_model, audio_clips, variant, chunk):
+    model = ms_model(variant)
+    encoded, lengths = encoder_outputs(model, audio_clips)
+    whole, _ = decode(model, encoded, lengths)
+    module = model.module
+    state = initial_state(module.decoder, module.joint, encoded.shape[0])
+    labels = [[] for _ in range(encoded.shape[0])]
+    frames = [[] for _ in range(encoded.shape[0])]
+    durations = [[] for _ in range(encoded.shape[0])]
+    for start in range(0, encoded.shape[1], chunk):
+        part = encoded[:, start : start + chunk]
+        part_len = torch.clamp(lengths - start, min=0, max=part.shape[1])
+        out, state = decode(model, part, part_len, state)
+        for row in range(encoded.shape[0]):
+            labels[row] += out.labels[row]
+            frames[row] += out.frames[row]
+            durations[row] += out.durations[row]
+    assert labels == whole.labels and frames == whole.frames and durations == whole.durations
+    if model.config.is_tdt and chunk == 1:
+        assert int(state.time_jump.max()) >= 0
+
+
+def test_max_symbols_caps_emissions_per_frame(ms_model):
+    """A joint biased so a token always beats blank emits exactly max_symbols tokens per frame."""
+    model = ms_model("nemotron_rnnt")
+    module = model.module
+    max_symbols = model.config.decoding.max_symbols
+    bias = module.joint.joint_net[-1].bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias[5] += 1e4
+        encoded = torch.randn(2, 4, model.config.encoder.d_model)
+        out, _ = decode(model, encoded, torch.tensor([4, 2]))
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert out.labels[0] == [5] * (4 * max_symbols) and out.labels[1] == [5] * (2 * max_symbols)
+    assert out.frames[0] == sorted(out.frames[0]) and out.frames[0].count(3) == max_symbols
+
+
+def test_state_select_and_cat_round_trip(ms_model):
+    model = ms_model("nemotron_tdt")
+    module = model.module
+    state = initial_state(module.decoder, module.joint, 3)
+    state.time_jump = torch.tensor([0, 2, 1])
+    joined = DecoderState.cat([state.select(slice(0, 2)), state.select(slice(2, 3))])
+    for name in ("h", "c", "pred_out", "time_jump", "frame_offset"):
+        assert torch.equal(getattr(joined, name), getattr(state, name))

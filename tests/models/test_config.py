@@ -1,0 +1,102 @@
+"""Config parsing: every supported option is read from the checkpoint config; unsupported architectures
+are refused by name."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from monosemantic.errors import UnsupportedModelError
+from monosemantic.models.config import parse_model_config
+
+
+@pytest.fixture(scope="module")
+def nemotron_config(nemo_checkpoint):
+    import tarfile
+
+    with tarfile.open(nemo_checkpoint("nemotron_rnnt")) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("model_config.yaml"))
+        return yaml.safe_load(tar.extractfile(member).read())
+
+
+def edited(config, path: str, value):
+    cfg = copy.deepcopy(config)
+    node = cfg
+    *parents, last = path.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return cfg
+
+
+DELETE = object()
+
+
+def test_parses_nemotron_like_config(nemotron_config):
+    cfg = parse_model_config(nemotron_config, "tiny")
+    assert cfg.encoder.att_context_sizes == ((70, 13), (70, 6), (70, 1), (70, 0))
+    assert cfg.encoder.causal_downsampling and cfg.encoder.conv_context == (8, 0)
+    assert cfg.frontend.normalize is None and cfg.frontend.n_mels == 128
+    assert cfg.frontend.win_length == 400 and cfg.frontend.hop_length == 160 and cfg.frontend.n_fft == 512
+    assert cfg.cache_aware and not cfg.is_tdt and cfg.blank_id == cfg.prediction.vocab_size
+    assert cfg.frame_samples == 1280
+
+
+@pytest.mark.parametrize(
+    "path, value, needle",
+    [
+        ("target", "nemo.collections.asr.models.ctc_bpe_models.EncDecCTCModelBPE", "CTC-only"),
+        ("target", "nemo.collections.asr.models.EncDecMultiTaskModel", "attention-decoder"),
+        ("target", "nemo.collections.asr.models.rnnt_models.EncDecRNNTModel", "character"),
+        ("target", "some.other.Model", "model class"),
+        ("tokenizer.type", "wpe", "tokenizer type"),
+        ("encoder._target_", "nemo.collections.asr.modules.SqueezeformerEncoder", "SqueezeformerEncoder"),
+        ("encoder.self_attention_model", "rel_pos_local_attn", "rel_pos_local_attn"),
+        ("encoder.self_attention_model", "abs_pos", "abs_pos"),
+        ("encoder.subsampling", "vggnet", "vggnet"),
+        ("encoder.subsampling", "dw_striding_conv1d", "dw_striding_conv1d"),
+        ("encoder.att_context_style", "chunked_limited_with_rc", "chunked_limited_with_rc"),
+        ("encoder.conv_norm_type", "group_norm8", "group_norm8"),
+        ("encoder.feat_out", 32, "feat_out"),
+        ("encoder.reduction", "pooling", "reduction"),
+        ("encoder.att_context_size", [[70, 2]], "multiple of right+1"),
+        ("decoder._target_", "nemo.collections.asr.modules.StatelessTransducerDecoder", "StatelessTransducerDecoder"),
+        ("decoder.normalization_mode", "layer", "normalization"),
+        ("joint.jointnet.activation", "gelu", "gelu"),
+        ("decoding.model_type", "multiblank", "multi-blank"),
+        ("preprocessor._target_", "nemo.collections.asr.modules.AudioToMFCCPreprocessor", "AudioToMFCCPreprocessor"),
+        ("preprocessor.exact_pad", True, "exact_pad"),
+        ("preprocessor.frame_splicing", 3, "frame_splicing"),
+        ("preprocessor.features", 80, "features"),
+        ("decoder", DELETE, "decoder"),
+    ],
+)
+def test_refuses_unsupported_by_name(nemotron_config, path, value, needle):
+    if path == "encoder.reduction":
+        config = edited(edited(nemotron_config, "encoder.reduction_factor", 2), path, value)
+    else:
+        config = edited(nemotron_config, path, value)
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture") as info:
+        parse_model_config(config, "tiny.nemo")
+    assert needle in str(info.value) and "tiny.nemo" in str(info.value)
+
+
+def test_tdt_requires_durations(nemotron_config):
+    config = edited(nemotron_config, "decoding.model_type", "tdt")
+    with pytest.raises(UnsupportedModelError, match="durations"):
+        parse_model_config(config, "x")
+
+
+def test_full_context_variants_are_not_cache_aware(nemotron_config):
+    assert not parse_model_config(edited(nemotron_config, "preprocessor.normalize", "per_feature"), "x").cache_aware
+    assert not parse_model_config(edited(nemotron_config, "encoder.causal_downsampling", False), "x").cache_aware
+    assert not parse_model_config(edited(nemotron_config, "encoder.conv_context_size", None), "x").cache_aware
+    regular = edited(edited(nemotron_config, "encoder.att_context_style", "regular"), "encoder.att_context_size", [-1, -1])
+    assert not parse_model_config(regular, "x").cache_aware
+    causal_regular = edited(edited(nemotron_config, "encoder.att_context_style", "regular"), "encoder.att_context_size", [64, 0])
+    assert parse_model_config(causal_regular, "x").cache_aware

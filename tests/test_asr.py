@@ -1,0 +1,63 @@
+"""The user-facing API of a loaded model: inputs, latency modes, edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import monosemantic
+
+
+def test_single_and_list_inputs(ms_model, audio_clips):
+    model = ms_model("nemotron_rnnt")
+    a, b = audio_clips["jfk.wav"], audio_clips["61-70968-0000.flac"]
+    both = model.transcribe([a, b])
+    assert [t.token_ids for t in both] == [model.transcribe(a).token_ids, model.transcribe(b).token_ids]
+    assert isinstance(model.transcribe(a), monosemantic.Transcript)
+
+
+def test_int16_input_and_empty_and_tiny_audio(ms_model, audio_clips):
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+    pcm = np.round(audio * 32767).astype(np.int16)
+    assert len(model.transcribe(pcm).tokens) > 0
+    assert model.transcribe(np.zeros(0, dtype=np.float32)).text == ""
+    assert model.transcribe(np.zeros(100, dtype=np.float32)).tokens == []
+
+
+def test_other_sample_rates_are_resampled(ms_model, audio_clips):
+    from monosemantic.audio import resample
+
+    model = ms_model("nemotron_rnnt")
+    audio8 = resample(audio_clips["jfk.wav"], 16000, 8000)
+    result = model.transcribe(audio8, sample_rate=8000)
+    assert result.sample_rate == 16000 and len(result.tokens) > 0
+    with pytest.raises(monosemantic.AudioError, match="sample rate"):
+        model.transcribe(audio8, sample_rate=12.5)
+
+
+def test_latency_modes(ms_model):
+    nemotron = ms_model("nemotron_rnnt")
+    assert nemotron.latency_modes == [1120, 560, 160, 80] and nemotron.default_latency_ms == 1120
+    assert nemotron.context_for(160) == (70, 1) and nemotron.context_for(None) == (70, 13)
+    with pytest.raises(ValueError, match="choose one of: 1120, 560, 160, 80"):
+        nemotron.context_for(200)
+    parakeet = ms_model("parakeet_tdt")
+    assert parakeet.latency_modes == [] and not parakeet.cache_aware
+    with pytest.raises(ValueError, match="full-context"):
+        parakeet.transcribe(np.zeros(1600, dtype=np.float32), latency_ms=160)
+    with pytest.raises(ValueError, match="positive integer"):
+        parakeet.new_stream(latency_ms=0)
+    assert "RNN-T" in repr(nemotron) and "TDT" in repr(parakeet)
+
+
+def test_full_context_stream_partials_and_final(ms_model, audio_clips):
+    model = ms_model("parakeet_tdt")
+    audio = audio_clips["jfk.wav"]
+    stream = model.new_stream(latency_ms=500)
+    updates = 0
+    for start in range(0, len(audio), 320):
+        updates += stream.feed(audio[start : start + 320]) > 0
+    assert updates > 2
+    assert stream.finalize().token_ids == model.transcribe(audio).token_ids
+    assert stream.transcript().text == ""  # reset for the next utterance

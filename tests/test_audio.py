@@ -1,0 +1,74 @@
+"""Audio input: validation, file reading (any rate, any channel count), resampling without loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from monosemantic.audio import StreamResampler, as_float32, load_audio_file, resample
+from monosemantic.errors import AudioError
+
+
+def test_as_float32_accepts_float_and_int_pcm():
+    assert as_float32(np.array([0.5, -0.25], dtype=np.float64)).dtype == np.float32
+    np.testing.assert_allclose(as_float32(np.array([16384, -32768], dtype=np.int16)), [0.5, -1.0])
+    np.testing.assert_allclose(as_float32(np.array([2**30], dtype=np.int32)), [0.5])
+
+
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        (np.array([0.0, np.inf], dtype=np.float32), "NaN or infinite"),
+        (np.array([np.nan], dtype=np.float32), "NaN or infinite"),
+        (np.zeros((2, 5), dtype=np.float32), "1-D"),
+        (np.array([1, 2], dtype=np.uint8), "dtype uint8"),
+        (b"\x00\x01", "raw bytes"),
+    ],
+)
+def test_as_float32_rejects_bad_input(value, needle):
+    with pytest.raises(AudioError, match=needle):
+        as_float32(value)
+
+
+def test_load_audio_file_downmixes_and_resamples(tmp_path, audio_clips):
+    mono = audio_clips["jfk.wav"][:32000]
+    stereo44 = np.stack([resample(mono, 16000, 44100)] * 2, axis=1)
+    path = tmp_path / "stereo44.flac"
+    sf.write(path, stereo44, 44100)
+    loaded = load_audio_file(path, 16000)
+    assert abs(len(loaded) - len(mono)) <= 2
+    # Round trip through 44.1 kHz and FLAC's 16-bit quantisation stays close to the original.
+    n = min(len(loaded), len(mono))
+    assert np.corrcoef(loaded[:n], mono[:n])[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty_file", "zero_samples", "corrupt", "directory"])
+def test_load_audio_file_errors(tmp_path, kind):
+    path = tmp_path / "clip.wav"
+    if kind == "empty_file":
+        path.write_bytes(b"")
+    elif kind == "zero_samples":
+        sf.write(path, np.zeros(0, dtype=np.float32), 16000)
+    elif kind == "corrupt":
+        path.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    elif kind == "directory":
+        path = tmp_path
+    with pytest.raises(AudioError) as info:
+        load_audio_file(path, 16000)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_stream_resampler_loses_no_audio(audio_clips):
+    audio = resample(audio_clips["jfk.wav"], 16000, 48000)
+    resampler = StreamResampler(48000, 16000)
+    pieces = [resampler.push(audio[i : i + 960]) for i in range(0, len(audio), 960)]
+    pieces.append(resampler.flush())
+    out = np.concatenate(pieces)
+    assert abs(len(out) - len(audio) / 3) <= 1
+
+
+@pytest.mark.parametrize("rate", [0, -16000, 1.5, "16000", True, 10**7])
+def test_bad_sample_rates_are_refused(rate):
+    with pytest.raises(AudioError, match="sample rate"):
+        StreamResampler(rate, 16000)

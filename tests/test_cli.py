@@ -1,0 +1,86 @@
+"""The command line end to end on real speech: offline and --stream give the same final, JSON lines,
+and one-line errors with a non-zero exit for bad files and models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "monosemantic", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(nemo_checkpoint) -> str:
+    return str(nemo_checkpoint("nemotron_tdt"))
+
+
+def test_offline_and_stream_json_agree_with_the_api(checkpoint, ms_model, audio_clips):
+    files = [str(DATA / "jfk.wav"), str(DATA / "61-70968-0000.flac")]
+    offline = run_cli("transcribe", *files, "--model", checkpoint, "--device", "cpu", "--latency-ms", "160", "--json")
+    streamed = run_cli("transcribe", *files, "--model", checkpoint, "--device", "cpu", "--latency-ms", "160", "--json", "--stream")
+    for done in (offline, streamed):
+        assert done.returncode == 0, done.stderr
+    off_lines = [json.loads(line) for line in offline.stdout.splitlines()]
+    stream_lines = [json.loads(line) for line in streamed.stdout.splitlines()]
+    model = ms_model("nemotron_tdt")
+    for name in ("jfk.wav", "61-70968-0000.flac"):
+        expected = model.transcribe(audio_clips[name], latency_ms=160)
+        finals = [d for d in off_lines + stream_lines if d["type"] == "final" and d["file"].endswith(name)]
+        assert len(finals) == 2
+        for final in finals:
+            assert [t["id"] for t in final["tokens"]] == expected.token_ids
+            assert final["text"] == expected.text
+            assert [w["word"] for w in final["words"]] == [w.text for w in expected.words]
+        partials = [d for d in stream_lines if d["type"] == "partial" and d["file"].endswith(name)]
+        assert len(partials) >= 2 and all(expected.text.startswith(p["text"]) for p in partials)
+    # the last line for each file is its final
+    assert stream_lines[-1]["type"] == "final"
+
+
+def test_plain_text_output(checkpoint, ms_model, audio_clips):
+    done = run_cli("transcribe", str(DATA / "jfk.wav"), "--model", checkpoint, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ms_model("nemotron_tdt").transcribe(audio_clips["jfk.wav"]).text.strip()
+
+
+def test_bad_files_get_one_line_errors_and_the_rest_still_run(checkpoint, tmp_path):
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.flac"
+    corrupt.write_bytes(b"fLaC" + b"\x00" * 64)
+    done = run_cli("transcribe", str(empty), str(DATA / "jfk.wav"), str(corrupt), str(tmp_path / "missing.wav"),
+                   "--model", checkpoint, "--device", "cpu", "--json")
+    assert done.returncode == 1
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("monosemantic: error: ") for line in errors)
+    assert "Traceback" not in done.stderr
+    finals = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [f["file"] for f in finals if f["type"] == "final"] == [str(DATA / "jfk.wav")]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model", "/no/such.nemo"], "not found"),
+        (["--latency-ms", "100"], "not a mode"),
+        (["--device", "tpu"], "invalid device"),
+        (["--dtype", "int4"], "invalid dtype"),
+    ],
+)
+def test_bad_options_one_line_error(checkpoint, args, needle):
+    if "--model" not in args:
+        args = [*args, "--model", checkpoint]
+    done = run_cli("transcribe", str(DATA / "jfk.wav"), *args)
+    assert done.returncode != 0
+    assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
