@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from _support.nemo_checkpoints import VARIANTS, model_config, quiet_nemo, train_
 from _support.nemo_reference import nemo_cache_aware_step_fn  # noqa: E402
 
 import monosemantic  # noqa: E402
+from monosemantic.streaming.cuda_graph import GraphedEncoderStep  # noqa: E402
 from monosemantic.streaming.encoder_step import EncoderCache, encoder_step  # noqa: E402
 
 ARCHS = {
@@ -61,23 +63,23 @@ def build_models(arch: str, device: str, workdir: Path):
     return nemo_model, ours
 
 
-def our_step_fn(model, latency_ms: int, batch: int):
-    """A zero-arg callable running one steady-state encoder step of `model` (caches full, carried)."""
+def our_step_fn(model, latency_ms: int, batch: int, graphed: bool = False):
+    """A zero-arg callable running one steady-state encoder step of `model` (caches full, carried),
+    eagerly or replayed from a CUDA graph."""
     plan = model.plan(model.context_for(latency_ms))
     shape = plan.shape
     encoder = model.module.encoder
     gen = torch.Generator().manual_seed(0)
-    window = torch.randn(batch, shape.window_mel, encoder.cfg.feat_in, generator=gen).to(model.device)
-    lo = torch.zeros(batch, dtype=torch.long, device=model.device)
-    hi = torch.full((batch,), shape.window_mel, dtype=torch.long, device=model.device)
+    mel = torch.randn(batch, shape.step_mel, encoder.cfg.feat_in, generator=gen).to(model.device)
     cache = EncoderCache.zeros(encoder, shape.cache_frames, batch, model.device)
-    for t in (cache.keys, cache.values, cache.conv):
+    for t in cache.keys + cache.values + cache.conv + cache.sub:
         t.copy_(torch.randn(t.shape, generator=gen))
     cache.length.fill_(shape.cache_frames)
     state = {"cache": cache}
+    run = GraphedEncoderStep(encoder, plan, batch) if graphed else partial(encoder_step, encoder, plan)
 
     def step():
-        out, _, state["cache"] = encoder_step(encoder, plan, window, lo, hi, state["cache"])
+        out, _, state["cache"] = run(mel, state["cache"])
         return out
 
     return step
@@ -95,15 +97,15 @@ def timed(fn, device: str, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def compare(ours_fn, nemo_fn, device: str, rounds: int, iters: int) -> tuple[float, float]:
-    """Median per-step seconds of each, measured in alternating rounds."""
-    for fn in (ours_fn, nemo_fn):
+def compare(fns: list, device: str, rounds: int, iters: int) -> list[float]:
+    """Median per-step seconds of each callable, measured in alternating rounds."""
+    for fn in fns:
         timed(fn, device, 3)
-    ours, theirs = [], []
+    samples = [[] for _ in fns]
     for _ in range(rounds):
-        ours.append(timed(ours_fn, device, iters))
-        theirs.append(timed(nemo_fn, device, iters))
-    return statistics.median(ours), statistics.median(theirs)
+        for fn, out in zip(fns, samples):
+            out.append(timed(fn, device, iters))
+    return [statistics.median(s) for s in samples]
 
 
 def main() -> None:
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--arch", choices=sorted(ARCHS), default="reduced")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--latency", type=int, nargs="+", help="latency modes in ms (default: all)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--json", help="also write the results to this file")
@@ -121,16 +124,25 @@ def main() -> None:
         machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         print(f"# encoder step, arch={args.arch} ({ours.config.encoder.n_layers}x{ours.config.encoder.d_model}), "
               f"device={args.device} ({machine}), fp32, torch {torch.__version__}")
-        print(f"{'latency':>8} {'batch':>5} {'ours ms':>9} {'nemo ms':>9} {'speedup':>8}")
+        graphs = args.device.startswith("cuda")
+        header = f"{'latency':>8} {'batch':>5} {'nemo ms':>9} {'ours ms':>9} {'speedup':>8}"
+        print(header + (f" {'graph ms':>9} {'speedup':>8}" if graphs else ""))
         rows = []
-        for latency in ours.latency_modes:
+        for latency in args.latency or ours.latency_modes:
             context = list(ours.context_for(latency))
             for batch in args.batch:
-                nemo_fn = nemo_cache_aware_step_fn(nemo_model, context, batch)
-                ours_fn = our_step_fn(ours, latency, batch)
-                t_ours, t_nemo = compare(ours_fn, nemo_fn, args.device, args.rounds, args.iters)
-                rows.append({"latency_ms": latency, "batch": batch, "ours_ms": t_ours * 1e3, "nemo_ms": t_nemo * 1e3, "speedup": t_nemo / t_ours})
-                print(f"{latency:>8} {batch:>5} {t_ours * 1e3:>9.2f} {t_nemo * 1e3:>9.2f} {t_nemo / t_ours:>7.2f}x", flush=True)
+                fns = [nemo_cache_aware_step_fn(nemo_model, context, batch), our_step_fn(ours, latency, batch)]
+                if graphs:
+                    fns.append(our_step_fn(ours, latency, batch, graphed=True))
+                times = compare(fns, args.device, args.rounds, args.iters)
+                row = {"latency_ms": latency, "batch": batch, "nemo_ms": times[0] * 1e3, "ours_ms": times[1] * 1e3,
+                       "speedup": times[0] / times[1]}
+                line = f"{latency:>8} {batch:>5} {times[0] * 1e3:>9.2f} {times[1] * 1e3:>9.2f} {times[0] / times[1]:>7.2f}x"
+                if graphs:
+                    row.update(graph_ms=times[2] * 1e3, graph_speedup=times[0] / times[2])
+                    line += f" {times[2] * 1e3:>9.2f} {times[0] / times[2]:>7.2f}x"
+                rows.append(row)
+                print(line, flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"arch": args.arch, "device": args.device, "machine": machine, "rows": rows}, indent=1))
 

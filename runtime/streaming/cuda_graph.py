@@ -1,0 +1,63 @@
+"""CUDA-graph replay of the streaming encoder step.
+
+A streaming step of a 24-layer encoder on a few frames launches several hundred small kernels; on a GPU
+its time is launch overhead, not arithmetic. The step has static shapes per (latency mode, batch size),
+so it is captured once into a CUDA graph and replayed: inputs are copied into the graph's static
+buffers, the graph runs, and its outputs are views of static buffers valid until the next replay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.conformer import ConformerEncoder
+from .encoder_step import EncoderCache, encoder_step
+from .plan import ChunkPlan
+
+
+def _copy_cache(dst: EncoderCache, src: EncoderCache) -> None:
+    for d, s in zip(dst.keys + dst.values + dst.conv + dst.sub, src.keys + src.values + src.conv + src.sub):
+        if d is not s:
+            d.copy_(s)
+    if dst.length is not src.length:
+        dst.length.copy_(src.length)
+
+
+class GraphedEncoderStep:
+    """encoder_step for a fixed batch size and mode, replayed from a CUDA graph.
+
+    masked=False captures the steady-state step (every window full, no stream starting): callers run
+    first and last steps eagerly, or capture a masked=True graph, which takes lo/hi for every row."""
+
+    def __init__(self, encoder: ConformerEncoder, plan: ChunkPlan, batch: int, masked: bool = False, warmup: int = 3):
+        device = encoder.pre_encode.out.weight.device
+        if device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.encoder, self.plan, self.batch, self.masked = encoder, plan, batch, masked
+        shape = plan.shape
+        self.mel = torch.zeros(batch, shape.step_mel, encoder.cfg.feat_in, device=device)
+        self.cache = EncoderCache.zeros(encoder, shape.cache_frames, batch, device)
+        self.lo = torch.zeros(batch, dtype=torch.long, device=device) if masked else None
+        self.hi = torch.full((batch,), shape.step_mel + 1, dtype=torch.long, device=device) if masked else None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):  # lets cuBLAS/cuDNN pick and allocate their workspaces before capture
+                encoder_step(encoder, plan, self.mel, self.cache, self.lo, self.hi)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out, self.out_len, self.next_cache = encoder_step(encoder, plan, self.mel, self.cache, self.lo, self.hi)
+
+    @torch.no_grad()
+    def __call__(self, mel: torch.Tensor, cache: EncoderCache, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None):
+        """Same contract as encoder_step; the returned tensors are overwritten by the next call."""
+        if not self.masked and (lo is not None or hi is not None):
+            raise ValueError("this graph was captured for full windows; pass lo/hi only to a masked graph")
+        self.mel.copy_(mel)
+        _copy_cache(self.cache, cache)
+        if self.masked:
+            self.lo.copy_(lo if lo is not None else torch.zeros_like(self.lo))
+            self.hi.copy_(hi if hi is not None else torch.full_like(self.hi, self.plan.shape.step_mel + 1))
+        self.graph.replay()
+        return self.out, self.out_len, self.next_cache
