@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.precision import exact_fp32
 from ..models.transducer import Joint, PredictionNetwork
 
 
@@ -52,7 +53,8 @@ class DecoderState:
 def initial_state(prediction: PredictionNetwork, joint: Joint, batch: int, device=None) -> DecoderState:
     """State after the start-of-sequence step: one LSTM step on the blank (zero) embedding from zeros."""
     blank = torch.full((batch,), prediction.cfg.vocab_size, dtype=torch.long, device=device)
-    out, (h, c) = prediction.step(blank, prediction.zero_state(batch, device))
+    with exact_fp32(torch.float32):
+        out, (h, c) = prediction.step(blank, prediction.zero_state(batch, device))
     zeros = torch.zeros(batch, dtype=torch.long, device=device)
     return DecoderState(h=h, c=c, pred_out=joint.project_prediction(out), time_jump=zeros, frame_offset=zeros.clone())
 
@@ -113,6 +115,11 @@ def greedy_decode(
     encoded: [B, T, d] encoder frames; lengths: [B] valid frames per stream; state: carried from the
     previous chunk (or `initial_state`). Returns the labels found and the state for the next chunk.
     """
+    with exact_fp32(torch.float32):
+        return _decode(prediction, joint, encoded, lengths, state, durations, max_symbols)
+
+
+def _decode(prediction, joint, encoded, lengths, state, durations, max_symbols):
     batch, max_time, _ = encoded.shape
     device = encoded.device
     blank = prediction.cfg.vocab_size

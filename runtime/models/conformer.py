@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import RelPositionMultiHeadAttention, relative_positions
 from .config import EncoderConfig
+from .precision import exact_fp32
 from .subsampling import ConvSubsampling
 
 
@@ -142,12 +143,16 @@ class ConformerEncoder(nn.Module):
     def positions(self, num_queries: int, num_keys: int) -> list[torch.Tensor]:
         """Projected relative positions for T queries (the last of K keys): one [H, d_k, K+T-1] per layer."""
         pe = relative_positions(num_queries, num_keys, self.cfg.d_model, device=self.pre_encode.out.weight.device)
-        return [layer.self_attn.project_positions(pe) for layer in self.layers]
+        with exact_fp32(self.dtype):
+            return [layer.self_attn.project_positions(pe) for layer in self.layers]
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor, context: tuple[int, int] | None = None):
         """Offline encoding. features: [B, F, T] fp32; lengths: [B] valid frames; context: the
         attention (left, right) mode, default the checkpoint's first. Returns ([B, T', d], [B])."""
-        context = context or self.cfg.att_context_sizes[0]
+        with exact_fp32(self.dtype):
+            return self._forward(features, lengths, context or self.cfg.att_context_sizes[0])
+
+    def _forward(self, features: torch.Tensor, lengths: torch.Tensor, context: tuple[int, int]):
         zeros = torch.zeros_like(lengths)
         x, _, out_len = self.subsample(features.transpose(1, 2), zeros, lengths)
         frames = x.shape[1]

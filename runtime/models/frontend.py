@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import FrontendConfig
+from .precision import exact_fp32
 
 NORMALIZE_EPS = 1e-5  # NeMo's CONSTANT added to the std in normalize_batch
 
@@ -53,6 +54,10 @@ class LogMelFrontend(nn.Module):
     def frames(self, padded: torch.Tensor) -> torch.Tensor:
         """Log-mel frames of a pre-emphasised signal that already carries n_fft/2 samples of context
         (or zeros) before its first frame centre and after its last: [B, S] -> [B, n_mels, T]."""
+        with exact_fp32(torch.float32):
+            return self._frames(padded)
+
+    def _frames(self, padded: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         spec = torch.stft(
             padded,

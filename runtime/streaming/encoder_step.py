@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.conformer import ConformerEncoder
+from ..models.precision import exact_fp32
 from .plan import ChunkPlan
 
 
@@ -75,6 +76,11 @@ def encoder_step(
     """mel: [B, step_mel, F] fp32 new frames. lo, hi: [B] valid range of [cached frame, new frames]
     (None: all valid); lo > 0 only on a stream's first step (ModeShape.first_valid), hi only on its
     last, partial one. Returns (encoded [B, T, d], valid encoded frames [B], next cache)."""
+    with exact_fp32(encoder.dtype):
+        return _step(encoder, plan, mel, cache, lo, hi)
+
+
+def _step(encoder, plan, mel, cache, lo, hi):
     shape = plan.shape
     x, sub, out_len = encoder.pre_encode.step(mel.to(encoder.dtype), cache.sub, lo, hi)  # [B, T, d]
     if encoder.xscale is not None:
