@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,12 +14,16 @@ from .errors import ModelLoadError
 from .models.checkpoint import read_checkpoint
 from .models.config import ModelConfig, parse_model_config
 from .models.transducer_model import TransducerModel
+from .streaming.chunked import decode_chunked
 from .streaming.plan import ChunkPlan, ModeShape
 from .streaming.stream import CacheAwareStream, FullContextStream
 from .transcript import Transcript
 
 DEFAULT_MODEL = "nvidia/nemotron-speech-streaming-en-0.6b"
 FULL_CONTEXT_UPDATE_MS = 1000  # default partial interval for full-context models
+# Cache-aware models encode clips longer than this many encoder frames (160 s at 80 ms) chunk by chunk:
+# offline attention memory grows with the square of the length, chunked encoding's does not.
+CHUNKED_ABOVE_FRAMES = 2000
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -126,6 +129,9 @@ class ASRModel:
             batch[i, : a.shape[0]] = torch.from_numpy(a)
         module = self.module
         features, n_frames = module.frontend(batch.to(self.device), lengths.to(self.device))
+        if self.cache_aware and int(n_frames.max()) > CHUNKED_ABOVE_FRAMES * self.config.encoder.subsampling_factor:
+            decoded = decode_chunked(module, self.plan(context), features, n_frames, *self.decoding_args)
+            return [self._row_transcript(decoded, i) for i in range(len(audios))]
         encoded, enc_len = module.encoder(features, n_frames, context)
         enc_len = torch.where(n_frames == 0, torch.zeros_like(enc_len), enc_len)  # no audio frame: no output
         state = initial_state(module.decoder, module.joint, len(audios), self.device)

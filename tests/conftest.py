@@ -28,9 +28,6 @@ from _support.nemo_checkpoints import (
     get_checkpoint,
 )
 
-#: Variants whose encoder has several look-ahead modes (cache-aware streaming).
-STREAMING_VARIANTS = sorted(name for name, v in VARIANTS.items() if len(v.att_context_sizes) > 1)
-
 
 def _require_nemo() -> None:
     pytest.importorskip("nemo.collections.asr", reason="NeMo (the reference implementation) is not installed")
@@ -74,12 +71,6 @@ def nemo_model(nemo_checkpoint) -> Callable[[str], object]:
 @pytest.fixture(scope="session", params=sorted(VARIANTS))
 def variant_name(request) -> str:
     """Parametrises a test over every checkpoint variant."""
-    return request.param
-
-
-@pytest.fixture(scope="session", params=STREAMING_VARIANTS)
-def streaming_variant_name(request) -> str:
-    """Parametrises a test over the cache-aware streaming variants."""
     return request.param
 
 

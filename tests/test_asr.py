@@ -61,3 +61,21 @@ def test_full_context_stream_partials_and_final(ms_model, audio_clips):
     assert updates > 2
     assert stream.finalize().token_ids == model.transcribe(audio).token_ids
     assert stream.transcript().text == ""  # reset for the next utterance
+
+
+@pytest.mark.parametrize("variant", ["nemotron_rnnt", "nemotron_tdt"])
+def test_long_audio_takes_the_chunked_path_with_the_same_tokens(ms_model, audio_clips, variant, monkeypatch):
+    """Clips above CHUNKED_ABOVE_FRAMES are encoded chunk by chunk (bounded memory): same tokens."""
+    import monosemantic.asr as asr
+
+    model = ms_model(variant)
+    clips = list(audio_clips.values())
+    for latency in (1120, 80):
+        expected = [t.token_ids for t in model.transcribe(clips, latency_ms=latency)]
+        monkeypatch.setattr(asr, "CHUNKED_ABOVE_FRAMES", 10)
+        calls = []
+        original = asr.decode_chunked
+        monkeypatch.setattr(asr, "decode_chunked", lambda *a, **k: calls.append(1) or original(*a, **k))
+        got = [t.token_ids for t in model.transcribe(clips + [np.zeros(0, dtype=np.float32)], latency_ms=latency)]
+        monkeypatch.undo()
+        assert calls and got == expected + [[]]

@@ -17,7 +17,7 @@ The helpers (except the timing one) run torch single-threaded: the models are
 tiny, and on a small machine shared with other processes OpenMP's spinning
 threads can make NeMo's thousands of tiny decoding ops 100x slower.
 
-Streaming caveat (NeMo behaviour, reproduced here, not fixed): NeMo's
+Streaming caveat (NeMo behaviour, found while building these helpers): NeMo's
 cache-aware streaming equals the offline encoder output (to ~5e-6) for
 look-aheads whose first chunk already fills the pre-encode cache, but with
 ``att_context_size=[70, 0]`` the first chunk is a single mel frame, the next
@@ -156,84 +156,6 @@ def nemo_encoder_output(
     return encoded[0, :, :n].T.float().clone(), n
 
 
-def _stream_steps(model, audio: np.ndarray, step: Callable):
-    """Drive NeMo's cache-aware streaming loop (as in speech_to_text_cache_aware_streaming_infer.py).
-
-    ``CacheAwareStreamingAudioBuffer`` computes full-utterance features and
-    cuts them into chunks (first chunk ``chunk_size[0]`` frames, later ones
-    ``chunk_size[1]`` plus a ``pre_encode_cache_size[1]``-frame pre-encode
-    cache, zero-padded while the stream is shorter than that); each chunk is
-    passed to ``step(chunk, chunk_len, drop_extra_pre_encoded, last)``, where
-    the first chunk keeps its extra pre-encoded frames and later ones drop them.
-    """
-    from nemo.collections.asr.parts.utils.streaming_utils import CacheAwareStreamingAudioBuffer
-
-    buffer = CacheAwareStreamingAudioBuffer(model=model, online_normalization=False, pad_and_drop_preencoded=False)
-    buffer.append_audio(np.ascontiguousarray(audio, dtype=np.float32))
-    for index, (chunk, chunk_len) in enumerate(buffer):
-        drop = 0 if index == 0 else model.encoder.streaming_cfg.drop_extra_pre_encoded
-        step(chunk, chunk_len, drop, buffer.is_buffer_empty())
-
-
-@torch.inference_mode()
-def nemo_cache_aware_stream_encoder(model, audio: np.ndarray, att_context_size: ContextSize = None) -> torch.Tensor:
-    """Encoder output ``[T, D]`` of NeMo's chunk-by-chunk cache-aware streaming of one clip.
-
-    Matches the offline ``nemo_encoder_output`` to float rounding for most
-    look-aheads, but not in general: see the module docstring.
-    """
-    _require_streaming(model)
-    outputs = []
-    with att_context(model, att_context_size), quiet_nemo(), single_thread():
-        caches = list(model.encoder.get_initial_cache_state(batch_size=1))
-
-        def step(chunk, chunk_len, drop, last):
-            encoded, encoded_len, caches[0], caches[1], caches[2] = model.encoder.cache_aware_stream_step(
-                processed_signal=chunk,
-                processed_signal_length=chunk_len,
-                cache_last_channel=caches[0],
-                cache_last_time=caches[1],
-                cache_last_channel_len=caches[2],
-                keep_all_outputs=last,
-                drop_extra_pre_encoded=drop,
-            )
-            outputs.append(encoded[0, :, : int(encoded_len[0])].T)
-
-        _stream_steps(model, audio, step)
-    return torch.cat(outputs).float().clone()
-
-
-@torch.inference_mode()
-def nemo_cache_aware_stream_tokens(model, audio: np.ndarray, att_context_size: ContextSize = None) -> list[int]:
-    """Tokens from NeMo's own cache-aware streaming transcription of one clip (``conformer_stream_step``).
-
-    Each chunk is encoded with the caches of the previous one and greedily
-    decoded continuing the previous chunk's hypothesis.
-    """
-    _require_streaming(model)
-    _ensure_rnnt_decoder(model)
-    state = {"hyps": None, "pred": None}
-    with att_context(model, att_context_size), quiet_nemo(), single_thread():
-        caches = list(model.encoder.get_initial_cache_state(batch_size=1))
-
-        def step(chunk, chunk_len, drop, last):
-            (state["pred"], _, caches[0], caches[1], caches[2], state["hyps"]) = model.conformer_stream_step(
-                processed_signal=chunk,
-                processed_signal_length=chunk_len,
-                cache_last_channel=caches[0],
-                cache_last_time=caches[1],
-                cache_last_channel_len=caches[2],
-                keep_all_outputs=last,
-                previous_hypotheses=state["hyps"],
-                previous_pred_out=state["pred"],
-                drop_extra_pre_encoded=drop,
-                return_transcription=True,
-            )
-
-        _stream_steps(model, audio, step)
-    return _token_list(state["hyps"][0].y_sequence) if state["hyps"] else []
-
-
 def _require_streaming(model) -> None:
     """Cache-aware streaming needs a finite left context (the cache); Parakeet-style [-1, -1] has none."""
     if int(model.encoder.att_context_size[0]) < 0:
@@ -301,8 +223,6 @@ __all__ = [
     "att_context",
     "load_nemo",
     "nemo_cache_aware_step_fn",
-    "nemo_cache_aware_stream_encoder",
-    "nemo_cache_aware_stream_tokens",
     "nemo_encoder_output",
     "nemo_mel",
     "nemo_transcribe_hypotheses",

@@ -4,7 +4,6 @@ attention mode of every variant (RNN-T, TDT, hybrid, Nemotron-like and Parakeet-
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from _support.modes import latency_contexts
