@@ -3,32 +3,72 @@
     import monosemantic
     model = monosemantic.load_model("nvidia/nemotron-speech-streaming-en-0.6b")
     print(model.transcribe(audio).text)
+
+Torch-backed names are imported on first use, so torch-free parts (events, errors, the scheduler) can be
+imported without torch.
 """
 
-from .asr import DEFAULT_MODEL, ASRModel, load_model
 from .errors import (
     AudioError,
+    CapacityError,
     MissingDependencyError,
     ModelLoadError,
     MonosemanticError,
     StreamError,
     UnsupportedModelError,
 )
+from .events import Error, Event, Final, Partial, SpeechEnded, SpeechStarted, Usage
 from .transcript import Token, Transcript, Word
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "DEFAULT_MODEL": ("asr", "DEFAULT_MODEL"),
+    "ASRModel": ("asr", "ASRModel"),
+    "load_model": ("asr", "load_model"),
+    "Engine": ("engine", "Engine"),
+    "EngineConfig": ("engine", "EngineConfig"),
+    "EngineStream": ("engine", "EngineStream"),
+    "SyncEngine": ("engine", "SyncEngine"),
+    "VADConfig": ("vad.policy", "VADConfig"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'monosemantic' has no attribute {name!r}")
+
+
 __all__ = [
-    "DEFAULT_MODEL",
     "ASRModel",
     "AudioError",
+    "CapacityError",
+    "DEFAULT_MODEL",
+    "Engine",
+    "EngineConfig",
+    "EngineStream",
+    "Error",
+    "Event",
+    "Final",
     "MissingDependencyError",
     "ModelLoadError",
     "MonosemanticError",
+    "Partial",
+    "SpeechEnded",
+    "SpeechStarted",
     "StreamError",
+    "SyncEngine",
     "Token",
     "Transcript",
     "UnsupportedModelError",
+    "Usage",
+    "VADConfig",
     "Word",
     "load_model",
     "__version__",

@@ -15,7 +15,8 @@ from .models.checkpoint import read_checkpoint
 from .models.config import ModelConfig, parse_model_config
 from .models.transducer_model import TransducerModel
 from .streaming.chunked import decode_chunked
-from .streaming.plan import ChunkPlan, ModeShape
+from .streaming.plan import ChunkPlan
+from .streaming.shape import ModeShape
 from .streaming.stream import CacheAwareStream, FullContextStream
 from .transcript import Transcript
 

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--stream", action="store_true", help=f"feed the audio in {PIECE_MS} ms pieces through the streaming path, showing partials")
     tr.add_argument("--realtime", action="store_true", help="with --stream, feed at real-time pace")
     tr.add_argument("--json", action="store_true", help="one JSON object per line; a final line per file")
+    from .bench.command import add_parser
+
+    add_parser(sub)
     return parser
 
 
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "transcribe":
             return _transcribe(args)
+        if args.command == "bench":
+            from .bench.command import run
+
+            return run(args)
     except (MonosemanticError, ValueError) as exc:
         print(f"monosemantic: error: {exc}", file=sys.stderr)
         return 1

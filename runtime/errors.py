@@ -29,6 +29,10 @@ class StreamError(MonosemanticError):
     """A streaming call that is not valid in the stream's current state (e.g. push after finalize)."""
 
 
+class CapacityError(MonosemanticError):
+    """The engine is serving its maximum number of streams; close one or raise EngineConfig.max_streams."""
+
+
 class MissingDependencyError(MonosemanticError, ImportError):
     """An optional dependency is needed for this feature; the message names the extra to install."""
 

@@ -39,6 +39,13 @@ class DecoderState:
             frame_offset=torch.cat([s.frame_offset for s in states]),
         )
 
+    def write_rows(self, rows: torch.Tensor, src: "DecoderState") -> None:
+        """Store `src` (one row per entry of `rows`) into these rows, in place."""
+        self.h.index_copy_(1, rows, src.h)
+        self.c.index_copy_(1, rows, src.c)
+        for dst, new in ((self.pred_out, src.pred_out), (self.time_jump, src.time_jump), (self.frame_offset, src.frame_offset)):
+            dst.index_copy_(0, rows, new)
+
     def select(self, rows: torch.Tensor | slice) -> "DecoderState":
         """The state of a subset of the streams."""
         return DecoderState(

@@ -1,0 +1,154 @@
+"""`monosemantic bench`: N simulated real-time streams through the engine, optionally beside NeMo.
+
+    monosemantic bench --model M --streams 8 16 32 --latency-ms 160 --seconds 30
+    monosemantic bench --model M --find-max --baseline nemo
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .result import BenchResult, percentiles
+from .workload import make_workload
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def load_clips(paths: list[str], sample_rate: int) -> list[np.ndarray]:
+    """Speech clips from files and directories (default: the repository's tests/data)."""
+    from ..audio import load_audio_file
+
+    files: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            files += sorted(f for f in path.iterdir() if f.suffix.lower() in AUDIO_SUFFIXES)
+        else:
+            files.append(path)
+    if not files:
+        raise ValueError(f"no audio files found in {', '.join(paths)}; pass --audio with wav/flac files")
+    return [load_audio_file(f, sample_rate) for f in files]
+
+
+def find_max_streams(trial: Callable[[int], BenchResult], start: int, limit: int, log) -> tuple[int, list[BenchResult]]:
+    """The most streams for which `trial(n)` is sustained: doubling from `start`, then bisection."""
+    results: list[BenchResult] = []
+
+    def ok(n: int) -> bool:
+        res = trial(n)
+        results.append(res)
+        log(res)
+        return res.sustained
+
+    if not ok(start):
+        return 0, results
+    lo, hi = start, None
+    while hi is None:
+        n = min(lo * 2, limit)
+        if n == lo:
+            return lo, results
+        if ok(n):
+            lo = n
+        else:
+            hi = n
+    while hi - lo > max(1, lo // 8):  # within 12.5 %
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, results
+
+
+def _line(res: BenchResult) -> str:
+    c = percentiles(res.chunk_latency_ms)
+    f = percentiles(res.final_latency_ms, (50, 95))
+    mem = f"{res.memory_per_stream_mb:.2f} MB" if res.memory_per_stream_mb is not None else "n/a"
+    return (
+        f"{res.system:<32} streams={res.streams:<4} chunk p50/p95/p99 = {c['p50']:7.1f}/{c['p95']:7.1f}/{c['p99']:7.1f} ms  "
+        f"final p50/p95 = {f['p50']:7.1f}/{f['p95']:7.1f} ms  rtf={res.rtf:.3f}  errors={res.errors}  "
+        f"mem/stream={mem}  {'SUSTAINED' if res.sustained else 'not sustained'}"
+    )
+
+
+def run(args) -> int:
+    from ..asr import load_model
+    from ..engine.config import EngineConfig
+    from ..vad.policy import VADConfig
+    from .engine_bench import run_engine
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    latency = args.latency_ms or model.default_latency_ms
+    model.context_for(latency)
+    audio = args.audio or [str(Path("tests") / "data")]
+    clips = load_clips(audio, model.sample_rate)
+    limit = args.max_streams
+    config = EngineConfig(max_streams=limit, max_batch=args.max_batch, vad=VADConfig() if args.vad else None)
+    print(f"# monosemantic bench: {model}, latency {latency} ms, {len(clips)} clips, {args.seconds:.0f} s per stream", flush=True)
+    report: dict = {"model": str(args.model), "latency_ms": latency, "seconds": args.seconds, "runs": []}
+
+    def log(res: BenchResult) -> None:
+        print(_line(res), flush=True)
+        report["runs"].append(res.summary())
+
+    def ours(n: int) -> BenchResult:
+        return run_engine(model, make_workload(clips, n, args.seconds, seed=args.seed), latency, config)
+
+    def nemo(n: int) -> BenchResult:
+        from .nemo_baseline import run_nemo
+
+        return run_nemo(_nemo_path(args.model), make_workload(clips, n, args.seconds, seed=args.seed), latency, device=str(model.device))
+
+    systems = [("monosemantic", ours)] + ([("nemo", nemo)] if args.baseline == "nemo" else [])
+    if args.find_max:
+        found = {}
+        for name, trial in systems:
+            found[name], _ = find_max_streams(trial, args.streams[0], limit, log)
+            print(f"max streams sustained in real time ({name}): {found[name]}", flush=True)
+        report["max_streams"] = found
+        if "nemo" in found and found["nemo"]:
+            print(f"ratio monosemantic / nemo: {found['monosemantic'] / found['nemo']:.2f}x", flush=True)
+    else:
+        for n in args.streams:
+            for _, trial in systems:
+                log(trial(n))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=float))
+    return 0
+
+
+def _nemo_path(source: str) -> str:
+    """The .nemo file behind a model source (NeMo's pipeline loads the file itself)."""
+    from ..models.checkpoint import download_from_hub
+
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        return str(path)
+    if path.is_dir():
+        raise ValueError("--baseline nemo needs a .nemo file or a Hugging Face repo id, not an extracted directory")
+    return str(download_from_hub(source, None))
+
+
+def add_parser(sub) -> None:
+    from ..asr import DEFAULT_MODEL
+
+    p = sub.add_parser("bench", help="simulated real-time streams through the engine (and NeMo with --baseline nemo)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--latency-ms", type=int, default=None, help="streaming latency mode (default: the checkpoint's)")
+    p.add_argument("--streams", type=int, nargs="+", default=[8], help="stream counts to run (with --find-max: the first to try)")
+    p.add_argument("--seconds", type=float, default=20.0, help="audio per stream (real time)")
+    p.add_argument("--find-max", action="store_true", help="search the most streams sustained in real time (p95 chunk latency < chunk)")
+    p.add_argument("--max-streams", type=int, default=1024, help="upper bound of the search and engine slots")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--baseline", choices=["nemo"], default=None, help="also run NeMo's cache-aware pipeline on the same workload")
+    p.add_argument("--audio", nargs="+", help="speech files or directories to loop (default: tests/data)")
+    p.add_argument("--vad", action=__import__("argparse").BooleanOptionalAction, default=True, help="run batched VAD too (default on)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write all runs to this file")

@@ -1,0 +1,54 @@
+"""What a bench run measures, the same for the engine and for the NeMo baseline."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+def percentiles(values: list[float], qs=(50, 95, 99)) -> dict[str, float]:
+    if not values:
+        return {f"p{q}": float("nan") for q in qs}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in qs}
+
+
+@dataclass
+class BenchResult:
+    """One run: N streams of the workload through one system.
+
+    chunk latency: from the moment a chunk's last sample was sent to the moment the system had processed
+      that chunk (its partial, if any, is available);
+    time to final: from a flush (end of utterance) to its final transcript;
+    rtf: seconds the system spent computing / seconds of audio it processed (below 1: faster than real time).
+    """
+
+    system: str  # "monosemantic" or "nemo ..." (which NeMo path)
+    streams: int
+    latency_ms: int  # chunk duration of the mode
+    audio_seconds: float
+    wall_seconds: float
+    compute_seconds: float
+    chunk_latency_ms: list[float] = field(default_factory=list, repr=False)
+    final_latency_ms: list[float] = field(default_factory=list, repr=False)
+    errors: int = 0
+    memory_per_stream_mb: float | None = None
+    notes: str = ""
+
+    @property
+    def rtf(self) -> float:
+        return self.compute_seconds / self.audio_seconds if self.audio_seconds else float("nan")
+
+    @property
+    def sustained(self) -> bool:
+        """Real time: p95 chunk latency below the chunk duration, and no errors."""
+        return self.errors == 0 and percentiles(self.chunk_latency_ms)["p95"] < self.latency_ms
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("chunk_latency_ms", "final_latency_ms")}
+        out["chunk_latency_ms"] = percentiles(self.chunk_latency_ms)
+        out["final_latency_ms"] = percentiles(self.final_latency_ms, (50, 95))
+        out["rtf"] = self.rtf
+        out["sustained"] = self.sustained
+        return out

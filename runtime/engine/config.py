@@ -1,0 +1,53 @@
+"""Engine configuration. Torch-free, so the scheduler can read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..vad.policy import VADConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine serves many streams of one model."""
+
+    max_streams: int = 256
+    """Streams open at once; one more `open_stream` raises CapacityError. Each holds a slot of
+    preallocated state (encoder caches, decoder state, VAD state, audio buffer)."""
+
+    max_batch: int = 64
+    """Most streams of one latency mode stepped together; more ready streams wait for the next step."""
+
+    default_latency_ms: int | None = None
+    """Latency mode of streams opened without one (None: the checkpoint's default mode)."""
+
+    max_buffered_seconds: float = 10.0
+    """Audio a stream may have pushed but not yet processed. `push` waits (asyncio) or blocks (sync)
+    while the buffer is full, so a producer faster than real time is throttled, never given unbounded
+    memory."""
+
+    push_timeout_seconds: float = 30.0
+    """How long a push may wait for buffer space before it fails with StreamError."""
+
+    vad: VADConfig | None = field(default_factory=VADConfig)
+    """Voice activity detection (Silero, batched across streams) producing SpeechStarted/SpeechEnded;
+    None disables it."""
+
+    skip_silence_ms: int | None = None
+    """When set (and VAD is on), encoder steps are skipped once a stream has been silent this long; at the
+    next speech the encoder restarts with fresh caches (the decoder keeps its context). Saves compute on
+    mostly silent calls; transcripts then differ from offline transcription. None (default): exact."""
+
+    usage_interval_seconds: float = 5.0
+    """A Usage event is sent after each this many seconds of a stream's processed audio, and at close."""
+
+    cuda_graphs: bool = True
+    """On CUDA, replay steady-state encoder steps from CUDA graphs (one per mode and batch bucket)."""
+
+    def __post_init__(self):
+        if self.max_streams < 1 or self.max_batch < 1:
+            raise ValueError("max_streams and max_batch must be at least 1")
+        if self.max_buffered_seconds < 1.0:
+            raise ValueError("max_buffered_seconds must be at least 1 second")
+        if self.skip_silence_ms is not None and (self.vad is None or self.skip_silence_ms <= 0):
+            raise ValueError("skip_silence_ms needs VAD enabled and a positive duration")

@@ -1,0 +1,285 @@
+"""EngineCore: one loop thread that, every tick, plans (scheduler), runs (runner) and routes results.
+
+Callers in any thread open, write to, flush and close streams through thread-safe methods that only
+touch host-side bookkeeping under a lock; every tensor operation happens on the loop thread. Events are
+handed to each stream's `emit` callback from the loop thread (the asyncio and sync front doors turn
+them into queue items).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..asr import ASRModel
+from ..errors import StreamError
+from ..events import Error, Event, Final, Partial, SpeechEnded, SpeechStarted, Usage
+from ..transcript import Token, Word
+from .config import EngineConfig
+from .runner import ModelRunner, RowResult, geometry
+from .scheduler import Scheduler, StepRow, StreamRecord, TickPlan
+
+log = logging.getLogger("monosemantic.engine")
+
+
+@dataclass
+class StreamState:
+    """Host-side state of one open stream that the scheduler does not need."""
+
+    record: StreamRecord
+    emit: Callable[[Event], None]
+    on_space: Callable[[], None]
+    labels: list[int] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)
+    durations: list[int] = field(default_factory=list)
+    policy: object | None = None  # VAD hysteresis (monosemantic.vad.policy), None without VAD
+    unreported_samples: int = 0  # processed audio not yet reported in a Usage event
+    waiting_for_space: bool = False  # a write found the buffer full: signal on_space after progress
+    closed: bool = False
+
+
+@dataclass
+class TickStats:
+    """What the last tick did (read by metrics and benchmarks)."""
+
+    steps: int = 0
+    rows: int = 0
+    vad_rows: int = 0
+    seconds: float = 0.0
+
+
+class EngineCore:
+    def __init__(self, model: ASRModel, config: EngineConfig):
+        if not model.cache_aware:
+            raise ValueError(
+                f"the engine streams cache-aware models; {model.source} has full-context attention "
+                f"(use model.new_stream() for it)"
+            )
+        if config.vad is not None and model.sample_rate != 16000:
+            raise ValueError("Silero VAD runs at 16 kHz; disable VAD (EngineConfig(vad=None)) for this model")
+        self.model = model
+        self.config = config
+        plans = {ms: model.plan(model.context_for(ms)) for ms in model.latency_modes}
+        self.default_latency = config.default_latency_ms or model.default_latency_ms
+        model.context_for(self.default_latency)  # a bad default fails here, not at the first open
+        g = geometry(model)
+        span = g.hop * (max(p.shape.step_mel for p in plans.values()) - 1) + g.n_fft + 1
+        self.capacity = int(config.max_buffered_seconds * model.sample_rate)
+        ring = self.capacity + span + g.vad_window + g.hop
+        skip = None if config.skip_silence_ms is None else config.skip_silence_ms * model.sample_rate // 1000
+        self.scheduler = Scheduler(config.max_streams, config.max_batch, g, vad=config.vad is not None, skip_silence=skip)
+        self.runner = ModelRunner(model, plans, config.max_streams, ring, vad=config.vad is not None)
+        self.shapes = {ms: p.shape for ms, p in plans.items()}
+        self.streams: dict[int, StreamState] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.pending_resets: list[tuple[int, bool]] = []  # (slot, also VAD) to reset before the next plan
+        self.usage_samples = int(config.usage_interval_seconds * model.sample_rate)
+        self.stats = TickStats()
+        self.on_tick: Callable[[TickPlan, float], None] | None = None  # benchmark/metrics hook
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop; every open stream gets Error('closed') and is released."""
+        with self.lock:
+            self._stopping = True
+            states = list(self.streams.values())
+        for state in states:
+            self.close(state.record.handle, Error("closed", "the engine was shut down"))
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # ---- stream operations (any thread) ------------------------------------------------------------
+    def open(self, latency_ms: int | None, emit: Callable[[Event], None], on_space: Callable[[], None]) -> StreamRecord:
+        latency = self.default_latency if latency_ms is None else latency_ms
+        self.model.context_for(latency)  # ValueError naming the valid modes
+        with self.lock:
+            if self._stopping:
+                raise StreamError("the engine is shut down")
+            record = self.scheduler.admit(latency, self.shapes[latency])
+            policy = None
+            if self.config.vad is not None:
+                from ..vad.policy import VADPolicy
+
+                policy = VADPolicy(self.config.vad)
+            self.streams[record.handle] = StreamState(record, emit, on_space, policy=policy)
+            self.pending_resets.append((record.slot, True))
+        self.wake.set()
+        return record
+
+    def write(self, handle: int, samples: np.ndarray) -> bool:
+        """Append model-rate float32 samples; False (nothing written) if the stream's buffer lacks room."""
+        with self.lock:
+            state = self._live(handle)
+            record = state.record
+            if self.scheduler.buffered(record) + len(samples) > self.capacity:
+                state.waiting_for_space = True
+                return False
+            self.runner.write(record.slot, record.written, samples)
+            record.written += len(samples)
+        self.wake.set()
+        return True
+
+    def flush(self, handle: int) -> None:
+        with self.lock:
+            self._live(handle)
+            self.scheduler.flush(handle)
+        self.wake.set()
+
+    def close(self, handle: int, reason: Error | None = None) -> None:
+        """Release the stream's slot now (mid-step included: its results are dropped) and send it its
+        remaining usage, an optional error, and the end of events."""
+        with self.lock:
+            state = self.streams.pop(handle, None)
+            if state is None or state.closed:
+                return
+            state.closed = True
+            self.scheduler.release(handle)
+        if state.policy is not None:
+            # Every SpeechStarted gets its SpeechEnded, also when the stream stops mid-speech: the open
+            # segment closes where the VAD stopped listening.
+            for transition in state.policy.flush():
+                state.emit((SpeechStarted if transition.kind == "start" else SpeechEnded)(transition.sample))
+        if state.unreported_samples:
+            state.emit(Usage(state.unreported_samples / self.model.sample_rate))
+        if reason is not None:
+            state.emit(reason)
+        state.emit(None)  # end of events
+        state.on_space()  # wake a push waiting for room: it will find the stream closed
+
+    def buffered_seconds(self, handle: int) -> float:
+        with self.lock:
+            state = self.streams.get(handle)
+            return self.scheduler.buffered(state.record) / self.model.sample_rate if state else 0.0
+
+    def _live(self, handle: int) -> StreamState:
+        state = self.streams.get(handle)
+        if state is None or state.closed:
+            raise StreamError("the stream is closed")
+        return state
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            with self.lock:
+                resets, self.pending_resets = self.pending_resets, []
+                plan = self.scheduler.plan()
+            if resets:
+                self.runner.reset_utterance([slot for slot, _ in resets])
+                self.runner.reset_vad([slot for slot, vad in resets if vad])
+            if plan.empty:
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            started = time.perf_counter()
+            self._run(plan)
+            elapsed = time.perf_counter() - started
+            self.stats = TickStats(len(plan.steps), sum(len(b.rows) for b in plan.steps), len(plan.vad), elapsed)
+            if self.on_tick is not None:
+                self.on_tick(plan, elapsed)
+
+    def _run(self, plan: TickPlan) -> None:
+        if plan.vad:
+            probs = self._guarded(plan.vad, lambda: self.runner.vad(plan.vad))
+            if probs is not None:
+                self._apply_vad(plan.vad, probs)
+        for batch in plan.steps:
+            restarts = [(row.slot, row.restart_frames) for row in batch.rows if row.restart_frames]
+            if restarts:
+                self.runner.restart_encoder(restarts)
+            results = self._guarded(batch.rows, lambda: self.runner.step(batch))
+            if results is not None:
+                self._apply_steps(batch.rows, results)
+        for row in plan.finals:
+            with self.lock:
+                state = self.streams.get(row.handle)
+            if state is not None and state.record.generation == row.generation:
+                self._finish_utterance(state, row.utt_start, row.end)
+
+    def _signal_space(self, states) -> None:
+        """Wake the writers that found their buffer full, now that the engine has consumed audio."""
+        for state in states:
+            if state.waiting_for_space:
+                state.waiting_for_space = False
+                state.on_space()
+
+    def _guarded(self, rows, run):
+        """Run a batched call; if it fails, fail (only) the streams in it."""
+        try:
+            return run()
+        except Exception as exc:  # a bug or a device failure must not take down the other streams
+            log.exception("engine step failed for %d streams", len(rows))
+            for row in rows:
+                self.close(row.handle, Error("internal", f"{type(exc).__name__}: {exc}"))
+            return None
+
+    def _apply_vad(self, rows, probs) -> None:
+        events, progressed = [], []
+        with self.lock:
+            for row, row_probs in zip(rows, probs):
+                record = self.scheduler.vad_done(row)
+                state = self.streams.get(row.handle)
+                if record is None or state is None:
+                    continue
+                width = self.scheduler.geometry.vad_window
+                for i, prob in enumerate(row_probs):
+                    if prob >= self.config.vad.threshold:
+                        self.scheduler.heard_voice(record, row.start + (i + 1) * width)
+                progressed.append(state)
+                for transition in state.policy.update(row_probs):
+                    kind = SpeechStarted if transition.kind == "start" else SpeechEnded
+                    events.append((state, kind(transition.sample)))
+        for state, event in events:
+            state.emit(event)
+        self._signal_space(progressed)
+
+    def _apply_steps(self, rows: tuple[StepRow, ...], results: list[RowResult]) -> None:
+        done = []
+        with self.lock:
+            for row, result in zip(rows, results):
+                record = self.scheduler.step_done(row)
+                state = self.streams.get(row.handle)
+                if record is not None and state is not None:
+                    done.append((row, result, state))
+        for row, result, state in done:
+            if result.labels:
+                state.labels += result.labels
+                state.frames += result.frames
+                state.durations += result.durations
+                text = self.model.tokenizer.decode(state.labels)
+                state.emit(Partial(text=text, stable_text=text))
+            state.unreported_samples += result.samples
+            if state.unreported_samples >= self.usage_samples:
+                state.emit(Usage(state.unreported_samples / self.model.sample_rate))
+                state.unreported_samples = 0
+            if row.final:
+                self._finish_utterance(state, row.utt_start, row.end)
+        self._signal_space(state for _, _, state in done)
+
+    def _finish_utterance(self, state: StreamState, utt_start: int, end: int) -> None:
+        """Send the utterance's Final (times in stream samples) and start the next utterance."""
+        transcript = self.model.make_transcript(state.labels, state.frames, state.durations)
+
+        def clamp(sample: int) -> int:
+            # A last frame (or a TDT duration) can reach past the audio; times stay inside the utterance.
+            return min(sample + utt_start, end)
+
+        tokens = [Token(t.id, t.text, clamp(t.start), clamp(t.end)) for t in transcript.tokens]
+        words = [Word(w.text, clamp(w.start), clamp(w.end)) for w in transcript.words]
+        state.labels, state.frames, state.durations = [], [], []
+        self.runner.reset_utterance([state.record.slot])
+        state.emit(Final(text=transcript.text, tokens=tokens, words=words, start=utt_start, end=end))

@@ -1,0 +1,229 @@
+"""The asyncio front door (`Engine`, `EngineStream`) and a thread-safe synchronous facade
+(`SyncEngine`, `SyncStream`) over one EngineCore.
+
+    async with monosemantic.Engine(model) as engine:
+        stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
+        await stream.push(pcm)            # int16 bytes/array or float32 array, any size
+        await stream.flush()              # -> a Final covering everything pushed so far
+        async for event in stream: ...
+        await stream.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+
+import numpy as np
+
+from ..asr import ASRModel
+from ..audio import StreamResampler, as_float32
+from ..errors import AudioError, StreamError
+from ..events import Event
+from .config import EngineConfig
+from .core import EngineCore
+
+_END = None  # the core emits None after a stream's last event
+
+
+def pcm_to_float32(pcm) -> np.ndarray:
+    """int16 little-endian bytes, an int16/int32/float array or tensor -> validated float32 samples."""
+    if isinstance(pcm, (bytes, bytearray, memoryview)):
+        data = bytes(pcm)
+        if len(data) % 2:
+            raise AudioError(f"PCM bytes must be 16-bit samples: got an odd byte count ({len(data)})")
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    return as_float32(pcm)
+
+
+class _StreamBase:
+    """What both front doors share: input conversion, resampling and writing with backpressure."""
+
+    def __init__(self, core: EngineCore, sample_rate: int):
+        self._core = core
+        self.sample_rate = sample_rate
+        self._resampler = StreamResampler(sample_rate, core.model.sample_rate)
+        self._piece = max(1, core.capacity // 4)  # the most one write asks for at once
+        self.handle: int | None = None
+        self.latency_ms: int | None = None
+
+    def _prepare(self, pcm) -> np.ndarray:
+        return self._resampler.push(pcm_to_float32(pcm))
+
+    def _pieces(self, samples: np.ndarray):
+        for i in range(0, len(samples), self._piece):
+            yield samples[i : i + self._piece]
+
+
+class EngineStream(_StreamBase):
+    """One stream of an Engine, used from its event loop."""
+
+    def __init__(self, core: EngineCore, loop: asyncio.AbstractEventLoop, sample_rate: int):
+        super().__init__(core, sample_rate)
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._space = asyncio.Event()
+        self._ended = False
+
+    def _emit(self, event) -> None:  # loop thread
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def _on_space(self) -> None:  # loop thread
+        self._loop.call_soon_threadsafe(self._space.set)
+
+    async def push(self, pcm) -> None:
+        """Append audio. Waits while the stream has `max_buffered_seconds` unprocessed (throttling a
+        producer faster than real time); raises StreamError if the stream is closed or the wait exceeds
+        `push_timeout_seconds`, AudioError for invalid audio (the stream stays usable)."""
+        samples = self._prepare(pcm)
+        for piece in self._pieces(samples):
+            await self._write(piece)
+
+    async def _write(self, samples: np.ndarray) -> None:
+        deadline = time.monotonic() + self._core.config.push_timeout_seconds
+        while not self._core.write(self.handle, samples):
+            self._space.clear()
+            if self._core.write(self.handle, samples):  # room may have appeared before the clear
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StreamError(
+                    f"push timed out: the stream has {self._core.buffered_seconds(self.handle):.1f} s of audio "
+                    f"waiting to be processed (the engine is overloaded)"
+                )
+            try:
+                await asyncio.wait_for(self._space.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def flush(self) -> None:
+        """End the utterance: a Final follows, covering all audio pushed before this call."""
+        tail = self._resampler.flush()
+        if tail.size:
+            await self._write(tail)
+        self._core.flush(self.handle)
+
+    async def close(self) -> None:
+        """Stop the stream now and free its slot; audio not yet flushed is dropped (flush first to keep
+        it). The event iterator ends after the events already produced."""
+        self._core.close(self.handle)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._ended:
+            raise StopAsyncIteration
+        event = await self._events.get()
+        if event is _END:
+            self._ended = True
+            raise StopAsyncIteration
+        return event
+
+
+class Engine:
+    """Serves many concurrent streams of one model in shared batches, from one loop thread."""
+
+    def __init__(self, model: ASRModel, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.core = EngineCore(model, self.config)
+        self._streams: set[EngineStream] = set()
+
+    async def __aenter__(self) -> "Engine":
+        self.core.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def open_stream(self, latency_ms: int | None = None, sample_rate: int = 16000) -> EngineStream:
+        """A new stream; raises CapacityError when `max_streams` are open, ValueError for an unknown
+        latency mode, AudioError for a sample rate the resampler refuses."""
+        self.core.start()
+        stream = EngineStream(self.core, asyncio.get_running_loop(), sample_rate)
+        record = self.core.open(latency_ms, stream._emit, stream._on_space)
+        stream.handle, stream.latency_ms = record.handle, record.latency_ms
+        return stream
+
+    async def aclose(self) -> None:
+        """Close every stream (each gets Error('closed')) and stop the loop thread."""
+        await asyncio.get_running_loop().run_in_executor(None, self.core.stop)
+
+
+class SyncStream(_StreamBase):
+    """One stream of a SyncEngine; every method may be called from any thread."""
+
+    def __init__(self, core: EngineCore, sample_rate: int):
+        super().__init__(core, sample_rate)
+        self._events: queue.Queue = queue.Queue()
+        self._space = threading.Condition()
+        self._lock = threading.Lock()  # resampler state is per stream; serialize its callers
+
+    def _emit(self, event) -> None:
+        self._events.put(event)
+
+    def _on_space(self) -> None:
+        with self._space:
+            self._space.notify_all()
+
+    def push(self, pcm) -> None:
+        with self._lock:
+            samples = self._prepare(pcm)
+        for piece in self._pieces(samples):
+            self._write(piece)
+
+    def _write(self, samples: np.ndarray) -> None:
+        deadline = time.monotonic() + self._core.config.push_timeout_seconds
+        with self._space:
+            while not self._core.write(self.handle, samples):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StreamError("push timed out: the engine is overloaded")
+                self._space.wait(min(remaining, 0.1))
+
+    def flush(self) -> None:
+        with self._lock:
+            tail = self._resampler.flush()
+        if tail.size:
+            self._write(tail)
+        self._core.flush(self.handle)
+
+    def close(self) -> None:
+        self._core.close(self.handle)
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event; None once the stream has ended. Raises queue.Empty after `timeout`."""
+        return self._events.get(timeout=timeout)
+
+    def events(self, timeout: float | None = None):
+        """Iterate events until the stream ends."""
+        while (event := self.get(timeout)) is not _END:
+            yield event
+
+
+class SyncEngine:
+    """The engine for threads without an event loop. Use as a context manager or call close()."""
+
+    def __init__(self, model: ASRModel, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.core = EngineCore(model, self.config)
+        self.core.start()
+
+    def open_stream(self, latency_ms: int | None = None, sample_rate: int = 16000) -> SyncStream:
+        stream = SyncStream(self.core, sample_rate)
+        record = self.core.open(latency_ms, stream._emit, stream._on_space)
+        stream.handle, stream.latency_ms = record.handle, record.latency_ms
+        return stream
+
+    def close(self) -> None:
+        self.core.stop()
+
+    def __enter__(self) -> "SyncEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,163 @@
+"""The model side of the engine: every stream's state in preallocated slot-indexed tensors, and batched
+frontend + encoder + decoder steps and VAD calls over the rows the scheduler planned.
+
+Audio arrives in a host ring buffer per slot (that is where it lands from the network or the caller); a
+step gathers each row's analysis window from it with one fancy-indexing operation, pre-emphasises and
+masks it, and copies the batch to the device once. Encoder caches, decoder state and VAD state live on
+the device, indexed by slot; a step gathers its rows, runs, and scatters them back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..asr import ASRModel
+from ..decoding.greedy import DecoderState, greedy_decode, initial_state
+from ..streaming.encoder_step import EncoderCache, encoder_step
+from ..streaming.plan import ChunkPlan
+from .scheduler import AudioGeometry, StepBatch, VADRow
+
+
+@dataclass
+class RowResult:
+    """What one row's step produced: labels with utterance-relative frame times."""
+
+    labels: list[int]
+    frames: list[int]
+    durations: list[int]
+    samples: int  # audio samples this step consumed (for usage accounting)
+
+
+class ModelRunner:
+    def __init__(self, model: ASRModel, plans: dict[int, ChunkPlan], slots: int, ring_samples: int, vad: bool):
+        self.model = model
+        self.plans = plans
+        self.device = model.device
+        cfg = model.config.frontend
+        self.preemph = cfg.preemph
+        self.geometry = geometry(model)
+        lefts = {p.shape.cache_frames for p in plans.values()}
+        if len(lefts) != 1:
+            raise ValueError(f"the engine needs every latency mode to keep the same left context, got {sorted(lefts)}")
+        module = model.module
+        self.ring = np.zeros((slots, ring_samples), dtype=np.float32)  # host audio per slot
+        self.cache = EncoderCache.zeros(module.encoder, lefts.pop(), slots, self.device)
+        self.decoder = initial_state(module.decoder, module.joint, slots, self.device)
+        self._fresh_decoder = initial_state(module.decoder, module.joint, 1, self.device)
+        self.vad_model = self.vad_state = None
+        if vad:
+            from ..vad.silero import SileroVAD, VADState
+
+            self.vad_model = SileroVAD.from_package(device=self.device)
+            self.vad_state = VADState.zeros(slots, self.device)
+
+    # ---- audio -------------------------------------------------------------------------------------
+    def write(self, slot: int, position: int, samples: np.ndarray) -> None:
+        """Store samples at absolute stream position `position` in the slot's ring."""
+        cap = self.ring.shape[1]
+        start = position % cap
+        first = min(len(samples), cap - start)
+        self.ring[slot, start : start + first] = samples[:first]
+        if first < len(samples):
+            self.ring[slot, : len(samples) - first] = samples[first:]
+
+    def _gather(self, slots: np.ndarray, first: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Samples [first, first + length) of each slot's stream: ([B, length] audio, absolute positions)."""
+        positions = first[:, None] + np.arange(length)[None, :]
+        return self.ring[slots[:, None], positions % self.ring.shape[1]], positions
+
+    # ---- state resets ------------------------------------------------------------------------------
+    def reset_utterance(self, slots: list[int]) -> None:
+        """Fresh encoder caches and decoder state: these slots start an utterance."""
+        if not slots:
+            return
+        rows = torch.tensor(slots, device=self.device)
+        self.cache.reset_rows(rows)
+        fresh = DecoderState.cat([self._fresh_decoder] * len(slots))
+        self.decoder.write_rows(rows, fresh)
+
+    def restart_encoder(self, restarts: list[tuple[int, int]]) -> None:
+        """(slot, skipped frames): empty the encoder caches after skipped silence; the decoder keeps its
+        context, its clock moves past the skipped frames, and a TDT jump into them is dropped."""
+        rows = torch.tensor([slot for slot, _ in restarts], device=self.device)
+        skipped = torch.tensor([frames for _, frames in restarts], device=self.device)
+        self.cache.reset_rows(rows)
+        self.decoder.frame_offset.index_add_(0, rows, skipped)
+        self.decoder.time_jump.index_fill_(0, rows, 0)
+
+    def reset_vad(self, slots: list[int]) -> None:
+        if slots and self.vad_state is not None:
+            mask = torch.zeros(self.vad_state.batch_size, dtype=torch.bool, device=self.device)
+            mask[torch.tensor(slots, device=self.device)] = True
+            self.vad_state.reset_(mask)
+
+    # ---- steps -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, batch: StepBatch) -> list[RowResult]:
+        plan = self.plans[batch.latency_ms]
+        shape, g = plan.shape, self.geometry
+        rows = batch.rows
+        slots = np.array([r.slot for r in rows])
+        utt = np.array([r.utt_start for r in rows])
+        end = np.array([r.end for r in rows])
+        window = np.array([r.window for r in rows])
+        span = g.hop * (shape.step_mel - 1) + g.n_fft
+        # One sample before the span, for the pre-emphasis of its first sample.
+        first = utt + g.hop * window - g.n_fft // 2 - 1
+        audio, positions = self._gather(slots, first, span + 1)
+        audio = np.where((positions >= utt[:, None]) & (positions < end[:, None]), audio, 0.0).astype(np.float32)
+        if self.preemph is not None:
+            audio = audio[:, 1:] - self.preemph * audio[:, :-1]
+        else:
+            audio = audio[:, 1:]
+        # As offline, pre-emphasised samples past the utterance's end are zero.
+        audio = np.where(positions[:, 1:] < end[:, None], audio, 0.0).astype(np.float32)
+        module = self.model.module
+        mel = module.frontend.frames(torch.from_numpy(audio).to(self.device))  # [B, n_mels, step_mel]
+        lo = hi = None
+        if any(r.lo for r in rows):
+            lo = torch.tensor([r.lo for r in rows], device=self.device)
+        if any(r.hi <= shape.step_mel for r in rows):
+            hi = torch.tensor([r.hi for r in rows], device=self.device)
+        index = torch.from_numpy(slots).to(self.device)
+        encoded, length, cache = encoder_step(module.encoder, plan, mel.transpose(1, 2), self.cache.select(index), lo, hi)
+        self.cache.write_rows(index, cache)
+        decoded, state = greedy_decode(
+            module.decoder, module.joint, encoded, length, self.decoder.select(index), *self.model.decoding_args
+        )
+        self.decoder.write_rows(index, state)
+        results = []
+        for i, row in enumerate(rows):
+            consumed = shape.step_mel if row.hi > shape.step_mel else max(0, row.hi - 1)
+            results.append(RowResult(decoded.labels[i], decoded.frames[i], decoded.durations[i], consumed * g.hop))
+        return results
+
+    @torch.no_grad()
+    def vad(self, rows: tuple[VADRow, ...]) -> list[list[float]]:
+        """Speech probabilities of each row's windows, in order: one batched call per window position,
+        over the rows that have that many."""
+        width = self.geometry.vad_window
+        slots = np.array([r.slot for r in rows])
+        counts = np.array([r.windows for r in rows])
+        first = np.array([r.start for r in rows])
+        audio, _ = self._gather(slots, first, int(counts.max()) * width)  # [B, windows * 512]
+        probs: list[list[float]] = [[] for _ in rows]
+        for w in range(int(counts.max())):
+            active = np.flatnonzero(counts > w)
+            index = torch.from_numpy(slots[active]).to(self.device)
+            windows = torch.from_numpy(np.ascontiguousarray(audio[active, w * width : (w + 1) * width])).to(self.device)
+            p, state = self.vad_model(windows, self.vad_state.select(index))
+            self.vad_state.assign_(index, state)
+            for row, value in zip(active.tolist(), p.tolist()):
+                probs[row].append(value)
+        return probs
+
+
+def geometry(model: ASRModel) -> AudioGeometry:
+    cfg = model.config.frontend
+    half = cfg.n_fft // 2
+    lead = (cfg.n_fft - cfg.win_length) // 2
+    return AudioGeometry(hop=cfg.hop_length, n_fft=cfg.n_fft, reach=lead + cfg.win_length - half)

@@ -1,0 +1,279 @@
+"""Which streams step this tick: pure Python (no torch), unit-tested with a fake runner.
+
+The scheduler keeps, per stream, integer positions in the stream's audio: where the current utterance
+began, how much audio has been written, which encoder window comes next, where the VAD is, and the flush
+points asked for. Each tick it plans one encoder window for every stream holding a full one (grouped by
+latency mode, at most `max_batch` per step) and one VAD window for every stream holding one; a stream
+with a pending flush gets its remaining full windows, then one last partial window, then its Final.
+Steps of one stream are sequential (each needs the caches the previous left), so a stream that fell
+behind catches up one window per tick while the ticks run back to back.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..errors import CapacityError
+from ..streaming.shape import ModeShape
+
+
+@dataclass(frozen=True)
+class AudioGeometry:
+    """Sample geometry of the feature frontend (from the model's FrontendConfig)."""
+
+    hop: int  # samples between feature frames
+    n_fft: int  # analysis span of a frame, centred on it
+    reach: int  # samples a frame needs after its centre before it can be computed
+    vad_window: int = 512  # samples per VAD call
+
+    def valid_frames(self, samples: int) -> int:
+        """NeMo's feature count for `samples` of audio."""
+        return max(0, (samples + 2 * (self.n_fft // 2) - self.n_fft) // self.hop) if samples > 0 else 0
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One stream's window in an encoder step."""
+
+    handle: int
+    slot: int
+    generation: int
+    window: int  # mel frame index, in the utterance, where the window starts (negative at its start)
+    utt_start: int  # absolute sample where the utterance starts
+    end: int  # absolute sample bound of the utterance's audio usable now (written audio, or the flush point)
+    lo: int  # subsampling valid-range start (ModeShape.first_valid); 0 masks nothing
+    hi: int  # subsampling valid-range end; step_mel + 1 masks nothing
+    final: bool  # the utterance's last step: after it, its Final
+    restart_frames: int = 0  # > 0: the encoder restarts here after that many skipped (silent) frames
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """Rows of one latency mode stepped together."""
+
+    latency_ms: int
+    rows: tuple[StepRow, ...]
+
+
+@dataclass(frozen=True)
+class VADRow:
+    """Consecutive VAD windows of one stream, judged in order."""
+
+    handle: int
+    slot: int
+    generation: int
+    start: int  # absolute sample of the first window's first sample
+    windows: int  # how many consecutive windows
+
+
+MAX_VAD_WINDOWS = 32  # per stream per tick (1 s of audio): the VAD keeps up even when ticks are long
+
+
+@dataclass(frozen=True)
+class FinalRow:
+    """An utterance that ends without a step (nothing left to encode): send its Final now."""
+
+    handle: int
+    slot: int
+    generation: int
+    utt_start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class TickPlan:
+    steps: tuple[StepBatch, ...] = ()
+    vad: tuple[VADRow, ...] = ()
+    finals: tuple[FinalRow, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.steps or self.vad or self.finals)
+
+
+@dataclass
+class StreamRecord:
+    handle: int
+    slot: int
+    generation: int
+    latency_ms: int
+    shape: ModeShape
+    utt_start: int = 0
+    written: int = 0
+    next_window: int = 0  # windows of the current utterance already planned and applied
+    vad_pos: int = 0
+    flushes: deque = field(default_factory=deque)  # absolute sample counts at each flush request
+    last_voice: int = 0  # absolute sample where the VAD last heard speech end (skip_silence only)
+    skipped_frames: int = 0  # encoder frames skipped since the encoder last ran (skip_silence only)
+
+    def window_start(self) -> int:
+        return self.shape.first_start + self.next_window * self.shape.step_mel
+
+
+class Scheduler:
+    def __init__(
+        self, max_streams: int, max_batch: int, geometry: AudioGeometry, vad: bool, skip_silence: int | None = None
+    ):
+        """skip_silence: samples of silence (per the VAD) after which encoder windows are skipped."""
+        self.max_batch = max_batch
+        self.geometry = geometry
+        self.vad = vad
+        self.skip_silence = skip_silence
+        self.free_slots = deque(range(max_streams))
+        self.generations = [0] * max_streams
+        self.streams: dict[int, StreamRecord] = {}
+        self._next_handle = 1
+        self._rotation = 0  # where this tick's scan starts, so no stream is always served last
+
+    # ---- admission ---------------------------------------------------------------------------------
+    def admit(self, latency_ms: int, shape: ModeShape) -> StreamRecord:
+        if not self.free_slots:
+            raise CapacityError(
+                f"the engine is serving its maximum of {len(self.generations)} streams; close a stream or "
+                f"raise EngineConfig.max_streams"
+            )
+        slot = self.free_slots.popleft()
+        self.generations[slot] += 1
+        record = StreamRecord(self._next_handle, slot, self.generations[slot], latency_ms, shape)
+        self._next_handle += 1
+        self.streams[record.handle] = record
+        return record
+
+    def release(self, handle: int) -> StreamRecord | None:
+        record = self.streams.pop(handle, None)
+        if record is not None:
+            self.free_slots.append(record.slot)
+        return record
+
+    def current(self, handle: int, generation: int) -> StreamRecord | None:
+        """The stream if it is still the one a planned row was made for (not closed, slot not reused)."""
+        record = self.streams.get(handle)
+        return record if record is not None and record.generation == generation else None
+
+    # ---- positions ---------------------------------------------------------------------------------
+    def earliest_needed(self, record: StreamRecord) -> int:
+        """First absolute sample still to be read: older audio may be overwritten."""
+        g = self.geometry
+        # The next window reads from half an analysis span before its first frame, plus one sample for
+        # pre-emphasis.
+        asr = record.utt_start + g.hop * record.window_start() - g.n_fft // 2 - 1
+        return min(asr, record.vad_pos) if self.vad else asr
+
+    def buffered(self, record: StreamRecord) -> int:
+        """Samples written but not yet read by every consumer."""
+        return max(0, record.written - self.earliest_needed(record))
+
+    def _limit(self, record: StreamRecord) -> int:
+        return record.flushes[0] if record.flushes else record.written
+
+    def _full_window_ready(self, record: StreamRecord) -> bool:
+        g, shape = self.geometry, record.shape
+        last_frame = record.window_start() + shape.step_mel - 1
+        return record.utt_start + g.hop * last_frame + g.reach <= self._limit(record)
+
+    # ---- planning ----------------------------------------------------------------------------------
+    def plan(self) -> TickPlan:
+        """The work of one tick. The caller applies every row (step_done/vad_done) before the next plan."""
+        by_mode: dict[int, list[StepRow]] = {}
+        finals: list[FinalRow] = []
+        vad_rows: list[VADRow] = []
+        records = list(self.streams.values())
+        if records:
+            self._rotation = (self._rotation + 1) % len(records)
+            records = records[self._rotation :] + records[: self._rotation]
+        for record in records:
+            rows = by_mode.setdefault(record.latency_ms, [])
+            if len(rows) < self.max_batch:
+                row = self._plan_step(record, finals)
+                if row is not None:
+                    rows.append(row)
+            pending = (record.written - record.vad_pos) // self.geometry.vad_window if self.vad else 0
+            if pending > 0:
+                count = min(pending, MAX_VAD_WINDOWS)
+                vad_rows.append(VADRow(record.handle, record.slot, record.generation, record.vad_pos, count))
+        steps = tuple(StepBatch(ms, tuple(rows)) for ms, rows in by_mode.items() if rows)
+        return TickPlan(steps=steps, vad=tuple(vad_rows), finals=tuple(finals))
+
+    def _plan_step(self, record: StreamRecord, finals: list[FinalRow]) -> StepRow | None:
+        shape = record.shape
+        start = record.window_start()
+        full_hi = shape.step_mel + 1
+        end = self._limit(record)
+        if self._full_window_ready(record):
+            if self._awaits_vad(record):
+                return None
+            if self._skippable(record):
+                record.next_window += 1
+                record.skipped_frames += shape.chunk_frames
+                return None
+            # After skipped silence the encoder restarts here as at a stream start: its caches are
+            # emptied and the window's first frames are masked, as before an utterance's first window.
+            restart, record.skipped_frames = record.skipped_frames, 0
+            lo = shape.first_valid(shape.first_start if restart else start)
+            return StepRow(record.handle, record.slot, record.generation, start, record.utt_start, end,
+                           lo, full_hi, final=False, restart_frames=restart)
+        if not record.flushes:
+            return None
+        frames = self.geometry.valid_frames(end - record.utt_start)
+        if frames > max(0, start):
+            available = min(frames - start, shape.step_mel)
+            restart, record.skipped_frames = record.skipped_frames, 0
+            lo = shape.first_valid(shape.first_start if restart else start)
+            return StepRow(record.handle, record.slot, record.generation, start, record.utt_start, end,
+                           lo, 1 + available, final=True, restart_frames=restart)
+        # Nothing (more) to encode: the utterance ends here.
+        finals.append(FinalRow(record.handle, record.slot, record.generation, record.utt_start, end))
+        self._end_utterance(record)
+        return None
+
+    def _window_samples(self, record: StreamRecord) -> tuple[int, int]:
+        """Absolute [first, last) samples the next window's features read."""
+        g, shape = self.geometry, record.shape
+        start = record.window_start()
+        return (
+            record.utt_start + g.hop * start - g.n_fft // 2,
+            record.utt_start + g.hop * (start + shape.step_mel - 1) + g.reach,
+        )
+
+    def _awaits_vad(self, record: StreamRecord) -> bool:
+        """With skip_silence, a full window waits until the VAD has judged its audio."""
+        return self.skip_silence is not None and record.vad_pos < self._window_samples(record)[1]
+
+    def _skippable(self, record: StreamRecord) -> bool:
+        """A full window of silence long after the last speech. (An utterance's last, partial window is
+        never skipped: its step is what ends the utterance.)"""
+        if self.skip_silence is None:
+            return False
+        return self._window_samples(record)[0] >= record.last_voice + self.skip_silence
+
+    # ---- results -----------------------------------------------------------------------------------
+    def step_done(self, row: StepRow) -> StreamRecord | None:
+        """Apply a step's completion; returns the stream (None if it went away meanwhile)."""
+        record = self.current(row.handle, row.generation)
+        if record is None:
+            return None
+        record.next_window += 1
+        if row.final:
+            self._end_utterance(record)
+        return record
+
+    def vad_done(self, row: VADRow) -> StreamRecord | None:
+        record = self.current(row.handle, row.generation)
+        if record is None:
+            return None
+        record.vad_pos = row.start + row.windows * self.geometry.vad_window
+        return record
+
+    def heard_voice(self, record: StreamRecord, end: int) -> None:
+        """The VAD heard speech up to sample `end` (keeps skip_silence from skipping near speech)."""
+        record.last_voice = max(record.last_voice, end)
+
+    def _end_utterance(self, record: StreamRecord) -> None:
+        record.utt_start = record.flushes.popleft()
+        record.next_window = 0
+        record.skipped_frames = 0
+
+    def flush(self, handle: int) -> None:
+        record = self.streams[handle]
+        record.flushes.append(record.written)

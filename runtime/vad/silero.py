@@ -1,0 +1,230 @@
+"""Silero VAD v5/v6 (16 kHz) as a plain nn.Module whose recurrent state is passed in and returned.
+
+The package's own model (`silero_vad.load_silero_vad()`) keeps its LSTM state and audio context inside the
+model object, for one fixed batch. The engine instead runs VAD for every active stream in one batched call
+per tick, with each stream's state living in a slot-indexed `VADState` that it gathers and scatters. The
+network and weights are those of the package's TorchScript model (`silero_vad/data/silero_vad.jit`), and
+the forward pass mirrors it op for op, so the probabilities are the package's (bit-identical on CPU fp32).
+
+One call consumes one 512-sample window per stream:
+
+    [B, 64 context | 512 window] -> reflect-pad right by 64 -> [B, 640]
+    -> STFT as a conv (256-tap cos/sin basis, hop 128)   -> [B, 258, 4] -> magnitude [B, 129, 4]
+    -> conv k3 s1 + ReLU [B, 128, 4] -> conv k3 s2 + ReLU [B, 64, 2] -> conv k3 s2 + ReLU [B, 64, 1]
+    -> conv k3 s1 + ReLU [B, 128, 1] -> LSTM cell (128) -> ReLU -> 1x1 conv -> sigmoid -> prob [B]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MissingDependencyError, ModelLoadError
+from ..models.precision import exact_fp32
+
+SAMPLE_RATE = 16000
+WINDOW = 512  # samples per stream per call (32 ms); the model accepts no other size at 16 kHz
+CONTEXT = 64  # trailing samples of the previous window prepended to each window
+HIDDEN = 128  # LSTM width
+
+_N_FFT = 256
+_HOP = 128
+_JIT_FILE = "silero_vad.jit"
+_FEATURE = "Silero voice activity detection"
+
+
+@dataclass
+class VADState:
+    """Recurrent state of B streams, batch-first so the engine can index slots along dim 0.
+
+    A fresh stream (and a reset row) is all zeros, exactly like the package model after `reset_states()`.
+    """
+
+    h: torch.Tensor  # [B, 128] LSTM hidden state
+    c: torch.Tensor  # [B, 128] LSTM cell state
+    context: torch.Tensor  # [B, 64] last 64 samples of the stream's previous window
+
+    @classmethod
+    def zeros(cls, batch: int, device: torch.device | str | None = None) -> VADState:
+        return cls(
+            h=torch.zeros(batch, HIDDEN, device=device),
+            c=torch.zeros(batch, HIDDEN, device=device),
+            context=torch.zeros(batch, CONTEXT, device=device),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.h.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.h.device
+
+    @classmethod
+    def cat(cls, states: Sequence[VADState]) -> VADState:
+        """Stack states of several groups of streams into one batch (in order)."""
+        return cls(
+            h=torch.cat([s.h for s in states]),
+            c=torch.cat([s.c for s in states]),
+            context=torch.cat([s.context for s in states]),
+        )
+
+    def select(self, rows: torch.Tensor | Sequence[int] | slice) -> VADState:
+        """The state of the given rows (a gather: new tensors, unless `rows` is a slice)."""
+        if not isinstance(rows, slice):
+            rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        return VADState(h=self.h[rows], c=self.c[rows], context=self.context[rows])
+
+    def assign_(self, rows: torch.Tensor | Sequence[int] | slice, src: VADState) -> VADState:
+        """Write `src` (one row per entry of `rows`) into the given rows, in place (the scatter)."""
+        if not isinstance(rows, slice):
+            rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        self.h[rows] = src.h
+        self.c[rows] = src.c
+        self.context[rows] = src.context
+        return self
+
+    def reset_(self, mask: torch.Tensor) -> VADState:
+        """Zero the rows where `mask` ([B] bool) is True, in place: those streams start afresh.
+
+        Done with a multiply rather than boolean indexing so it has static shapes (graph-capturable)."""
+        keep = (~mask.to(device=self.device, dtype=torch.bool)).to(self.h.dtype)  # [B]
+        self.h.mul_(keep[:, None])
+        self.c.mul_(keep[:, None])
+        self.context.mul_(keep[:, None])
+        return self
+
+    def clone(self) -> VADState:
+        return VADState(h=self.h.clone(), c=self.c.clone(), context=self.context.clone())
+
+
+class SileroVAD(nn.Module):
+    """The Silero VAD 16 kHz network with explicit state; the TorchScript model's parameter names are
+    mapped onto these on load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Rows 0..128 of the basis are the cosine (real) filters, rows 129..257 the sine (imaginary) ones.
+        self.stft_conv = nn.Conv1d(1, 2 * (_N_FFT // 2 + 1), _N_FFT, stride=_HOP, bias=False)
+        self.conv1 = nn.Conv1d(_N_FFT // 2 + 1, 128, 3, stride=1, padding=1)
+        self.conv2 = nn.Conv1d(128, 64, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(64, 64, 3, stride=2, padding=1)
+        self.conv4 = nn.Conv1d(64, HIDDEN, 3, stride=1, padding=1)
+        self.lstm_cell = nn.LSTMCell(HIDDEN, HIDDEN)
+        self.final_conv = nn.Conv1d(HIDDEN, 1, 1)
+
+    @classmethod
+    def from_package(
+        cls, device: torch.device | str | None = None, *, path: str | Path | None = None
+    ) -> SileroVAD:
+        """The model with the weights of the installed `silero-vad` package, in eval mode on `device`.
+
+        The weights come from the package's TorchScript model (`silero_vad.jit`, or the `.jit` file at
+        `path`), the one `silero_vad.load_silero_vad()` runs. (The `silero_vad_16k.safetensors` that
+        silero-vad 6.2.3 also bundles holds other weights, whose probabilities differ by up to ~0.7 on
+        speech, so it is not used.)"""
+        path = Path(path) if path is not None else package_file(_JIT_FILE)
+        if not path.is_file():
+            raise _silero_missing(f"The Silero VAD model file {path} is missing.")
+        weights = _read_jit(path)
+        model = cls()
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:  # missing/unexpected keys or shape mismatches
+            raise ModelLoadError(f"{path} does not hold Silero VAD v5/v6 16 kHz weights: {e}") from e
+        return model.to(device).eval().requires_grad_(False)
+
+    def initial_state(self, batch: int) -> VADState:
+        return VADState.zeros(batch, device=self.stft_conv.weight.device)
+
+    def forward(self, windows: torch.Tensor, state: VADState) -> tuple[torch.Tensor, VADState]:
+        """One 512-sample window per stream -> (speech probability [B], the streams' next state).
+
+        `windows` [B, 512] float32 follow, per row, the audio that produced `state`'s row. The input
+        state is not modified."""
+        if windows.ndim != 2 or windows.shape[1] != WINDOW:
+            raise ValueError(f"expected windows of shape [B, {WINDOW}], got {tuple(windows.shape)}")
+        if windows.shape[0] != state.batch_size:
+            raise ValueError(f"{windows.shape[0]} windows for a state of {state.batch_size} streams")
+        # cuDNN's default TF32 convolutions move CUDA probabilities by up to 4e-3 from the package's.
+        with exact_fp32(self.stft_conv.weight.dtype):
+            return self._step(windows, state)
+
+    def _step(self, windows: torch.Tensor, state: VADState) -> tuple[torch.Tensor, VADState]:
+        x = torch.cat([state.context, windows], dim=1)  # [B, 576]
+        # The package keeps the last 64 samples of the window it was just given, i.e. of `windows` itself.
+        next_context = x[:, -CONTEXT:]  # [B, 64]
+
+        # Right-only reflection padding is what the package model does (its STFT pads [0, 64]).
+        x = F.pad(x, (0, CONTEXT), mode="reflect")  # [B, 640]
+        spec = self.stft_conv(x[:, None, :])  # [B, 258, 4]
+        cutoff = _N_FFT // 2 + 1
+        real, imag = spec[:, :cutoff], spec[:, cutoff:]  # [B, 129, 4] each
+        x = torch.sqrt(real.pow(2) + imag.pow(2))  # [B, 129, 4] magnitude
+
+        x = F.relu(self.conv1(x))  # [B, 128, 4]
+        x = F.relu(self.conv2(x))  # [B, 64, 2]
+        x = F.relu(self.conv3(x))  # [B, 64, 1]
+        x = F.relu(self.conv4(x))  # [B, 128, 1]
+        h, c = self.lstm_cell(x.squeeze(-1), (state.h, state.c))  # [B, 128] each
+
+        # The package's decoder is dropout (identity in eval) -> ReLU -> 1x1 conv -> sigmoid; it then
+        # averages over the time axis, which has length 1 here, so the mean is the value itself.
+        logit = self.final_conv(F.relu(h)[:, :, None])  # [B, 1, 1]
+        probs = torch.sigmoid(logit)[:, 0, 0]  # [B]
+        return probs, VADState(h=h, c=c, context=next_context)
+
+
+def package_file(name: str) -> Path:
+    """Path of a data file of the installed `silero-vad` package (which may be absent;
+    `SileroVAD.from_package` checks)."""
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("silero_vad.data").joinpath(name)))
+    except ModuleNotFoundError as e:
+        raise _silero_missing("The silero_vad package cannot be imported.") from e
+
+
+def _silero_missing(detail: str) -> MissingDependencyError:
+    # silero-vad is a core dependency, so it is missing or broken only in a damaged environment; the
+    # direct reinstall command is the one that repairs a package that is present but lacks its files.
+    return MissingDependencyError(
+        f"{_FEATURE} needs the 'silero-vad' package (a dependency of monosemantic), which is missing or "
+        f"damaged; repair it with: pip install --force-reinstall silero-vad. {detail}"
+    )
+
+
+# This module's parameter names -> those of the 16 kHz submodule (`_model`) of the package's TorchScript model.
+_JIT_NAMES = {
+    "stft_conv.weight": "stft.forward_basis_buffer",
+    **{f"conv{i + 1}.{p}": f"encoder.{i}.reparam_conv.{p}" for i in range(4) for p in ("weight", "bias")},
+    **{f"lstm_cell.{p}": f"decoder.rnn.{p}" for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")},
+    "final_conv.weight": "decoder.decoder.2.weight",
+    "final_conv.bias": "decoder.decoder.2.bias",
+}
+
+
+def _read_jit(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        jit_model = torch.jit.load(str(path), map_location="cpu")
+        found = {k: v.detach().clone() for k, v in jit_model._model.state_dict().items()}
+    except Exception as e:  # TorchScript raises assorted error types for foreign or corrupt archives
+        raise ModelLoadError(f"cannot read the Silero VAD TorchScript model {path}: {e}") from e
+    # Both directions, so a future package whose network grew a layer fails here instead of loading
+    # a model that silently drops it.
+    missing = sorted(set(_JIT_NAMES.values()) - found.keys())
+    unexpected = sorted(found.keys() - set(_JIT_NAMES.values()))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path} is not the Silero VAD v5/v6 architecture this runtime implements "
+            f"(missing {missing}, unexpected {unexpected})"
+        )
+    return {ours: found[theirs] for ours, theirs in _JIT_NAMES.items()}
+
+

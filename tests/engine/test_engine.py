@@ -1,0 +1,308 @@
+"""The engine end to end on real speech with tiny models: batch invariance across many streams and
+latency modes, flush semantics, slot reuse, bad input isolation, capacity and backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+import monosemantic
+from monosemantic import CapacityError, Engine, EngineConfig, Final, Partial, StreamError, Usage
+
+pytestmark = pytest.mark.timeout(600)
+
+
+async def collect_until_final(stream) -> tuple[list, Final]:
+    events = []
+    async for event in stream:
+        events.append(event)
+        if isinstance(event, Final):
+            return events, event
+    raise AssertionError(f"stream ended without a Final: {events}")
+
+
+async def push_randomly(stream, audio: np.ndarray, rng, low=1, high=6000) -> None:
+    i = 0
+    while i < len(audio):
+        n = int(rng.integers(low, high))
+        await stream.push(audio[i : i + n])
+        i += n
+        if rng.random() < 0.3:
+            await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("variant", ["nemotron_rnnt", "nemotron_tdt"])
+def test_32_streams_two_modes_equal_offline(ms_model, audio_clips, variant):
+    """Batch invariance: each stream's final equals that clip transcribed alone offline (and thus NeMo),
+    whatever shares its batches, at random start offsets and push sizes."""
+    model = ms_model(variant)
+    clips = list(audio_clips.values())
+    modes = [160, 80]
+
+    async def one(engine, i):
+        rng = np.random.default_rng(i)
+        await asyncio.sleep(float(rng.uniform(0, 0.2)))  # random start offsets
+        stream = await engine.open_stream(latency_ms=modes[i % 2])
+        audio = clips[i % len(clips)]
+        await push_randomly(stream, audio, rng)
+        await stream.flush()
+        events, final = await collect_until_final(stream)
+        await stream.close()
+        return events, final
+
+    async def main():
+        async with Engine(model, EngineConfig(max_streams=32, max_batch=32, vad=None)) as engine:
+            return await asyncio.gather(*(one(engine, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    for i, (events, final) in enumerate(results):
+        expected = model.transcribe(clips[i % len(clips)], latency_ms=modes[i % 2])
+        assert [t.id for t in final.tokens] == expected.token_ids, f"stream {i}"
+        assert final.text == expected.text and final.start == 0 and final.end == len(clips[i % len(clips)])
+        partials = [e.text for e in events if isinstance(e, Partial)]
+        assert all(final.text.startswith(p) for p in partials)
+        assert [w.text for w in final.words] == [w.text for w in expected.words]
+
+
+def test_flush_semantics(ms_model, audio_clips):
+    model = ms_model("nemotron_rnnt")
+    a, b = audio_clips["jfk.wav"], audio_clips["61-70968-0000.flac"]
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=None)) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            await stream.flush()  # nothing pushed: an empty Final, not an error
+            _, empty = await collect_until_final(stream)
+            await stream.push(a)
+            await stream.flush()
+            await stream.push(b[:12345])
+            await stream.flush()
+            _, first = await collect_until_final(stream)
+            _, second = await collect_until_final(stream)
+            await stream.close()
+            return empty, first, second
+
+    empty, first, second = asyncio.run(main())
+    assert empty.text == "" and empty.tokens == [] and (empty.start, empty.end) == (0, 0)
+    assert [t.id for t in first.tokens] == model.transcribe(a, latency_ms=160).token_ids
+    assert (first.start, first.end) == (0, len(a))
+    # the second utterance is transcribed on its own, with times in stream samples
+    alone = model.transcribe(b[:12345], latency_ms=160)
+    assert [t.id for t in second.tokens] == alone.token_ids
+    assert (second.start, second.end) == (len(a), len(a) + 12345)
+    assert [t.start for t in second.tokens] == [t.start + len(a) for t in alone.tokens]
+
+
+def test_bad_input_errors_only_that_stream(ms_model, audio_clips):
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=None)) as engine:
+            good = await engine.open_stream(latency_ms=160)
+            bad = await engine.open_stream(latency_ms=160)
+            await good.push(audio[: len(audio) // 2])
+            with pytest.raises(monosemantic.AudioError, match="dtype"):
+                await bad.push(np.array([1, 2, 3], dtype=np.uint8))
+            with pytest.raises(monosemantic.AudioError, match="NaN or infinite"):
+                await bad.push(np.array([0.1, np.inf], dtype=np.float32))
+            with pytest.raises(monosemantic.AudioError, match="odd byte count"):
+                await bad.push(b"\x00\x01\x02")
+            await bad.push(b"\x00\x01" * 800)  # the stream is still usable after a bad push
+            with pytest.raises(monosemantic.AudioError, match="sample rate"):
+                await engine.open_stream(sample_rate=-5)
+            with pytest.raises(ValueError, match="not a mode"):
+                await engine.open_stream(latency_ms=123)
+            await bad.close()
+            with pytest.raises(StreamError, match="closed"):
+                await bad.push(audio[:100])
+            with pytest.raises(StreamError, match="closed"):
+                await bad.flush()
+            await good.push(audio[len(audio) // 2 :])
+            await good.flush()
+            _, final = await collect_until_final(good)
+            return final
+
+    final = asyncio.run(main())
+    assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=160).token_ids
+
+
+def test_capacity(ms_model):
+    model = ms_model("nemotron_rnnt")
+
+    async def main():
+        async with Engine(model, EngineConfig(max_streams=3, vad=None)) as engine:
+            streams = [await engine.open_stream() for _ in range(3)]
+            with pytest.raises(CapacityError, match="maximum of 3 streams"):
+                await engine.open_stream()
+            await streams[0].close()
+            await engine.open_stream()  # the freed slot is usable again
+
+    asyncio.run(main())
+
+
+def test_slot_reuse_1000_cycles_leaves_nothing_behind(ms_model, audio_clips):
+    """Open/push/close 1,000 times, half the closes right after a push (mid-step): no slot stays
+    taken, and no stream ever sees another stream's transcript."""
+    model = ms_model("nemotron_rnnt")
+    clips = list(audio_clips.values())
+    expected = {i: model.transcribe(c[:8000], latency_ms=80).text for i, c in enumerate(clips)}
+
+    async def main():
+        config = EngineConfig(max_streams=4, vad=None)
+        async with Engine(model, config) as engine:
+            finals = []
+            for cycle in range(1000):
+                stream = await engine.open_stream(latency_ms=80)
+                clip = cycle % len(clips)
+                await stream.push(clips[clip][:8000])
+                if cycle % 2:
+                    await stream.close()  # closes while the loop is stepping it
+                    continue
+                await stream.flush()
+                _, final = await collect_until_final(stream)
+                finals.append((clip, final.text))
+                await stream.close()
+            core = engine.core
+            await asyncio.sleep(0.2)
+            return finals, len(core.scheduler.free_slots), len(core.streams), len(core.scheduler.streams)
+
+    finals, free, open_streams, records = asyncio.run(main())
+    assert free == 4 and open_streams == 0 and records == 0
+    assert all(text == expected[clip] for clip, text in finals)
+
+
+def test_backpressure_throttles_a_fast_producer(ms_model, audio_clips):
+    model = ms_model("nemotron_rnnt")
+    audio = np.concatenate(list(audio_clips.values()))  # ~45 s
+
+    async def main():
+        async with Engine(model, EngineConfig(max_buffered_seconds=1.0, vad=None)) as engine:
+            stream = await engine.open_stream(latency_ms=560)
+            peak = 0.0
+
+            async def watch():
+                nonlocal peak
+                while True:
+                    peak = max(peak, engine.core.buffered_seconds(stream.handle))
+                    await asyncio.sleep(0.001)
+
+            watcher = asyncio.create_task(watch())
+            await stream.push(audio)  # 45 s at once: must wait for the engine, 1 s at a time
+            await stream.flush()
+            watcher.cancel()
+            _, final = await collect_until_final(stream)
+            return peak, final
+
+    peak, final = asyncio.run(main())
+    assert peak <= 1.0 + 1e-6
+    assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=560).token_ids
+
+
+def test_push_times_out_when_the_engine_cannot_keep_up(ms_model):
+    model = ms_model("nemotron_rnnt")
+
+    async def main():
+        engine = Engine(model, EngineConfig(max_buffered_seconds=1.0, push_timeout_seconds=0.3, vad=None))
+        stream = await engine.open_stream(latency_ms=160)
+        engine.core._stopping = True  # the loop thread stops stepping (as if overloaded)
+        engine.core.wake.set()
+        await asyncio.sleep(0.1)
+        with pytest.raises(StreamError, match="timed out"):
+            await stream.push(np.zeros(16000 * 3, dtype=np.float32))
+        engine.core._stopping = False
+        await engine.aclose()
+
+    asyncio.run(main())
+
+
+def test_usage_events_and_close_ends_iteration(ms_model, audio_clips):
+    model = ms_model("nemotron_rnnt")
+    audio = np.concatenate([audio_clips["jfk.wav"]] * 2)  # 22 s
+
+    async def main():
+        async with Engine(model, EngineConfig(usage_interval_seconds=5.0, vad=None)) as engine:
+            stream = await engine.open_stream(latency_ms=560)
+            await stream.push(audio)
+            await stream.flush()
+            events, _ = await collect_until_final(stream)
+            await stream.close()
+            rest = [e async for e in stream]
+            return events + rest
+
+    events = asyncio.run(main())
+    usage = [e.audio_seconds for e in events if isinstance(e, Usage)]
+    assert len(usage) >= 4 and abs(sum(usage) - 22.0) < 0.6
+
+
+def test_engine_shutdown_closes_streams_with_an_error(ms_model):
+    model = ms_model("nemotron_rnnt")
+
+    async def main():
+        engine = Engine(model, EngineConfig(vad=None))
+        stream = await engine.open_stream()
+        await stream.push(np.zeros(3200, dtype=np.float32))
+        await engine.aclose()
+        return [e async for e in stream]
+
+    events = asyncio.run(main())
+    assert isinstance(events[-1], monosemantic.Error) and events[-1].code == "closed"
+
+
+def test_sync_facade_from_threads(ms_model, audio_clips):
+    import threading
+
+    model = ms_model("nemotron_tdt")
+    clips = list(audio_clips.values())[:4]
+    results = {}
+    with monosemantic.SyncEngine(model, EngineConfig(vad=None)) as engine:
+
+        def worker(i):
+            stream = engine.open_stream(latency_ms=160)
+            for start in range(0, len(clips[i]), 320):
+                stream.push(clips[i][start : start + 320])
+            stream.flush()
+            for event in stream.events(timeout=60):
+                if isinstance(event, Final):
+                    results[i] = [t.id for t in event.tokens]
+                    break
+            stream.close()
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == {i: model.transcribe(c, latency_ms=160).token_ids for i, c in enumerate(clips)}
+
+
+def test_full_context_models_are_refused_with_a_reason(ms_model):
+    with pytest.raises(ValueError, match="cache-aware"):
+        Engine(ms_model("parakeet_tdt"))
+
+
+def test_48k_int16_bytes_as_webrtc_delivers_them(ms_model, audio_clips):
+    from monosemantic.audio import resample
+
+    model = ms_model("nemotron_rnnt")
+    audio48 = resample(audio_clips["jfk.wav"], 16000, 48000)
+    pcm = (np.clip(audio48, -1, 1) * 32767).astype("<i2").tobytes()
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=None)) as engine:
+            stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
+            for i in range(0, len(pcm), 1920):  # 20 ms frames
+                await stream.push(pcm[i : i + 1920])
+            await stream.flush()
+            _, final = await collect_until_final(stream)
+            return final
+
+    final = asyncio.run(main())
+    # The single-stream API with the same streaming resampler and the same int16 frames is the reference.
+    reference = model.new_stream(latency_ms=160, sample_rate=48000)
+    for i in range(0, len(pcm), 1920):
+        reference.feed(np.frombuffer(pcm[i : i + 1920], dtype="<i2"))
+    assert [t.id for t in final.tokens] == reference.finalize().token_ids
+    assert final.end == pytest.approx(len(audio_clips["jfk.wav"]), abs=2)

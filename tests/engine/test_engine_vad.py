@@ -1,0 +1,120 @@
+"""Batched VAD inside the engine: SpeechStarted/SpeechEnded bracket the speech as Silero's own offline
+run does; and optional skipping of silence saves encoder steps without losing the speech."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from monosemantic import Engine, EngineConfig, Final, SpeechEnded, SpeechStarted, VADConfig
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def speech_with_silences(audio_clips, gaps=(1.5, 2.0, 1.2), tail=1.5) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    clips = [audio_clips[k] for k in ("jfk.wav", "sense_and_sensibility_01_austen_64kb-0880.wav", "61-70968-0000.flac")]
+    parts = [np.zeros(8000, dtype=np.float32)]
+    for clip, gap in zip(clips, gaps):
+        parts += [clip, (rng.standard_normal(int(gap * 16000)) * 1e-4).astype(np.float32)]
+    parts.append(np.zeros(int(tail * 16000), dtype=np.float32))
+    return np.concatenate(parts)
+
+
+async def run_stream(engine, audio, frame=320):
+    stream = await engine.open_stream(latency_ms=160)
+    events = []
+
+    async def receive():
+        async for event in stream:
+            events.append(event)
+
+    task = asyncio.create_task(receive())
+    for i in range(0, len(audio), frame):
+        await stream.push(audio[i : i + frame])
+        if i % (frame * 25) == 0:
+            await asyncio.sleep(0.001)  # let the engine run ahead, as with real-time input
+    await stream.flush()
+    while not any(isinstance(e, Final) for e in events):
+        await asyncio.sleep(0.01)
+    await stream.close()
+    await task
+    return events
+
+
+def test_speech_events_match_silero_reference(ms_model, audio_clips):
+    import torch
+    from silero_vad import get_speech_timestamps, load_silero_vad
+
+    model = ms_model("nemotron_rnnt")
+    audio = speech_with_silences(audio_clips)
+    vad = VADConfig()
+    reference = get_speech_timestamps(
+        torch.from_numpy(audio), load_silero_vad(), threshold=vad.threshold, min_speech_duration_ms=vad.min_speech_ms,
+        min_silence_duration_ms=vad.min_silence_ms, speech_pad_ms=vad.speech_pad_ms, return_seconds=False,
+    )
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=vad)) as engine:
+            # several streams at once: the VAD runs batched, each stream with its own state
+            return await asyncio.gather(*(run_stream(engine, audio[: len(audio) - i * 160]) for i in range(3)))
+
+    for events in asyncio.run(main()):
+        starts = [e.sample for e in events if isinstance(e, SpeechStarted)]
+        ends = [e.sample for e in events if isinstance(e, SpeechEnded)]
+        assert len(starts) == len(ends) == len(reference) >= 3
+        for seg, start, end in zip(reference, starts, ends):
+            assert abs(start - seg["start"]) <= 1600 and abs(end - seg["end"]) <= 1600
+        kinds = [type(e) for e in events if isinstance(e, (SpeechStarted, SpeechEnded))]
+        assert kinds == [SpeechStarted, SpeechEnded] * len(reference)  # strictly alternating
+
+
+def test_close_mid_speech_still_ends_the_speech(ms_model, audio_clips):
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+
+    async def main():
+        async with Engine(model, EngineConfig()) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            for i in range(0, 16000 * 4, 320):
+                await stream.push(audio[i : i + 320])
+            while engine.core.scheduler.streams[stream.handle].vad_pos < 16000 * 4 - 512:
+                await asyncio.sleep(0.01)
+            await stream.close()
+            return [e async for e in stream]
+
+    events = asyncio.run(main())
+    kinds = [type(e) for e in events if isinstance(e, (SpeechStarted, SpeechEnded))]
+    assert kinds and kinds[0] is SpeechStarted and kinds[-1] is SpeechEnded and len(kinds) % 2 == 0
+
+
+def test_skip_silence_saves_encoder_steps_and_keeps_speech_timing(ms_model, audio_clips):
+    model = ms_model("nemotron_rnnt")
+    audio = speech_with_silences(audio_clips, gaps=(4.0, 4.0, 4.0), tail=3.0)
+
+    def run(config):
+        rows = [0]
+
+        async def main():
+            async with Engine(model, config) as engine:
+                engine.core.on_tick = lambda plan, _: rows.__setitem__(0, rows[0] + sum(len(b.rows) for b in plan.steps))
+                return await run_stream(engine, audio)
+
+        events = asyncio.run(main())
+        return rows[0], next(e for e in events if isinstance(e, Final)), events
+
+    exact_rows, exact, _ = run(EngineConfig())
+    skip_rows, skipped, events = run(EngineConfig(skip_silence_ms=1000))
+    assert skip_rows <= exact_rows - 30  # at least 4.8 s of the ~9 s of long silence skipped
+    # speech after each skipped silence is still transcribed, at the right place in the stream
+    starts = [e.sample for e in events if isinstance(e, SpeechStarted)]
+    ends = [e.sample for e in events if isinstance(e, SpeechEnded)]
+    resumed = [s for s, e in zip(starts[1:], ends) if s - e > 2 * 16000]  # speech after a skipped gap
+    assert len(resumed) == 2 and skipped.words  # the second and third clips follow 4 s gaps
+    for start in resumed:
+        after = [w for w in skipped.words if w.start >= start - 1600]
+        assert after and after[0].start < start + 3 * 16000
+    assert all(w.end <= len(audio) for w in skipped.words)
+    assert exact.text and skipped.text

@@ -1,0 +1,189 @@
+"""The scheduler on its own, without torch or a model: what it plans each tick, and when."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from monosemantic.errors import CapacityError
+from monosemantic.engine.scheduler import AudioGeometry, Scheduler
+from monosemantic.streaming.shape import ModeShape
+
+GEOMETRY = AudioGeometry(hop=160, n_fft=512, reach=200)
+
+
+def shape(right: int) -> ModeShape:
+    return ModeShape(context=(70, right), factor=8, chunk_frames=right + 1, cache_frames=70, step_mel=8 * (right + 1), first_start=-7)
+
+
+def make(max_streams=4, max_batch=8, vad=False) -> Scheduler:
+    return Scheduler(max_streams, max_batch, GEOMETRY, vad)
+
+
+def run(scheduler: Scheduler):
+    """One tick: plan, then apply every row as a runner would. Returns the plan."""
+    plan = scheduler.plan()
+    for batch in plan.steps:
+        for row in batch.rows:
+            scheduler.step_done(row)
+    for row in plan.vad:
+        scheduler.vad_done(row)
+    return plan
+
+
+def samples_for_windows(k: int, step_mel: int) -> int:
+    """Samples needed before the k-th window (0-based) of an utterance starting at 0 is full."""
+    last_frame = -7 + k * step_mel + step_mel - 1
+    return 160 * last_frame + 200
+
+
+def test_no_torch_import():
+    code = "import sys; sys.modules['torch'] = None; import monosemantic.engine.scheduler, monosemantic.engine.config; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_plans_a_window_exactly_when_its_audio_is_complete():
+    s = make()
+    r = s.admit(160, shape(1))
+    need = samples_for_windows(0, 16)
+    r.written = need - 1
+    assert run(s).empty
+    r.written = need
+    plan = run(s)
+    (row,) = plan.steps[0].rows
+    assert (row.window, row.lo, row.hi, row.final) == (-7, 8, 17, False)
+    assert run(s).empty  # the next window needs more audio
+    r.written = samples_for_windows(1, 16)
+    (row,) = run(s).steps[0].rows
+    assert (row.window, row.lo) == (9, 0)
+
+
+def test_one_window_per_stream_per_tick_while_catching_up():
+    s = make()
+    r = s.admit(80, shape(0))
+    r.written = samples_for_windows(9, 8)  # ten windows available at once
+    windows = [run(s).steps[0].rows[0].window for _ in range(10)]
+    assert windows == [-7 + 8 * k for k in range(10)]
+    assert run(s).empty
+
+
+def test_modes_are_grouped_and_batches_capped():
+    s = make(max_streams=8, max_batch=3)
+    records = [s.admit(160 if i % 2 else 80, shape(1 if i % 2 else 0)) for i in range(8)]
+    for r in records:
+        r.written = 10 * 16000
+    plan = s.plan()
+    assert sorted(b.latency_ms for b in plan.steps) == [80, 160]
+    assert all(len(b.rows) == 3 for b in plan.steps)
+    served = {row.handle for b in plan.steps for row in b.rows}
+    for b in plan.steps:
+        for row in b.rows:
+            s.step_done(row)
+    # the next tick starts its scan elsewhere: the streams left out are served first
+    nxt = {row.handle for b in s.plan().steps for row in b.rows}
+    assert nxt - served
+
+
+def test_flush_gives_full_windows_then_a_partial_then_the_final():
+    s = make()
+    r = s.admit(160, shape(1))
+    r.written = 12345  # 77 valid frames: windows at -7, 9, 25, 41, 57, 73
+    s.flush(r.handle)
+    r.written = 20000  # audio after the flush belongs to the next utterance
+    rows = []
+    while True:
+        plan = run(s)
+        rows += [row for b in plan.steps for row in b.rows]
+        if plan.finals or (rows and rows[-1].final):
+            break
+    assert [row.window for row in rows] == [-7, 9, 25, 41, 57, 73]
+    assert all(row.end == 12345 for row in rows)
+    assert [row.final for row in rows] == [False] * 5 + [True]
+    assert rows[-1].hi == 1 + (77 - 73)
+    assert r.utt_start == 12345 and r.next_window == 0 and not r.flushes
+
+
+def test_flush_without_audio_is_an_immediate_final():
+    s = make()
+    r = s.admit(160, shape(1))
+    s.flush(r.handle)
+    plan = run(s)
+    assert not plan.steps and len(plan.finals) == 1
+    assert (plan.finals[0].utt_start, plan.finals[0].end) == (0, 0)
+
+
+def test_flush_after_a_full_window_with_no_new_frame_needs_no_step():
+    s = make()
+    r = s.admit(80, shape(0))
+    r.written = samples_for_windows(0, 8)  # 200 samples: window [-7, 1) is full; 1 valid frame
+    assert len(run(s).steps) == 1
+    s.flush(r.handle)
+    plan = run(s)
+    assert not plan.steps and [(f.utt_start, f.end) for f in plan.finals] == [(0, 200)]
+
+
+def test_capacity_and_slot_reuse_bump_the_generation():
+    s = make(max_streams=2)
+    a = s.admit(80, shape(0))
+    s.admit(80, shape(0))
+    with pytest.raises(CapacityError, match="maximum of 2 streams"):
+        s.admit(80, shape(0))
+    a.written = 10 * 16000
+    plan = s.plan()
+    row = plan.steps[0].rows[0]
+    s.release(a.handle)
+    c = s.admit(80, shape(0))
+    assert c.slot == a.slot and c.generation == a.generation + 1
+    assert row.handle == a.handle and s.step_done(row) is None  # a closed stream's result is dropped
+
+
+def test_backpressure_accounting():
+    s = make(vad=True)
+    r = s.admit(160, shape(1))
+    r.written = 8000
+    # nothing read yet: all written audio (plus the analysis lead-in) is buffered
+    assert s.buffered(r) >= 8000
+    run(s)  # VAD consumes windows; ASR has no full window yet
+    before = s.buffered(r)
+    r.written = 16000
+    for _ in range(40):
+        run(s)
+    assert s.buffered(r) < before + 8000
+
+
+def test_skip_silence_skips_vad_checked_silence_and_restarts_at_speech():
+    s = Scheduler(4, 8, GEOMETRY, vad=True, skip_silence=16000)  # 1 s
+    r = s.admit(160, shape(1))
+    r.written = 5 * 16000
+    planned = []
+    for _ in range(400):  # the VAD reads the whole 5 s of silence; the encoder runs only its first second
+        plan = run(s)
+        planned += [row for b in plan.steps for row in b.rows]
+    assert r.vad_pos >= 5 * 16000 - 512
+    # windows whose audio starts within 1 s of the (absent) last speech are encoded, later ones skipped
+    assert planned and all(160 * row.window - 256 < 16000 for row in planned)
+    assert r.skipped_frames > 0
+    skipped = r.skipped_frames
+    s.heard_voice(r, r.vad_pos)  # speech resumes
+    r.written += 16000
+    row = next(row for _ in range(50) for b in run(s).steps for row in b.rows)
+    assert row.restart_frames == skipped and row.lo == 8 and r.skipped_frames == 0
+
+
+def test_silence_before_a_flush_is_skipped_but_the_utterance_still_ends_with_a_step():
+    s = Scheduler(4, 8, GEOMETRY, vad=True, skip_silence=1600)
+    r = s.admit(80, shape(0))
+    r.written = 3 * 16000 + 100
+    s.flush(r.handle)
+    rows = []
+    for _ in range(300):
+        plan = run(s)
+        rows += [row for b in plan.steps for row in b.rows]
+        if plan.finals or (rows and rows[-1].final):
+            break
+    windows = -(-(GEOMETRY.valid_frames(3 * 16000 + 100) + 7) // 8)  # windows at -7, 1, ... below 300
+    assert len(rows) < windows / 2  # most of 3 s of silence skipped
+    assert rows[-1].final and rows[-1].restart_frames > 0  # the last step restarts after the skip
