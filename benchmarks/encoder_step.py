@@ -28,21 +28,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _support.nemo_checkpoints import VARIANTS, model_config, quiet_nemo, train_tokenizer  # noqa: E402
 from _support.nemo_reference import nemo_cache_aware_step_fn  # noqa: E402
+from archs import ARCHS  # noqa: E402
 
 import monosemantic  # noqa: E402
 from monosemantic.streaming.cuda_graph import GraphedEncoderStep  # noqa: E402
 from monosemantic.streaming.encoder_step import EncoderCache, encoder_step  # noqa: E402
-
-ARCHS = {
-    # Nemotron's architecture, reduced to run on a laptop CPU.
-    "reduced": dict(n_layers=8, d_model=256, n_heads=4, subsampling_conv_channels=128, pred_hidden=320, joint_hidden=320),
-    # nvidia/nemotron-speech-streaming-en-0.6b: 24 x 1024, 8 heads, 256 subsampling channels, LSTM 2 x 640.
-    "full": dict(n_layers=24, d_model=1024, n_heads=8, subsampling_conv_channels=256, pred_hidden=640, joint_hidden=640),
-}
-
 
 def build_models(arch: str, device: str, workdir: Path):
     """A NeMo model with NeMo's default random init, and the same weights loaded by monosemantic."""

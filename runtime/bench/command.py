@@ -80,7 +80,7 @@ def run(args) -> int:
     from ..asr import load_model
     from ..engine.config import EngineConfig
     from ..vad.policy import VADConfig
-    from .engine_bench import run_engine
+    from .engine_bench import EngineTrials
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     latency = args.latency_ms or model.default_latency_ms
@@ -88,7 +88,12 @@ def run(args) -> int:
     audio = args.audio or [str(Path("tests") / "data")]
     clips = load_clips(audio, model.sample_rate)
     limit = args.max_streams
-    config = EngineConfig(max_streams=limit, max_batch=args.max_batch, vad=VADConfig() if args.vad else None)
+    config = EngineConfig(
+        max_streams=limit,
+        max_batch=args.max_batch,
+        vad=VADConfig() if args.vad else None,
+        warmup_latencies=(latency,) if model.device.type == "cuda" else (),
+    )
     print(f"# monosemantic bench: {model}, latency {latency} ms, {len(clips)} clips, {args.seconds:.0f} s per stream", flush=True)
     report: dict = {"model": str(args.model), "latency_ms": latency, "seconds": args.seconds, "runs": []}
 
@@ -96,8 +101,10 @@ def run(args) -> int:
         print(_line(res), flush=True)
         report["runs"].append(res.summary())
 
+    trials = EngineTrials(model, config)  # one engine for every run: CUDA graphs are captured once
+
     def ours(n: int) -> BenchResult:
-        return run_engine(model, make_workload(clips, n, args.seconds, seed=args.seed), latency, config)
+        return trials.run(make_workload(clips, n, args.seconds, seed=args.seed), latency, args.frame_ms)
 
     def nemo(n: int) -> BenchResult:
         from .nemo_baseline import run_nemo
@@ -113,10 +120,19 @@ def run(args) -> int:
         report["max_streams"] = found
         if "nemo" in found and found["nemo"]:
             print(f"ratio monosemantic / nemo: {found['monosemantic'] / found['nemo']:.2f}x", flush=True)
+        if args.load_curve and found["monosemantic"]:
+            # Latency across the load range, and within each run (drift): 10%, 50% and 90% of the maximum.
+            report["load_curve"] = []
+            for share in (0.1, 0.5, 0.9):
+                res = ours(max(1, round(share * found["monosemantic"])))
+                log(res)
+                report["load_curve"].append({"share": share, **res.summary()})
+                print(f"  load {share:.0%}: drift {res.drift()}", flush=True)
     else:
         for n in args.streams:
             for _, trial in systems:
                 log(trial(n))
+    trials.close()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=float))
     return 0
@@ -145,10 +161,12 @@ def add_parser(sub) -> None:
     p.add_argument("--streams", type=int, nargs="+", default=[8], help="stream counts to run (with --find-max: the first to try)")
     p.add_argument("--seconds", type=float, default=20.0, help="audio per stream (real time)")
     p.add_argument("--find-max", action="store_true", help="search the most streams sustained in real time (p95 chunk latency < chunk)")
+    p.add_argument("--load-curve", action="store_true", help="with --find-max: then run at 10/50/90%% of the maximum and report drift")
     p.add_argument("--max-streams", type=int, default=1024, help="upper bound of the search and engine slots")
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--baseline", choices=["nemo"], default=None, help="also run NeMo's cache-aware pipeline on the same workload")
     p.add_argument("--audio", nargs="+", help="speech files or directories to loop (default: tests/data)")
     p.add_argument("--vad", action=__import__("argparse").BooleanOptionalAction, default=True, help="run batched VAD too (default on)")
+    p.add_argument("--frame-ms", type=int, default=20, help="client frame size (20 ms as WebRTC; more for very many streams)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write all runs to this file")

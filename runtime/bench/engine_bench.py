@@ -7,14 +7,14 @@ import time
 
 import numpy as np
 
-from ..events import Final
+from ..events import Error, Final
 from .result import BenchResult
 from .workload import FRAME_MS, StreamPlan
 
 
-def _arrival(plan: StreamPlan, t0: float, sample: int, rate: int) -> float:
+def _arrival(plan: StreamPlan, t0: float, sample: int, rate: int, frame_ms: int) -> float:
     """Wall time at which the frame holding stream sample `sample - 1` was sent."""
-    frame = rate * FRAME_MS // 1000
+    frame = rate * frame_ms // 1000
     return t0 + plan.offset_s + int(np.ceil(sample / frame)) * frame / rate
 
 
@@ -29,11 +29,13 @@ def slot_bytes(core) -> int:
     return total // core.config.max_streams
 
 
-async def _run(model, plans: list[StreamPlan], latency_ms: int, config) -> BenchResult:
-    from ..engine import Engine
-
+async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: int = FRAME_MS) -> BenchResult:
+    """The workload through an already started engine (its CUDA graphs and caches stay warm between
+    trials)."""
+    model, config = engine.model, engine.config
     rate = model.sample_rate
     chunk_latency: list[float] = []
+    chunk_at: list[float] = []
     final_latency: list[float] = []
     compute = [0.0]
     errors = [0]
@@ -53,43 +55,56 @@ async def _run(model, plans: list[StreamPlan], latency_ms: int, config) -> Bench
                 # the sample at its end was sent (the frontend's look-ahead past it is our cost).
                 shape = engine.core.shapes[batch.latency_ms]
                 chunk_end = row.utt_start + g.hop * (row.window + shape.step_mel)
-                chunk_latency.append((done - _arrival(plan, t0, chunk_end, rate)) * 1000.0)
+                chunk_latency.append((done - _arrival(plan, t0, chunk_end, rate, frame_ms)) * 1000.0)
+                chunk_at.append(done - t0)
 
-    async def one(plan: StreamPlan) -> float:
-        stream = await engine.open_stream(latency_ms=latency_ms)
-        handles[stream.handle] = plan
-        flushed: list[float] = []
-        sent = 0.0
+    async def receive(stream, flushed: list[float]) -> None:
+        async for event in stream:
+            if isinstance(event, Final):
+                final_latency.append((time.perf_counter() - flushed.pop(0)) * 1000.0)
+            elif isinstance(event, Error):
+                errors[0] += 1
 
-        async def receive():
-            async for event in stream:
-                if isinstance(event, Final):
-                    final_latency.append((time.perf_counter() - flushed.pop(0)) * 1000.0)
-                elif event.__class__.__name__ == "Error":
-                    errors[0] += 1
-
-        receiver = asyncio.create_task(receive())
-        for send_at, samples, last in plan.frames(rate):
+    async def feed(streams) -> float:
+        """One coroutine sends every stream's frames in time order (one sleep per send time, not one per
+        frame per stream), so the client side costs little next to the engine, as a server's would."""
+        frames = sorted(
+            (send_at, i, samples, last)
+            for i, plan in enumerate(plans)
+            for send_at, samples, last in plan.frames(rate, frame_ms)
+        )
+        sent = 0
+        for send_at, i, samples, last in frames:
             delay = t0 + send_at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            stream, flushed = streams[i]
             await stream.push(samples)
-            sent += len(samples) / rate
+            sent += len(samples)
             if last:
                 flushed.append(t0 + send_at)  # from the scheduled time, so a late client is counted too
                 await stream.flush()
-        while flushed:  # wait for the last finals
-            await asyncio.sleep(0.01)
-        await stream.close()
-        await receiver
-        return sent
+        return sent / rate
 
-    async with Engine(model, config) as engine:
-        engine.core.on_tick = on_tick
+    engine.core.on_tick = on_tick
+    try:
+        streams = []
+        for plan in plans:
+            stream = await engine.open_stream(latency_ms=latency_ms)
+            handles[stream.handle] = plan
+            streams.append((stream, []))
+        receivers = [asyncio.create_task(receive(stream, flushed)) for stream, flushed in streams]
         started = time.perf_counter()
-        audio = sum(await asyncio.gather(*(one(p) for p in plans)))
+        audio = await feed(streams)
+        while any(flushed for _, flushed in streams):  # the last finals
+            await asyncio.sleep(0.01)
         wall = time.perf_counter() - started
-        per_stream = slot_bytes(engine.core) / 2**20
+        for stream, _ in streams:
+            await stream.close()
+        await asyncio.gather(*receivers)
+    finally:
+        engine.core.on_tick = None
+    per_stream = slot_bytes(engine.core) / 2**20
     return BenchResult(
         system="monosemantic engine",
         streams=len(plans),
@@ -99,12 +114,37 @@ async def _run(model, plans: list[StreamPlan], latency_ms: int, config) -> Bench
         compute_seconds=compute[0],
         chunk_latency_ms=chunk_latency,
         final_latency_ms=final_latency,
+        chunk_at_s=chunk_at,
         errors=errors[0],
         memory_per_stream_mb=per_stream,
-        notes=f"device={model.device}, max_batch={config.max_batch}, vad={'on' if config.vad else 'off'}",
+        notes=f"device={model.device}, max_batch={config.max_batch}, vad={'on' if config.vad else 'off'}, frames={frame_ms} ms",
     )
 
 
 def run_engine(model, plans: list[StreamPlan], latency_ms: int, config) -> BenchResult:
     """Run the workload through a fresh engine (asyncio loop of its own)."""
-    return asyncio.run(_run(model, plans, latency_ms, config))
+    from ..engine import Engine
+
+    async def main():
+        async with Engine(model, config) as engine:
+            return await run_trial(engine, plans, latency_ms)
+
+    return asyncio.run(main())
+
+
+class EngineTrials:
+    """One engine (and event loop) serving successive trials, e.g. a search for the most streams."""
+
+    def __init__(self, model, config):
+        from ..engine import Engine
+
+        self.loop = asyncio.new_event_loop()
+        self.engine = Engine(model, config)
+        self.engine.core.start()
+
+    def run(self, plans: list[StreamPlan], latency_ms: int, frame_ms: int = FRAME_MS) -> BenchResult:
+        return self.loop.run_until_complete(run_trial(self.engine, plans, latency_ms, frame_ms))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.aclose())
+        self.loop.close()

@@ -35,6 +35,17 @@ class BenchResult:
     errors: int = 0
     memory_per_stream_mb: float | None = None
     notes: str = ""
+    chunk_at_s: list[float] = field(default_factory=list, repr=False)  # when each chunk latency was measured
+
+    def drift(self) -> dict[str, float] | None:
+        """p95 chunk latency in the first and the last third of the run (latency must not creep up)."""
+        if len(self.chunk_at_s) != len(self.chunk_latency_ms) or len(self.chunk_at_s) < 30:
+            return None
+        at = np.asarray(self.chunk_at_s)
+        lat = np.asarray(self.chunk_latency_ms)
+        lo, hi = np.percentile(at, [33.3, 66.7])
+        first, last = lat[at <= lo], lat[at >= hi]
+        return {"first_p95": float(np.percentile(first, 95)), "last_p95": float(np.percentile(last, 95))}
 
     @property
     def rtf(self) -> float:
@@ -46,7 +57,8 @@ class BenchResult:
         return self.errors == 0 and percentiles(self.chunk_latency_ms)["p95"] < self.latency_ms
 
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("chunk_latency_ms", "final_latency_ms")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("chunk_latency_ms", "final_latency_ms", "chunk_at_s")}
+        out["drift"] = self.drift()
         out["chunk_latency_ms"] = percentiles(self.chunk_latency_ms)
         out["final_latency_ms"] = percentiles(self.final_latency_ms, (50, 95))
         out["rtf"] = self.rtf

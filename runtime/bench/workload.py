@@ -1,7 +1,7 @@
 """The simulated workload both the engine and the NeMo baseline run, so their figures compare.
 
 Each stream plays real speech in a loop (utterances are the clips, taken in a random order from a random
-first clip), pushed in 20 ms frames at real-time pace from a random start time in its first second, and
+first clip), pushed in 20 ms frames (as WebRTC delivers them; larger for very many streams) at real-time pace from a random start time in its first second, and
 asks for a final (flush) at the end of every utterance, as a voice agent does at each end of turn.
 """
 
@@ -30,9 +30,9 @@ class StreamPlan:
     offset_s: float  # wall-clock delay of the stream's first frame after the run starts
     utterances: list[Utterance]
 
-    def frames(self, sample_rate: int = 16000):
+    def frames(self, sample_rate: int = 16000, frame_ms: int = FRAME_MS):
         """(send time in seconds after the run starts, samples, last frame of its utterance) per frame."""
-        step = sample_rate * FRAME_MS // 1000
+        step = sample_rate * frame_ms // 1000
         for utt in self.utterances:
             n = len(utt.audio)
             for i in range(0, n, step):

@@ -18,6 +18,13 @@ class EngineConfig:
     max_batch: int = 64
     """Most streams of one latency mode stepped together; more ready streams wait for the next step."""
 
+    batch_wait_ms: float | None = None
+    """How long a stream's ready chunk may wait for other streams of its latency mode to become ready
+    too, so that they share one step (each step has a fixed cost; batching is what serves many
+    streams). It never waits when all of the mode's streams are ready or an utterance is ending.
+    None: a quarter of the mode's chunk duration (40 ms at 160 ms). 0: never wait (lowest latency at
+    light load, less throughput)."""
+
     default_latency_ms: int | None = None
     """Latency mode of streams opened without one (None: the checkpoint's default mode)."""
 
@@ -42,7 +49,12 @@ class EngineConfig:
     """A Usage event is sent after each this many seconds of a stream's processed audio, and at close."""
 
     cuda_graphs: bool = True
-    """On CUDA, replay steady-state encoder steps from CUDA graphs (one per mode and batch bucket)."""
+    """On CUDA, replay steady-state encoder steps from CUDA graphs (one per mode and batch bucket),
+    captured the first time a mode runs a batch of that size (a one-off pause of about a second)."""
+
+    warmup_latencies: tuple[int, ...] = ()
+    """Latency modes whose CUDA graphs are captured for every batch bucket when the engine starts, so no
+    capture pause hits live traffic."""
 
     def __post_init__(self):
         if self.max_streams < 1 or self.max_batch < 1:

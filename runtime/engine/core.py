@@ -66,14 +66,22 @@ class EngineCore:
         self.config = config
         plans = {ms: model.plan(model.context_for(ms)) for ms in model.latency_modes}
         self.default_latency = config.default_latency_ms or model.default_latency_ms
-        model.context_for(self.default_latency)  # a bad default fails here, not at the first open
+        for latency in (self.default_latency, *config.warmup_latencies):
+            model.context_for(latency)  # a bad mode fails here, not at the first open
         g = geometry(model)
         span = g.hop * (max(p.shape.step_mel for p in plans.values()) - 1) + g.n_fft + 1
         self.capacity = int(config.max_buffered_seconds * model.sample_rate)
         ring = self.capacity + span + g.vad_window + g.hop
         skip = None if config.skip_silence_ms is None else config.skip_silence_ms * model.sample_rate // 1000
-        self.scheduler = Scheduler(config.max_streams, config.max_batch, g, vad=config.vad is not None, skip_silence=skip)
-        self.runner = ModelRunner(model, plans, config.max_streams, ring, vad=config.vad is not None)
+        wait = config.batch_wait_ms
+        self.scheduler = Scheduler(
+            config.max_streams, config.max_batch, g, vad=config.vad is not None, skip_silence=skip,
+            batch_wait=lambda latency_ms: (latency_ms / 4 if wait is None else wait) / 1000.0,
+        )
+        self.runner = ModelRunner(
+            model, plans, config.max_streams, ring, vad=config.vad is not None,
+            max_batch=config.max_batch, cuda_graphs=config.cuda_graphs,
+        )
         self.shapes = {ms: p.shape for ms, p in plans.items()}
         self.streams: dict[int, StreamState] = {}
         self.lock = threading.Lock()
@@ -88,6 +96,7 @@ class EngineCore:
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            self.runner.warmup(list(self.config.warmup_latencies))
             self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
             self._thread.start()
 
@@ -182,7 +191,7 @@ class EngineCore:
                 self.runner.reset_utterance([slot for slot, _ in resets])
                 self.runner.reset_vad([slot for slot, vad in resets if vad])
             if plan.empty:
-                self.wake.wait(0.05)
+                self.wake.wait(0.05 if plan.wake_in is None else min(0.05, plan.wake_in))
                 self.wake.clear()
                 continue
             started = time.perf_counter()

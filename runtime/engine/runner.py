@@ -16,6 +16,7 @@ import torch
 
 from ..asr import ASRModel
 from ..decoding.greedy import DecoderState, greedy_decode, initial_state
+from ..streaming.cuda_graph import GraphedEncoderStep
 from ..streaming.encoder_step import EncoderCache, encoder_step
 from ..streaming.plan import ChunkPlan
 from .scheduler import AudioGeometry, StepBatch, VADRow
@@ -32,10 +33,25 @@ class RowResult:
 
 
 class ModelRunner:
-    def __init__(self, model: ASRModel, plans: dict[int, ChunkPlan], slots: int, ring_samples: int, vad: bool):
+    def __init__(
+        self,
+        model: ASRModel,
+        plans: dict[int, ChunkPlan],
+        slots: int,
+        ring_samples: int,
+        vad: bool,
+        max_batch: int = 64,
+        cuda_graphs: bool = True,
+    ):
         self.model = model
         self.plans = plans
         self.device = model.device
+        self.max_batch = max_batch
+        # Steady-state encoder steps replay CUDA graphs, one per (mode, batch bucket), captured on first
+        # use; padding rows use a scratch slot (index `slots`) whose state nobody reads.
+        self.graphs: dict[tuple[int, int], GraphedEncoderStep] | None = {} if cuda_graphs and self.device.type == "cuda" else None
+        self.scratch = slots
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
         cfg = model.config.frontend
         self.preemph = cfg.preemph
         self.geometry = geometry(model)
@@ -44,7 +60,7 @@ class ModelRunner:
             raise ValueError(f"the engine needs every latency mode to keep the same left context, got {sorted(lefts)}")
         module = model.module
         self.ring = np.zeros((slots, ring_samples), dtype=np.float32)  # host audio per slot
-        self.cache = EncoderCache.zeros(module.encoder, lefts.pop(), slots, self.device)
+        self.cache = EncoderCache.zeros(module.encoder, lefts.pop(), slots + 1, self.device)  # + scratch row
         self.decoder = initial_state(module.decoder, module.joint, slots, self.device)
         self._fresh_decoder = initial_state(module.decoder, module.joint, 1, self.device)
         self.vad_model = self.vad_state = None
@@ -123,8 +139,7 @@ class ModelRunner:
         if any(r.hi <= shape.step_mel for r in rows):
             hi = torch.tensor([r.hi for r in rows], device=self.device)
         index = torch.from_numpy(slots).to(self.device)
-        encoded, length, cache = encoder_step(module.encoder, plan, mel.transpose(1, 2), self.cache.select(index), lo, hi)
-        self.cache.write_rows(index, cache)
+        encoded, length = self._encode(batch.latency_ms, plan, mel.transpose(1, 2), index, lo, hi)
         decoded, state = greedy_decode(
             module.decoder, module.joint, encoded, length, self.decoder.select(index), *self.model.decoding_args
         )
@@ -134,6 +149,38 @@ class ModelRunner:
             consumed = shape.step_mel if row.hi > shape.step_mel else max(0, row.hi - 1)
             results.append(RowResult(decoded.labels[i], decoded.frames[i], decoded.durations[i], consumed * g.hop))
         return results
+
+    def _encode(self, latency_ms: int, plan: ChunkPlan, mel: torch.Tensor, index: torch.Tensor, lo, hi):
+        """Encoder step for the rows `index` (slots), updating their caches: from a CUDA graph when the
+        step is steady (no row starting or ending), else eagerly."""
+        rows = index.shape[0]
+        if self.graphs is None or lo is not None or hi is not None:
+            encoded, length, cache = encoder_step(self.model.module.encoder, plan, mel, self.cache.select(index), lo, hi)
+            self.cache.write_rows(index, cache)
+            return encoded, length
+        bucket = 1 << (rows - 1).bit_length()  # the next power of two
+        padded = torch.cat((index, index.new_full((bucket - rows,), self.scratch)))
+        graph = self.graphs.get((latency_ms, bucket))
+        if graph is None:
+            graph = self.graphs[(latency_ms, bucket)] = GraphedEncoderStep(self.model.module.encoder, plan, bucket, pool=self._pool)
+        if bucket > rows:
+            mel = torch.cat((mel, mel.new_zeros((bucket - rows,) + mel.shape[1:])))
+        encoded, length, cache = graph(mel, self.cache.select(padded))
+        self.cache.write_rows(index, cache.select(slice(0, rows)))
+        return encoded[:rows], length[:rows]
+
+    def warmup(self, latencies: list[int]) -> None:
+        """Capture the CUDA graphs of these modes for every batch bucket up to max_batch, ahead of traffic."""
+        if self.graphs is None:
+            return
+        for latency in latencies:
+            bucket = 1
+            while bucket < 2 * self.max_batch:
+                if (latency, bucket) not in self.graphs:
+                    self.graphs[(latency, bucket)] = GraphedEncoderStep(
+                        self.model.module.encoder, self.plans[latency], bucket, pool=self._pool
+                    )
+                bucket *= 2
 
     @torch.no_grad()
     def vad(self, rows: tuple[VADRow, ...]) -> list[list[float]]:

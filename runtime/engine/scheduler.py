@@ -11,8 +11,10 @@ behind catches up one window per tick while the ticks run back to back.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import CapacityError
 from ..streaming.shape import ModeShape
@@ -68,6 +70,8 @@ class VADRow:
 
 
 MAX_VAD_WINDOWS = 32  # per stream per tick (1 s of audio): the VAD keeps up even when ticks are long
+VAD_BATCH = 2  # windows a stream may have waiting before a VAD call runs on its own (64 ms)
+VAD_WAIT = 0.064  # seconds: then the loop wakes to run it
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class TickPlan:
     steps: tuple[StepBatch, ...] = ()
     vad: tuple[VADRow, ...] = ()
     finals: tuple[FinalRow, ...] = ()
+    wake_in: float | None = None  # seconds until a held batch must run (None: nothing held)
 
     @property
     def empty(self) -> bool:
@@ -106,6 +111,7 @@ class StreamRecord:
     flushes: deque = field(default_factory=deque)  # absolute sample counts at each flush request
     last_voice: int = 0  # absolute sample where the VAD last heard speech end (skip_silence only)
     skipped_frames: int = 0  # encoder frames skipped since the encoder last ran (skip_silence only)
+    ready_since: float | None = None  # clock time the scheduler first saw the next window ready
 
     def window_start(self) -> int:
         return self.shape.first_start + self.next_window * self.shape.step_mel
@@ -113,13 +119,25 @@ class StreamRecord:
 
 class Scheduler:
     def __init__(
-        self, max_streams: int, max_batch: int, geometry: AudioGeometry, vad: bool, skip_silence: int | None = None
+        self,
+        max_streams: int,
+        max_batch: int,
+        geometry: AudioGeometry,
+        vad: bool,
+        skip_silence: int | None = None,
+        batch_wait: Callable[[int], float] = lambda latency_ms: 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
-        """skip_silence: samples of silence (per the VAD) after which encoder windows are skipped."""
+        """skip_silence: samples of silence (per the VAD) after which encoder windows are skipped.
+        batch_wait: seconds a ready window of a latency mode may wait for more of its mode's streams to
+        become ready, so that steps are batched; it waits only while some stream of the mode is not
+        ready and no flush is pending in the mode."""
         self.max_batch = max_batch
         self.geometry = geometry
         self.vad = vad
         self.skip_silence = skip_silence
+        self.batch_wait = batch_wait
+        self.clock = clock
         self.free_slots = deque(range(max_streams))
         self.generations = [0] * max_streams
         self.streams: dict[int, StreamRecord] = {}
@@ -173,6 +191,32 @@ class Scheduler:
         return record.utt_start + g.hop * last_frame + g.reach <= self._limit(record)
 
     # ---- planning ----------------------------------------------------------------------------------
+    def _held_modes(self, records: list[StreamRecord]) -> tuple[set[int], float | None]:
+        """Latency modes whose ready windows wait for a fuller batch, and when the first must run."""
+        now = self.clock()
+        active: dict[int, int] = {}
+        ready: dict[int, list[StreamRecord]] = {}
+        urgent: set[int] = set()
+        for record in records:
+            mode = record.latency_ms
+            active[mode] = active.get(mode, 0) + 1
+            full = self._full_window_ready(record)
+            if record.flushes and not full:
+                urgent.add(mode)  # an utterance's last step waits for nothing
+            if full and not self._awaits_vad(record):
+                ready.setdefault(mode, []).append(record)
+                if record.ready_since is None:
+                    record.ready_since = now
+        held, wake_in = set(), None
+        for mode, waiting in ready.items():
+            if mode in urgent or len(waiting) >= min(active[mode], self.max_batch):
+                continue
+            deadline = min(r.ready_since for r in waiting) + self.batch_wait(mode)
+            if deadline > now:
+                held.add(mode)
+                wake_in = deadline - now if wake_in is None else min(wake_in, deadline - now)
+        return held, wake_in
+
     def plan(self) -> TickPlan:
         """The work of one tick. The caller applies every row (step_done/vad_done) before the next plan."""
         by_mode: dict[int, list[StepRow]] = {}
@@ -182,18 +226,26 @@ class Scheduler:
         if records:
             self._rotation = (self._rotation + 1) % len(records)
             records = records[self._rotation :] + records[: self._rotation]
+        held, wake_in = self._held_modes(records)
         for record in records:
             rows = by_mode.setdefault(record.latency_ms, [])
-            if len(rows) < self.max_batch:
+            if record.latency_ms not in held and len(rows) < self.max_batch:
                 row = self._plan_step(record, finals)
                 if row is not None:
+                    record.ready_since = None
                     rows.append(row)
             pending = (record.written - record.vad_pos) // self.geometry.vad_window if self.vad else 0
             if pending > 0:
                 count = min(pending, MAX_VAD_WINDOWS)
                 vad_rows.append(VADRow(record.handle, record.slot, record.generation, record.vad_pos, count))
         steps = tuple(StepBatch(ms, tuple(rows)) for ms, rows in by_mode.items() if rows)
-        return TickPlan(steps=steps, vad=tuple(vad_rows), finals=tuple(finals))
+        # A VAD call has a fixed cost too: run it with a step, or once a stream has VAD_BATCH windows
+        # waiting (or the encoder waits for the VAD), not for every new 32 ms window.
+        if vad_rows and not steps and not finals and max(r.windows for r in vad_rows) < VAD_BATCH:
+            if not (self.skip_silence is not None and held):
+                vad_rows = []
+                wake_in = VAD_WAIT if wake_in is None else min(wake_in, VAD_WAIT)
+        return TickPlan(steps=steps, vad=tuple(vad_rows), finals=tuple(finals), wake_in=wake_in)
 
     def _plan_step(self, record: StreamRecord, finals: list[FinalRow]) -> StepRow | None:
         shape = record.shape

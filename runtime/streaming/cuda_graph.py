@@ -29,7 +29,11 @@ class GraphedEncoderStep:
     masked=False captures the steady-state step (every window full, no stream starting): callers run
     first and last steps eagerly, or capture a masked=True graph, which takes lo/hi for every row."""
 
-    def __init__(self, encoder: ConformerEncoder, plan: ChunkPlan, batch: int, masked: bool = False, warmup: int = 3):
+    def __init__(
+        self, encoder: ConformerEncoder, plan: ChunkPlan, batch: int, masked: bool = False, warmup: int = 3, pool=None
+    ):
+        """pool: a CUDA graph memory pool (torch.cuda.graph_pool_handle()) shared with other graphs that
+        are never replayed concurrently with this one, so their intermediate memory is shared."""
         device = encoder.pre_encode.out.weight.device
         if device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -46,7 +50,8 @@ class GraphedEncoderStep:
                 encoder_step(encoder, plan, self.mel, self.cache, self.lo, self.hi)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads (a caller transcribing on the same GPU) may launch work meanwhile.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out, self.out_len, self.next_cache = encoder_step(encoder, plan, self.mel, self.cache, self.lo, self.hi)
 
     @torch.no_grad()
