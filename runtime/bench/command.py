@@ -91,6 +91,7 @@ def run(args) -> int:
     config = EngineConfig(
         max_streams=limit,
         max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
         vad=VADConfig() if args.vad else None,
         warmup_latencies=(latency,) if model.device.type == "cuda" else (),
     )
@@ -164,6 +165,7 @@ def add_parser(sub) -> None:
     p.add_argument("--load-curve", action="store_true", help="with --find-max: then run at 10/50/90%% of the maximum and report drift")
     p.add_argument("--max-streams", type=int, default=1024, help="upper bound of the search and engine slots")
     p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--batch-wait-ms", type=float, default=0.0, help="EngineConfig.batch_wait_ms (default 0: never wait)")
     p.add_argument("--baseline", choices=["nemo"], default=None, help="also run NeMo's cache-aware pipeline on the same workload")
     p.add_argument("--audio", nargs="+", help="speech files or directories to loop (default: tests/data)")
     p.add_argument("--vad", action=__import__("argparse").BooleanOptionalAction, default=True, help="run batched VAD too (default on)")

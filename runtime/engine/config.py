@@ -18,12 +18,12 @@ class EngineConfig:
     max_batch: int = 64
     """Most streams of one latency mode stepped together; more ready streams wait for the next step."""
 
-    batch_wait_ms: float | None = None
+    batch_wait_ms: float | None = 0.0
     """How long a stream's ready chunk may wait for other streams of its latency mode to become ready
-    too, so that they share one step (each step has a fixed cost; batching is what serves many
-    streams). It never waits when all of the mode's streams are ready or an utterance is ending.
-    None: a quarter of the mode's chunk duration (40 ms at 160 ms). 0: never wait (lowest latency at
-    light load, less throughput)."""
+    too, so that they share one step. It never waits when all of the mode's streams are ready or an
+    utterance is ending. 0 (default): never wait; under load batches still form by themselves, from the
+    chunks that arrive while a step runs (measured: lower latency at every load than waiting). None: a
+    quarter of the mode's chunk duration."""
 
     default_latency_ms: int | None = None
     """Latency mode of streams opened without one (None: the checkpoint's default mode)."""

@@ -140,7 +140,11 @@ class EngineCore:
                 return False
             self.runner.write(record.slot, record.written, samples)
             record.written += len(samples)
-        self.wake.set()
+            # Wake the loop only when this write gave the stream work; otherwise every 20 ms frame of
+            # every stream would re-plan all streams (quadratic in the number of streams).
+            work = self.scheduler.has_work(record)
+        if work:
+            self.wake.set()
         return True
 
     def flush(self, handle: int) -> None:

@@ -151,23 +151,36 @@ class ModelRunner:
         return results
 
     def _encode(self, latency_ms: int, plan: ChunkPlan, mel: torch.Tensor, index: torch.Tensor, lo, hi):
-        """Encoder step for the rows `index` (slots), updating their caches: from a CUDA graph when the
-        step is steady (no row starting or ending), else eagerly."""
+        """Encoder step for the rows `index` (slots), updating their caches: replayed from the CUDA graph
+        of the batch's size bucket on CUDA (masked graphs: rows starting or ending an utterance batch
+        with the rest), else eagerly."""
         rows = index.shape[0]
-        if self.graphs is None or lo is not None or hi is not None:
+        if self.graphs is None:
             encoded, length, cache = encoder_step(self.model.module.encoder, plan, mel, self.cache.select(index), lo, hi)
             self.cache.write_rows(index, cache)
             return encoded, length
         bucket = 1 << (rows - 1).bit_length()  # the next power of two
-        padded = torch.cat((index, index.new_full((bucket - rows,), self.scratch)))
-        graph = self.graphs.get((latency_ms, bucket))
-        if graph is None:
-            graph = self.graphs[(latency_ms, bucket)] = GraphedEncoderStep(self.model.module.encoder, plan, bucket, pool=self._pool)
-        if bucket > rows:
-            mel = torch.cat((mel, mel.new_zeros((bucket - rows,) + mel.shape[1:])))
-        encoded, length, cache = graph(mel, self.cache.select(padded))
+        pad = bucket - rows
+        padded = torch.cat((index, index.new_full((pad,), self.scratch)))
+        graph = self._graph(latency_ms, bucket)
+        steady = plan.shape.step_mel + 1
+        lo = torch.zeros(rows, dtype=torch.long, device=self.device) if lo is None else lo
+        hi = torch.full((rows,), steady, dtype=torch.long, device=self.device) if hi is None else hi
+        if pad:
+            mel = torch.cat((mel, mel.new_zeros((pad,) + mel.shape[1:])))
+            lo = torch.cat((lo, lo.new_zeros(pad)))
+            hi = torch.cat((hi, hi.new_full((pad,), steady)))
+        encoded, length, cache = graph(mel, self.cache.select(padded), lo, hi)
         self.cache.write_rows(index, cache.select(slice(0, rows)))
         return encoded[:rows], length[:rows]
+
+    def _graph(self, latency_ms: int, bucket: int) -> GraphedEncoderStep:
+        graph = self.graphs.get((latency_ms, bucket))
+        if graph is None:
+            graph = self.graphs[(latency_ms, bucket)] = GraphedEncoderStep(
+                self.model.module.encoder, self.plans[latency_ms], bucket, masked=True, pool=self._pool
+            )
+        return graph
 
     def warmup(self, latencies: list[int]) -> None:
         """Capture the CUDA graphs of these modes for every batch bucket up to max_batch, ahead of traffic."""
@@ -176,10 +189,7 @@ class ModelRunner:
         for latency in latencies:
             bucket = 1
             while bucket < 2 * self.max_batch:
-                if (latency, bucket) not in self.graphs:
-                    self.graphs[(latency, bucket)] = GraphedEncoderStep(
-                        self.model.module.encoder, self.plans[latency], bucket, pool=self._pool
-                    )
+                self._graph(latency, bucket)
                 bucket *= 2
 
     @torch.no_grad()

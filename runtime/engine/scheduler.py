@@ -190,6 +190,12 @@ class Scheduler:
         last_frame = record.window_start() + shape.step_mel - 1
         return record.utt_start + g.hop * last_frame + g.reach <= self._limit(record)
 
+    def has_work(self, record: StreamRecord) -> bool:
+        """Whether the stream now holds something to run: a full window, or a VAD batch."""
+        if self._full_window_ready(record):
+            return True
+        return self.vad and record.written - record.vad_pos >= VAD_BATCH * self.geometry.vad_window
+
     # ---- planning ----------------------------------------------------------------------------------
     def _held_modes(self, records: list[StreamRecord]) -> tuple[set[int], float | None]:
         """Latency modes whose ready windows wait for a fuller batch, and when the first must run."""
