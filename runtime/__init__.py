@@ -31,6 +31,9 @@ _LAZY = {
     "EngineStream": ("engine", "EngineStream"),
     "SyncEngine": ("engine", "SyncEngine"),
     "VADConfig": ("vad.policy", "VADConfig"),
+    "get_engine": ("engine.shared", "get_engine"),
+    "aget_engine": ("engine.shared", "aget_engine"),
+    "close_shared_engines": ("engine.shared", "close_shared_engines"),
 }
 
 
@@ -70,6 +73,9 @@ __all__ = [
     "Usage",
     "VADConfig",
     "Word",
+    "aget_engine",
+    "close_shared_engines",
+    "get_engine",
     "load_model",
     "__version__",
 ]

@@ -9,6 +9,9 @@ _NAMES = {
     "EngineStream": "frontdoor",
     "SyncEngine": "frontdoor",
     "SyncStream": "frontdoor",
+    "get_engine": "shared",
+    "aget_engine": "shared",
+    "close_shared_engines": "shared",
 }
 
 __all__ = sorted(_NAMES)

@@ -1,0 +1,103 @@
+"""One engine per (model, device, dtype, config) per process, shared by every adapter instance.
+
+The LiveKit and Pipecat adapters create an STT object per agent session; batching only pays off when all
+of a process's sessions land in the same engine, and loading a 0.6b checkpoint per session would take
+seconds each time. So adapters never build an Engine themselves: they ask this registry, which loads the
+model once (in the caller's thread, or a worker thread for `aget_engine`) and keeps the engine for the
+life of the process. `close_shared_engines()` frees them (tests, or a process that wants its GPU back);
+it also runs at interpreter exit.
+
+    engine = await monosemantic.aget_engine("nvidia/nemotron-speech-streaming-en-0.6b", device="auto")
+    stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import threading
+from dataclasses import dataclass
+
+from ..asr import DEFAULT_MODEL, load_model
+from .config import EngineConfig
+from .frontdoor import Engine
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """What makes two requests share an engine: the same checkpoint on the same device at the same
+    precision, served with the same engine configuration."""
+
+    model: str
+    device: str
+    dtype: str
+    config: EngineConfig
+
+
+_engines: dict[EngineKey, Engine] = {}
+_registry_lock = threading.Lock()
+_key_locks: dict[EngineKey, threading.Lock] = {}
+
+
+def _key(model, device, dtype, config) -> EngineKey:
+    source = os.fspath(model)
+    if os.path.exists(source):  # the same file reached by two spellings is one engine
+        source = os.path.realpath(source)
+    return EngineKey(source, str(device), str(dtype), config or EngineConfig())
+
+
+def get_engine(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    config: EngineConfig | None = None,
+) -> Engine:
+    """The process's engine for this model, loading it on first use (blocking; see `aget_engine`).
+    Concurrent first calls for the same key load the model once; calls for other keys are not held up."""
+    key = _key(model, device, dtype, config)
+    with _registry_lock:
+        engine = _engines.get(key)
+        if engine is not None:
+            return engine
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        with _registry_lock:
+            engine = _engines.get(key)
+        if engine is None:
+            engine = Engine(load_model(key.model, device=device, dtype=dtype), key.config)
+            engine.core.start()
+            with _registry_lock:
+                _engines[key] = engine
+    return engine
+
+
+async def aget_engine(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    config: EngineConfig | None = None,
+) -> Engine:
+    """`get_engine` without blocking the event loop while a model loads."""
+    return await asyncio.to_thread(get_engine, model, device=device, dtype=dtype, config=config)
+
+
+def shared_engines() -> dict[EngineKey, Engine]:
+    """A snapshot of the engines this process holds."""
+    with _registry_lock:
+        return dict(_engines)
+
+
+def close_shared_engines() -> None:
+    """Stop every shared engine (their open streams receive Error('closed')) and forget them."""
+    with _registry_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+        _key_locks.clear()
+    for engine in engines:
+        engine.core.stop()
+
+
+atexit.register(close_shared_engines)

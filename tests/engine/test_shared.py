@@ -1,0 +1,90 @@
+"""The process-wide engine registry the adapters use: one engine per model, device, dtype and config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import pytest
+
+import monosemantic
+from monosemantic import EngineConfig, Final
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def registry():
+    monosemantic.close_shared_engines()
+    yield
+    monosemantic.close_shared_engines()
+
+
+def test_same_key_shares_one_engine_and_loads_once(registry, nemo_checkpoint):
+    path = nemo_checkpoint("nemotron_rnnt")
+    config = EngineConfig(max_streams=4, vad=None)
+    engines = []
+
+    def get(source):
+        engines.append(monosemantic.get_engine(source, device="cpu", config=config))
+
+    # the same file, spelled two ways, from several threads at once
+    spellings = [str(path), os.path.relpath(path)] * 3
+    threads = [threading.Thread(target=get, args=(s,)) for s in spellings]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(e) for e in engines}) == 1
+    assert len(monosemantic.engine.shared.shared_engines()) == 1
+
+    other = monosemantic.get_engine(path, device="cpu", config=EngineConfig(max_streams=8, vad=None))
+    assert other is not engines[0]  # a different configuration is a different engine
+
+
+def test_shared_engine_serves_streams_from_different_event_loops(registry, nemo_checkpoint, ms_model, audio_clips):
+    """Each adapter may run its own event loop (a thread per bot): one engine serves them all."""
+    path = nemo_checkpoint("nemotron_rnnt")
+    audio = next(iter(audio_clips.values()))
+    expected = ms_model("nemotron_rnnt").transcribe(audio, latency_ms=160).text
+    results = []
+
+    def run_in_own_loop():
+        async def main():
+            engine = await monosemantic.aget_engine(path, device="cpu", config=EngineConfig(vad=None))
+            stream = await engine.open_stream(latency_ms=160)
+            await stream.push(audio)
+            await stream.flush()
+            async for event in stream:
+                if isinstance(event, Final):
+                    results.append(event.text)
+                    break
+            await stream.close()
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=run_in_own_loop) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 3
+
+
+def test_close_shared_engines_ends_open_streams(registry, nemo_checkpoint):
+    async def main():
+        engine = await monosemantic.aget_engine(nemo_checkpoint("nemotron_rnnt"), device="cpu")
+        stream = await engine.open_stream()
+        monosemantic.close_shared_engines()
+        events = [event async for event in stream]
+        assert [type(e).__name__ for e in events] == ["Error"] and events[0].code == "closed"
+        assert monosemantic.engine.shared.shared_engines() == {}
+
+    asyncio.run(main())
+
+
+def test_bad_model_path_is_a_clear_error_and_not_cached(registry, tmp_path):
+    with pytest.raises(monosemantic.ModelLoadError):
+        monosemantic.get_engine(tmp_path / "missing.nemo", device="cpu")
+    assert monosemantic.engine.shared.shared_engines() == {}
