@@ -1,0 +1,1 @@
+"""Client of monosemantic serve (under construction)."""

@@ -1,0 +1,1 @@
+"""monosemantic serve (under construction)."""
