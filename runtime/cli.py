@@ -1,4 +1,5 @@
-"""Command line: `monosemantic transcribe FILE... [--model M] [--device D] [--latency-ms N] [--stream] [--json]`.
+"""Command line: `monosemantic transcribe FILE... [--model M] [--device D] [--latency-ms N] [--stream] [--json]`,
+`monosemantic bench`, `monosemantic serve` (WebSocket server) and `monosemantic loadtest` (its load test).
 
 Every error a user can cause prints one line on stderr and exits non-zero; no tracebacks.
 """
@@ -30,9 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--stream", action="store_true", help=f"feed the audio in {PIECE_MS} ms pieces through the streaming path, showing partials")
     tr.add_argument("--realtime", action="store_true", help="with --stream, feed at real-time pace")
     tr.add_argument("--json", action="store_true", help="one JSON object per line; a final line per file")
-    from .bench.command import add_parser
+    from .bench import command as bench_command
+    from .client import loadtest
+    from .server import command as serve_command
 
-    add_parser(sub)
+    bench_command.add_parser(sub)
+    serve_command.add_parser(sub)
+    loadtest.add_parser(sub)
     return parser
 
 
@@ -114,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             from .bench.command import run
 
             return run(args)
+        if args.command == "serve":
+            from .server.command import run as serve
+
+            return serve(args)
+        if args.command == "loadtest":
+            from .client.loadtest import run as loadtest
+
+            return loadtest(args)
     except (MonosemanticError, ValueError) as exc:
         print(f"monosemantic: error: {exc}", file=sys.stderr)
         return 1

@@ -147,7 +147,11 @@ class ModelRunner:
         results = []
         for i, row in enumerate(rows):
             consumed = shape.step_mel if row.hi > shape.step_mel else max(0, row.hi - 1)
-            results.append(RowResult(decoded.labels[i], decoded.frames[i], decoded.durations[i], consumed * g.hop))
+            # Audio this row moved past, for Usage: the window starts before the utterance on its first
+            # step and its last step reaches past the flush point, so clamp to the utterance's audio.
+            begin = row.utt_start + g.hop * row.window
+            moved = min(begin + consumed * g.hop, row.end) - max(begin, row.utt_start)
+            results.append(RowResult(decoded.labels[i], decoded.frames[i], decoded.durations[i], max(0, moved)))
         return results
 
     def _encode(self, latency_ms: int, plan: ChunkPlan, mel: torch.Tensor, index: torch.Tensor, lo, hi):

@@ -1,0 +1,143 @@
+"""Time to final through the LiveKit plugin, beside the raw engine, in one run.
+
+Each of --streams concurrent streams speaks --utterances utterances (clips of tests/data, cut to
+--seconds) as 20 ms frames at real-time pace, and flushes after each. Time to final is the time from the
+flush call to the FINAL: `stream.flush()` -> FINAL_TRANSCRIPT through the plugin's RecognizeStream, and
+`engine_stream.flush()` -> Final on the raw engine stream. Both phases use the same shared engine, so
+the difference is what the adapter adds (channels, event mapping, tasks).
+
+    python benchmarks/livekit_ttf.py --model path/to/model.nemo --streams 4 --utterances 5
+
+The engine runs without VAD here (--vad turns it on), so the flush is the only utterance boundary in
+both phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import monosemantic
+from monosemantic.audio import resample
+
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+FRAME = 320  # 20 ms at 16 kHz
+
+
+def clips(seconds: float) -> list[np.ndarray]:
+    import soundfile as sf
+
+    out = []
+    for path in sorted(DATA.glob("*.wav")) + sorted(DATA.glob("*.flac")):
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        audio = resample(audio.mean(axis=1), rate, 16000)
+        out.append(audio[: int(seconds * 16000)])
+    return out
+
+
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    return (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+
+
+async def paced(audio: np.ndarray, push, pace: float) -> None:
+    """push(frame) every 20 ms of audio, at `pace` x real time."""
+    start = time.perf_counter()
+    for i in range(0, len(audio), FRAME):
+        await push(audio[i : i + FRAME])
+        due = start + (i + FRAME) / 16000 / pace
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def raw_stream(engine, utterances, latency_ms, pace) -> list[float]:
+    stream = await engine.open_stream(latency_ms=latency_ms)
+    times, finals = [], asyncio.Queue()
+
+    async def read():
+        async for event in stream:
+            if isinstance(event, monosemantic.Final):
+                finals.put_nowait(time.perf_counter())
+
+    reader = asyncio.create_task(read())
+    for audio in utterances:
+        await paced(pcm16(audio), stream.push, pace)
+        t0 = time.perf_counter()
+        await stream.flush()
+        times.append(await finals.get() - t0)
+    await stream.close()
+    await reader
+    return times
+
+
+async def plugin_stream(stt, utterances, pace) -> list[float]:
+    from livekit import rtc
+    from livekit.agents.stt import SpeechEventType
+
+    stream = stt.stream()
+    times, finals = [], asyncio.Queue()
+
+    async def read():
+        async for event in stream:
+            if event.type == SpeechEventType.FINAL_TRANSCRIPT:
+                finals.put_nowait(time.perf_counter())
+
+    async def push(piece):
+        stream.push_frame(rtc.AudioFrame(piece.tobytes(), 16000, 1, len(piece)))
+
+    reader = asyncio.create_task(read())
+    for audio in utterances:
+        await paced(pcm16(audio), push, pace)
+        t0 = time.perf_counter()
+        stream.flush()
+        times.append(await finals.get() - t0)
+    await stream.aclose()
+    await reader
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    ms = np.array(times) * 1000
+    return {"n": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1)}
+
+
+async def main(args) -> dict:
+    from livekit.plugins import monosemantic as lk_monosemantic
+
+    config = monosemantic.EngineConfig(vad=monosemantic.VADConfig() if args.vad else None)
+    engine = await monosemantic.aget_engine(args.model, device=args.device, config=config)
+    pool = clips(args.seconds)
+    plan = [[pool[(s + u) % len(pool)] for u in range(args.utterances)] for s in range(args.streams)]
+    await raw_stream(engine, [pool[0][:16000]], args.latency_ms, 4.0)  # warm-up, not measured
+    raw = await asyncio.gather(*(raw_stream(engine, p, args.latency_ms, args.pace) for p in plan))
+    stt = lk_monosemantic.STT(model=args.model, device=args.device, latency_ms=args.latency_ms, engine_config=config)
+    plugin = await asyncio.gather(*(plugin_stream(stt, p, args.pace) for p in plan))
+    assert len(monosemantic.engine.shared.shared_engines()) == 1  # both phases ran on the same engine
+    return {
+        "model": str(args.model), "device": args.device, "streams": args.streams, "utterances": args.utterances,
+        "utterance_seconds": args.seconds, "latency_ms": args.latency_ms, "vad": args.vad, "pace": args.pace,
+        "engine": summary([t for ts in raw for t in ts]),
+        "plugin": summary([t for ts in plugin for t in ts]),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="Hugging Face id or .nemo path (default: monosemantic.DEFAULT_MODEL)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--utterances", type=int, default=5, help="per stream")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each utterance")
+    parser.add_argument("--latency-ms", type=int, default=160)
+    parser.add_argument("--pace", type=float, default=1.0, help="audio speed, x real time")
+    parser.add_argument("--vad", action="store_true", help="run the engine's VAD too")
+    args = parser.parse_args()
+    args.model = args.model or monosemantic.DEFAULT_MODEL
+    result = asyncio.run(main(args))
+    monosemantic.close_shared_engines()
+    print(json.dumps(result, indent=2))

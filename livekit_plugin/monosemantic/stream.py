@@ -1,0 +1,242 @@
+"""SpeechStream: one LiveKit RecognizeStream over one engine stream.
+
+Two tasks per run: `_forward_input` moves the framework's frames and flush sentinels into the engine
+stream; `_forward_events` turns engine events into SpeechEvents (via TurnTracker) and flushes the engine
+stream when the VAD reports the end of speech. An asyncio lock keeps pushes and flushes in one order, so
+each flush cuts the audio exactly where the framework (or the VAD) asked.
+
+Input is resampled to 16 kHz by the base class (`sample_rate=16000`): the engine then receives model-rate
+audio and its flushes cut at exact samples, while the one resampler (LiveKit's, continuous across our
+utterance flushes) never restarts mid-stream. Engine times are then plain sample counts of the pushed
+audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+import numpy as np
+from livekit import rtc
+from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr, stt
+from livekit.agents.utils import is_given
+
+import monosemantic
+
+from .backend import EngineLike, EngineStreamLike, as_api_error, engine_error
+from .log import logger
+from .options import STTOptions
+from .turns import SAMPLE_RATE, Clock, FlushReason, TurnTracker
+
+if TYPE_CHECKING:
+    from .stt import STT
+
+_CLOSE_GRACE_SECONDS = 2.0  # how long aclose lets the run end its turn before cancelling it
+
+
+def frame_pcm(frame: rtc.AudioFrame) -> np.ndarray:
+    """int16 mono samples of a frame (interleaved channels are averaged)."""
+    pcm = np.frombuffer(frame.data, dtype=np.int16)
+    if frame.num_channels > 1:
+        pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+    return pcm
+
+
+class SpeechStream(stt.RecognizeStream):
+    def __init__(
+        self,
+        *,
+        stt: "STT",
+        opts: STTOptions,
+        acquire: Callable[[], Awaitable[EngineLike]],
+        vad: bool = True,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+    ) -> None:
+        super().__init__(stt=stt, conn_options=conn_options, sample_rate=SAMPLE_RATE)
+        self._opts = opts
+        self._acquire = acquire
+        self._vad = vad  # whether the engine reports voice activity (turns follow it)
+        self._lock = asyncio.Lock()
+        self._es: EngineStreamLike | None = None
+        self._engine: EngineLike | None = None
+        self._latency: int | None = None  # latency mode of the open engine stream
+        self._reopen_requested = False
+        self._held: list | None = None  # frames / flush reasons kept back while the engine stream changes
+        self._tracker: TurnTracker | None = None
+        self._settled = asyncio.Event()  # every flush so far has its Final
+        self._closing = False  # the run is ending: the engine stream is (being) closed
+        self._aclosing = False
+        self._first_push = True
+
+    # ---- public -----------------------------------------------------------------------------------------
+    def update_options(
+        self,
+        *,
+        latency_ms: NotGivenOr[int] = NOT_GIVEN,
+        language: NotGivenOr[str] = NOT_GIVEN,
+        interim_results: NotGivenOr[bool] = NOT_GIVEN,
+    ) -> None:
+        """Apply new options to this live stream. language and interim_results apply to the next event;
+        a latency change applies at the next utterance boundary, where the engine stream is reopened."""
+        if is_given(language):
+            self._opts.language = language
+            if self._tracker is not None:
+                self._tracker.language = language
+        if is_given(interim_results):
+            self._opts.interim_results = interim_results
+            if self._tracker is not None:
+                self._tracker.interim_results = interim_results
+        if is_given(latency_ms):
+            self._opts.latency_ms = latency_ms
+            self._reopen_requested = self._latency is not None and latency_ms != self._latency
+
+    async def aclose(self) -> None:
+        """Close now: audio not yet flushed is dropped (call flush() first to keep it); an open turn
+        still gets its END_OF_SPEECH."""
+        self._aclosing = self._closing = True
+        self._settled.set()  # an end_input() waiting for Finals stops waiting
+        if self._es is not None:
+            await self._es.close()
+        self._input_ch.close()
+        # the run ends by itself once the engine stream has drained (its error, if any, is the
+        # stream's to report, not aclose's); after the grace period the base class cancels it
+        await asyncio.wait({self._task}, timeout=_CLOSE_GRACE_SECONDS)
+        await asyncio.sleep(0)  # let a reader take the last events before the channels close
+        await super().aclose()
+
+    # ---- the run ----------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        self._engine = await self._acquire()
+        clock = Clock(offset=lambda: self.start_time_offset, anchor=lambda: self.start_time)
+        self._tracker = TurnTracker(
+            clock, language=self._opts.language, interim_results=self._opts.interim_results, vad=self._vad
+        )
+        self._held, self._first_push = None, True
+        self._settled.set()
+        self._es = await self._open()
+        input_task = asyncio.create_task(self._forward_input(), name="monosemantic.forward_input")
+        events_task = asyncio.create_task(self._forward_events(), name="monosemantic.forward_events")
+        tasks = [input_task, events_task]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if input_task.done():
+                input_task.result()  # its error, or it closed the engine stream: the events drain
+            await events_task  # ends with the engine stream (an engine error raises here)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._es is not None:
+                await self._es.close()  # frees the engine slot, whatever ended the run
+            for event in self._tracker.close():
+                self._send(event)
+
+    async def _open(self) -> EngineStreamLike:
+        latency = self._opts.latency_ms
+        try:
+            es = await self._engine.open_stream(latency_ms=latency, sample_rate=SAMPLE_RATE)
+        except Exception as exc:
+            raise as_api_error(exc, "opening a recognition stream failed") from exc
+        self._latency, self._reopen_requested = latency, False
+        return es
+
+    def _send(self, event: stt.SpeechEvent) -> None:
+        if not self._event_ch.closed:
+            self._event_ch.send_nowait(event)
+
+    # ---- input side -------------------------------------------------------------------------------------
+    async def _forward_input(self) -> None:
+        try:
+            async for item in self._input_ch:
+                if isinstance(item, self._FlushSentinel):
+                    await self._flush("framework")
+                else:
+                    await self._push(frame_pcm(item))
+                if self._reopen_requested and self._held is None and self._tracker.idle and self._tracker.pushed:
+                    await self._flush("internal")  # an idle moment: let the latency change happen now
+            # end_input(): the base class flushed before closing the input; wait for those Finals
+            while not self._aclosing and (self._tracker.pending or self._held is not None):
+                await self._settled.wait()
+        except monosemantic.MonosemanticError as exc:
+            if not self._aclosing:  # after aclose, a push finding the stream closed is expected
+                raise as_api_error(exc, "sending audio to the speech engine failed") from exc
+        self._closing = True
+        async with self._lock:
+            await self._es.close()
+
+    async def _push(self, pcm: np.ndarray) -> None:
+        async with self._lock:
+            if self._held is not None:
+                self._held.append(pcm)
+                return
+            if self._first_push:  # anchor wall-clock times at the audio's start (base class convention)
+                self.start_time = time.time() - len(pcm) / SAMPLE_RATE
+                self._first_push = False
+            await self._es.push(pcm)
+            self._tracker.pushed += len(pcm)
+
+    async def _flush(self, reason: FlushReason) -> None:
+        async with self._lock:
+            if self._held is not None:
+                self._held.append(reason)  # replayed in order after the engine stream changes
+                return
+            await self._flush_locked(reason)
+            if self._reopen_requested:
+                self._held = []  # keep new audio back until this flush's Final: then reopen
+
+    async def _flush_locked(self, reason: FlushReason) -> None:
+        self._tracker.flushed(reason)  # before the call: its Final can only come after
+        self._settled.clear()
+        await self._es.flush()
+
+    # ---- event side -------------------------------------------------------------------------------------
+    async def _forward_events(self) -> None:
+        while True:
+            es = self._es
+            async for event in es:
+                if isinstance(event, monosemantic.Error):
+                    if self._closing or es is not self._es:
+                        continue
+                    raise engine_error(event)
+                if isinstance(event, (monosemantic.SpeechStarted, monosemantic.SpeechEnded)) and (
+                    self._closing or es is not self._es
+                ):
+                    continue  # the closing transitions of a stream we closed; close() ends the turn
+                out, flush = self._tracker.handle(event)
+                for speech_event in out:
+                    self._send(speech_event)
+                if flush and not self._closing:
+                    await self._flush("vad")
+                if isinstance(event, monosemantic.Final) and not self._tracker.pending:
+                    if self._held is not None:
+                        await self._change_stream()
+                    if not self._tracker.pending and self._held is None:
+                        self._settled.set()
+            if es is self._es:
+                return  # our stream ended: the run is over
+            # else the engine stream was replaced: carry on with the new one
+
+    async def _change_stream(self) -> None:
+        """At an utterance boundary with new audio held back: reopen the engine stream with the new
+        latency if the moment is still idle, then replay the held audio (and flushes) in order."""
+        async with self._lock:
+            held, self._held = self._held, None
+            old = self._es
+            if self._reopen_requested and self._tracker.idle:
+                try:
+                    new = await self._open()  # before closing the old one: a failure loses nothing
+                except Exception as exc:
+                    logger.warning("latency change postponed: %s", exc)
+                else:
+                    tracker = self._tracker
+                    tracker.clock.base += tracker.pushed
+                    tracker.pushed = tracker.utterance_start = 0
+                    self._es = new
+                    await old.close()
+            for item in held:
+                if isinstance(item, str):
+                    await self._flush_locked(item)
+                else:
+                    await self._es.push(item)
+                    self._tracker.pushed += len(item)

@@ -1,0 +1,199 @@
+"""STT: monosemantic speech recognition for LiveKit Agents, on the process's shared engine."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import weakref
+
+from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr, stt
+from livekit.agents.types import TimedString
+from livekit.agents.utils import AudioBuffer, is_given, merge_frames
+
+import monosemantic
+
+from .backend import (
+    EngineLike,
+    EngineSpec,
+    acquire_engine,
+    acquire_engine_blocking,
+    as_api_error,
+    engine_error,
+    remote_engine,
+)
+from .log import logger
+from .options import STTOptions
+from .stream import SpeechStream, frame_pcm
+from .turns import SAMPLE_RATE
+
+
+class STT(stt.STT):
+    def __init__(
+        self,
+        *,
+        model: str | os.PathLike | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        latency_ms: int = 160,
+        language: str = "en",
+        interim_results: bool = True,
+        engine_config: "monosemantic.EngineConfig | None" = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        """Streaming speech-to-text on a local monosemantic engine.
+
+        Args:
+            model: Hugging Face id or path of a cache-aware NeMo checkpoint (None:
+                `monosemantic.DEFAULT_MODEL`, Nemotron Speech Streaming 0.6b).
+            device: "auto" (CUDA when available), "cuda", "cuda:1", "cpu".
+            dtype: "auto", "float32", "bfloat16", "float16".
+            latency_ms: streaming latency mode (chunk duration); one of the checkpoint's modes.
+            language: language code put on transcripts.
+            interim_results: send INTERIM_TRANSCRIPT events.
+            engine_config: how the shared engine batches streams (monosemantic.EngineConfig; None: its
+                defaults). STTs with equal model, device, dtype and engine_config share one engine.
+            base_url: the URL of a `monosemantic serve` instance (e.g. "ws://gpu-host:8080"): streams
+                run there, batched with every other process's, instead of in this process (`model`,
+                `device`, `dtype` and `engine_config` are then the server's business and ignored).
+            api_key: the server's API key (default: the MONOSEMANTIC_API_KEY environment variable).
+        """
+        super().__init__(
+            capabilities=stt.STTCapabilities(
+                streaming=True,
+                interim_results=True,
+                aligned_transcript="word",
+                offline_recognize=True,
+                manual_flush=True,
+            )
+        )
+        model = monosemantic.DEFAULT_MODEL if model is None else model
+        if engine_config is not None and not isinstance(engine_config, monosemantic.EngineConfig):
+            raise TypeError(f"engine_config must be a monosemantic.EngineConfig, got {type(engine_config).__name__}")
+        self._spec = EngineSpec(os.fspath(model), str(device), str(dtype), engine_config)
+        self._opts = STTOptions(latency_ms=latency_ms, language=language, interim_results=interim_results)
+        self._opts.validate()
+        self._streams: weakref.WeakSet[SpeechStream] = weakref.WeakSet()
+        self._prewarm_task: asyncio.Task | None = None
+        self._base_url = base_url
+        self._remote = remote_engine(base_url, api_key) if base_url else None
+
+    @property
+    def model(self) -> str:
+        return self._spec.model
+
+    @property
+    def provider(self) -> str:
+        return "monosemantic"
+
+    async def _engine(self) -> EngineLike:
+        """The backend seam: where every stream and recognize() call gets its engine."""
+        if self._remote is not None:
+            return self._remote
+        return await acquire_engine(self._spec)
+
+    def prewarm(self) -> None:
+        """Load the model and start the shared engine ahead of the first stream. Inside a running event
+        loop (AgentSession calls this when an agent starts) it loads in a worker thread without blocking
+        the loop; called with no loop (a worker's prewarm function) it blocks until loaded."""
+        if self._remote is not None:
+            return  # the server loads and warms its model before it reports ready
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            acquire_engine_blocking(self._spec)
+            return
+        if self._prewarm_task is None:
+            self._prewarm_task = loop.create_task(self._prewarm(), name="monosemantic.prewarm")
+
+    async def _prewarm(self) -> None:
+        try:
+            await self._engine()
+        except Exception as exc:  # the first stream reports it to the session; here it is only early
+            logger.warning("prewarm failed: %s", exc)
+
+    def stream(
+        self,
+        *,
+        language: NotGivenOr[str] = NOT_GIVEN,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+    ) -> SpeechStream:
+        opts = dataclasses.replace(self._opts)
+        if is_given(language):
+            opts.language = language
+        vad = self._spec.config is None or self._spec.config.vad is not None
+        stream = SpeechStream(stt=self, opts=opts, acquire=self._engine, vad=vad, conn_options=conn_options)
+        self._streams.add(stream)
+        return stream
+
+    def update_options(
+        self,
+        *,
+        latency_ms: NotGivenOr[int] = NOT_GIVEN,
+        language: NotGivenOr[str] = NOT_GIVEN,
+        interim_results: NotGivenOr[bool] = NOT_GIVEN,
+    ) -> None:
+        """Change options for new streams and every live one. A latency change reaches a live stream at
+        its next utterance boundary (the engine stream is reopened there, no audio is lost)."""
+        opts = dataclasses.replace(self._opts)
+        if is_given(latency_ms):
+            opts.latency_ms = latency_ms
+        if is_given(language):
+            opts.language = language
+        if is_given(interim_results):
+            opts.interim_results = interim_results
+        opts.validate()
+        self._opts = opts
+        for stream in self._streams:
+            stream.update_options(latency_ms=latency_ms, language=language, interim_results=interim_results)
+
+    async def aclose(self) -> None:
+        """Close this STT's streams. The shared engine stays up for the process's other sessions
+        (`monosemantic.close_shared_engines()` stops it)."""
+        if self._prewarm_task is not None:
+            self._prewarm_task.cancel()
+        await asyncio.gather(*(s.aclose() for s in list(self._streams)), return_exceptions=True)
+        if self._remote is not None:
+            await self._remote.aclose()
+
+    async def _recognize_impl(
+        self,
+        buffer: AudioBuffer,
+        *,
+        language: NotGivenOr[str] = NOT_GIVEN,
+        conn_options: APIConnectOptions,
+    ) -> stt.SpeechEvent:
+        """Transcribe a whole buffer: one stream of the shared engine, flushed once."""
+        language = language if is_given(language) else self._opts.language
+        frames = buffer if isinstance(buffer, list) else [buffer]
+        frame = merge_frames(frames) if frames else None
+        if frame is None or frame.samples_per_channel == 0:
+            return _final_event(language, monosemantic.Final(text=""))
+        engine = await self._engine()
+        try:
+            es = await engine.open_stream(latency_ms=self._opts.latency_ms, sample_rate=frame.sample_rate)
+        except Exception as exc:
+            raise as_api_error(exc, "opening a recognition stream failed") from exc
+        try:
+            await es.push(frame_pcm(frame))
+            await es.flush()
+            async for event in es:
+                if isinstance(event, monosemantic.Final):
+                    return _final_event(language, event)
+                if isinstance(event, monosemantic.Error):
+                    raise engine_error(event)
+        except monosemantic.MonosemanticError as exc:
+            raise as_api_error(exc, "recognition failed") from exc
+        finally:
+            await es.close()
+        raise as_api_error(monosemantic.StreamError("the stream ended without a transcript"), "recognition failed")
+
+
+def _final_event(language: str, final: "monosemantic.Final") -> stt.SpeechEvent:
+    rate = SAMPLE_RATE  # engine times are model-rate samples whatever rate the buffer had
+    words = [TimedString(w.text, start_time=w.start / rate, end_time=w.end / rate) for w in final.words]
+    data = stt.SpeechData(
+        language=language, text=final.text, start_time=final.start / rate, end_time=final.end / rate, words=words
+    )
+    return stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT, alternatives=[data])

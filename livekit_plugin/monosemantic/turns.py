@@ -1,0 +1,200 @@
+"""Engine events -> LiveKit speech events, for one RecognizeStream (pure: no asyncio, no engine).
+
+The engine reports voice activity (SpeechStarted/SpeechEnded), hypotheses (Partial) and one Final per
+flush. LiveKit wants turns: START -> INTERIM* -> PREFLIGHT -> FINAL -> END, exactly one END per START.
+`TurnTracker` is that state machine:
+
+- A turn opens at the VAD's SpeechStarted (START) and closes when the Final of the flush the plugin makes
+  at the VAD's SpeechEnded arrives (PREFLIGHT at SpeechEnded, then FINAL, then END). FINAL comes before
+  END, as in Deepgram Flux, so with turn_detection="stt" the session's end-of-turn check sees the text.
+- Speech that starts again while the previous turn's Final is still being computed is held back and
+  opens its turn right after that END, so turns never overlap.
+- A flush the framework asks for (manual_flush) always yields a FINAL, empty or not: the session waits
+  for one after committing a turn. Inside a turn it does not end the turn (the VAD does that).
+- A non-empty Final outside any turn (text the model found in audio the VAD called silence) is not
+  dropped: it is delivered as its own START, FINAL, END.
+- `close()` ends an open turn: every START gets its END, also on close and errors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from livekit.agents import stt
+from livekit.agents.types import TimedString
+
+import monosemantic
+
+FlushReason = Literal["vad", "framework", "internal"]
+"""Who flushed: the plugin at the VAD's SpeechEnded, the framework (FlushSentinel), or the plugin for
+its own bookkeeping (a latency change taking effect)."""
+
+SAMPLE_RATE = 16000  # engine event times are samples at the model's rate
+
+
+@dataclass
+class Clock:
+    """Engine sample counts -> LiveKit seconds. `offset` returns the stream's `start_time_offset` (read
+    at each event: the framework sets it after the stream starts); `base` counts the samples of
+    earlier engine streams of the same run (an engine stream is reopened for a latency change)."""
+
+    offset: Callable[[], float]
+    anchor: Callable[[], float]  # wall-clock time of the run's first sample (RecognizeStream.start_time)
+    base: int = 0
+
+    def seconds(self, sample: int) -> float:
+        return self.offset() + (self.base + sample) / SAMPLE_RATE
+
+    def wall(self, sample: int) -> float:
+        return self.anchor() + (self.base + sample) / SAMPLE_RATE
+
+
+@dataclass
+class _Segment:
+    """A VAD speech segment whose START is held back until the previous turn has ended."""
+
+    start: int
+    ended: bool = False
+
+
+class TurnTracker:
+    def __init__(self, clock: Clock, *, language: str, interim_results: bool, vad: bool = True):
+        self.clock = clock
+        self.vad = vad  # without the engine's VAD, text opens a turn and every Final closes it
+        self.language = language
+        self.interim_results = interim_results
+        self.state: Literal["idle", "speaking", "ending"] = "idle"
+        self.text = ""  # hypothesis of the audio since the last Final
+        self.utterance_start = 0  # engine sample where that audio starts (the previous flush point)
+        self.pushed = 0  # engine samples pushed so far (the stream tells us)
+        self.pending: deque[FlushReason] = deque()  # flushes whose Final has not arrived, in order
+        self.held: deque[_Segment] = deque()
+        self._speech_start = 0
+        self._speech_end = 0
+
+    # ---- what the stream tells the tracker -----------------------------------------------------------
+    def flushed(self, reason: FlushReason) -> None:
+        """The stream called engine_stream.flush(); its Final will follow, after any earlier ones."""
+        self.pending.append(reason)
+
+    def handle(self, event) -> tuple[list[stt.SpeechEvent], bool]:
+        """Events to send for one engine event, and whether the stream should flush now (VAD end)."""
+        if isinstance(event, monosemantic.SpeechStarted):
+            return self._speech_started(event.sample), False
+        if isinstance(event, monosemantic.SpeechEnded):
+            return self._speech_ended(event.sample)
+        if isinstance(event, monosemantic.Partial):
+            self.text = event.text
+            if not self.vad and self.state == "idle" and event.text:
+                return self._open(self.utterance_start), False  # carries the INTERIM
+            if self.state == "speaking" and self.interim_results and event.text:
+                return [self._transcript(stt.SpeechEventType.INTERIM_TRANSCRIPT, event.text)], False
+            return [], False
+        if isinstance(event, monosemantic.Final):
+            return self._final(event), False
+        if isinstance(event, monosemantic.Usage):
+            usage = stt.RecognitionUsage(audio_duration=event.audio_seconds)
+            return [stt.SpeechEvent(type=stt.SpeechEventType.RECOGNITION_USAGE, recognition_usage=usage)], False
+        return [], False  # Error is the stream's business
+
+    def close(self) -> list[stt.SpeechEvent]:
+        """The run is over (closed, failed, cancelled): end the open turn, if any."""
+        self.held.clear()
+        if self.state == "idle":
+            return []
+        self.state = "idle"
+        return [self._end(self._speech_end or self.pushed)]
+
+    @property
+    def idle(self) -> bool:
+        """No turn open or held, no Final outstanding: a boundary where the engine stream may change."""
+        return self.state == "idle" and not self.held and not self.pending
+
+    # ---- transitions -----------------------------------------------------------------------------------
+    def _speech_started(self, sample: int) -> list[stt.SpeechEvent]:
+        if self.state == "ending" or self.held:
+            self.held.append(_Segment(sample))
+            return []
+        if self.state == "speaking":  # the engine pairs its transitions; tolerate a repeat
+            return []
+        return self._open(sample)
+
+    def _open(self, sample: int) -> list[stt.SpeechEvent]:
+        self.state = "speaking"
+        self._speech_start = sample
+        onset = min(self.clock.wall(sample), time.time())  # input faster than real time runs ahead of the clock
+        out = [stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH, speech_start_time=onset)]
+        if self.text and self.interim_results:  # hypothesis that arrived before the VAD was sure
+            out.append(self._transcript(stt.SpeechEventType.INTERIM_TRANSCRIPT, self.text))
+        return out
+
+    def _speech_ended(self, sample: int) -> tuple[list[stt.SpeechEvent], bool]:
+        if self.state == "speaking":
+            self.state = "ending"
+            self._speech_end = sample
+            out = []
+            if self.text:
+                out.append(self._transcript(stt.SpeechEventType.PREFLIGHT_TRANSCRIPT, self.text, end=sample))
+            return out, True
+        for segment in self.held:
+            if not segment.ended:  # a held segment ended before its turn could open: flush for it too
+                segment.ended = True
+                return [], True
+        return [], False
+
+    def _final(self, final) -> list[stt.SpeechEvent]:
+        reason = self.pending.popleft() if self.pending else "framework"
+        self.text = ""
+        self.utterance_start = final.end
+        event = self._final_event(final)
+        if (reason == "vad" and self.state == "ending") or (not self.vad and self.state == "speaking"):
+            out = [event, self._end(self._speech_end if self.vad else final.end)]
+            self.state = "idle"
+            if self.held:
+                segment = self.held.popleft()
+                out += self._open(segment.start)
+                if segment.ended:
+                    self.state = "ending"
+            return out
+        if self.state != "idle" or (reason == "framework" and not final.text):
+            return [event]  # inside a turn; or the framework's empty acknowledgement
+        if not final.text:
+            return []
+        # text outside any VAD turn: deliver it as a turn of its own rather than lose it
+        out = self._open(final.start)
+        self.state = "idle"
+        return [o for o in out if o.type != stt.SpeechEventType.INTERIM_TRANSCRIPT] + [event, self._end(final.end)]
+
+    # ---- event builders --------------------------------------------------------------------------------
+    def _transcript(self, kind: stt.SpeechEventType, text: str, end: int | None = None) -> stt.SpeechEvent:
+        start = self.clock.seconds(self.utterance_start)
+        data = stt.SpeechData(
+            language=self.language, text=text, start_time=start,
+            end_time=start if end is None else max(start, self.clock.seconds(end)),
+        )
+        return stt.SpeechEvent(type=kind, alternatives=[data])
+
+    def _final_event(self, final) -> stt.SpeechEvent:
+        offset = self.clock.offset()  # as LiveKit's own plugins do: times include it, and it is named
+        words = [
+            TimedString(
+                w.text, start_time=self.clock.seconds(w.start), end_time=self.clock.seconds(w.end),
+                start_time_offset=offset,
+            )
+            for w in final.words
+        ]
+        data = stt.SpeechData(
+            language=self.language, text=final.text, start_time=self.clock.seconds(final.start),
+            end_time=self.clock.seconds(final.end), words=words,
+        )
+        return stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT, alternatives=[data])
+
+    def _end(self, sample: int) -> stt.SpeechEvent:
+        # speech_end_time is wall-clock; with real-time input it never lies in the future, but the
+        # framework clamps it to now anyway
+        return stt.SpeechEvent(
+            type=stt.SpeechEventType.END_OF_SPEECH, speech_end_time=min(self.clock.wall(sample), time.time())
+        )

@@ -1,0 +1,65 @@
+"""One engine stream of the service and the bookkeeping that decides when it may be closed.
+
+The service keeps one current stream for the audio it receives. When a setting that needs a new stream
+changes (latency mode, model), the old stream is retired at an utterance boundary: it is flushed, keeps
+delivering events until the Final of every flush it was given has arrived, and only then closes, so no
+pushed audio goes untranscribed while the new stream already takes the next utterance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .backend import StreamLike
+
+
+class StreamSession:
+    """An engine stream, the task reading its events, and what is still owed by it."""
+
+    def __init__(self, stream: StreamLike, latency_ms: int | None, model: str, after: "StreamSession | None" = None):
+        self.stream = stream
+        # The stream this one replaced. Its last Final is delivered before any event of this stream, so
+        # transcripts stay in utterance order although both streams run at once.
+        self.after = after
+        self.done = asyncio.Event()  # set when the event task has finished
+        self.latency_ms = latency_ms
+        self.model = model
+        self.task: asyncio.Task | None = None
+        self.unflushed = False  # audio pushed since the last flush (a flush now would owe a Final)
+        self.outstanding = 0  # flushes whose Final has not arrived yet
+        self.retiring = False  # close once nothing is outstanding
+        self.closed = False
+
+    async def push(self, audio: bytes) -> None:
+        await self.stream.push(audio)
+        self.unflushed = True
+
+    async def flush(self) -> bool:
+        """End the utterance if audio was pushed since the last flush; True if a Final is now owed."""
+        if not self.unflushed:
+            return False
+        self.unflushed = False
+        self.outstanding += 1
+        try:
+            await self.stream.flush()
+        except BaseException:
+            self.outstanding -= 1
+            raise
+        return True
+
+    async def retire(self) -> None:
+        """Flush what was pushed, then close as soon as the last Final owed has arrived."""
+        self.retiring = True
+        await self.flush()
+        if not self.outstanding:
+            await self.close()
+
+    def final_arrived(self) -> bool:
+        """Count one Final in; True when the stream is retiring and owes nothing more (close it)."""
+        self.outstanding = max(0, self.outstanding - 1)
+        return self.retiring and not self.outstanding
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.stream.close()

@@ -1,0 +1,383 @@
+"""MonosemanticSTTService: streaming speech recognition in a Pipecat pipeline, on the process's shared
+monosemantic engine.
+
+Audio frames are pushed to an engine stream as they arrive (`run_stt` yields nothing itself); a task per
+stream reads the engine's events and pushes `InterimTranscriptionFrame`s (engine `Partial`) and finalized
+`TranscriptionFrame`s (engine `Final`). On `VADUserStoppedSpeakingFrame` the service flushes the stream:
+the engine then finishes the utterance at once instead of waiting for more audio, and the Final that
+answers the flush confirms pipecat's finalize handshake (so TTFB is measured from the end of speech to
+that transcript).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from loguru import logger
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InterimTranscriptionFrame,
+    StartFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.settings import STTSettings
+from pipecat.services.stt_service import STTService
+from pipecat.transcriptions.language import Language
+from pipecat.utils.time import time_now_iso8601
+from pipecat.utils.tracing.service_decorators import traced_stt
+
+from monosemantic.errors import AudioError, MissingDependencyError, ModelLoadError, StreamError
+from monosemantic.events import Error, Final, Partial
+
+from .backend import EngineLike, local_engine
+from .session import StreamSession
+from .settings import MonosemanticSTTSettings
+
+# P99 seconds from the end of speech to the finalized TranscriptionFrame, broadcast to turn strategies in
+# STTMetadataFrame. Pipecat counts from the end of speech, stop_secs (0.2 s) before the VAD stop frame, so
+# this is 0.2 s + the p99 from VADUserStoppedSpeakingFrame to the final that benchmarks/pipecat_ttf.py
+# measured: 176.9 ms (p50 54.7 ms; raw engine flush -> Final p99 89.1 ms) with
+# `--model reduced.nemo --device cpu --streams 4 --utterances 8 --rounds 3` (96 finals, 160 ms chunks,
+# reduced Nemotron architecture 8 x 256 from benchmarks/make_model.py, shared 2-core x86_64 VM) = 0.377 s,
+# rounded up. Measure your hardware and model with that script and pass `ttfs_p99_latency=`.
+MONOSEMANTIC_TTFS_P99: float = 0.38
+
+DEFAULT_LATENCY_MS = 160
+"""The voice-agent mode of Nemotron Speech streaming: 160 ms chunks."""
+
+_REOPEN_BACKOFF_SECONDS = 1.0  # after a failed open, audio frames do not retry (and report) more often
+
+
+class MonosemanticSTTService(STTService):
+    """Pipecat STT service backed by monosemantic's batched streaming engine.
+
+    Every service of a process asking for the same model, device, dtype and engine configuration shares
+    one engine, so their streams run in the same batches. Pass `settings=MonosemanticSTTService.Settings(
+    latency_ms=..., ...)` for what may change at run time (see `MonosemanticSTTSettings`).
+    """
+
+    Settings = MonosemanticSTTSettings
+    _settings: MonosemanticSTTSettings
+
+    def __init__(
+        self,
+        *,
+        model: str | os.PathLike | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        engine_config: Any = None,
+        sample_rate: int | None = None,
+        stop_timeout: float = 5.0,
+        settings: MonosemanticSTTSettings | None = None,
+        ttfs_p99_latency: float | None = MONOSEMANTIC_TTFS_P99,
+        **kwargs,
+    ):
+        """Create the service; the model loads when the pipeline starts (or earlier with
+        `monosemantic.aget_engine`, which warms the same shared engine).
+
+        Args:
+            model: Checkpoint: a Hugging Face repo id or a local `.nemo` path (default
+                `monosemantic.DEFAULT_MODEL`). `settings.model`, when given, takes precedence.
+            device: "auto" (CUDA if available), "cuda", "cuda:N" or "cpu".
+            dtype: "auto", "float32", "bfloat16" or "float16".
+            engine_config: `monosemantic.EngineConfig` for the shared engine (None: its defaults).
+                Services with different configurations get different engines.
+            sample_rate: Input sample rate; None uses the pipeline's. The engine resamples to 16 kHz.
+            stop_timeout: On EndFrame, how long to wait for the transcript of audio still in flight.
+            settings: Runtime-updatable settings; unset fields keep their defaults.
+            ttfs_p99_latency: P99 seconds from end of speech to final transcript, for turn strategies.
+            **kwargs: Passed to `STTService`.
+        """
+        if model is None:
+            import monosemantic
+
+            model = monosemantic.DEFAULT_MODEL
+        defaults = self.Settings(
+            model=os.fspath(model),
+            language=Language.EN,
+            latency_ms=DEFAULT_LATENCY_MS,
+            interim_results=True,
+        )
+        if settings is not None:
+            defaults.apply_update(settings)
+        super().__init__(sample_rate=sample_rate, ttfs_p99_latency=ttfs_p99_latency, settings=defaults, **kwargs)
+        self._device = device
+        self._dtype = dtype
+        self._engine_config = engine_config
+        self._stop_timeout = stop_timeout
+
+        self._session: StreamSession | None = None  # where incoming audio goes
+        self._sessions: set[StreamSession] = set()  # every stream still open (current and retiring)
+        self._lock = asyncio.Lock()  # orders pushes against flushes and stream swaps
+        self._in_utterance = False  # between VADUserStartedSpeaking and VADUserStoppedSpeaking
+        self._retry_at = 0.0
+        self._aborted = False  # cancelled: push nothing more
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    # ---- the seam --------------------------------------------------------------------------------
+    async def _engine_for(self, model: str) -> EngineLike:
+        """The one place the service obtains a recognizer: the process's shared engine for `model`."""
+        return await local_engine(model, device=self._device, dtype=self._dtype, config=self._engine_config)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        self._aborted = False
+        self._retry_at = 0.0
+        async with self._lock:
+            await self._ensure_session()
+
+    async def stop(self, frame: EndFrame):
+        """Transcribe what was pushed (flush), wait up to `stop_timeout` for it, then close."""
+        await self._drain()
+        await super().stop(frame)
+
+    async def cancel(self, frame: CancelFrame):
+        """Close the engine streams at once; nothing more is pushed."""
+        await self._abort()
+        await super().cancel(frame)
+
+    async def cleanup(self):
+        await super().cleanup()
+        await self._abort()
+
+    # ---- audio in --------------------------------------------------------------------------------
+    async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
+        """Push the audio to the engine stream; transcripts arrive from the stream's event task."""
+        async with self._lock:
+            session = await self._ensure_session()
+            if session is not None:
+                try:
+                    await session.push(audio)
+                except AudioError as e:
+                    await self.push_error(f"audio frame rejected, not transcribed: {e}", exception=e)
+                except StreamError as e:
+                    # The stream closed under us (its event task reports why and drops it) or the engine is
+                    # overloaded: this frame is not transcribed, and the next one goes to a working stream.
+                    await self.push_error(f"audio frame not transcribed: {e}", exception=e)
+        yield None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, VADUserStartedSpeakingFrame):
+            self._in_utterance = True
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            self._in_utterance = False
+            await self._finalize()
+
+    async def _finalize(self) -> None:
+        """End the utterance: flush the stream (or hand over to a new one if settings changed)."""
+        async with self._lock:
+            session = self._session
+            if session is None or not session.unflushed:
+                return  # nothing pushed since the last flush: no transcript is coming
+            self.request_finalize()
+            try:
+                if self._needs_new_stream(session):
+                    await self._swap()
+                else:
+                    await session.flush()
+            except Exception as e:
+                await self.push_error(f"could not finalize the utterance: {e}", exception=e)
+
+    # ---- streams ---------------------------------------------------------------------------------
+    async def _open_session(self, after: StreamSession | None = None) -> StreamSession:
+        model, latency = self._settings.model, self._settings.latency_ms
+        engine = await self._engine_for(model)
+        stream = await engine.open_stream(latency_ms=latency, sample_rate=self.sample_rate)
+        session = StreamSession(stream, latency, model, after=after)
+        self._sessions.add(session)
+        session.task = self.create_task(self._read_events(session), name="monosemantic_events")
+        return session
+
+    async def _ensure_session(self) -> StreamSession | None:
+        """The current stream, opening one if there is none (at most once per backoff after a failure)."""
+        if self._session is not None and not self._session.closed:
+            return self._session
+        if self._aborted or time.monotonic() < self._retry_at:
+            return None
+        try:
+            self._session = await self._open_session()
+        except Exception as e:
+            self._session = None
+            self._retry_at = time.monotonic() + _REOPEN_BACKOFF_SECONDS
+            # A checkpoint that cannot load, or a setting the model refuses, will fail the same way every
+            # time: mark the service unusable (a settings update makes it usable again).
+            permanent = isinstance(e, (ModelLoadError, MissingDependencyError, ValueError, AudioError))
+            await self.push_error(
+                f"could not open a recognition stream: {e}", exception=e, force_treat_as_permanent=permanent
+            )
+        return self._session
+
+    def _needs_new_stream(self, session: StreamSession) -> bool:
+        return session.latency_ms != self._settings.latency_ms or session.model != self._settings.model
+
+    async def _swap(self) -> None:
+        """Open a stream with the current settings for the next utterance and retire the current one (it
+        finishes its utterance first). If the new stream cannot open, the settings go back to the old
+        stream's and it carries on."""
+        old = self._session
+        try:
+            new = await self._open_session(after=old)
+        except Exception as e:
+            if old is None:
+                raise
+            await self.push_error(
+                f"cannot apply latency_ms={self._settings.latency_ms}, model={self._settings.model}: "
+                f"{e}; keeping latency_ms={old.latency_ms}, model={old.model}",
+                exception=e,
+            )
+            self._settings.latency_ms, self._settings.model = old.latency_ms, old.model
+            self._sync_model_name_to_metrics()
+            await old.flush()
+            return
+        self._session = new
+        if old is not None:
+            await old.retire()
+        logger.debug(f"{self}: stream reopened (latency_ms={new.latency_ms}, model={new.model})")
+
+    async def _drain(self) -> None:
+        """Flush every stream, wait for the Finals owed, close."""
+        async with self._lock:
+            self._session = None
+            self._retry_at = float("inf")  # no audio after EndFrame; nothing reopens
+            for session in list(self._sessions):
+                try:
+                    await session.retire()
+                except Exception as e:
+                    await self.push_error(f"could not flush at stop: {e}", exception=e)
+        tasks = [s.task for s in self._sessions if s.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self._stop_timeout)
+            if pending:
+                await self.push_error(
+                    f"the final transcript did not arrive within {self._stop_timeout} s of the end "
+                    f"of the pipeline; closing without it"
+                )
+        await self._abort()
+
+    async def _abort(self) -> None:
+        """Close every stream now and stop reading events."""
+        self._aborted = True
+        self._session = None
+        sessions, self._sessions = list(self._sessions), set()
+        for session in sessions:
+            try:
+                await session.close()
+            except Exception as e:  # a closing stream has nothing left to lose; log, don't raise
+                logger.warning(f"{self}: closing a stream failed: {e}")
+        for session in sessions:
+            if session.task is not None and session.task is not asyncio.current_task():
+                await self.cancel_task(session.task)
+
+    # ---- events out ------------------------------------------------------------------------------
+    async def _read_events(self, session: StreamSession) -> None:
+        try:
+            if session.after is not None:
+                await session.after.done.wait()
+                session.after = None
+            async for event in session.stream:
+                if self._aborted:
+                    break
+                if isinstance(event, Partial):
+                    await self._on_partial(event)
+                elif isinstance(event, Final):
+                    done = session.final_arrived()
+                    await self._on_final(event)
+                    if done:
+                        await session.close()  # the iterator ends after the events already produced
+                elif isinstance(event, Error):
+                    await self._on_engine_error(session, event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not self._aborted:
+                await self.push_error(f"reading transcripts failed: {e}", exception=e)
+        finally:
+            session.done.set()
+            self._sessions.discard(session)
+            if self._session is session:
+                self._session = None  # the next audio frame opens a fresh stream
+            try:
+                await session.close()
+            except Exception:
+                pass
+
+    def _language(self) -> Language | str | None:
+        # pipecat stores a Language (or a code it does not know, as given) after converting the setting
+        return self._settings.language
+
+    async def _on_partial(self, event: Partial) -> None:
+        if not self._settings.interim_results or not event.text or self._aborted:
+            return
+        await self.push_frame(
+            InterimTranscriptionFrame(event.text, self._user_id, time_now_iso8601(), self._language(), result=event)
+        )
+
+    async def _on_final(self, event: Final) -> None:
+        if self._aborted:
+            return
+        if not event.text:
+            # Nothing was said (a cough, a VAD false start): no transcript, but the wait for one is over.
+            await self.stop_ttfb_metrics()
+            await self._cancel_ttfb_timeout()
+            return
+        # Usage first, so tracing attaches it to the span this transcript closes.
+        await self.emit_stt_usage_metrics()
+        self.confirm_finalize()
+        language = self._language()
+        await self.push_frame(
+            TranscriptionFrame(
+                event.text, self._user_id, time_now_iso8601(), language, result=event, finalized=True
+            )
+        )
+        await self._handle_transcription(event.text, True, language)
+
+    async def _on_engine_error(self, session: StreamSession, event: Error) -> None:
+        lost = ""
+        if session.unflushed or session.outstanding:
+            lost = " (the audio of the utterance in progress was not transcribed)"
+        if self._session is session:
+            self._session = None  # the next audio frame opens a fresh stream
+        if not self._aborted:
+            await self.push_error(f"engine error '{event.code}': {event.message}{lost}")
+
+    @traced_stt
+    async def _handle_transcription(self, transcript: str, is_final: bool, language: Language | None = None):
+        """Tracing hook (pipecat's STT spans); does nothing itself."""
+
+    # ---- settings --------------------------------------------------------------------------------
+    async def _update_settings(self, delta: STTSettings) -> dict[str, Any]:
+        """Apply a settings delta. `language` and `interim_results` apply at once; `latency_ms` and
+        `model` need a new engine stream, opened at once when no utterance is in progress and otherwise
+        when the current one ends (the utterance is finished in the mode it started in)."""
+        changed = await super()._update_settings(delta)
+        if "model" in changed:
+            try:  # load the new model now, off the audio path, so the swap at the boundary is quick
+                await self._engine_for(self._settings.model)
+            except Exception as e:
+                await self.push_error(
+                    f"cannot switch to model {self._settings.model!r}: {e}; keeping {changed['model']!r}",
+                    exception=e,
+                )
+                self._settings.model = changed.pop("model")
+                self._sync_model_name_to_metrics()
+        if changed.keys() & {"model", "latency_ms"}:
+            self._retry_at = 0.0
+            async with self._lock:
+                session = self._session
+                if session is not None and not self._in_utterance and self._needs_new_stream(session):
+                    await self._swap()
+        self._warn_unhandled_updated_settings(changed.keys() - {"model", "language", "latency_ms", "interim_results"})
+        return changed

@@ -1,0 +1,245 @@
+"""`monosemantic loadtest`: N real-time clients against a running `monosemantic serve`.
+
+Each client loops real speech (tests/data, or --audio), sends 20 ms frames at real-time pace and flushes
+at the end of every clip, as a voice agent flushes at each end of turn. Measured per minute of the run
+(so drift shows):
+
+- time-to-final: from sending `flush` to receiving its final. It contains any backlog the server has
+  built up for the stream, so a server falling behind real time shows here first (this is the latency
+  measure; docs/server.md explains why it is used rather than per-partial timing);
+- partials received, errors;
+- coverage: every final must start where the previous one ended and end exactly at the number of
+  samples sent before its flush: no audio lost.
+
+    monosemantic loadtest --url ws://127.0.0.1:8080 --streams 16 --duration 600
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MAX_STREAMS = 1024
+MAX_DURATION_S = 3600.0
+RATE = 16000
+
+
+@dataclass(frozen=True)
+class LoadtestConfig:
+    url: str
+    streams: int = 4
+    """Concurrent client streams (1..1024)."""
+    duration_s: float = 60.0
+    """Audio each stream sends, in real time (1..3600 s)."""
+    api_key: str | None = None
+    latency_ms: int | None = None
+    """Latency mode asked of the server (None: the server's default)."""
+    frame_ms: int = 20
+    """Audio per WebSocket frame (20 ms, as WebRTC delivers it)."""
+    ramp_s: float = 1.0
+    """Stream starts are spread over this long, so frames do not arrive in lockstep."""
+    final_timeout_s: float = 30.0
+    """How long the end of the run waits for the last finals."""
+
+    def __post_init__(self):
+        if not 1 <= self.streams <= MAX_STREAMS:
+            raise ValueError(f"--streams must be in 1..{MAX_STREAMS}")
+        if not 1.0 <= self.duration_s <= MAX_DURATION_S:
+            raise ValueError(f"--duration must be in 1..{MAX_DURATION_S:.0f} seconds")
+        if not 1 <= self.frame_ms <= 1000:
+            raise ValueError("--frame-ms must be in 1..1000")
+
+
+@dataclass
+class StreamReport:
+    index: int
+    opened: bool = False
+    open_error: str | None = None
+    samples_sent: int = 0
+    flushes: int = 0
+    finals: int = 0
+    covered: int = 0  # finals whose start/end match exactly what was sent
+    partials: int = 0
+    errors: list[str] = field(default_factory=list)
+    max_send_lag_s: float = 0.0  # how far the client itself fell behind its real-time schedule
+    ttf: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run of the flush, time-to-final s)
+    partial_at: list[float] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.opened and self.finals == self.flushes and self.covered == self.finals
+
+
+async def _one_stream(engine, cfg: LoadtestConfig, clips: list[np.ndarray], index: int, run_start: float) -> StreamReport:
+    from ..events import Error, Final, Partial
+
+    report = StreamReport(index)
+    start = run_start + cfg.ramp_s * index / cfg.streams
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    try:
+        stream = await engine.open_stream(latency_ms=cfg.latency_ms, sample_rate=RATE)
+    except Exception as exc:  # the report says why; the other streams go on
+        report.open_error = f"{type(exc).__name__}: {exc}"
+        return report
+    report.opened = True
+    pending: list[tuple[float, int]] = []  # (flush time, samples sent at the flush)
+    previous_end = [0]
+
+    async def receive() -> None:
+        try:
+            async for event in stream:
+                now = time.perf_counter()
+                if isinstance(event, Partial):
+                    report.partials += 1
+                    report.partial_at.append(now - run_start)
+                elif isinstance(event, Final):
+                    report.finals += 1
+                    if not pending:
+                        report.errors.append("a final arrived without a flush")
+                        continue
+                    flushed_at, expected_end = pending.pop(0)
+                    report.ttf.append((flushed_at - run_start, now - flushed_at))
+                    if event.start == previous_end[0] and event.end == expected_end:
+                        report.covered += 1
+                    else:
+                        report.errors.append(f"final covers [{event.start}, {event.end}), expected [{previous_end[0]}, {expected_end})")
+                    previous_end[0] = event.end
+                elif isinstance(event, Error):
+                    report.errors.append(f"{event.code}: {event.message}")
+        except Exception as exc:
+            report.errors.append(f"{type(exc).__name__}: {exc}")
+
+    receiver = asyncio.create_task(receive())
+    frame = RATE * cfg.frame_ms // 1000
+    end_samples = int(cfg.duration_s * RATE)
+    clip_index = index % len(clips)
+    try:
+        while report.samples_sent < end_samples:
+            clip = clips[clip_index][: end_samples - report.samples_sent]
+            clip_index = (clip_index + 1) % len(clips)
+            for i in range(0, len(clip), frame):
+                piece = clip[i : i + frame]
+                due = start + report.samples_sent / RATE  # a frame goes out once its audio "has been spoken"
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                else:
+                    report.max_send_lag_s = max(report.max_send_lag_s, -delay)
+                await stream.push(piece)
+                report.samples_sent += len(piece)
+            pending.append((time.perf_counter(), report.samples_sent))
+            report.flushes += 1
+            await stream.flush()
+        deadline = time.perf_counter() + cfg.final_timeout_s
+        while pending and not receiver.done() and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        if pending:
+            report.errors.append(f"{len(pending)} finals missing after {cfg.final_timeout_s:g} s")
+    except Exception as exc:
+        report.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        await stream.close()
+        try:
+            await asyncio.wait_for(receiver, cfg.final_timeout_s)
+        except asyncio.TimeoutError:
+            receiver.cancel()
+    return report
+
+
+async def run_loadtest(cfg: LoadtestConfig, clips: list[np.ndarray]) -> list[StreamReport]:
+    """Run every stream; int16-exact float clips at 16 kHz (as read from 16-bit files)."""
+    from .remote import RemoteEngine
+
+    clips = [np.clip(np.round(c * 32768.0), -32768, 32767).astype(np.int16) for c in clips]
+    async with RemoteEngine(cfg.url, cfg.api_key) as engine:
+        run_start = time.perf_counter() + 0.2
+        overall = cfg.ramp_s + cfg.duration_s + 2 * cfg.final_timeout_s + 30.0  # bounded in time whatever happens
+        return await asyncio.wait_for(
+            asyncio.gather(*(_one_stream(engine, cfg, clips, i, run_start) for i in range(cfg.streams))), overall
+        )
+
+
+def summarize(cfg: LoadtestConfig, reports: list[StreamReport]) -> dict:
+    from ..bench.result import percentiles
+
+    minutes = int(np.ceil((cfg.ramp_s + cfg.duration_s) / 60.0))
+    per_minute = []
+    for m in range(minutes):
+        ttf = [t * 1000.0 for r in reports for at, t in r.ttf if m * 60 <= at < (m + 1) * 60]
+        partials = sum(1 for r in reports for at in r.partial_at if m * 60 <= at < (m + 1) * 60)
+        per_minute.append({"minute": m, "finals": len(ttf), "partials": partials, **percentiles(ttf)})
+    all_ttf = [t * 1000.0 for r in reports for _, t in r.ttf]
+    return {
+        "url": cfg.url,
+        "streams": cfg.streams,
+        "duration_s": cfg.duration_s,
+        "latency_ms": cfg.latency_ms,
+        "frame_ms": cfg.frame_ms,
+        "opened": sum(r.opened for r in reports),
+        "audio_sent_s": sum(r.samples_sent for r in reports) / RATE,
+        "flushes": sum(r.flushes for r in reports),
+        "finals": sum(r.finals for r in reports),
+        "covered": sum(r.covered for r in reports),
+        "all_audio_covered": all(r.complete for r in reports),
+        "errors": sum(len(r.errors) for r in reports),
+        "error_samples": [e for r in reports for e in (r.errors + ([r.open_error] if r.open_error else []))][:10],
+        "client_max_send_lag_ms": 1000.0 * max((r.max_send_lag_s for r in reports), default=0.0),
+        "time_to_final_ms": percentiles(all_ttf),
+        "per_minute": per_minute,
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"# monosemantic loadtest: {s['streams']} streams x {s['duration_s']:g} s real-time audio -> {s['url']} "
+        f"(latency {s['latency_ms'] or 'server default'} ms, {s['frame_ms']} ms frames)",
+        f"{'minute':>6} {'finals':>7} {'partials':>9}   time-to-final p50 / p95 / p99 (ms)",
+    ]
+    for m in s["per_minute"]:
+        lines.append(f"{m['minute']:>6} {m['finals']:>7} {m['partials']:>9}   {m['p50']:8.1f} / {m['p95']:8.1f} / {m['p99']:8.1f}")
+    t = s["time_to_final_ms"]
+    lines += [
+        f"all    {s['finals']:>7}            {t['p50']:8.1f} / {t['p95']:8.1f} / {t['p99']:8.1f}",
+        f"streams opened {s['opened']}/{s['streams']}, audio sent {s['audio_sent_s']:.1f} s, finals {s['finals']}/{s['flushes']} flushes, "
+        f"exact coverage {s['covered']}/{s['finals']} ({'all audio covered' if s['all_audio_covered'] else 'AUDIO NOT COVERED'}), "
+        f"errors {s['errors']}, client max send lag {s['client_max_send_lag_ms']:.1f} ms",
+    ]
+    lines += [f"  error: {e}" for e in s["error_samples"]]
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("loadtest", help="real-time client streams against a running `monosemantic serve`")
+    p.add_argument("--url", default="ws://127.0.0.1:8080", help="server base URL (ws://HOST:PORT)")
+    p.add_argument("--streams", type=int, default=4, help=f"concurrent streams (1..{MAX_STREAMS})")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of real-time audio per stream")
+    p.add_argument("--api-key", default=None, help="the server's key (default: $MONOSEMANTIC_API_KEY)")
+    p.add_argument("--latency-ms", type=int, default=None, help="latency mode to ask for (default: the server's)")
+    p.add_argument("--audio", nargs="+", help="speech files or directories to loop (default: tests/data)")
+    p.add_argument("--frame-ms", type=int, default=20)
+    p.add_argument("--json", help="also write the summary to this file")
+
+
+def run(args) -> int:
+    from ..bench.command import load_clips
+    from ..errors import missing_dependency
+
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise missing_dependency("aiohttp", "server", "monosemantic loadtest") from None
+    cfg = LoadtestConfig(url=args.url, streams=args.streams, duration_s=args.duration, api_key=args.api_key,
+                         latency_ms=args.latency_ms, frame_ms=args.frame_ms)
+    default_audio = Path(__file__).resolve().parents[2] / "tests" / "data"
+    clips = load_clips(args.audio or [str(default_audio)], RATE)
+    reports = asyncio.run(run_loadtest(cfg, clips))
+    summary = summarize(cfg, reports)
+    print(format_summary(summary), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**summary, "streams_detail": [asdict(r) | {"ttf": None, "partial_at": None} for r in reports]}, indent=1))
+    return 0 if summary["all_audio_covered"] and summary["errors"] == 0 else 1

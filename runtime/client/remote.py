@@ -1,0 +1,278 @@
+"""RemoteEngine / RemoteStream: the EngineStream interface over a `monosemantic serve` connection.
+
+    async with RemoteEngine("ws://127.0.0.1:8080", api_key=...) as engine:
+        stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
+        await stream.push(pcm)            # int16 bytes, int16 or float32 numpy
+        await stream.flush()              # -> a Final covering everything pushed so far
+        async for event in stream: ...   # the same monosemantic.events dataclasses, times in samples
+        await stream.close()
+
+A background task reads the socket all the time, as the engine's event queue fills whether or not the
+caller iterates: a caller that is slow to iterate never looks like a slow consumer to the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from ..audio import as_float32
+from ..errors import AudioError, StreamError, missing_dependency
+from ..events import Error, Event
+from ..server.protocol import STREAM_PATH, ProtocolError, message_to_event
+from .errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    ServerCapacityError,
+    ServerRejectedError,
+    ServerUnreachableError,
+)
+
+try:
+    import aiohttp
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise missing_dependency("aiohttp", "server", "monosemantic.client") from exc
+
+_END = object()
+FRAME_BYTES = 64 * 1024  # pushes larger than this go out as several frames, far below the server's limit
+_CLEAN_CLOSE = 1000
+_GOING_AWAY = 1001
+
+
+def to_pcm16(pcm) -> bytes:
+    """int16 little-endian bytes from bytes (passed through), an int16 array, or float audio in [-1, 1].
+    AudioError for an odd byte count, NaN/inf, or a dtype/shape that is not mono PCM."""
+    if isinstance(pcm, (bytes, bytearray, memoryview)):
+        data = bytes(pcm)
+        if len(data) % 2:
+            raise AudioError(f"PCM bytes must be 16-bit samples: got an odd byte count ({len(data)})")
+        return data
+    if isinstance(pcm, np.ndarray) and pcm.dtype == np.int16 and pcm.ndim == 1:
+        return pcm.astype("<i2", copy=False).tobytes()
+    samples = as_float32(pcm)
+    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
+
+
+def stream_url(base_url: str) -> str:
+    """ws(s)://host:port/v1/stream from a ws://, wss://, http:// or https:// base URL."""
+    parts = urlsplit(base_url if "://" in base_url else f"ws://{base_url}")
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use ws://, wss://, http:// or https://")
+    path = parts.path.rstrip("/")
+    if not path.endswith(STREAM_PATH):
+        path += STREAM_PATH
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+class RemoteStream:
+    """One stream on a server; the same methods and events as monosemantic.EngineStream."""
+
+    def __init__(self, ws, ready: dict, engine: "RemoteEngine"):
+        self._ws = ws
+        self._engine = engine
+        self.stream_id: str = ready["stream_id"]
+        self.latency_ms: int = ready["latency_ms"]
+        self.sample_rate: int = ready["sample_rate"]
+        self.model_sample_rate: int = ready["model_sample_rate"]
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._closed = False  # close() was called
+        self._ended = False
+        self._gone: ConnectionLostError | None = None  # set once the connection is over
+        self._reader = asyncio.create_task(self._read())
+
+    # ---- sending -------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamError("the stream is closed")
+        if self._gone is not None:
+            raise ConnectionLostError(str(self._gone), self._gone.code)
+
+    async def _send(self, send, payload) -> None:
+        try:
+            await send(payload)
+        except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
+            raise ConnectionLostError(f"the connection to the server was lost: {exc}", self._ws.close_code) from None
+
+    async def push(self, pcm) -> None:
+        """Send audio (int16 bytes, int16 or float numpy at the stream's sample rate). AudioError for
+        invalid audio (the stream stays usable); ConnectionLostError when the connection is gone. Waits
+        while the server applies backpressure."""
+        data = to_pcm16(pcm)
+        self._check_open()
+        for i in range(0, len(data), FRAME_BYTES):
+            await self._send(self._ws.send_bytes, data[i : i + FRAME_BYTES])
+
+    async def flush(self) -> None:
+        """End the utterance: a Final follows, covering all audio pushed before this call."""
+        self._check_open()
+        await self._send(self._ws.send_str, '{"type":"flush"}')
+
+    async def close(self) -> None:
+        """End the stream: finals of earlier flushes still arrive, then the iterator ends. Audio pushed
+        after the last flush is dropped, as with a local engine (flush first to keep it)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._gone is None and not self._ws.closed:
+            try:
+                await self._ws.send_str('{"type":"close"}')
+            except (ConnectionError, aiohttp.ClientError, RuntimeError):
+                pass
+        self._engine._forget(self)
+
+    async def wait_closed(self, timeout: float = 10.0) -> None:
+        """Until the server has closed the connection (after close()); cuts it after `timeout`."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+        except asyncio.TimeoutError:
+            await self._ws.close()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    # ---- receiving -----------------------------------------------------------------------------------
+    async def _read(self) -> None:
+        fatal_seen = False
+        try:
+            while True:
+                msg = await self._ws.receive()
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    fatal = False
+                    try:
+                        data = json.loads(msg.data)
+                        if not isinstance(data, dict):
+                            raise ProtocolError("bad_message", "server message is not a JSON object")
+                        event = message_to_event(data, self.model_sample_rate)
+                        fatal = data.get("type") == "error" and data.get("fatal") is True
+                    except (ValueError, ProtocolError) as exc:
+                        event = Error("protocol", f"unreadable message from the server: {exc}")
+                    fatal_seen = fatal_seen or fatal
+                    if event is not None:
+                        self._events.put_nowait(event)
+                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    reason = msg.extra if msg.type is aiohttp.WSMsgType.CLOSE and isinstance(msg.extra, str) else ""
+                    self._finish(self._ws.close_code, reason, fatal_seen)
+                    return
+        except Exception as exc:  # anything unexpected ends the stream as a lost connection
+            self._finish(None, repr(exc), fatal_seen)
+        finally:
+            if not self._ws.closed:
+                await self._ws.close()
+
+    def _finish(self, code: int | None, reason: str, fatal_seen: bool) -> None:
+        code = None if code == 1006 else code
+        describe = f"the server closed the stream (code {code}{', ' + reason if reason else ''})" if code else "the connection to the server was lost"
+        self._gone = ConnectionLostError(describe, code)
+        if code == _CLEAN_CLOSE or fatal_seen or (self._closed and code is None):
+            pass  # a clean end, or the server already said why
+        elif code == _GOING_AWAY:
+            self._events.put_nowait(Error("closed", "the server shut down"))
+        elif code is not None:
+            self._events.put_nowait(Error(reason or f"close_{code}", describe))
+        else:
+            self._events.put_nowait(self._gone)  # raised by the iterator, after the events before it
+        self._events.put_nowait(_END)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._events.get()
+        if item is _END:
+            self._ended = True
+            raise StopAsyncIteration
+        if isinstance(item, ConnectionLostError):
+            raise item
+        return item
+
+
+class RemoteEngine:
+    """Opens streams on a `monosemantic serve` instance; `open_stream` mirrors Engine.open_stream."""
+
+    def __init__(
+        self,
+        base_url: str = "ws://127.0.0.1:8080",
+        api_key: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        session: "aiohttp.ClientSession | None" = None,
+    ):
+        self.url = stream_url(base_url)
+        self.api_key = api_key if api_key is not None else os.environ.get("MONOSEMANTIC_API_KEY")
+        self.connect_timeout = connect_timeout
+        self._session = session
+        self._own_session = session is None
+        self._streams: set[RemoteStream] = set()
+
+    async def __aenter__(self) -> "RemoteEngine":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def open_stream(self, latency_ms: int | None = None, sample_rate: int = 16000) -> RemoteStream:
+        """A new stream on the server. ServerCapacityError when it is full, AuthenticationError for a bad
+        key, ServerRejectedError for other refusals, ServerUnreachableError when it cannot be reached."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        params = {"sample_rate": str(int(sample_rate))}
+        if latency_ms is not None:
+            params["latency_ms"] = str(int(latency_ms))
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            ws = await asyncio.wait_for(
+                self._session.ws_connect(self.url, params=params, headers=headers, autoping=True, compress=0, max_msg_size=64 * 2**20),
+                self.connect_timeout,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise _rejection(exc) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise ServerUnreachableError(f"cannot connect to {self.url}: {exc or type(exc).__name__}") from None
+        try:
+            msg = await ws.receive(timeout=self.connect_timeout)
+            ready = json.loads(msg.data) if msg.type is aiohttp.WSMsgType.TEXT else None
+        except (asyncio.TimeoutError, ValueError):
+            ready = None
+        if not isinstance(ready, dict) or ready.get("type") != "ready":
+            await ws.close()
+            raise ConnectionLostError(f"the server did not open the stream (first message: {getattr(msg, 'data', None)!r})", ws.close_code)
+        stream = RemoteStream(ws, ready, self)
+        self._streams.add(stream)
+        return stream
+
+    def _forget(self, stream: RemoteStream) -> None:
+        self._streams.discard(stream)
+
+    async def aclose(self) -> None:
+        """Close every open stream, wait for the server to end them, and release the HTTP session."""
+        streams = list(self._streams)
+        for stream in streams:
+            await stream.close()
+        await asyncio.gather(*(s.wait_closed() for s in streams), return_exceptions=True)
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _rejection(exc: "aiohttp.WSServerHandshakeError") -> ServerRejectedError:
+    headers = exc.headers or {}
+    reason = headers.get("X-Monosemantic-Error")
+    retry = headers.get("Retry-After")
+    try:
+        retry_after = float(retry) if retry is not None else None
+    except ValueError:
+        retry_after = None
+    detail = headers.get("X-Monosemantic-Message")
+    message = f"the server refused the stream: HTTP {exc.status}" + (f" ({reason})" if reason else "")
+    if detail:
+        message += f": {detail}"
+    if exc.status == 401:
+        return AuthenticationError(message, exc.status, reason, retry_after)
+    if reason == "capacity":
+        return ServerCapacityError(message, exc.status, reason, retry_after)
+    return ServerRejectedError(message, exc.status, reason, retry_after)

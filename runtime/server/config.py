@@ -1,0 +1,116 @@
+"""Server configuration. Imports nothing heavy, so the CLI can build it before aiohttp is needed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How `monosemantic serve` listens, admits and bounds its clients. The engine itself (batching,
+    VAD) is configured by an EngineConfig built from these fields plus its own defaults."""
+
+    model: str = ""
+    """Model source (Hugging Face repo id, .nemo file or checkpoint directory). Ignored when the app is
+    given an already loaded model."""
+
+    device: str = "auto"
+    """Device for the model: auto (CUDA if available), cpu, cuda or cuda:N."""
+
+    dtype: str = "auto"
+    """Encoder precision: auto, float32, bfloat16, float16."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind. Loopback by default: exposing the server is an explicit choice."""
+
+    port: int = 8080
+    """TCP port; 0 picks a free one (the chosen port is logged)."""
+
+    api_key: str | None = None
+    """When set, /v1/stream needs `Authorization: Bearer <key>` or `?token=<key>`; otherwise 401 before
+    the WebSocket upgrade. /healthz, /readyz and /metrics stay open (put them behind your network
+    policy)."""
+
+    max_streams: int = 64
+    """Streams served at once; one more connection is refused before the upgrade (503, reason
+    "capacity")."""
+
+    max_batch: int = 64
+    """Most streams of one latency mode stepped together (EngineConfig.max_batch)."""
+
+    default_latency_ms: int | None = None
+    """Latency mode of connections that do not ask for one (None: the checkpoint's default)."""
+
+    vad: bool = True
+    """Run voice activity detection (speech_started / speech_ended messages)."""
+
+    max_frame_bytes: int = 1 << 20
+    """Largest WebSocket message accepted (aiohttp max_msg_size). A bigger one closes the connection
+    with code 1009. 1 MiB is 32 s of 16 kHz PCM: generous for 20-100 ms frames."""
+
+    max_buffered_seconds: float = 10.0
+    """Audio one stream may have sent but the engine not yet processed. While it is full the server stops
+    reading that socket (TCP backpressure reaches the client)."""
+
+    push_timeout_seconds: float = 30.0
+    """How long the engine may stay too far behind a stream before it is closed (error "overloaded")."""
+
+    max_outgoing_messages: int = 1000
+    """Messages queued for one client that has not read them yet. A client that stops reading fills it
+    and is disconnected (close code 1008, reason "slow_consumer"), so it cannot grow server memory."""
+
+    socket_send_buffer_bytes: int | None = None
+    """SO_SNDBUF of each stream's socket (None: the OS default, which Linux grows up to several MB per
+    connection). Bytes the kernel holds for a client that does not read come on top of the outgoing
+    queue; a small value bounds them and detects such a client sooner."""
+
+    idle_timeout_seconds: float = 60.0
+    """A connection that sends nothing (no audio, no message) for this long is closed ("idle_timeout").
+    Voice clients send audio continuously, silence included."""
+
+    heartbeat_seconds: float | None = 30.0
+    """WebSocket ping interval; a peer that does not answer is dropped (half-open TCP). None: off."""
+
+    close_timeout_seconds: float = 5.0
+    """How long a closing handshake (and the delivery of the last messages) may take before the
+    connection is cut."""
+
+    final_timeout_seconds: float = 30.0
+    """How long a `close` message waits for the finals of flushes sent before it."""
+
+    drain_timeout_seconds: float = 30.0
+    """On SIGTERM/SIGINT: how long open streams get to receive the finals of their audio before the
+    server closes them anyway and exits."""
+
+    usage_interval_seconds: float = 5.0
+    """A usage message follows every this many seconds of a stream's processed audio (and one at close)."""
+
+    def __post_init__(self):
+        if self.max_streams < 1:
+            raise ValueError("max_streams must be at least 1")
+        if self.max_frame_bytes < 1024:
+            raise ValueError("max_frame_bytes must be at least 1024")
+        if self.max_outgoing_messages < 1:
+            raise ValueError("max_outgoing_messages must be at least 1")
+        for name in ("idle_timeout_seconds", "close_timeout_seconds", "final_timeout_seconds", "drain_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+    def engine_config(self, model):
+        """The EngineConfig this server runs its engine with."""
+        from ..engine.config import EngineConfig
+        from ..vad.policy import VADConfig
+
+        latency = self.default_latency_ms or model.default_latency_ms
+        return EngineConfig(
+            max_streams=self.max_streams,
+            max_batch=self.max_batch,
+            default_latency_ms=self.default_latency_ms,
+            max_buffered_seconds=self.max_buffered_seconds,
+            push_timeout_seconds=self.push_timeout_seconds,
+            vad=VADConfig() if self.vad else None,
+            usage_interval_seconds=self.usage_interval_seconds,
+            warmup_latencies=(latency,) if model.device.type == "cuda" else (),
+        )

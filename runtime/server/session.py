@@ -1,0 +1,304 @@
+"""One WebSocket connection <-> one engine stream.
+
+Three coroutines per connection:
+- the receive loop (the request handler's own task) pushes audio and acts on control messages; while
+  the engine's buffer for the stream is full, `push` waits and the loop stops reading the socket, so
+  TCP backpressure reaches the client instead of server memory growing;
+- the pump turns engine events into JSON messages on a bounded outgoing queue;
+- the sender writes that queue to the socket. A client that stops reading blocks the sender, the queue
+  fills, and the connection is cut ("slow_consumer"), so memory per connection stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..errors import StreamError
+from ..events import Error, Final, Usage
+from .config import ServerConfig
+from .logs import StreamLog
+from .metrics import ServerMetrics
+from .protocol import Close, Flush, ProtocolError, check_audio, encode, error_message, event_to_message, parse_control
+
+# Close codes by how a stream ends (docs/protocol.md); engine errors map by their code.
+_ENGINE_ERROR_CLOSE = {"internal": WSCloseCode.INTERNAL_ERROR, "closed": WSCloseCode.GOING_AWAY}
+
+
+class Session:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport,
+        stream,
+        *,
+        stream_id: str,
+        sample_rate: int,
+        model_rate: int,
+        config: ServerConfig,
+        metrics: ServerMetrics,
+    ):
+        self.ws = ws
+        self.transport = transport
+        self.stream = stream
+        self.stream_id = stream_id
+        self.sample_rate = sample_rate
+        self.model_rate = model_rate
+        self.config = config
+        self.metrics = metrics
+        self.log = StreamLog(stream_id)
+        self.out: asyncio.Queue[str] = asyncio.Queue(maxsize=config.max_outgoing_messages)
+        self.audio_lock = asyncio.Lock()  # a flush must not land between the pieces of one push
+        self.pending_flushes: list[float] = []  # arrival times of flushes whose final has not come yet
+        self.finals_done = asyncio.Event()
+        self.finals_done.set()
+        self.unflushed = 0  # samples received since the last flush (input rate)
+        self.received = 0
+        self.draining = False
+        self.end_reason: str | None = None
+        self.stream_ended = asyncio.Event()
+        self._engine_error: Error | None = None
+        self._slow = False
+        self._told_draining = False
+        self._closer: asyncio.Task | None = None
+        self._sender: asyncio.Task | None = None
+        self._pump: asyncio.Task | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    async def run(self, ready: dict) -> None:
+        self._sender = asyncio.create_task(self._send_loop())
+        self._queue(encode(ready))
+        self._pump = asyncio.create_task(self._pump_loop())
+        self.log.info("stream opened", extra={"sample_rate": self.sample_rate, "latency_ms": self.stream.latency_ms})
+        try:
+            await self._receive_loop()
+        except Exception:
+            self.log.exception("stream handler failed")
+            self.end_reason = self.end_reason or "internal"
+            self._start_close("internal", WSCloseCode.INTERNAL_ERROR, drain=False)
+        finally:
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        await self.stream.close()  # frees the slot at once when the client vanished mid-utterance
+        await self._wait(self._pump, self.config.close_timeout_seconds)
+        if self._closer is None and not self.ws.closed:
+            self._start_close(self.end_reason or "client_gone", WSCloseCode.GOING_AWAY, drain=False)
+        if self._closer is not None:
+            await self._wait(self._closer, 2 * self.config.close_timeout_seconds + 1)
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+        reason = self.end_reason or "client_gone"
+        self.metrics.streams_closed.labels(reason).inc()
+        self.log.info("stream closed", extra={"reason": reason, "audio_seconds": round(self.received / self.sample_rate, 3)})
+
+    @staticmethod
+    async def _wait(task: asyncio.Task | None, timeout: float) -> None:
+        """Until `task` ends (however it ends), cancelling it after `timeout`."""
+        if task is None:
+            return
+        await asyncio.wait({task}, timeout=timeout)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+    # ---- receiving -----------------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                msg = await self.ws.receive(timeout=self.config.idle_timeout_seconds)
+            except asyncio.TimeoutError:
+                await self._fail("idle_timeout", f"nothing received for {self.config.idle_timeout_seconds:g} s", WSCloseCode.POLICY_VIOLATION)
+                return
+            if msg.type is WSMsgType.BINARY:
+                if not await self._audio(msg.data):
+                    return
+            elif msg.type is WSMsgType.TEXT:
+                try:
+                    control = parse_control(msg.data)
+                except ProtocolError as exc:
+                    self._error(exc.code, exc.message)
+                    continue
+                if isinstance(control, Flush):
+                    if not await self._flush():
+                        return
+                elif isinstance(control, Close):
+                    await self._close_gracefully()
+                    return
+            else:  # CLOSE / CLOSING / CLOSED / ERROR: the client left, or we are closing it
+                if msg.type is WSMsgType.ERROR and getattr(msg.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
+                    self.end_reason = self.end_reason or "message_too_large"
+                    self.metrics.errors.labels("message_too_large").inc()
+                self.end_reason = self.end_reason or "client_gone"
+                return
+
+    async def _audio(self, data: bytes) -> bool:
+        """Push one binary frame; False when the stream had to end."""
+        try:
+            check_audio(data)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message)
+            return True
+        if not data:
+            return True
+        async with self.audio_lock:
+            if self.draining:
+                if not self._told_draining:  # dropped audio is reported, never silent
+                    self._told_draining = True
+                    self._error("shutting_down", "the server is shutting down: audio after the shutdown began is not transcribed")
+                return True
+            try:
+                await self.stream.push(data)
+            except StreamError as exc:
+                if self.stream_ended.is_set() or self._closer is not None:
+                    return False  # the stream is already ending; whoever ended it reports why
+                await self._fail("overloaded", str(exc), WSCloseCode.TRY_AGAIN_LATER)
+                return False
+            samples = len(data) // 2
+            self.unflushed += samples
+            self.received += samples
+        self.metrics.audio_received.inc(samples / self.sample_rate)
+        return True
+
+    async def _flush(self) -> bool:
+        async with self.audio_lock:
+            self.pending_flushes.append(time.monotonic())
+            self.finals_done.clear()
+            try:
+                await self.stream.flush()
+            except StreamError as exc:
+                if self.stream_ended.is_set() or self._closer is not None:
+                    return False
+                await self._fail("overloaded", str(exc), WSCloseCode.TRY_AGAIN_LATER)
+                return False
+            self.unflushed = 0
+        return True
+
+    async def _close_gracefully(self) -> None:
+        """The client's `close`: deliver the finals of flushes it sent, then end with code 1000."""
+        try:
+            await asyncio.wait_for(self.finals_done.wait(), self.config.final_timeout_seconds)
+        except asyncio.TimeoutError:
+            self.log.warning("close: finals still pending after the timeout")
+        await self._end_stream()
+        self.end_reason = self.end_reason or "client_close"
+        self._start_close("close", WSCloseCode.OK, drain=True)
+
+    async def drain(self, timeout: float) -> None:
+        """Server shutdown: flush audio not yet flushed, deliver every final, then close (1001)."""
+        self.draining = True
+
+        async def finish_utterance():
+            async with self.audio_lock:
+                needs_flush = self.unflushed > 0 and not self.stream_ended.is_set()
+            if needs_flush:
+                await self._flush()
+            await self.finals_done.wait()
+
+        try:
+            await asyncio.wait_for(finish_utterance(), timeout)
+        except asyncio.TimeoutError:
+            self.log.warning("shutdown: drain timeout reached before the stream's finals")
+        self.end_reason = self.end_reason or "shutdown"
+        await self._end_stream(Error("closed", "the server is shutting down"))
+        self._start_close("shutdown", WSCloseCode.GOING_AWAY, drain=True)
+        await self._wait(self._closer, 2 * self.config.close_timeout_seconds + 1)
+
+    async def _fail(self, code: str, message: str, ws_code: int) -> None:
+        """End the stream on a fatal condition: its remaining events, the error, then the close."""
+        self.end_reason = self.end_reason or code
+        self.log.warning("closing stream: %s", message, extra={"code": code})
+        await self._end_stream(Error(code, message))
+        self._start_close(code, ws_code, drain=True)
+
+    async def _end_stream(self, error: Error | None = None) -> None:
+        """Close the engine stream and let the pump forward what it still had (usage, speech_ended)."""
+        await self.stream.close()
+        await self._wait(self._pump, self.config.close_timeout_seconds)
+        if error is not None and self._engine_error is None:
+            self._error(error.code, error.message, fatal=True)
+
+    # ---- sending -------------------------------------------------------------------------------------
+    async def _pump_loop(self) -> None:
+        async for event in self.stream:
+            if isinstance(event, Final):
+                if self.pending_flushes:
+                    self.metrics.final_seconds.observe(time.monotonic() - self.pending_flushes.pop(0))
+                if not self.pending_flushes:
+                    self.finals_done.set()
+            elif isinstance(event, Usage):
+                self.metrics.audio_processed.inc(event.audio_seconds)
+            elif isinstance(event, Error):
+                self._engine_error = event
+                self.metrics.errors.labels(event.code).inc()
+            self._queue(encode(event_to_message(event, self.model_rate)))
+        self.stream_ended.set()
+        self.finals_done.set()  # nothing more will come
+        if self._engine_error is not None and not self.draining:
+            self.end_reason = self.end_reason or self._engine_error.code
+            self.log.warning("engine ended the stream: %s", self._engine_error.message)
+            self._start_close(self._engine_error.code, _ENGINE_ERROR_CLOSE.get(self._engine_error.code, WSCloseCode.INTERNAL_ERROR), drain=True)
+
+    def _error(self, code: str, message: str, fatal: bool = False) -> None:
+        self.metrics.errors.labels(code).inc()
+        self._queue(encode(error_message(code, message, fatal)))
+
+    def _queue(self, text: str) -> None:
+        if self._slow:
+            return
+        try:
+            self.out.put_nowait(text)
+        except asyncio.QueueFull:
+            self._slow = True
+            self.end_reason = self.end_reason or "slow_consumer"
+            self.metrics.errors.labels("slow_consumer").inc()
+            self.log.warning("client is not reading its messages: closing", extra={"queued": self.out.qsize()})
+            self._start_close("slow_consumer", WSCloseCode.POLICY_VIOLATION, drain=False)
+
+    async def _send_loop(self) -> None:
+        while True:
+            text = await self.out.get()
+            try:
+                await self.ws.send_str(text)
+            except Exception:  # the connection is gone; the receive loop sees it too
+                self.out.task_done()
+                return
+            self.out.task_done()
+
+    def _start_close(self, reason: str, code: int, *, drain: bool) -> None:
+        if self._closer is None:
+            self._closer = asyncio.create_task(self._close(reason, code, drain))
+
+    async def _close(self, reason: str, code: int, drain: bool) -> None:
+        timeout = self.config.close_timeout_seconds
+        if drain and self._sender is not None and not self._sender.done():
+            try:
+                await asyncio.wait_for(self.out.join(), timeout)
+            except asyncio.TimeoutError:
+                drain = False
+        if not drain:
+            # The client is not reading: it will hardly read a close frame either. Free the engine slot
+            # now, give the close frame a moment (a merely slow reader still learns why), then cut.
+            timeout = min(timeout, 1.0)
+            await self.stream.close()
+        try:
+            # drain=False: aiohttp's drain waiter is shared with the (blocked) sender; its cancellation
+            # must not look like ours.
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:120], drain=drain), timeout)
+            done = True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and getattr(task, "cancelling", lambda: 0)():
+                raise  # this task itself is being cancelled
+            done = False
+        except (asyncio.TimeoutError, ConnectionError):
+            done = False
+        if self._sender is not None and not drain:
+            self._sender.cancel()
+        if (not done or not drain) and self.transport is not None:
+            # A peer that does not read never completes the close, and the bytes queued for it would
+            # keep the socket and its buffers alive: cut it.
+            self.transport.abort()

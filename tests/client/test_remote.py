@@ -1,0 +1,141 @@
+"""RemoteEngine against a real server: the EngineStream interface and events, typed failures that
+adapters can map to retryable errors, and the load test end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+
+from monosemantic import AudioError, Error, Final, SpeechEnded, SpeechStarted, StreamError, Usage
+from monosemantic.client import ConnectionLostError, RemoteEngine, ServerRejectedError, ServerUnreachableError
+from monosemantic.client.loadtest import LoadtestConfig, run_loadtest, summarize
+
+from _support.server import RunningServer
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def model(ms_model):
+    return ms_model("nemotron_rnnt")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with RunningServer(model, max_streams=6) as running:
+        yield running
+
+
+def test_events_match_the_local_engine(server, model, audio_clips):
+    """Speech framed by silences: VAD events, usage and the final arrive as the engine's own
+    dataclasses with sample times; bad input raises AudioError and leaves the stream usable."""
+    clip = audio_clips["jfk.wav"]
+    audio = np.concatenate([np.zeros(8000, np.float32), clip, np.zeros(24000, np.float32)])
+    want = model.transcribe(audio, latency_ms=160)
+
+    async def main():
+        async with RemoteEngine(server.http) as engine:
+            stream = await engine.open_stream(latency_ms=160, sample_rate=16000)
+            with pytest.raises(AudioError):
+                await stream.push(b"\x00\x01\x02")
+            with pytest.raises(AudioError):
+                await stream.push(np.array([np.nan], np.float32))
+            for i in range(0, len(audio), 320):
+                await stream.push((np.round(audio[i : i + 320] * 32768)).astype(np.int16))
+            await stream.flush()
+            events = []
+            async for event in stream:
+                events.append(event)
+                if isinstance(event, Final):
+                    break
+            await stream.close()
+            events += [e async for e in stream]
+            with pytest.raises(StreamError):
+                await stream.push(b"\x00\x00")
+            return stream, events
+
+    stream, events = asyncio.run(main())
+    assert stream.latency_ms == 160 and stream.sample_rate == 16000 and stream.stream_id
+    (final,) = [e for e in events if isinstance(e, Final)]
+    assert final.text == want.text and final.start == 0 and final.end == len(audio)
+    starts = [e.sample for e in events if isinstance(e, SpeechStarted)]
+    ends = [e.sample for e in events if isinstance(e, SpeechEnded)]
+    assert starts and len(starts) == len(ends) and all(isinstance(s, int) for s in starts + ends)
+    assert 4000 <= starts[0] <= 16000  # speech begins after the half second of silence
+    assert sum(e.audio_seconds for e in events if isinstance(e, Usage)) == pytest.approx(len(audio) / 16000, abs=0.1)
+    assert not [e for e in events if isinstance(e, Error)]
+
+
+def test_unreachable_and_lost_connections_are_typed_and_retryable(model, audio_clips):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def unreachable():
+        async with RemoteEngine(f"ws://127.0.0.1:{port}", connect_timeout=5) as engine:
+            with pytest.raises(ServerUnreachableError) as err:
+                await engine.open_stream()
+            return err.value
+
+    err = asyncio.run(unreachable())
+    assert err.retryable and isinstance(err, StreamError)
+
+    running = RunningServer(model, max_streams=2).__enter__()
+
+    async def lost():
+        engine = RemoteEngine(running.http)
+        stream = await engine.open_stream(latency_ms=160)
+        await stream.push(audio_clips["jfk.wav"][:16000])
+        # The server vanishes without a closing handshake (a crash, a dropped link).
+        running.call(_abort_all(running.state))
+        with pytest.raises(ConnectionLostError) as lost_err:
+            async for _ in stream:
+                pass
+        with pytest.raises(ConnectionLostError):
+            await stream.push(b"\x00\x00")
+        await engine.aclose()
+        return lost_err.value
+
+    try:
+        lost_err = asyncio.run(lost())
+    finally:
+        running.__exit__(None, None, None)
+    assert lost_err.retryable and lost_err.code is None
+
+
+async def _abort_all(state):
+    for session in list(state.sessions):
+        session.transport.abort()
+
+
+def test_rejections_carry_status_and_reason(server):
+    async def main():
+        async with RemoteEngine(server.http) as engine:
+            with pytest.raises(ServerRejectedError) as err:
+                await engine.open_stream(latency_ms=7)
+            return err.value
+
+    err = asyncio.run(main())
+    assert err.status == 400 and err.reason == "bad_request" and not err.retryable and "160" in str(err)
+
+
+def test_loadtest_streams_in_real_time_and_covers_all_audio(server, audio_clips):
+    cfg = LoadtestConfig(url=server.http, streams=3, duration_s=6.0, latency_ms=160, ramp_s=0.3)
+    clips = [audio_clips["61-70968-0000.flac"], audio_clips["jfk.wav"]]  # 4.0 s and 11 s: flushes mid-run and at the end
+    reports = asyncio.run(run_loadtest(cfg, clips))
+    summary = summarize(cfg, reports)
+    assert summary["opened"] == 3 and summary["errors"] == 0, summary["error_samples"]
+    assert summary["all_audio_covered"] and summary["audio_sent_s"] == pytest.approx(18.0)
+    assert summary["flushes"] == summary["finals"] == 5  # streams 0 and 2 start on the 4 s clip
+    assert 0 < summary["time_to_final_ms"]["p50"] < 2000
+    assert summary["per_minute"][0]["finals"] == 5
+
+
+def test_loadtest_bounds(server):
+    with pytest.raises(ValueError, match="streams"):
+        LoadtestConfig(url=server.http, streams=5000)
+    with pytest.raises(ValueError, match="duration"):
+        LoadtestConfig(url=server.http, duration_s=1e6)

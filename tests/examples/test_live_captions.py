@@ -1,0 +1,45 @@
+"""examples/live_captions.py runs end to end on a file and prints the finals the engine produces."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(300)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "live_captions.py"), *args],
+        capture_output=True, text=True, timeout=240,
+    )
+
+
+def test_file_captions_cover_the_clip(nemo_checkpoint, ms_model, audio_clips):
+    """Utterances end at the VAD's speech ends and at the end of the file: their spans tile the clip from
+    0 to its last sample, and one utterance alone transcribes as offline transcription does."""
+    clip = ROOT / "tests" / "data" / "sense_and_sensibility_01_austen_64kb-0880.wav"
+    result = run(str(clip), "--fast", "--model", str(nemo_checkpoint("nemotron_rnnt")), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    lines = re.findall(r"^\[\s*([\d.]+)-\s*([\d.]+)s\] (.*)$", result.stdout, re.M)
+    assert lines, result.stdout
+    audio = audio_clips[clip.name]
+    assert float(lines[0][0]) == 0.0
+    assert abs(float(lines[-1][1]) - len(audio) / 16000) < 0.01
+    for (_, end), (start, _) in zip([l[:2] for l in lines], [l[:2] for l in lines[1:]]):
+        assert end == start
+    if len(lines) == 1:
+        assert lines[0][2] == ms_model("nemotron_rnnt").transcribe(audio, latency_ms=160).text
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    result = run()
+    assert result.returncode == 2 and "give an audio file or --mic" in result.stderr
+    result = run(str(tmp_path / "missing.wav"), "--model", str(tmp_path / "missing.nemo"), "--device", "cpu")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,311 @@
+"""The plugin's RecognizeStream against the real livekit-agents base classes and a real engine (tiny
+checkpoint, CPU): transcripts equal offline transcription, event invariants, turns on speech with
+silences, shared engine across concurrent streams, flush, aclose, recognize(), options and errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError
+from livekit.agents.stt import SpeechEventType as T
+
+import monosemantic
+from livekit.plugins import monosemantic as lk_monosemantic
+
+pytestmark = pytest.mark.timeout(300)
+
+NO_VAD = monosemantic.EngineConfig(vad=None)
+
+
+def finals(events):
+    return [e.alternatives[0] for e in events if e.type == T.FINAL_TRANSCRIPT]
+
+
+def of_type(events, kind):
+    return [e for e in events if e.type == kind]
+
+
+def test_final_equals_offline_transcription_at_16k(checkpoint, ms_model, audio_clips, lk):
+    """No VAD: the only utterance boundary is the framework's flush, so the FINAL covers the whole clip
+    and must equal the engine's offline transcription of it."""
+    audio = audio_clips["jfk.wav"]
+    expected = ms_model("nemotron_rnnt").transcribe(audio, latency_ms=160)
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        return await lk.drive(stt.stream(), audio)
+
+    events = asyncio.run(main())
+    [final] = finals(events)
+    assert final.text == expected.text and final.text
+    assert [str(w) for w in final.words] == [w.text for w in expected.words]
+    # (the base class adds the wall time between its start and the first run to the offset: ~0)
+    assert final.start_time == pytest.approx(0.0, abs=0.01)
+    assert final.end_time == pytest.approx(len(audio) / 16000, abs=0.03)
+    turns = lk.check_invariants(events, len(audio) / 16000)
+    assert len(turns) == 1 and turns[0][-2].type == T.FINAL_TRANSCRIPT  # START .. FINAL, END
+    interims = [e.alternatives[0].text for e in of_type(events, T.INTERIM_TRANSCRIPT)]
+    assert interims and all(final.text.startswith(t) for t in interims)
+    # usage reports exactly the audio pushed
+    usage = sum(e.recognition_usage.audio_duration for e in of_type(events, T.RECOGNITION_USAGE))
+    assert usage == pytest.approx(len(audio) / 16000, abs=1e-6)
+
+
+def test_48k_webrtc_frames_hold_the_event_invariants(checkpoint, audio_clips, lk):
+    audio = lk.speech_with_silences(audio_clips, gaps=(1.2,), tail=1.0)[: 16000 * 14]
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+        stream = stt.stream()
+        stream.start_time_offset = 3.5  # as the session sets it: times are session-relative
+        return await lk.drive(stream, audio, rate=48000, realtime_factor=4.0)
+
+    events = asyncio.run(main())
+    turns = lk.check_invariants(events, len(audio) / 16000, offset=3.5)
+    assert len(turns) >= 2
+    for i, turn in enumerate(turns):
+        kinds = [e.type for e in turn]
+        assert kinds[0] == T.START_OF_SPEECH and kinds[-1] == T.END_OF_SPEECH
+        if i < len(turns) - 1 or T.FINAL_TRANSCRIPT in kinds:
+            # FINAL precedes END, so stt turn detection sees the text (only a turn the VAD opened after
+            # the last flush, closed by the end of the stream, has no FINAL of its own)
+            assert kinds[-2] == T.FINAL_TRANSCRIPT
+        if T.PREFLIGHT_TRANSCRIPT in kinds:
+            assert kinds.index(T.PREFLIGHT_TRANSCRIPT) < kinds.index(T.FINAL_TRANSCRIPT)
+    assert any(f.text for f in finals(events))
+    assert all(f.start_time >= 3.5 for f in finals(events))
+
+
+def test_turns_follow_the_speech_on_audio_with_silences(checkpoint, audio_clips, lk):
+    """Three clips separated by silences: three turns, each closed by a FINAL and exactly one END, in
+    order, at the places the speech is."""
+    audio = lk.speech_with_silences(audio_clips)
+    starts = np.cumsum([0.5] + [len(audio_clips[k]) / 16000 + g for k, g in zip(
+        ("jfk.wav", "sense_and_sensibility_01_austen_64kb-0880.wav", "61-70968-0000.flac"), (1.5, 2.0, 1.2))])
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+        return await lk.drive(stt.stream(), audio, realtime_factor=4.0)
+
+    events = asyncio.run(main())
+    turns = lk.check_invariants(events, len(audio) / 16000)
+    texts = [[e.alternatives[0].text for e in turn if e.type == T.FINAL_TRANSCRIPT] for turn in turns]
+    assert len(turns) >= 3 and any(texts[0])
+    # each clip's onset lies inside (or right at) some turn's transcribed span
+    spans = [(f.start_time, f.end_time) for f in finals(events) if f.text]
+    for onset in starts[:3]:
+        assert any(a - 0.5 <= onset <= b for a, b in spans), (onset, spans)
+    # turns do not overlap in time
+    bounds = [(t[0].created_at, t[-1].created_at) for t in turns]
+    assert all(b[1] <= c[0] for b, c in zip(bounds, bounds[1:]))
+
+
+def test_eight_concurrent_streams_share_one_engine(checkpoint, ms_model, audio_clips, lk):
+    clips = list(audio_clips.values())[:8]
+    model = ms_model("nemotron_rnnt")
+
+    async def one(i):
+        # one STT per session, as AgentSession would have: they must still share the engine
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        await asyncio.sleep(0.05 * i)
+        return await lk.drive(stt.stream(), clips[i % len(clips)])
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    results = asyncio.run(main())
+    assert len(monosemantic.engine.shared.shared_engines()) == 1
+    for i, events in enumerate(results):
+        [final] = finals(events)
+        assert final.text == model.transcribe(clips[i % len(clips)], latency_ms=160).text, f"stream {i}"
+
+
+def _open_streams(engine) -> int:
+    return len(engine.core.streams)
+
+
+def test_flush_finalizes_what_was_pushed_and_the_stream_goes_on(checkpoint, ms_model, audio_clips, lk):
+    a, b = audio_clips["jfk.wav"], audio_clips["61-70968-0000.flac"]
+    model = ms_model("nemotron_rnnt")
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        stream = stt.stream()
+        events = []
+        reader = lk.start_reader(stream, events)
+        await lk.feed(stream, a)
+        stream.flush()  # the stream stays open
+        await lk.wait_for(lambda: finals(events))
+        first = list(events)
+        await lk.feed(stream, b)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return first, events
+
+    first, events = asyncio.run(main())
+    assert [f.text for f in finals(first)] == [model.transcribe(a, latency_ms=160).text]
+    second = finals(events)[1]
+    assert second.text == model.transcribe(b, latency_ms=160).text
+    # the second utterance's times continue the stream's clock
+    assert second.start_time == pytest.approx(len(a) / 16000, abs=0.03)
+    lk.check_invariants(events, (len(a) + len(b)) / 16000)
+
+
+def test_flush_with_nothing_pushed_acknowledges_with_an_empty_final(checkpoint, lk):
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+        return await lk.drive(stt.stream(), np.zeros(0, np.float32))
+
+    events = asyncio.run(main())
+    assert [e.type for e in events if e.type != T.RECOGNITION_USAGE] == [T.FINAL_TRANSCRIPT]
+    assert events[0].alternatives[0].text == ""
+
+
+def test_aclose_mid_utterance_ends_the_turn_and_frees_the_slot(checkpoint, audio_clips, lk):
+    audio = audio_clips["sense_and_sensibility_01_austen_64kb-0880.wav"]
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+        stream = stt.stream()
+        events = []
+        reader = lk.start_reader(stream, events)
+        await lk.feed(stream, audio, realtime_factor=4.0)
+        await lk.wait_for(lambda: of_type(events, T.START_OF_SPEECH))  # mid-utterance: the turn is open
+        assert not of_type(events, T.END_OF_SPEECH)
+        engine = await monosemantic.aget_engine(checkpoint, device="cpu")
+        assert _open_streams(engine) == 1
+        await stream.aclose()
+        await asyncio.wait_for(reader, 10)
+        return events, _open_streams(engine)
+
+    events, open_after = asyncio.run(main())
+    assert open_after == 0
+    assert len(of_type(events, T.START_OF_SPEECH)) == len(of_type(events, T.END_OF_SPEECH)) >= 1
+    assert events[-1].type in (T.END_OF_SPEECH, T.RECOGNITION_USAGE)
+
+
+def test_stt_aclose_closes_its_streams_but_not_the_shared_engine(checkpoint, audio_clips, lk):
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+        streams = [stt.stream() for _ in range(3)]
+        for s in streams:
+            for frame in list(lk.frames(audio_clips["jfk.wav"]))[:50]:
+                s.push_frame(frame)
+        engine = await monosemantic.aget_engine(checkpoint, device="cpu")
+        while _open_streams(engine) < 3:
+            await asyncio.sleep(0.02)
+        await stt.aclose()
+        return engine, _open_streams(engine)
+
+    engine, open_after = asyncio.run(main())
+    assert open_after == 0
+    assert list(monosemantic.engine.shared.shared_engines().values()) == [engine]
+
+
+def test_recognize_returns_the_offline_transcript(checkpoint, ms_model, audio_clips, lk):
+    from livekit.agents.utils import merge_frames
+
+    audio = audio_clips["61-70968-0000.flac"]
+    expected = ms_model("nemotron_rnnt").transcribe(audio, latency_ms=160)
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+        event = await stt.recognize(list(lk.frames(audio)))
+        # a 48 kHz buffer is resampled by the engine; the transcript is still produced
+        event48 = await stt.recognize(merge_frames(list(lk.frames(audio, rate=48000))))
+        return event, event48
+
+    event, event48 = asyncio.run(main())
+    assert event.type == T.FINAL_TRANSCRIPT
+    assert event.alternatives[0].text == expected.text
+    assert [str(w) for w in event.alternatives[0].words] == [w.text for w in expected.words]
+    assert event48.type == T.FINAL_TRANSCRIPT and event48.alternatives[0].text
+
+
+def test_latency_change_reopens_the_engine_stream_at_a_boundary(checkpoint, ms_model, audio_clips, lk):
+    a, b = audio_clips["jfk.wav"], audio_clips["61-70968-0000.flac"]
+    model = ms_model("nemotron_rnnt")
+    other = [m for m in model.latency_modes if m != 160][0]
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        stream = stt.stream()
+        events = []
+        reader = lk.start_reader(stream, events)
+        await lk.feed(stream, a)
+        stream.flush()
+        stt.update_options(latency_ms=other)  # mid-stream, while the first utterance finalizes
+        await lk.feed(stream, b)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return events, stream
+
+    events, stream = asyncio.run(main())
+    first, second = finals(events)
+    assert first.text == model.transcribe(a, latency_ms=160).text
+    assert second.text == model.transcribe(b, latency_ms=other).text  # no audio lost or split
+    assert second.start_time == pytest.approx(len(a) / 16000, abs=0.03)
+    assert stream._latency == other
+    lk.check_invariants(events, (len(a) + len(b)) / 16000)
+
+
+def test_bad_options_are_clear_errors(checkpoint):
+    with pytest.raises(ValueError, match="latency_ms"):
+        lk_monosemantic.STT(model=checkpoint, latency_ms=0)
+    with pytest.raises(TypeError, match="EngineConfig"):
+        lk_monosemantic.STT(model=checkpoint, engine_config={"vad": None})
+    stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="language"):
+        stt.update_options(language="")
+
+
+def test_unknown_latency_mode_fails_the_stream_without_retrying(checkpoint, audio_clips, lk):
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", latency_ms=123)
+        errors = []
+        stt.on("error", errors.append)
+        stream = stt.stream(conn_options=APIConnectOptions(max_retry=3, retry_interval=0.01))
+        with pytest.raises(APIStatusError) as info:
+            async for _ in stream:
+                pass
+        return info.value, errors
+
+    error, errors = asyncio.run(main())
+    assert not error.retryable and error.status_code == 400 and "123" in str(error)
+    assert len(errors) == 1 and not errors[0].recoverable
+
+
+def test_missing_model_is_a_clear_non_retryable_error(tmp_path, lk):
+    async def main():
+        stt = lk_monosemantic.STT(model=str(tmp_path / "nope.nemo"), device="cpu")
+        stream = stt.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.01))
+        with pytest.raises(APIConnectionError) as info:
+            async for _ in stream:
+                pass
+        return info.value
+
+    error = asyncio.run(main())
+    assert not error.retryable and "nope.nemo" in str(error)
+
+
+def test_full_engine_is_retried_until_a_slot_frees(checkpoint, audio_clips, lk, ms_model):
+    """CapacityError is retryable: the stream gets its slot once another session's stream closes."""
+    config = monosemantic.EngineConfig(max_streams=1, vad=None)
+    audio = audio_clips["jfk.wav"]
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=config)
+        engine = await monosemantic.aget_engine(checkpoint, device="cpu", config=config)
+        blocker = await engine.open_stream(latency_ms=160)
+        errors = []
+        stt.on("error", errors.append)
+        stream = stt.stream(conn_options=APIConnectOptions(max_retry=5, retry_interval=0.2))
+        asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(blocker.close()))
+        events = await lk.drive(stream, audio)
+        return events, errors
+
+    events, errors = asyncio.run(main())
+    assert errors and all(e.recoverable for e in errors)
+    assert finals(events)[0].text == ms_model("nemotron_rnnt").transcribe(audio, latency_ms=160).text

@@ -1,0 +1,109 @@
+"""TurnTracker on hand-written engine event sequences: the orderings the real engine produces only with
+unlucky timing (speech resuming while a Final is computed, framework flushes inside a turn, text outside
+any VAD turn, close mid-turn)."""
+
+from __future__ import annotations
+
+from livekit.agents.stt import SpeechEventType as T
+
+from livekit.plugins.monosemantic.turns import Clock, TurnTracker
+from monosemantic import Final, Partial, SpeechEnded, SpeechStarted, Usage, Word
+
+S, I, P, F, E, U = (T.START_OF_SPEECH, T.INTERIM_TRANSCRIPT, T.PREFLIGHT_TRANSCRIPT, T.FINAL_TRANSCRIPT,
+                    T.END_OF_SPEECH, T.RECOGNITION_USAGE)
+
+
+def run(tracker, script):
+    """Feed engine events ('flush:<reason>' strings stand for the stream's flush calls); return the
+    kinds of the SpeechEvents, and whether each VAD end asked for a flush."""
+    out = []
+    for step in script:
+        if isinstance(step, str):
+            tracker.flushed(step.split(":")[1])
+            continue
+        events, flush = tracker.handle(step)
+        out += events
+        if flush:
+            tracker.flushed("vad")
+    return out
+
+
+def tracker(**kw):
+    return TurnTracker(Clock(offset=lambda: 2.0, anchor=lambda: 1000.0), language="en", interim_results=True, **kw)
+
+
+def test_one_turn_maps_to_start_interim_preflight_final_end_with_times():
+    t = tracker()
+    words = [Word("hello", 8000, 12000), Word("there", 12800, 16000)]
+    events = run(t, [
+        SpeechStarted(7000), Partial("hello", "hello"), Partial("hello there", "hello there"), SpeechEnded(17000),
+        Final("hello there", words=words, start=0, end=20000), Usage(1.25),
+    ])
+    assert [e.type for e in events] == [S, I, I, P, F, E, U]
+    preflight, final = events[3].alternatives[0], events[4].alternatives[0]
+    assert preflight.text == "hello there" and preflight.end_time == 2.0 + 17000 / 16000
+    assert (final.start_time, final.end_time) == (2.0, 2.0 + 20000 / 16000)
+    assert [(str(w), w.start_time, w.end_time, w.start_time_offset) for w in final.words] == [
+        ("hello", 2.5, 2.75, 2.0), ("there", 2.8, 3.0, 2.0)]
+    assert events[0].speech_start_time == 1000.0 + 7000 / 16000
+    assert events[6].recognition_usage.audio_duration == 1.25
+    assert t.idle
+
+
+def test_speech_resuming_before_the_final_opens_its_turn_after_the_end():
+    t = tracker()
+    events = run(t, [
+        SpeechStarted(0), Partial("a", "a"), SpeechEnded(8000),  # flush A
+        SpeechStarted(9000),  # held: turn A is not finished
+        SpeechEnded(12000),  # the held segment ends too: flush B
+        Final("a", start=0, end=10000),
+        Partial("b", "b"),
+        Final("b", start=10000, end=13000),
+    ])
+    # the second turn opens already ending (its speech is over): its late hypothesis is no INTERIM
+    assert [e.type for e in events] == [S, I, P, F, E, S, F, E]
+    assert events[-2].alternatives[0].text == "b"
+    assert t.idle
+
+
+def test_framework_flush_inside_a_turn_gives_a_final_and_keeps_the_turn():
+    t = tracker()
+    events = run(t, [
+        SpeechStarted(0), Partial("one", "one"), "flush:framework", Final("one", start=0, end=8000),
+        Partial("two", "two"), SpeechEnded(12000), Final("two", start=8000, end=13000),
+    ])
+    assert [e.type for e in events] == [S, I, F, I, P, F, E]
+    assert [e.alternatives[0].text for e in events if e.type == F] == ["one", "two"]
+
+
+def test_framework_flush_in_silence_is_acknowledged_with_an_empty_final():
+    t = tracker()
+    events = run(t, ["flush:framework", Final("", start=0, end=3200)])
+    assert [e.type for e in events] == [F] and events[0].alternatives[0].text == ""
+
+
+def test_text_outside_any_vad_turn_is_delivered_as_its_own_turn():
+    t = tracker()
+    events = run(t, [Partial("uh", "uh"), "flush:framework", Final("uh", start=0, end=3200)])
+    assert [e.type for e in events] == [S, F, E]
+    # and an internal flush with no text sends nothing
+    assert run(t, ["flush:internal", Final("", start=3200, end=4000)]) == []
+
+
+def test_close_mid_turn_ends_it_once():
+    t = tracker()
+    events = run(t, [SpeechStarted(0), Partial("x", "x")])
+    assert [e.type for e in events + t.close()] == [S, I, E]
+    assert t.close() == []
+
+
+def test_without_vad_text_opens_the_turn_and_the_final_closes_it():
+    t = tracker(vad=False)
+    events = run(t, [Partial("a", "a"), Partial("a b", "a b"), "flush:framework", Final("a b", start=0, end=9000)])
+    assert [e.type for e in events] == [S, I, I, F, E]
+
+
+def test_interim_results_off_sends_no_interims():
+    t = TurnTracker(Clock(offset=lambda: 0.0, anchor=lambda: 0.0), language="en", interim_results=False)
+    events = run(t, [SpeechStarted(0), Partial("a", "a"), SpeechEnded(4000), Final("a", start=0, end=5000)])
+    assert [e.type for e in events] == [S, P, F, E]

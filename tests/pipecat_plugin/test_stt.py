@@ -1,0 +1,320 @@
+"""MonosemanticSTTService in real Pipecat pipelines, on the real engine, with real speech: finals equal the
+model's offline transcription, one per utterance; clean cancel and stop; one shared engine; settings at
+run time; engine errors become ErrorFrames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import numpy as np
+import pytest
+import soxr
+from pipecat.frames.frames import (
+    InterimTranscriptionFrame,
+    MetricsFrame,
+    STTUpdateSettingsFrame,
+    TranscriptionFrame,
+)
+from pipecat.metrics.metrics import STTUsageMetricsData, TTFBMetricsData
+
+import monosemantic
+from monosemantic import EngineConfig
+from monosemantic.engine.shared import shared_engines
+from pipecat_monosemantic import MonosemanticSTTService
+
+pytestmark = pytest.mark.timeout(180)
+
+NO_VAD = EngineConfig(vad=None)  # pipecat's VAD drives the turns; the engine's would only cost time here
+
+
+@pytest.fixture
+def ckpt(nemo_checkpoint):
+    return nemo_checkpoint("nemotron_rnnt")
+
+
+@pytest.fixture
+def model(ms_model):
+    return ms_model("nemotron_rnnt")
+
+
+def service(ckpt, **kwargs) -> MonosemanticSTTService:
+    kwargs.setdefault("engine_config", NO_VAD)
+    return MonosemanticSTTService(model=ckpt, device="cpu", **kwargs)
+
+
+def split_by_utterance(frames) -> list[list]:
+    """Transcription frames grouped into utterances, each ending at its finalized TranscriptionFrame."""
+    groups, current = [], []
+    for frame in frames:
+        current.append(frame)
+        if isinstance(frame, TranscriptionFrame) and frame.finalized:
+            groups.append(current)
+            current = []
+    assert not current, "transcription frames after the last final"
+    return groups
+
+
+def check_utterances(h, expected: list[str]) -> None:
+    groups = split_by_utterance(h.transcripts())
+    assert [g[-1].text for g in groups] == expected
+    for group in groups:
+        final, interims = group[-1], group[:-1]
+        assert interims and all(isinstance(f, InterimTranscriptionFrame) for f in interims)
+        for interim in interims:  # greedy decoding never retracts: every interim is a prefix of the final
+            assert final.text.startswith(interim.text.rstrip())
+        assert isinstance(final.result, monosemantic.Final) and final.result.text == final.text
+        assert final.language == "en" and final.user_id == "" and final.timestamp
+    assert not h.errors()
+
+
+def test_finals_equal_offline_transcription_one_per_utterance(fresh_engines, harness, ckpt, model, speech):
+    expected = [model.transcribe(pcm, latency_ms=160).text for pcm in speech]
+    assert all(expected) and len(set(expected)) == len(expected)
+
+    async def main():
+        async with harness(service(ckpt), sample_rate=16000) as h:
+            for n, pcm in enumerate(speech, 1):
+                await h.say(pcm)  # as a user does: the next turn starts after the transcript of this one
+                await h.wait_for(lambda: len(h.finals()) == n)
+            await h.end()
+            return h
+
+    h = asyncio.run(main())
+    check_utterances(h, expected)
+    metrics = [d for m in h.down.of(MetricsFrame) for d in m.data]
+    ttfb = [d for d in metrics if isinstance(d, TTFBMetricsData) and d.value > 0]
+    usage = [d.value.audio_seconds for d in metrics if isinstance(d, STTUsageMetricsData)]
+    assert len(ttfb) == len(speech)  # end of speech -> final, once per utterance (the finalize handshake)
+    assert sum(usage) == pytest.approx(sum(len(p) for p in speech) / 16000, abs=1e-6)
+
+
+@pytest.mark.parametrize("rate", [24000, 48000])
+def test_other_pipeline_rates_are_resampled_by_the_engine(fresh_engines, harness, ckpt, model, speech, rate):
+    resampled = [soxr.resample(pcm.astype(np.float32), 16000, rate) for pcm in speech[:2]]
+    audio = [np.round(x).clip(-32768, 32767).astype(np.int16) for x in resampled]
+    # The engine resamples each utterance as one piece, exactly as offline transcription at that rate does.
+    expected = [model.transcribe(pcm, sample_rate=rate, latency_ms=160).text for pcm in audio]
+
+    async def main():
+        stt = service(ckpt)
+        async with harness(stt, sample_rate=rate) as h:
+            assert stt.sample_rate == rate
+            for pcm in audio:
+                await h.say(pcm)
+            await h.wait_for(lambda: len(h.finals()) == len(audio))
+            await h.end()
+            return h
+
+    check_utterances(asyncio.run(main()), expected)
+
+
+class RecordingService(MonosemanticSTTService):
+    """The service, noting the time of every frame it pushes (to see what comes after a cancel)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.pushed: list[tuple[float, object]] = []
+
+    async def push_frame(self, frame, direction=None):
+        self.pushed.append((time.monotonic(), frame))
+        await super().push_frame(frame, *(() if direction is None else (direction,)))
+
+
+def test_cancel_mid_utterance_is_clean_and_frees_the_slot(fresh_engines, harness, ckpt, speech):
+    async def main():
+        stt = RecordingService(model=ckpt, device="cpu", engine_config=NO_VAD)
+        async with harness(stt, sample_rate=16000) as h:
+            (engine,) = shared_engines().values()
+            await h.speech_starts()
+            await h.audio(speech[1])  # the user is still speaking when the pipeline is cancelled
+            await h.wait_for(lambda: h.down.of(InterimTranscriptionFrame))
+            assert len(engine.core.streams) == 1
+            cancelled_at = time.monotonic()
+            await h.cancel(timeout=10)
+            await asyncio.sleep(0.5)  # anything still in flight would arrive now
+            return stt, h, engine, cancelled_at
+
+    stt, h, engine, cancelled_at = asyncio.run(main())
+    transcripts = (InterimTranscriptionFrame, TranscriptionFrame)
+    late = [f for t, f in stt.pushed if t > cancelled_at and isinstance(f, transcripts)]
+    assert late == []
+    assert engine.core.streams == {}
+    assert len(engine.core.scheduler.free_slots) == engine.config.max_streams
+    assert not stt._sessions and not h.errors()
+
+
+def test_end_frame_flushes_audio_not_yet_finalized(fresh_engines, harness, ckpt, model, speech):
+    """Audio pushed without a VAD stop is still transcribed when the pipeline ends."""
+    pcm = speech[0]
+
+    async def main():
+        async with harness(service(ckpt), sample_rate=16000) as h:
+            await h.speech_starts()
+            await h.audio(pcm)  # and no VADUserStoppedSpeakingFrame: the EndFrame ends the utterance
+            await h.end()
+            (engine,) = shared_engines().values()
+            return h, engine
+
+    h, engine = asyncio.run(main())
+    assert [f.text for f in h.finals()] == [model.transcribe(pcm, latency_ms=160).text]
+    assert engine.core.streams == {} and not h.errors()
+
+
+def test_services_in_one_process_share_one_engine(fresh_engines, harness, ckpt, model, speech):
+    expected = [model.transcribe(pcm, latency_ms=160).text for pcm in speech[:2]]
+
+    async def main():
+        async with contextlib.AsyncExitStack() as stack:
+            harnesses = [await stack.enter_async_context(harness(service(ckpt), sample_rate=16000)) for _ in range(2)]
+            assert len(shared_engines()) == 1
+            (engine,) = shared_engines().values()
+            assert len(engine.core.streams) == 2  # one stream per service, in the same engine
+            for h, pcm in zip(harnesses, speech):
+                await h.say(pcm)
+            for h in harnesses:
+                await h.wait_for(lambda: len(h.finals()) == 1)
+                await h.end()
+            return harnesses
+
+    harnesses = asyncio.run(main())
+    for h, text in zip(harnesses, expected):
+        check_utterances(h, [text])
+
+
+def test_latency_change_waits_for_the_utterance_boundary(fresh_engines, harness, ckpt, model, speech):
+    first, second = speech[0], speech[1]
+    expected = [model.transcribe(first, latency_ms=160).text, model.transcribe(second, latency_ms=80).text]
+    assert expected[1] != model.transcribe(second, latency_ms=160).text  # the modes are told apart
+
+    async def main():
+        stt = service(ckpt)
+        async with harness(stt, sample_rate=16000) as h:
+            half = len(first) // 2 // 320 * 320
+            await h.speech_starts()
+            await h.audio(first[:half])
+            # The change arrives mid-utterance: this utterance finishes at 160 ms, the next one runs at 80 ms.
+            await h.worker.queue_frame(STTUpdateSettingsFrame(delta=MonosemanticSTTService.Settings(latency_ms=80)))
+            await h.wait_for(lambda: stt.settings.latency_ms == 80)
+            assert stt._session.latency_ms == 160
+            await h.audio(first[half:])
+            await h.speech_stops()
+            await h.say(second)
+            await h.wait_for(lambda: len(h.finals()) == 2)
+            assert stt._session.latency_ms == 80
+            await h.end()
+            (engine,) = shared_engines().values()
+            return h, engine
+
+    h, engine = asyncio.run(main())
+    check_utterances(h, expected)
+    assert engine.core.streams == {}  # the retired 160 ms stream closed after its final, the other at the end
+
+
+def test_latency_change_between_utterances_applies_at_once(fresh_engines, harness, ckpt, model, speech):
+    expected = [model.transcribe(speech[0], latency_ms=160).text, model.transcribe(speech[1], latency_ms=80).text]
+
+    async def main():
+        stt = service(ckpt)
+        async with harness(stt, sample_rate=16000) as h:
+            await h.say(speech[0])
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            await h.worker.queue_frame(STTUpdateSettingsFrame(delta=MonosemanticSTTService.Settings(latency_ms=80)))
+            await h.wait_for(lambda: stt._session is not None and stt._session.latency_ms == 80)
+            await h.say(speech[1])
+            await h.wait_for(lambda: len(h.finals()) == 2)
+            await h.end()
+            return h
+
+    check_utterances(asyncio.run(main()), expected)
+
+
+def test_unknown_latency_mode_is_refused_and_the_old_one_kept(fresh_engines, harness, ckpt, model, speech):
+    async def main():
+        stt = service(ckpt)
+        async with harness(stt, sample_rate=16000) as h:
+            delta = MonosemanticSTTService.Settings(latency_ms=123)
+            await h.worker.queue_frame(STTUpdateSettingsFrame(delta=delta))
+            await h.wait_for(lambda: h.errors())
+            await h.say(speech[0])
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            await h.end()
+            return stt, h
+
+    stt, h = asyncio.run(main())
+    (error,) = h.errors()
+    assert "latency_ms=123" in error.error and "keeping latency_ms=160" in error.error
+    assert stt.settings.latency_ms == 160 and stt.is_usable
+    assert [f.text for f in h.finals()] == [model.transcribe(speech[0], latency_ms=160).text]
+
+
+def test_interim_results_can_be_switched_off_at_run_time(fresh_engines, harness, ckpt, model, speech):
+    async def main():
+        stt = service(ckpt, settings=MonosemanticSTTService.Settings(interim_results=False))
+        async with harness(stt, sample_rate=16000) as h:
+            await h.say(speech[0])
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            delta = MonosemanticSTTService.Settings(interim_results=True)
+            await h.worker.queue_frame(STTUpdateSettingsFrame(delta=delta))
+            await h.wait_for(lambda: stt.settings.interim_results)
+            await h.say(speech[1])
+            await h.wait_for(lambda: len(h.finals()) == 2)
+            await h.end()
+            return h
+
+    first, second = split_by_utterance(asyncio.run(main()).transcripts())
+    assert len(first) == 1 and len(second) > 1  # no interims, then interims
+
+
+def test_engine_shutdown_becomes_an_error_frame_and_the_service_recovers(fresh_engines, harness, ckpt, model, speech):
+    async def main():
+        async with harness(service(ckpt), sample_rate=16000) as h:
+            await h.speech_starts()
+            await h.audio(speech[0][:16000])
+            await h.wait_for(lambda: h.down.of(InterimTranscriptionFrame))
+            await asyncio.to_thread(monosemantic.close_shared_engines)  # the engine goes away mid-utterance
+            await h.wait_for(lambda: h.errors())
+            await h.speech_stops()
+            await h.say(speech[1])  # the next audio opens a stream on a fresh engine
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            await h.end()
+            return h
+
+    h = asyncio.run(main())
+    (error,) = h.errors()
+    assert "closed" in error.error and "not transcribed" in error.error and not error.fatal
+    assert [f.text for f in h.finals()] == [model.transcribe(speech[1], latency_ms=160).text]
+
+
+def test_a_checkpoint_that_cannot_load_is_an_error_frame_not_a_hang(fresh_engines, harness, tmp_path):
+    async def main():
+        stt = MonosemanticSTTService(model=tmp_path / "missing.nemo", device="cpu")
+        async with harness(stt, sample_rate=16000) as h:
+            await h.say(np.zeros(3200, dtype=np.int16))
+            await h.end(timeout=30)
+            return stt, h
+
+    stt, h = asyncio.run(main())
+    (error,) = h.errors()
+    assert "missing.nemo" in error.error and not stt.is_usable
+    assert h.finals() == []
+
+
+def test_bad_audio_is_an_error_frame_and_the_stream_carries_on(fresh_engines, harness, ckpt, model, speech):
+    from pipecat.frames.frames import InputAudioRawFrame
+
+    async def main():
+        async with harness(service(ckpt), sample_rate=16000) as h:
+            await h.speech_starts()
+            await h.worker.queue_frame(InputAudioRawFrame(audio=b"\x00\x01\x02", sample_rate=16000, num_channels=1))
+            await h.audio(speech[0])
+            await h.speech_stops()
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            await h.end()
+            return h
+
+    h = asyncio.run(main())
+    (error,) = h.errors()
+    assert "odd byte count" in error.error and not error.fatal
+    assert [f.text for f in h.finals()] == [model.transcribe(speech[0], latency_ms=160).text]

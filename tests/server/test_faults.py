@@ -1,0 +1,140 @@
+"""Faults on a real server: clients that vanish, never read, or send garbage; every bad input gets a
+clear error (or a close with a reason) and the server stays fine for everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+
+from _support.server import RawClient, RunningServer, pcm16, receive_until, send_audio
+
+pytestmark = pytest.mark.timeout(240)
+LATENCY = 160
+
+
+@pytest.fixture(scope="module")
+def model(ms_model):
+    return ms_model("nemotron_rnnt")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    # Small limits, so that the faults are reachable in seconds.
+    with RunningServer(
+        model, max_streams=4, max_outgoing_messages=4, socket_send_buffer_bytes=8192,
+        max_frame_bytes=64 * 1024, idle_timeout_seconds=4.0,
+    ) as running:
+        yield running
+
+
+def check_still_serves(server, model, audio):
+    """A fresh client gets an exact final: the server survived whatever the previous test did."""
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(server.ws, params={"latency_ms": str(LATENCY)}) as ws:
+                await ws.receive(timeout=10)
+                await send_audio(ws, audio)
+                await ws.send_json({"type": "flush"})
+                final = (await receive_until(ws, "final"))[-1]
+                await ws.send_json({"type": "close"})
+                return final
+
+    assert asyncio.run(main())["text"] == model.transcribe(audio, latency_ms=LATENCY).text
+    assert server.wait_until(lambda: server.open_streams() == 0)
+
+
+def test_client_vanishing_mid_utterance_frees_its_slot(server, model, audio_clips):
+    audio = audio_clips["jfk.wav"]
+    clients = [RawClient(server.port, f"latency_ms={LATENCY}") for _ in range(4)]  # every slot
+    half = pcm16(audio[: len(audio) // 2])
+    for client in clients:
+        for i in range(0, len(half), 32000):
+            client.send(half[i : i + 32000])
+    assert server.wait_until(lambda: server.open_streams() == 4)
+    for client in clients:
+        client.close()  # no closing handshake, mid-utterance
+    assert server.wait_until(lambda: server.open_streams() == 0, timeout=10)
+    assert server.metric('monosemantic_streams_closed_total{reason="client_gone"}') >= 4
+    check_still_serves(server, model, audio)
+
+
+def test_a_client_that_never_reads_is_cut_with_a_reason(server, model, audio_clips):
+    speech = pcm16(np.concatenate(list(audio_clips.values())))
+    client = RawClient(server.port, "latency_ms=80", rcvbuf=4096, timeout=5)
+    sent, deadline = 0, time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and not server.metric('monosemantic_streams_closed_total{reason="slow_consumer"}'):
+            for i in range(0, len(speech), 32000):
+                client.send(speech[i : i + 32000])
+                sent += 32000
+    except OSError:
+        pass  # the server cut the connection
+    client.close()
+    assert server.wait_until(lambda: server.metric('monosemantic_streams_closed_total{reason="slow_consumer"}') == 1)
+    # The per-connection queue never exceeded its bound, and the slot is free.
+    assert server.wait_until(lambda: server.open_streams() == 0)
+    assert server.metric('monosemantic_stream_errors_total{code="slow_consumer"}') == 1
+    check_still_serves(server, model, audio_clips["jfk.wav"])
+
+
+def test_malformed_messages_get_errors_and_the_stream_stays_exact(server, model, audio_clips):
+    audio = audio_clips["61-70968-0000.flac"]
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(server.ws, params={"latency_ms": str(LATENCY)}) as ws:
+                await ws.receive(timeout=10)
+                replies = []
+                for bad in ("not json", "[1, 2]", '{"type": 5}', '{"type": "explode"}', '{"no": "type"}', "{" * 100000):
+                    await ws.send_str(bad[:60000])
+                    replies.append((await receive_until(ws, "error"))[-1])
+                await ws.send_bytes(b"\x01\x02\x03")  # odd byte count: rejected whole, reported
+                replies.append((await receive_until(ws, "error"))[-1])
+                await send_audio(ws, audio)
+                await ws.send_json({"type": "flush"})
+                final = (await receive_until(ws, "final"))[-1]
+                return replies, final
+
+    replies, final = asyncio.run(main())
+    assert [r["code"] for r in replies] == ["bad_json", "bad_json", "bad_message", "unknown_type", "bad_message", "bad_json", "bad_audio"]
+    assert all(r["message"] and r["fatal"] is False for r in replies)
+    assert final["text"] == model.transcribe(audio, latency_ms=LATENCY).text and final["end"] * 16000 == len(audio)
+
+
+def test_an_oversized_frame_closes_with_1009(server, model, audio_clips):
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(server.ws) as ws:
+                await ws.receive(timeout=10)
+                await ws.send_bytes(b"\x00" * (64 * 1024 + 2))
+                msg = await ws.receive(timeout=10)
+                return msg.type, ws.close_code
+
+    kind, code = asyncio.run(main())
+    assert kind in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and code == 1009
+    assert server.wait_until(lambda: server.open_streams() == 0)
+    assert server.metric('monosemantic_streams_closed_total{reason="message_too_large"}') == 1
+    check_still_serves(server, model, audio_clips["jfk.wav"])
+
+
+def test_an_idle_connection_is_closed_with_a_reason(server):
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(server.ws) as ws:
+                ready = json.loads((await ws.receive(timeout=10)).data)
+                started = time.monotonic()
+                messages = []
+                async for msg in ws:
+                    messages.append(json.loads(msg.data))
+                return ready, messages, ws.close_code, time.monotonic() - started
+
+    ready, messages, code, waited = asyncio.run(main())
+    assert ready["type"] == "ready" and 3.5 < waited < 10
+    assert messages[-1]["type"] == "error" and messages[-1]["code"] == "idle_timeout" and messages[-1]["fatal"]
+    assert code == 1008
