@@ -3,6 +3,7 @@
     pip install 'monosemantic[pipecat]' 'pipecat-ai[local]'     # local audio needs pyaudio (portaudio)
     python examples/pipecat_bot.py                                # print what you say, as you say it
     python examples/pipecat_bot.py --model /path/to/model.nemo --latency-ms 80
+    python examples/pipecat_bot.py --url ws://127.0.0.1:8080       # recognize on a `monosemantic serve`
     OPENAI_API_KEY=... python examples/pipecat_bot.py --agent openai   # talk to an LLM (pipecat-ai[openai])
 
 The default mode transcribes only: microphone -> Silero VAD -> MonosemanticSTTService -> console. It needs
@@ -100,6 +101,7 @@ async def run(args: argparse.Namespace) -> None:
     stt = MonosemanticSTTService(
         model=args.model,
         device=args.device,
+        base_url=args.url,
         settings=MonosemanticSTTService.Settings(latency_ms=args.latency_ms),
     )
     processors = build_processors(transport.input(), stt, transport.output(), args.agent)
@@ -115,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="Hugging Face repo id or .nemo path (default: DEFAULT_MODEL)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--latency-ms", type=int, default=160, help="encoder chunk: 80, 160, 560 or 1120")
+    parser.add_argument("--url", default=os.environ.get("MONOSEMANTIC_URL"), help="a `monosemantic serve` URL to use instead of a model in this process (default: $MONOSEMANTIC_URL)")
     parser.add_argument("--agent", choices=["openai"], default=None, help="answer with an LLM and TTS (default: off)")
     return parser.parse_args(argv)
 

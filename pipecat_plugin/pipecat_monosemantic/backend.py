@@ -39,3 +39,10 @@ async def local_engine(model: str | os.PathLike, *, device: str, dtype: str, con
     import monosemantic
 
     return await monosemantic.aget_engine(model, device=device, dtype=dtype, config=config)
+
+
+def remote_engine(base_url: str, api_key: str | None) -> EngineLike:
+    """A client of a `monosemantic serve` instance (each stream is its own WebSocket connection)."""
+    from monosemantic.client import RemoteEngine
+
+    return RemoteEngine(base_url, api_key)

@@ -56,6 +56,8 @@ class StreamSession:
 
     def final_arrived(self) -> bool:
         """Count one Final in; True when the stream is retiring and owes nothing more (close it)."""
+        if not self.outstanding:  # a Final nobody asked for: a server draining on shutdown flushed for us
+            self.unflushed = False
         self.outstanding = max(0, self.outstanding - 1)
         return self.retiring and not self.outstanding
 

@@ -38,7 +38,7 @@ from pipecat.utils.tracing.service_decorators import traced_stt
 from monosemantic.errors import AudioError, MissingDependencyError, ModelLoadError, StreamError
 from monosemantic.events import Error, Final, Partial
 
-from .backend import EngineLike, local_engine
+from .backend import EngineLike, local_engine, remote_engine
 from .session import StreamSession
 from .settings import MonosemanticSTTSettings
 
@@ -79,6 +79,8 @@ class MonosemanticSTTService(STTService):
         stop_timeout: float = 5.0,
         settings: MonosemanticSTTSettings | None = None,
         ttfs_p99_latency: float | None = MONOSEMANTIC_TTFS_P99,
+        base_url: str | None = None,
+        api_key: str | None = None,
         **kwargs,
     ):
         """Create the service; the model loads when the pipeline starts (or earlier with
@@ -95,6 +97,11 @@ class MonosemanticSTTService(STTService):
             stop_timeout: On EndFrame, how long to wait for the transcript of audio still in flight.
             settings: Runtime-updatable settings; unset fields keep their defaults.
             ttfs_p99_latency: P99 seconds from end of speech to final transcript, for turn strategies.
+            base_url: URL of a `monosemantic serve` instance (e.g. "ws://gpu-host:8080"): streams run
+                there, batched with every other process's; `model`, `device`, `dtype` and
+                `engine_config` are then the server's business and ignored. A lost connection is
+                reported as a non-fatal ErrorFrame and the next audio reconnects.
+            api_key: The server's API key (default: the MONOSEMANTIC_API_KEY environment variable).
             **kwargs: Passed to `STTService`.
         """
         if model is None:
@@ -114,6 +121,7 @@ class MonosemanticSTTService(STTService):
         self._dtype = dtype
         self._engine_config = engine_config
         self._stop_timeout = stop_timeout
+        self._remote = remote_engine(base_url, api_key) if base_url else None
 
         self._session: StreamSession | None = None  # where incoming audio goes
         self._sessions: set[StreamSession] = set()  # every stream still open (current and retiring)
@@ -127,7 +135,10 @@ class MonosemanticSTTService(STTService):
 
     # ---- the seam --------------------------------------------------------------------------------
     async def _engine_for(self, model: str) -> EngineLike:
-        """The one place the service obtains a recognizer: the process's shared engine for `model`."""
+        """The one place the service obtains a recognizer: the server in remote mode, else the process's
+        shared engine for `model`."""
+        if self._remote is not None:
+            return self._remote
         return await local_engine(model, device=self._device, dtype=self._dtype, config=self._engine_config)
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -151,6 +162,8 @@ class MonosemanticSTTService(STTService):
     async def cleanup(self):
         await super().cleanup()
         await self._abort()
+        if self._remote is not None:
+            await self._remote.aclose()
 
     # ---- audio in --------------------------------------------------------------------------------
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
@@ -214,7 +227,10 @@ class MonosemanticSTTService(STTService):
             self._retry_at = time.monotonic() + _REOPEN_BACKOFF_SECONDS
             # A checkpoint that cannot load, or a setting the model refuses, will fail the same way every
             # time: mark the service unusable (a settings update makes it usable again).
-            permanent = isinstance(e, (ModelLoadError, MissingDependencyError, ValueError, AudioError))
+            # A server that refuses for good (a wrong key) is too; unreachable or full is not.
+            permanent = isinstance(e, (ModelLoadError, MissingDependencyError, ValueError, AudioError)) or (
+                isinstance(e, StreamError) and getattr(e, "retryable", True) is False
+            )
             await self.push_error(
                 f"could not open a recognition stream: {e}", exception=e, force_treat_as_permanent=permanent
             )

@@ -20,24 +20,35 @@ class RunningServer:
     def __init__(self, model, **config):
         self.config = ServerConfig(**{"heartbeat_seconds": None, **config})
         self.model = model
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.app = create_app(self.config, model=model)
-        self.runner = web.AppRunner(self.app, shutdown_timeout=5)
+        self.port = 0
+        self.running = False
 
     def __enter__(self) -> "RunningServer":
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.app = create_app(self.config, model=self.model)
+        self.runner = web.AppRunner(self.app, shutdown_timeout=5)
         self.thread.start()
         self.call(self._start(), timeout=120)
+        self.running = True
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self.running:
+            return
+        self.running = False
         self.call(self.runner.cleanup(), timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
+    def restart(self) -> None:
+        """Start again on the same port (a server coming back after a crash or a deploy)."""
+        self.__exit__()
+        self.__enter__()
+
     async def _start(self) -> None:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
         await site.start()
         self.port = self.runner.addresses[0][1]
         await wait_ready(self.app)

@@ -1,0 +1,87 @@
+"""Remote mode: `MonosemanticSTTService(base_url=...)` against a real `monosemantic serve` app on loopback
+gives the same transcripts as in-process; a server that goes away is a non-fatal ErrorFrame and the
+service reconnects; a wrong key is a permanent error, not a retry loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pipecat.frames.frames import InterimTranscriptionFrame
+
+from _support.server import RunningServer
+from pipecat_monosemantic import MonosemanticSTTService
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def model(ms_model):
+    return ms_model("nemotron_rnnt")
+
+
+def test_remote_finals_equal_offline_transcription(harness, model, speech):
+    expected = [model.transcribe(pcm, latency_ms=160).text for pcm in speech[:2]]
+
+    async def main(port):
+        stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{port}", api_key="k3y")
+        async with harness(stt, sample_rate=16000) as h:
+            for n, pcm in enumerate(speech[:2], 1):
+                await h.say(pcm)
+                await h.wait_for(lambda: len(h.finals()) == n)
+            await h.end()
+            return h
+
+    with RunningServer(model, api_key="k3y") as server:
+        h = asyncio.run(main(server.port))
+    assert [f.text for f in h.finals()] == expected
+    assert h.down.of(InterimTranscriptionFrame) and not h.errors()
+
+
+def test_server_going_away_is_a_non_fatal_error_and_the_service_reconnects(harness, model, speech):
+    expected = model.transcribe(speech[1], latency_ms=160).text
+    server = RunningServer(model)
+
+    async def main():
+        stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{server.port}")
+        async with harness(stt, sample_rate=16000) as h:
+            await h.speech_starts()
+            await h.audio(speech[0][:16000])
+            await h.wait_for(lambda: h.down.of(InterimTranscriptionFrame))
+            await asyncio.to_thread(server.__exit__)  # the server vanishes mid-utterance
+            await h.wait_for(lambda: h.errors())
+            await h.speech_stops()
+            await asyncio.to_thread(server.restart)  # same port: the next audio reconnects
+            await asyncio.sleep(1.1)  # the service's reopen backoff
+            await h.say(speech[1])
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            await h.end()
+            return h
+
+    server.__enter__()
+    try:
+        h = asyncio.run(main())
+    finally:
+        server.__exit__()
+    (error,) = h.errors()
+    assert not error.fatal and "shutting down" in error.error
+    # A server shutting down drains its streams: the interrupted utterance still gets its final (no
+    # audio lost), so the error does not claim otherwise; the next utterance runs on the new server.
+    drained, final = h.finals()
+    assert drained.text and "not transcribed" not in error.error
+    assert final.text == expected
+
+
+def test_wrong_key_is_a_permanent_error_not_a_retry_loop(harness, model, speech):
+    async def main(port):
+        stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{port}", api_key="wrong")
+        async with harness(stt, sample_rate=16000) as h:
+            await h.say(speech[0][:8000])
+            await h.end(timeout=30)
+            return stt, h
+
+    with RunningServer(model, api_key="right") as server:
+        stt, h = asyncio.run(main(server.port))
+    errors = h.errors()
+    assert len(errors) == 1 and ("401" in errors[0].error or "unauthorized" in errors[0].error.lower())
+    assert not stt.is_usable and h.finals() == []
