@@ -10,6 +10,12 @@ the difference is what the adapter adds (channels, event mapping, tasks).
 
 The engine runs without VAD here (--vad turns it on), so the flush is the only utterance boundary in
 both phases.
+
+With --url the same runs against a `monosemantic serve` (remote mode): the plugin phase uses
+`STT(base_url=URL)`, the raw phase `monosemantic.client.RemoteEngine(URL)`; the server's engine settings
+(VAD included) are the server's.
+
+    python benchmarks/livekit_ttf.py --url ws://127.0.0.1:8080 --streams 16 --utterances 5
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ async def raw_stream(engine, utterances, latency_ms, pace) -> list[float]:
         await paced(pcm16(audio), stream.push, pace)
         t0 = time.perf_counter()
         await stream.flush()
-        times.append(await finals.get() - t0)
+        times.append(await asyncio.wait_for(finals.get(), 60) - t0)  # a lost final fails the run
     await stream.close()
     await reader
     return times
@@ -95,7 +101,7 @@ async def plugin_stream(stt, utterances, pace) -> list[float]:
         await paced(pcm16(audio), push, pace)
         t0 = time.perf_counter()
         stream.flush()
-        times.append(await finals.get() - t0)
+        times.append(await asyncio.wait_for(finals.get(), 60) - t0)  # a lost final fails the run
     await stream.aclose()
     await reader
     return times
@@ -110,16 +116,28 @@ async def main(args) -> dict:
     from livekit.plugins import monosemantic as lk_monosemantic
 
     config = monosemantic.EngineConfig(vad=monosemantic.VADConfig() if args.vad else None)
-    engine = await monosemantic.aget_engine(args.model, device=args.device, config=config)
+    if args.url:
+        from monosemantic.client import RemoteEngine
+
+        engine = RemoteEngine(args.url)
+    else:
+        engine = await monosemantic.aget_engine(args.model, device=args.device, config=config)
     pool = clips(args.seconds)
     plan = [[pool[(s + u) % len(pool)] for u in range(args.utterances)] for s in range(args.streams)]
     await raw_stream(engine, [pool[0][:16000]], args.latency_ms, 4.0)  # warm-up, not measured
     raw = await asyncio.gather(*(raw_stream(engine, p, args.latency_ms, args.pace) for p in plan))
-    stt = lk_monosemantic.STT(model=args.model, device=args.device, latency_ms=args.latency_ms, engine_config=config)
+    if args.url:
+        stt = lk_monosemantic.STT(base_url=args.url, latency_ms=args.latency_ms)
+    else:
+        stt = lk_monosemantic.STT(model=args.model, device=args.device, latency_ms=args.latency_ms, engine_config=config)
     plugin = await asyncio.gather(*(plugin_stream(stt, p, args.pace) for p in plan))
-    assert len(monosemantic.engine.shared.shared_engines()) == 1  # both phases ran on the same engine
+    await stt.aclose()
+    if args.url:
+        await engine.aclose()
+    else:
+        assert len(monosemantic.engine.shared.shared_engines()) == 1  # both phases ran on the same engine
     return {
-        "model": str(args.model), "device": args.device, "streams": args.streams, "utterances": args.utterances,
+        "model": args.url or str(args.model), "device": "server" if args.url else args.device, "streams": args.streams, "utterances": args.utterances,
         "utterance_seconds": args.seconds, "latency_ms": args.latency_ms, "vad": args.vad, "pace": args.pace,
         "engine": summary([t for ts in raw for t in ts]),
         "plugin": summary([t for ts in plugin for t in ts]),
@@ -136,6 +154,7 @@ if __name__ == "__main__":
     parser.add_argument("--latency-ms", type=int, default=160)
     parser.add_argument("--pace", type=float, default=1.0, help="audio speed, x real time")
     parser.add_argument("--vad", action="store_true", help="run the engine's VAD too")
+    parser.add_argument("--url", default=None, help="a `monosemantic serve` URL: measure remote mode")
     args = parser.parse_args()
     args.model = args.model or monosemantic.DEFAULT_MODEL
     result = asyncio.run(main(args))

@@ -8,7 +8,6 @@ import asyncio
 import json
 
 import aiohttp
-import numpy as np
 import pytest
 
 from monosemantic import CapacityError, Final, Partial
