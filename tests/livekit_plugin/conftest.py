@@ -13,6 +13,8 @@ import pytest
 
 import monosemantic
 
+from _support.audio import speech_with_silences
+
 
 @pytest.fixture(autouse=True)
 def fresh_engines():
@@ -25,17 +27,6 @@ def fresh_engines():
 @pytest.fixture(scope="session")
 def checkpoint(nemo_checkpoint) -> str:
     return str(nemo_checkpoint("nemotron_rnnt"))
-
-
-def speech_with_silences(audio_clips, gaps=(1.5, 2.0, 1.2), tail=1.5) -> np.ndarray:
-    """Three real speech clips separated by near-silent gaps (as tests/engine/test_engine_vad.py)."""
-    rng = np.random.default_rng(0)
-    clips = [audio_clips[k] for k in ("jfk.wav", "sense_and_sensibility_01_austen_64kb-0880.wav", "61-70968-0000.flac")]
-    parts = [np.zeros(8000, dtype=np.float32)]
-    for clip, gap in zip(clips, gaps):
-        parts += [clip, (rng.standard_normal(int(gap * 16000)) * 1e-4).astype(np.float32)]
-    parts.append(np.zeros(int(tail * 16000), dtype=np.float32))
-    return np.concatenate(parts)
 
 
 def to_int16(audio: np.ndarray) -> np.ndarray:
