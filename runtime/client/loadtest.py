@@ -174,6 +174,16 @@ def summarize(cfg: LoadtestConfig, reports: list[StreamReport]) -> dict:
         partials = sum(1 for r in reports for at in r.partial_at if m * 60 <= at < (m + 1) * 60)
         per_minute.append({"minute": m, "finals": len(ttf), "partials": partials, **percentiles(ttf)})
     all_ttf = [t * 1000.0 for r in reports for _, t in r.ttf]
+    # Drift: the first and the last minute the whole run covers (a trailing partial minute holds only the
+    # run's last flushes, and is left out).
+    full = [m for m in per_minute if (m["minute"] + 1) * 60 <= cfg.duration_s and m["finals"]]
+    drift = None
+    if len(full) >= 2:
+        first, last = full[0], full[-1]
+        drift = {
+            "first_minute": first["minute"], "last_minute": last["minute"],
+            **{f"{q}_change": (last[q] / first[q] - 1.0) if first[q] else None for q in ("p50", "p95")},
+        }
     return {
         "url": cfg.url,
         "streams": cfg.streams,
@@ -191,6 +201,7 @@ def summarize(cfg: LoadtestConfig, reports: list[StreamReport]) -> dict:
         "client_max_send_lag_ms": 1000.0 * max((r.max_send_lag_s for r in reports), default=0.0),
         "time_to_final_ms": percentiles(all_ttf),
         "per_minute": per_minute,
+        "drift": drift,
     }
 
 
@@ -209,6 +220,13 @@ def format_summary(s: dict) -> str:
         f"exact coverage {s['covered']}/{s['finals']} ({'all audio covered' if s['all_audio_covered'] else 'AUDIO NOT COVERED'}), "
         f"errors {s['errors']}, client max send lag {s['client_max_send_lag_ms']:.1f} ms",
     ]
+    if s.get("drift"):
+        d = s["drift"]
+        change = lambda v: "n/a" if v is None else f"{100.0 * v:+.0f}%"  # noqa: E731
+        lines.append(
+            f"drift, minute {d['first_minute']} -> minute {d['last_minute']}: time-to-final p50 {change(d['p50_change'])}, "
+            f"p95 {change(d['p95_change'])}"
+        )
     lines += [f"  error: {e}" for e in s["error_samples"]]
     return "\n".join(lines)
 

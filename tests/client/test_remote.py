@@ -134,6 +134,21 @@ def test_loadtest_streams_in_real_time_and_covers_all_audio(server, audio_clips)
     assert summary["per_minute"][0]["finals"] == 5
 
 
+def test_loadtest_drift_compares_the_first_and_last_full_minutes():
+    from monosemantic.client.loadtest import StreamReport, format_summary
+
+    cfg = LoadtestConfig(url="ws://127.0.0.1:1", streams=1, duration_s=180.0)
+    # time to final 100 ms in minute 0, 300 ms in minute 1, 120 ms in minute 2, 900 ms in the tail minute 3
+    ttf = [(m * 60 + 1.0 + i, t) for m, t in ((0, 0.1), (1, 0.3), (2, 0.12), (3, 0.9)) for i in range(5)]
+    report = StreamReport(index=0, opened=True, flushes=20, finals=20, covered=20, ttf=ttf)
+    summary = summarize(cfg, [report])
+    drift = summary["drift"]
+    assert (drift["first_minute"], drift["last_minute"]) == (0, 2)
+    assert drift["p50_change"] == pytest.approx(0.2) and drift["p95_change"] == pytest.approx(0.2)
+    assert "drift, minute 0 -> minute 2: time-to-final p50 +20%, p95 +20%" in format_summary(summary)
+    assert summarize(LoadtestConfig(url=cfg.url, duration_s=59.0), [report])["drift"] is None
+
+
 def test_loadtest_bounds(server):
     with pytest.raises(ValueError, match="streams"):
         LoadtestConfig(url=server.http, streams=5000)
