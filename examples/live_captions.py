@@ -3,10 +3,12 @@
     python examples/live_captions.py --mic                       # needs: pip install sounddevice
     python examples/live_captions.py tests/data/jfk.wav          # played at real-time pace
     python examples/live_captions.py tests/data/jfk.wav --fast   # as fast as the engine goes
+    python examples/live_captions.py tests/data/jfk.wav --url ws://127.0.0.1:8080   # on a `monosemantic serve`
 
 Each utterance ends where the engine's voice activity detection hears the speaker stop: the example
 then flushes the stream, and the utterance's Final replaces the partial line, with its time span.
-Options: --model (Hugging Face id or .nemo file), --device, --latency-ms.
+Options: --model (Hugging Face id or .nemo file), --device, --latency-ms; --url (and --api-key) to use a
+`monosemantic serve` instead of a model in this process.
 """
 
 from __future__ import annotations
@@ -110,8 +112,13 @@ async def feed_microphone(stream) -> None:
 
 
 async def main(args) -> None:
-    print(f"loading {args.model} ...", file=sys.stderr)
-    engine = await monosemantic.aget_engine(args.model, device=args.device)
+    if args.url:
+        from monosemantic.client import RemoteEngine
+
+        engine = RemoteEngine(args.url, args.api_key)
+    else:
+        print(f"loading {args.model} ...", file=sys.stderr)
+        engine = await monosemantic.aget_engine(args.model, device=args.device)
     stream = await engine.open_stream(latency_ms=args.latency_ms, sample_rate=16000)
     utterances = Utterances(stream)
     printer = asyncio.create_task(show_events(stream, Captions(16000), utterances))
@@ -126,6 +133,8 @@ async def main(args) -> None:
         utterances.closing = True
         await stream.close()
         await printer
+        if args.url:
+            await engine.aclose()
         monosemantic.close_shared_engines()
 
 
@@ -137,6 +146,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=monosemantic.DEFAULT_MODEL, help="Hugging Face id or .nemo file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--latency-ms", type=int, default=160, help="streaming latency mode")
+    parser.add_argument("--url", help="recognize on a `monosemantic serve` at this URL instead of loading a model")
+    parser.add_argument("--api-key", default=None, help="the server's key (default: $MONOSEMANTIC_API_KEY)")
     args = parser.parse_args(argv)
     if bool(args.file) == args.mic:
         parser.error("give an audio file or --mic")

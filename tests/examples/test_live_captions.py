@@ -37,6 +37,23 @@ def test_file_captions_cover_the_clip(nemo_checkpoint, ms_model, audio_clips):
         assert lines[0][2] == ms_model("nemotron_rnnt").transcribe(audio, latency_ms=160).text
 
 
+def test_captions_from_a_server(ms_model, audio_clips):
+    """--url: the same captions through `monosemantic serve` (a real server on loopback)."""
+    from _support.server import RunningServer
+
+    clip = ROOT / "tests" / "data" / "sense_and_sensibility_01_austen_64kb-0880.wav"
+    model = ms_model("nemotron_rnnt")
+    with RunningServer(model, api_key="k") as server:
+        result = run(str(clip), "--fast", "--url", f"ws://127.0.0.1:{server.port}", "--api-key", "k")
+        wrong = run(str(clip), "--fast", "--url", f"ws://127.0.0.1:{server.port}", "--api-key", "nope")
+    assert result.returncode == 0, result.stderr
+    lines = re.findall(r"^\[\s*([\d.]+)-\s*([\d.]+)s\] (.*)$", result.stdout, re.M)
+    assert lines and abs(float(lines[-1][1]) - len(audio_clips[clip.name]) / 16000) < 0.01
+    if len(lines) == 1:
+        assert lines[0][2] == model.transcribe(audio_clips[clip.name], latency_ms=160).text
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr and wrong.stderr.startswith("error:")
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path):
     result = run()
     assert result.returncode == 2 and "give an audio file or --mic" in result.stderr
