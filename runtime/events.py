@@ -16,6 +16,8 @@ class Partial:
 
     text: str
     stable_text: str
+    start: int = 0  # sample where the utterance's audio starts (the previous flush point)
+    end: int = 0  # sample up to which the utterance's audio has been transcribed
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class TurnTracker:
         self.interim_results = interim_results
         self.state: Literal["idle", "speaking", "ending"] = "idle"
         self.text = ""  # hypothesis of the audio since the last Final
+        self.text_end = 0  # engine sample up to which that hypothesis has transcribed the audio
         self.utterance_start = 0  # engine sample where that audio starts (the previous flush point)
         self.pushed = 0  # engine samples pushed so far (the stream tells us)
         self.pending: deque[FlushReason] = deque()  # flushes whose Final has not arrived, in order
@@ -88,10 +89,11 @@ class TurnTracker:
             return self._speech_ended(event.sample)
         if isinstance(event, monosemantic.Partial):
             self.text = event.text
+            self.text_end = event.end
             if not self.vad and self.state == "idle" and event.text:
                 return self._open(self.utterance_start), False  # carries the INTERIM
             if self.state == "speaking" and self.interim_results and event.text:
-                return [self._transcript(stt.SpeechEventType.INTERIM_TRANSCRIPT, event.text)], False
+                return [self._transcript(stt.SpeechEventType.INTERIM_TRANSCRIPT, event.text, end=event.end)], False
             return [], False
         if isinstance(event, monosemantic.Final):
             return self._final(event), False
@@ -128,7 +130,7 @@ class TurnTracker:
         onset = min(self.clock.wall(sample), time.time())  # input faster than real time runs ahead of the clock
         out = [stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH, speech_start_time=onset)]
         if self.text and self.interim_results:  # hypothesis that arrived before the VAD was sure
-            out.append(self._transcript(stt.SpeechEventType.INTERIM_TRANSCRIPT, self.text))
+            out.append(self._transcript(stt.SpeechEventType.INTERIM_TRANSCRIPT, self.text, end=self.text_end))
         return out
 
     def _speech_ended(self, sample: int) -> tuple[list[stt.SpeechEvent], bool]:
@@ -147,7 +149,7 @@ class TurnTracker:
 
     def _final(self, final) -> list[stt.SpeechEvent]:
         reason = self.pending.popleft() if self.pending else "framework"
-        self.text = ""
+        self.text, self.text_end = "", final.end
         self.utterance_start = final.end
         event = self._final_event(final)
         if (reason == "vad" and self.state == "ending") or (not self.vad and self.state == "speaking"):

@@ -274,7 +274,7 @@ class EngineCore:
                 state.frames += result.frames
                 state.durations += result.durations
                 text = self.model.tokenizer.decode(state.labels)
-                state.emit(Partial(text=text, stable_text=text))
+                state.emit(Partial(text=text, stable_text=text, start=row.utt_start, end=result.end))
             state.unreported_samples += result.samples
             if state.unreported_samples >= self.usage_samples:
                 state.emit(Usage(state.unreported_samples / self.model.sample_rate))

@@ -30,6 +30,7 @@ class RowResult:
     frames: list[int]
     durations: list[int]
     samples: int  # audio samples this step consumed (for usage accounting)
+    end: int = 0  # stream sample up to which the utterance has now been transcribed
 
 
 class ModelRunner:
@@ -150,8 +151,9 @@ class ModelRunner:
             # Audio this row moved past, for Usage: the window starts before the utterance on its first
             # step and its last step reaches past the flush point, so clamp to the utterance's audio.
             begin = row.utt_start + g.hop * row.window
-            moved = min(begin + consumed * g.hop, row.end) - max(begin, row.utt_start)
-            results.append(RowResult(decoded.labels[i], decoded.frames[i], decoded.durations[i], max(0, moved)))
+            reached = max(min(begin + consumed * g.hop, row.end), row.utt_start)
+            moved = reached - max(begin, row.utt_start)
+            results.append(RowResult(decoded.labels[i], decoded.frames[i], decoded.durations[i], max(0, moved), reached))
         return results
 
     def _encode(self, latency_ms: int, plan: ChunkPlan, mel: torch.Tensor, index: torch.Tensor, lo, hi):

@@ -121,7 +121,10 @@ def error_message(code: str, message: str, fatal: bool = False) -> dict:
 def event_to_message(event: Event, rate: int) -> dict:
     """An engine event -> its JSON message; sample counts become seconds at the model rate `rate`."""
     if isinstance(event, Partial):
-        return {"type": "partial", "text": event.text, "stable_text": event.stable_text}
+        return {
+            "type": "partial", "text": event.text, "stable_text": event.stable_text,
+            "start": event.start / rate, "end": event.end / rate,
+        }
     if isinstance(event, Final):
         return {
             "type": "final",
@@ -158,7 +161,10 @@ def message_to_event(message: dict, rate: int) -> Event | None:
     try:
         kind = message["type"]
         if kind == "partial":
-            return Partial(text=str(message["text"]), stable_text=str(message["stable_text"]))
+            return Partial(
+                text=str(message["text"]), stable_text=str(message["stable_text"]),
+                start=_samples(message.get("start", 0), rate), end=_samples(message.get("end", 0), rate),
+            )
         if kind == "final":
             return Final(
                 text=str(message["text"]),

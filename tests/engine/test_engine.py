@@ -218,6 +218,34 @@ def test_push_times_out_when_the_engine_cannot_keep_up(ms_model):
     asyncio.run(main())
 
 
+def test_partials_carry_the_span_of_audio_they_transcribe(ms_model, audio_clips):
+    """Each Partial says where its utterance starts and how far it has transcribed: the end grows, stays
+    within the audio pushed, and the next utterance starts at the previous Final's end."""
+    model = ms_model("nemotron_rnnt")
+    first, second = audio_clips["jfk.wav"], audio_clips["61-70968-0000.flac"]
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=None)) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            utterances = []
+            for audio in (first, second):
+                for i in range(0, len(audio), 3200):
+                    await stream.push(audio[i : i + 3200])
+                await stream.flush()
+                utterances.append(await collect_until_final(stream))
+            await stream.close()
+            return utterances
+
+    (events1, final1), (events2, final2) = asyncio.run(main())
+    for events, final, start in ((events1, final1, 0), (events2, final2, len(first))):
+        partials = [e for e in events if isinstance(e, Partial)]
+        assert partials and final.start == start
+        assert all(p.start == start for p in partials)
+        ends = [p.end for p in partials]
+        assert ends == sorted(ends) and start < ends[0] and ends[-1] <= final.end
+    assert final2.end == len(first) + len(second)
+
+
 def test_usage_events_and_close_ends_iteration(ms_model, audio_clips):
     model = ms_model("nemotron_rnnt")
     audio = np.concatenate([audio_clips["jfk.wav"]] * 2)  # 22 s

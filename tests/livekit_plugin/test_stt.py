@@ -48,6 +48,9 @@ def test_final_equals_offline_transcription_at_16k(checkpoint, ms_model, audio_c
     assert len(turns) == 1 and turns[0][-2].type == T.FINAL_TRANSCRIPT  # START .. FINAL, END
     interims = [e.alternatives[0].text for e in of_type(events, T.INTERIM_TRANSCRIPT)]
     assert interims and all(final.text.startswith(t) for t in interims)
+    # an interim spans the audio it has transcribed so far: its end grows, up to the final's
+    ends = [e.alternatives[0].end_time for e in of_type(events, T.INTERIM_TRANSCRIPT)]
+    assert ends == sorted(ends) and ends[0] > 0.0 and ends[-1] <= final.end_time + 1e-6
     # usage reports exactly the audio pushed
     usage = sum(e.recognition_usage.audio_duration for e in of_type(events, T.RECOGNITION_USAGE))
     assert usage == pytest.approx(len(audio) / 16000, abs=1e-6)

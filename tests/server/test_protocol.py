@@ -68,7 +68,7 @@ def test_stream_parameters(query):
 
 samples = st.integers(0, 2**31)
 events = st.one_of(
-    st.builds(Partial, st.text(), st.text()),
+    st.builds(Partial, st.text(), st.text(), samples, samples),
     st.builds(
         Final, st.text(),
         st.lists(st.builds(Token, st.integers(0, 10**5), st.text(max_size=5), samples, samples), max_size=4),
