@@ -67,8 +67,8 @@ def test_remote_recognize_equals_offline_transcription(server, ms_model, audio_c
     assert [str(w) for w in event.alternatives[0].words] == [w.text for w in expected.words]
 
 
-async def run_until_error(stt, conn_options):
-    errors = []
+async def run_until_error(stt, conn_options, errors: list):
+    """Iterate a stream until it fails, collecting the STT's error events into `errors`."""
     stt.on("error", errors.append)
     stream = stt.stream(conn_options=conn_options)
     try:
@@ -76,13 +76,12 @@ async def run_until_error(stt, conn_options):
             pass
     finally:
         await stt.aclose()
-    return errors
 
 
 def test_wrong_key_is_a_non_retryable_401(server):
     stt = lk_monosemantic.STT(base_url=f"ws://127.0.0.1:{server.port}", api_key="wrong")
     with pytest.raises(APIStatusError) as info:
-        asyncio.run(run_until_error(stt, APIConnectOptions(max_retry=3, retry_interval=0.01, timeout=10)))
+        asyncio.run(run_until_error(stt, APIConnectOptions(max_retry=3, retry_interval=0.01, timeout=10), []))
     assert info.value.status_code == 401 and not info.value.retryable
 
 
@@ -92,17 +91,9 @@ def test_unreachable_server_is_retried_then_a_connection_error():
         port = s.getsockname()[1]
     stt = lk_monosemantic.STT(base_url=f"ws://127.0.0.1:{port}")
     errors = []
-
-    async def main():
-        stt.on("error", errors.append)
-        try:
-            async for _ in stt.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.01, timeout=5)):
-                pass
-        finally:
-            await stt.aclose()
-
+    conn_options = APIConnectOptions(max_retry=2, retry_interval=0.01, timeout=5)
     with pytest.raises(APIConnectionError) as info:
-        asyncio.run(main())
+        asyncio.run(run_until_error(stt, conn_options, errors))
     # each failed attempt is reported as recoverable until the retries run out
     assert [e.recoverable for e in errors] == [True, True, False]
     assert f"127.0.0.1:{port}" in str(info.value)
