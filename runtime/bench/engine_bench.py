@@ -121,17 +121,6 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
     )
 
 
-def run_engine(model, plans: list[StreamPlan], latency_ms: int, config) -> BenchResult:
-    """Run the workload through a fresh engine (asyncio loop of its own)."""
-    from ..engine import Engine
-
-    async def main():
-        async with Engine(model, config) as engine:
-            return await run_trial(engine, plans, latency_ms)
-
-    return asyncio.run(main())
-
-
 class EngineTrials:
     """One engine (and event loop) serving successive trials, e.g. a search for the most streams."""
 
