@@ -19,10 +19,18 @@ from .workload import make_workload
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 
-def load_clips(paths: list[str], sample_rate: int) -> list[np.ndarray]:
-    """Speech clips from files and directories (default: the repository's tests/data)."""
+def load_clips(paths: list[str] | None, sample_rate: int) -> list[np.ndarray]:
+    """Speech clips from files and directories; None: the repository's tests/data (from the working
+    directory, or beside the package in a source checkout)."""
     from ..audio import load_audio_file
 
+    if not paths:
+        here = Path("tests") / "data"
+        source = Path(__file__).resolve().parents[2] / "tests" / "data"
+        found = next((d for d in (here, source) if d.is_dir()), None)
+        if found is None:
+            raise ValueError("no speech to send: pass --audio with wav/flac files or directories (the default, tests/data, exists only in a checkout of the repository)")
+        paths = [str(found)]
     files: list[Path] = []
     for p in paths:
         path = Path(p)
@@ -73,6 +81,7 @@ def _line(res: BenchResult) -> str:
         f"{res.system:<32} streams={res.streams:<4} chunk p50/p95/p99 = {c['p50']:7.1f}/{c['p95']:7.1f}/{c['p99']:7.1f} ms  "
         f"final p50/p95 = {f['p50']:7.1f}/{f['p95']:7.1f} ms  rtf={res.rtf:.3f}  errors={res.errors}  "
         f"mem/stream={mem}  {'SUSTAINED' if res.sustained else 'not sustained'}"
+        + (f"  [{res.notes}]" if res.notes else "")
     )
 
 
@@ -85,8 +94,7 @@ def run(args) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     latency = args.latency_ms or model.default_latency_ms
     model.context_for(latency)
-    audio = args.audio or [str(Path("tests") / "data")]
-    clips = load_clips(audio, model.sample_rate)
+    clips = load_clips(args.audio, model.sample_rate)
     limit = args.max_streams
     config = EngineConfig(
         max_streams=limit,

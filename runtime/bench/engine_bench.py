@@ -38,6 +38,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
     chunk_at: list[float] = []
     final_latency: list[float] = []
     compute = [0.0]
+    steps = [0, 0]  # encoder steps run, rows in them (mean batch = rows / steps)
     errors = [0]
     handles: dict[int, StreamPlan] = {}
     t0 = time.perf_counter() + 0.5  # every stream's schedule counts from here
@@ -47,6 +48,8 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
         compute[0] += elapsed
         g = engine.core.scheduler.geometry
         for batch in tick.steps:
+            steps[0] += 1
+            steps[1] += len(batch.rows)
             for row in batch.rows:
                 plan = handles.get(row.handle)
                 if plan is None or row.final:
@@ -117,7 +120,10 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
         chunk_at_s=chunk_at,
         errors=errors[0],
         memory_per_stream_mb=per_stream,
-        notes=f"device={model.device}, max_batch={config.max_batch}, vad={'on' if config.vad else 'off'}, frames={frame_ms} ms",
+        notes=(
+            f"device={model.device}, max_batch={config.max_batch}, vad={'on' if config.vad else 'off'}, "
+            f"frames={frame_ms} ms, steps={steps[0]}, mean batch={steps[1] / max(1, steps[0]):.1f}"
+        ),
     )
 
 

@@ -253,8 +253,7 @@ def run(args) -> int:
         raise missing_dependency("aiohttp", "server", "monosemantic loadtest") from None
     cfg = LoadtestConfig(url=args.url, streams=args.streams, duration_s=args.duration, api_key=args.api_key,
                          latency_ms=args.latency_ms, frame_ms=args.frame_ms)
-    default_audio = Path(__file__).resolve().parents[2] / "tests" / "data"
-    clips = load_clips(args.audio or [str(default_audio)], RATE)
+    clips = load_clips(args.audio, RATE)
     reports = asyncio.run(run_loadtest(cfg, clips))
     summary = summarize(cfg, reports)
     print(format_summary(summary), flush=True)

@@ -219,7 +219,9 @@ class RemoteEngine:
         """A new stream on the server. ServerCapacityError when it is full, AuthenticationError for a bad
         key, ServerRejectedError for other refusals, ServerUnreachableError when it cannot be reached."""
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            # Every stream holds its own connection for its whole life: aiohttp's default pool of 100
+            # would make the 101st open wait for a free connection until it timed out.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         params = {"sample_rate": str(int(sample_rate))}
         if latency_ms is not None:
             params["latency_ms"] = str(int(latency_ms))
@@ -232,7 +234,7 @@ class RemoteEngine:
         except aiohttp.WSServerHandshakeError as exc:
             raise _rejection(exc) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise ServerUnreachableError(f"cannot connect to {self.url}: {exc or type(exc).__name__}") from None
+            raise ServerUnreachableError(f"cannot connect to {self.url}: {str(exc) or type(exc).__name__}") from None
         try:
             msg = await ws.receive(timeout=self.connect_timeout)
             ready = json.loads(msg.data) if msg.type is aiohttp.WSMsgType.TEXT else None

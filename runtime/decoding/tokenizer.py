@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from ..transcript import Token, Transcript, Word
 
 WORD_START = "\u2581"  # SentencePiece's '▁' marks a piece that begins a word
@@ -14,9 +16,39 @@ class Tokenizer:
         self.sp = sentencepiece.SentencePieceProcessor()
         self.sp.LoadFromSerializedProto(model_proto)
         self.vocab_size = self.sp.get_piece_size()
+        self._plain = self._plain_pieces()  # id -> text of the ids `extend` may append
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode_ids([int(i) for i in ids])
+
+    def extend(self, text: str, ids: list[int], start: int) -> str:
+        """decode(ids), given text == decode(ids[:start]): the streaming partial, in time proportional to
+        the new ids rather than to the whole utterance. Falls back to a full decode while the text is
+        empty (SentencePiece drops the first word's leading space) and when a new id is not a plain piece
+        (bytes, unknown, control, inner spaces), whose decoding depends on its neighbours."""
+        pieces = [self._plain.get(i) for i in ids[start:]]
+        if not text or None in pieces:
+            return self.decode(ids)
+        return text + "".join(pieces)
+
+    def _plain_pieces(self) -> dict[int, str]:
+        """Id -> its text, for the ids whose decoding is plain concatenation ('▁' -> ' '). Checked against
+        SentencePiece itself on sample sequences; any difference disables the shortcut."""
+        sp = self.sp
+        self._plain = {}
+        for i in range(self.vocab_size):
+            piece = sp.id_to_piece(i)
+            special = sp.is_unknown(i) or sp.is_control(i) or sp.is_unused(i) or sp.is_byte(i)
+            if not special and piece and WORD_START not in piece[1:]:
+                self._plain[i] = piece.replace(WORD_START, " ")
+        rng = random.Random(0)
+        ids = sorted(self._plain)
+        for _ in range(64 if ids else 0):
+            seq = [rng.choice(ids) for _ in range(rng.randint(2, 12))]
+            cut = rng.randint(1, len(seq) - 1)
+            if self.extend(self.decode(seq[:cut]), seq, cut) != self.decode(seq):
+                return {}
+        return self._plain
 
     def transcript(
         self, labels: list[int], frames: list[int], durations: list[int], frame_samples: int, sample_rate: int

@@ -37,6 +37,7 @@ class StreamState:
     labels: list[int] = field(default_factory=list)
     frames: list[int] = field(default_factory=list)
     durations: list[int] = field(default_factory=list)
+    text: str = ""  # the utterance's text so far (decode of labels), extended piece by piece
     policy: object | None = None  # VAD hysteresis (monosemantic.vad.policy), None without VAD
     unreported_samples: int = 0  # processed audio not yet reported in a Usage event
     waiting_for_space: bool = False  # a write found the buffer full: signal on_space after progress
@@ -270,10 +271,11 @@ class EngineCore:
                     done.append((row, result, state))
         for row, result, state in done:
             if result.labels:
+                known = len(state.labels)
                 state.labels += result.labels
                 state.frames += result.frames
                 state.durations += result.durations
-                text = self.model.tokenizer.decode(state.labels)
+                state.text = text = self.model.tokenizer.extend(state.text, state.labels, known)
                 state.emit(Partial(text=text, stable_text=text, start=row.utt_start, end=result.end))
             state.unreported_samples += result.samples
             if state.unreported_samples >= self.usage_samples:
@@ -293,6 +295,8 @@ class EngineCore:
 
         tokens = [Token(t.id, t.text, clamp(t.start), clamp(t.end)) for t in transcript.tokens]
         words = [Word(w.text, clamp(w.start), clamp(w.end)) for w in transcript.words]
-        state.labels, state.frames, state.durations = [], [], []
-        self.runner.reset_utterance([state.record.slot])
+        state.labels, state.frames, state.durations, state.text = [], [], [], ""
+        # Reset with the tick's other ends, in one batched call before the next plan runs any step.
+        with self.lock:
+            self.pending_resets.append((state.record.slot, False))
         state.emit(Final(text=transcript.text, tokens=tokens, words=words, start=utt_start, end=end))

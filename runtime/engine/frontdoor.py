@@ -15,6 +15,7 @@ import asyncio
 import queue
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -57,21 +58,45 @@ class _StreamBase:
             yield samples[i : i + self._piece]
 
 
+class _Mailbox:
+    """Hands the engine thread's callbacks to one asyncio loop in batches: one loop wake-up for all the
+    events of a tick, rather than one `call_soon_threadsafe` (a write to the loop's self-pipe, and a
+    wake-up) per event of every stream."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list = []
+
+    def post(self, callback, arg) -> None:  # engine thread
+        with self._lock:
+            first = not self._items
+            self._items.append((callback, arg))
+        if first:
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # the asyncio loop
+        with self._lock:
+            items, self._items = self._items, []
+        for callback, arg in items:
+            callback(arg)
+
+
 class EngineStream(_StreamBase):
     """One stream of an Engine, used from its event loop."""
 
-    def __init__(self, core: EngineCore, loop: asyncio.AbstractEventLoop, sample_rate: int):
+    def __init__(self, core: EngineCore, mailbox: _Mailbox, sample_rate: int):
         super().__init__(core, sample_rate)
-        self._loop = loop
+        self._mailbox = mailbox
         self._events: asyncio.Queue = asyncio.Queue()
         self._space = asyncio.Event()
         self._ended = False
 
-    def _emit(self, event) -> None:  # loop thread
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+    def _emit(self, event) -> None:  # engine thread
+        self._mailbox.post(self._events.put_nowait, event)
 
-    def _on_space(self) -> None:  # loop thread
-        self._loop.call_soon_threadsafe(self._space.set)
+    def _on_space(self) -> None:  # engine thread
+        self._mailbox.post(_set_event, self._space)
 
     async def push(self, pcm) -> None:
         """Append audio. Waits while the stream has `max_buffered_seconds` unprocessed (throttling a
@@ -123,6 +148,10 @@ class EngineStream(_StreamBase):
         return event
 
 
+def _set_event(event: asyncio.Event) -> None:
+    event.set()
+
+
 class Engine:
     """Serves many concurrent streams of one model in shared batches, from one loop thread."""
 
@@ -130,7 +159,8 @@ class Engine:
         self.model = model
         self.config = config or EngineConfig()
         self.core = EngineCore(model, self.config)
-        self._streams: set[EngineStream] = set()
+        # One mailbox per asyncio loop that opened streams (a shared engine may serve several loops).
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     async def __aenter__(self) -> "Engine":
         self.core.start()
@@ -143,7 +173,11 @@ class Engine:
         """A new stream; raises CapacityError when `max_streams` are open, ValueError for an unknown
         latency mode, AudioError for a sample rate the resampler refuses."""
         self.core.start()
-        stream = EngineStream(self.core, asyncio.get_running_loop(), sample_rate)
+        loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = _Mailbox(loop)
+        stream = EngineStream(self.core, mailbox, sample_rate)
         record = self.core.open(latency_ms, stream._emit, stream._on_space)
         stream.handle, stream.latency_ms = record.handle, record.latency_ms
         return stream

@@ -19,7 +19,7 @@ from ..decoding.greedy import DecoderState, greedy_decode, initial_state
 from ..streaming.cuda_graph import GraphedEncoderStep
 from ..streaming.encoder_step import EncoderCache, encoder_step
 from ..streaming.plan import ChunkPlan
-from .scheduler import AudioGeometry, StepBatch, VADRow
+from .scheduler import MAX_VAD_WINDOWS, AudioGeometry, StepBatch, VADRow
 
 
 @dataclass
@@ -60,7 +60,14 @@ class ModelRunner:
         if len(lefts) != 1:
             raise ValueError(f"the engine needs every latency mode to keep the same left context, got {sorted(lefts)}")
         module = model.module
-        self.ring = np.zeros((slots, ring_samples), dtype=np.float32)  # host audio per slot
+        # Host audio per slot: a ring of `ring_samples`, followed by a mirror of its first samples, as
+        # long as the longest read (a step's analysis span, or the VAD's most windows in one tick).
+        self.ring_samples = ring_samples
+        self.mirror = max(
+            max(self.geometry.hop * (p.shape.step_mel - 1) + self.geometry.n_fft + 1 for p in plans.values()),
+            MAX_VAD_WINDOWS * self.geometry.vad_window,
+        )
+        self.ring = np.zeros((slots, ring_samples + self.mirror), dtype=np.float32)
         self.cache = EncoderCache.zeros(module.encoder, lefts.pop(), slots + 1, self.device)  # + scratch row
         self.decoder = initial_state(module.decoder, module.joint, slots, self.device)
         self._fresh_decoder = initial_state(module.decoder, module.joint, 1, self.device)
@@ -74,17 +81,26 @@ class ModelRunner:
     # ---- audio -------------------------------------------------------------------------------------
     def write(self, slot: int, position: int, samples: np.ndarray) -> None:
         """Store samples at absolute stream position `position` in the slot's ring."""
-        cap = self.ring.shape[1]
+        cap = self.ring_samples
         start = position % cap
         first = min(len(samples), cap - start)
-        self.ring[slot, start : start + first] = samples[:first]
+        self._store(slot, start, samples[:first])
         if first < len(samples):
-            self.ring[slot, : len(samples) - first] = samples[first:]
+            self._store(slot, 0, samples[first:])
 
-    def _gather(self, slots: np.ndarray, first: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Samples [first, first + length) of each slot's stream: ([B, length] audio, absolute positions)."""
-        positions = first[:, None] + np.arange(length)[None, :]
-        return self.ring[slots[:, None], positions % self.ring.shape[1]], positions
+    def _store(self, slot: int, start: int, samples: np.ndarray) -> None:
+        """Write ring positions [start, start + len) (inside the ring), and their copy in the mirror."""
+        self.ring[slot, start : start + len(samples)] = samples
+        if start < self.mirror:
+            end = min(start + len(samples), self.mirror)
+            self.ring[slot, self.ring_samples + start : self.ring_samples + end] = samples[: end - start]
+
+    def _gather(self, slots: np.ndarray, first: np.ndarray, length: int) -> np.ndarray:
+        """Samples [first, first + length) of each slot's stream -> [B, length]. The ring's first `mirror`
+        samples are repeated after its end, so every read is one contiguous slice: one strided copy for
+        the whole batch, with no index arithmetic per sample."""
+        windows = np.lib.stride_tricks.sliding_window_view(self.ring, length, axis=1)  # [slots, n, length] view
+        return windows[slots, first % self.ring_samples]
 
     # ---- state resets ------------------------------------------------------------------------------
     def reset_utterance(self, slots: list[int]) -> None:
@@ -124,14 +140,20 @@ class ModelRunner:
         span = g.hop * (shape.step_mel - 1) + g.n_fft
         # One sample before the span, for the pre-emphasis of its first sample.
         first = utt + g.hop * window - g.n_fft // 2 - 1
-        audio, positions = self._gather(slots, first, span + 1)
-        audio = np.where((positions >= utt[:, None]) & (positions < end[:, None]), audio, 0.0).astype(np.float32)
+        audio = self._gather(slots, first, span + 1)  # [B, span + 1]
+        # Row-relative bounds of the utterance's audio: samples outside it read as zeros.
+        lo_col, hi_col = (utt - first)[:, None], (end - first)[:, None]  # [B, 1] each
+        cols = np.arange(span + 1)[None, :]
+        edge = bool((lo_col > 0).any() or (hi_col < span + 1).any())  # only first and last windows
+        if edge:
+            audio = np.where((cols >= lo_col) & (cols < hi_col), audio, np.float32(0.0))
         if self.preemph is not None:
-            audio = audio[:, 1:] - self.preemph * audio[:, :-1]
+            audio = audio[:, 1:] - np.float32(self.preemph) * audio[:, :-1]
         else:
             audio = audio[:, 1:]
-        # As offline, pre-emphasised samples past the utterance's end are zero.
-        audio = np.where(positions[:, 1:] < end[:, None], audio, 0.0).astype(np.float32)
+        if edge:  # as offline, pre-emphasised samples past the utterance's end are zero
+            audio = np.where(cols[:, 1:] < hi_col, audio, np.float32(0.0))
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
         module = self.model.module
         mel = module.frontend.frames(torch.from_numpy(audio).to(self.device))  # [B, n_mels, step_mel]
         lo = hi = None
@@ -200,23 +222,17 @@ class ModelRunner:
 
     @torch.no_grad()
     def vad(self, rows: tuple[VADRow, ...]) -> list[list[float]]:
-        """Speech probabilities of each row's windows, in order: one batched call per window position,
-        over the rows that have that many."""
+        """Speech probabilities of each row's windows, in order, from one batched call over every row's
+        windows (the VAD's convolutions run on all windows at once, its LSTM window by window)."""
         width = self.geometry.vad_window
         slots = np.array([r.slot for r in rows])
         counts = np.array([r.windows for r in rows])
         first = np.array([r.start for r in rows])
-        audio, _ = self._gather(slots, first, int(counts.max()) * width)  # [B, windows * 512]
-        probs: list[list[float]] = [[] for _ in rows]
-        for w in range(int(counts.max())):
-            active = np.flatnonzero(counts > w)
-            index = torch.from_numpy(slots[active]).to(self.device)
-            windows = torch.from_numpy(np.ascontiguousarray(audio[active, w * width : (w + 1) * width])).to(self.device)
-            p, state = self.vad_model(windows, self.vad_state.select(index))
-            self.vad_state.assign_(index, state)
-            for row, value in zip(active.tolist(), p.tolist()):
-                probs[row].append(value)
-        return probs
+        audio = self._gather(slots, first, int(counts.max()) * width)  # [B, windows * 512]
+        index = torch.from_numpy(slots).to(self.device)
+        probs, state = self.vad_model.forward_windows(torch.from_numpy(audio).to(self.device), counts, self.vad_state.select(index))
+        self.vad_state.assign_(index, state)
+        return [row[:n] for row, n in zip(probs.tolist(), counts.tolist())]
 
 
 def geometry(model: ASRModel) -> AudioGeometry:

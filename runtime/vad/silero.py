@@ -6,7 +6,8 @@ per tick, with each stream's state living in a slot-indexed `VADState` that it g
 network and weights are those of the package's TorchScript model (`silero_vad/data/silero_vad.jit`), and
 the forward pass mirrors it op for op, so the probabilities are the package's (bit-identical on CPU fp32).
 
-One call consumes one 512-sample window per stream:
+`forward` consumes one 512-sample window per stream; `forward_windows` several consecutive windows per
+stream in one call (the engine's VAD call per tick). Per window:
 
     [B, 64 context | 512 window] -> reflect-pad right by 64 -> [B, 640]
     -> STFT as a conv (256-tap cos/sin basis, hop 128)   -> [B, 258, 4] -> magnitude [B, 129, 4]
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,29 +157,80 @@ class SileroVAD(nn.Module):
         with exact_fp32(self.stft_conv.weight.dtype):
             return self._step(windows, state)
 
+    def forward_windows(self, audio: torch.Tensor, counts: Sequence[int], state: VADState) -> tuple[torch.Tensor, VADState]:
+        """Several consecutive windows per stream in one call: the convolutional front of every window at
+        once (it needs no recurrent state: a window's 64-sample context is the end of the window before
+        it), then the LSTM window by window.
+
+        audio [B, W * 512]: row b holds its next counts[b] (1..W) windows, zero-padded after them.
+        Returns probabilities [B, W] (entries past a row's count are meaningless) and each row's state
+        after its last window. Each row's probabilities equal those of `forward` called window by
+        window."""
+        batch = audio.shape[0]
+        if audio.ndim != 2 or audio.shape[1] % WINDOW or audio.shape[1] == 0:
+            raise ValueError(f"expected audio of shape [B, W * {WINDOW}], got {tuple(audio.shape)}")
+        counts = np.asarray(counts, dtype=np.int64)
+        width = audio.shape[1] // WINDOW
+        if batch != state.batch_size or counts.shape != (batch,) or counts.min(initial=1) < 1 or counts.max(initial=1) > width:
+            raise ValueError(f"{batch} rows of {width} windows, counts {counts.tolist()}, for a state of {state.batch_size} streams")
+        device = audio.device
+        with exact_fp32(self.stft_conv.weight.dtype):
+            x = torch.cat([state.context, audio], dim=1)  # [B, 64 + W * 512]
+            frames = x.unfold(1, CONTEXT + WINDOW, WINDOW).reshape(batch * width, CONTEXT + WINDOW)  # [B * W, 576]
+            real = np.flatnonzero(np.arange(width)[None, :] < counts[:, None])  # windows that hold audio
+            if device.type == "cuda":
+                # Convolutions of a new batch size are planned anew (milliseconds with cuDNN): run them on
+                # a power-of-two count of windows, repeating a real one, so a few sizes recur.
+                padded = np.resize(real, 1 << (len(real) - 1).bit_length())  # np.resize repeats from the start
+            else:
+                padded = real
+            if len(padded) == batch * width:
+                features = self._features(frames)  # [B * W, 128]
+            else:  # only the real windows go through the convolutions
+                computed = self._features(frames[torch.from_numpy(padded).to(device)])  # [len(padded), 128]
+                index = torch.from_numpy(real).to(device)
+                features = frames.new_zeros(batch * width, HIDDEN).index_copy_(0, index, computed[: len(real)])
+            features = features.view(batch, width, HIDDEN)
+            last_window = torch.from_numpy(counts).to(device)  # [B]
+            h, c, hidden = state.h, state.c, []
+            for w in range(width):
+                h_next, c_next = self.lstm_cell(features[:, w], (h, c))  # [B, 128] each
+                live = (last_window > w)[:, None]  # rows whose window w is real take its state
+                h, c = torch.where(live, h_next, h), torch.where(live, c_next, c)
+                hidden.append(h_next)
+            probs = self._probability(torch.stack(hidden, dim=1).view(batch * width, HIDDEN)).view(batch, width)
+            # The next context is the last 64 samples of each row's last real window.
+            last = (last_window * WINDOW)[:, None] + torch.arange(CONTEXT, device=device)[None, :]  # [B, 64]
+            return probs, VADState(h=h, c=c, context=torch.gather(x, 1, last))
+
     def _step(self, windows: torch.Tensor, state: VADState) -> tuple[torch.Tensor, VADState]:
         x = torch.cat([state.context, windows], dim=1)  # [B, 576]
         # The package keeps the last 64 samples of the window it was just given, i.e. of `windows` itself.
         next_context = x[:, -CONTEXT:]  # [B, 64]
+        h, c = self.lstm_cell(self._features(x), (state.h, state.c))  # [B, 128] each
+        return self._probability(h), VADState(h=h, c=c, context=next_context)
 
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 576] windows with their context -> [N, 128] LSTM inputs (no recurrent state involved)."""
         # Right-only reflection padding is what the package model does (its STFT pads [0, 64]).
-        x = F.pad(x, (0, CONTEXT), mode="reflect")  # [B, 640]
-        spec = self.stft_conv(x[:, None, :])  # [B, 258, 4]
+        x = F.pad(x, (0, CONTEXT), mode="reflect")  # [N, 640]
+        spec = self.stft_conv(x[:, None, :])  # [N, 258, 4]
         cutoff = _N_FFT // 2 + 1
-        real, imag = spec[:, :cutoff], spec[:, cutoff:]  # [B, 129, 4] each
-        x = torch.sqrt(real.pow(2) + imag.pow(2))  # [B, 129, 4] magnitude
+        real, imag = spec[:, :cutoff], spec[:, cutoff:]  # [N, 129, 4] each
+        x = torch.sqrt(real.pow(2) + imag.pow(2))  # [N, 129, 4] magnitude
 
-        x = F.relu(self.conv1(x))  # [B, 128, 4]
-        x = F.relu(self.conv2(x))  # [B, 64, 2]
-        x = F.relu(self.conv3(x))  # [B, 64, 1]
-        x = F.relu(self.conv4(x))  # [B, 128, 1]
-        h, c = self.lstm_cell(x.squeeze(-1), (state.h, state.c))  # [B, 128] each
+        x = F.relu(self.conv1(x))  # [N, 128, 4]
+        x = F.relu(self.conv2(x))  # [N, 64, 2]
+        x = F.relu(self.conv3(x))  # [N, 64, 1]
+        x = F.relu(self.conv4(x))  # [N, 128, 1]
+        return x.squeeze(-1)
 
+    def _probability(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, 128] LSTM outputs -> [N] speech probabilities."""
         # The package's decoder is dropout (identity in eval) -> ReLU -> 1x1 conv -> sigmoid; it then
         # averages over the time axis, which has length 1 here, so the mean is the value itself.
-        logit = self.final_conv(F.relu(h)[:, :, None])  # [B, 1, 1]
-        probs = torch.sigmoid(logit)[:, 0, 0]  # [B]
-        return probs, VADState(h=h, c=c, context=next_context)
+        logit = self.final_conv(F.relu(h)[:, :, None])  # [N, 1, 1]
+        return torch.sigmoid(logit)[:, 0, 0]
 
 
 def package_file(name: str) -> Path:

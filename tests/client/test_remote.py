@@ -111,6 +111,26 @@ async def _abort_all(state):
         session.transport.abort()
 
 
+def test_one_remote_engine_holds_more_than_100_streams(model, audio_clips):
+    """Each stream is a connection for its whole life, so one RemoteEngine (one HTTP session) must not
+    cap them at an HTTP pool size (aiohttp's default is 100)."""
+    count = 104
+
+    async def main():
+        async with RemoteEngine(running.http, connect_timeout=20) as engine:
+            streams = await asyncio.gather(*(engine.open_stream(latency_ms=160) for _ in range(count)))
+            last = streams[-1]
+            await last.push(audio_clips["jfk.wav"][:16000])
+            await last.flush()
+            async for event in last:
+                if isinstance(event, Final):
+                    return len(streams), event
+
+    with RunningServer(model, max_streams=count, vad=False) as running:
+        opened, final = asyncio.run(main())
+    assert opened == count and final.end == 16000
+
+
 def test_rejections_carry_status_and_reason(server):
     async def main():
         async with RemoteEngine(server.http) as engine:

@@ -34,3 +34,31 @@ def test_words_group_pieces_after_a_word_start(ms_model):
     starts = [i for i, p in enumerate(ids) if tok.sp.id_to_piece(p).startswith("\u2581")]
     assert [w.start for w in result.words] == [s * 1280 for s in starts]
     assert result.words[-1].end == len(ids) * 1280
+
+
+def test_extend_equals_full_decode_for_any_split(ms_model):
+    """The engine's partials extend the text piece by piece; for every id sequence (special ids, unknown
+    and out-of-range ones included) and split point, the result is SentencePiece's own decode."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tok = ms_model("nemotron_rnnt").tokenizer
+    assert tok._plain, "the test tokenizer's pieces should take the shortcut"
+    special = [i for i in range(tok.vocab_size) if i not in tok._plain]
+    ids = st.one_of(st.integers(0, tok.vocab_size - 1), st.sampled_from(special or [0]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(ids, max_size=30), st.data())
+    def check(seq, data):
+        cut = data.draw(st.integers(0, len(seq)))
+        assert tok.extend(tok.decode(seq[:cut]), seq, cut) == tok.decode(seq)
+
+    check()
+
+
+def test_extend_uses_the_shortcut_for_plain_pieces(ms_model, monkeypatch):
+    tok = ms_model("nemotron_rnnt").tokenizer
+    ids = tok.sp.encode_as_ids("the quick brown fox jumps")
+    text = tok.decode(ids[:2])
+    monkeypatch.setattr(tok, "decode", lambda ids: (_ for _ in ()).throw(AssertionError("full decode")))
+    assert tok.extend(text, ids, 2) == "the quick brown fox jumps"

@@ -187,3 +187,41 @@ def test_foreign_or_incomplete_weights_are_load_errors(tmp_path):
     torch.jit.script(WrongInside()).save(str(wrong))
     with pytest.raises(ModelLoadError, match=r"unexpected \['lin.bias', 'lin.weight'\]"):
         SileroVAD.from_package(path=wrong)
+
+
+@torch.no_grad()
+def test_forward_windows_equals_window_by_window(model, audio_clips):
+    """Several windows per stream in one call (the engine's VAD call), different counts per row and per
+    call, equal each stream run window by window; the state carries over between calls."""
+    clips = list(audio_clips.values())[:4]
+    n = 30
+    alone = [_ours_alone(model, _windows(audio)[:n]) for audio in clips]
+    plans = [[1, 5, 2, 8, 3, 11], [4, 4, 4, 4, 4, 10], [7, 1, 1, 12, 6, 3], [2, 9, 1, 1, 16, 1]]
+    state = VADState.zeros(len(clips))
+    got: list[list[float]] = [[] for _ in clips]
+    done = [0] * len(clips)
+    for call in range(6):
+        counts = [plan[call] for plan in plans]
+        width = max(counts)
+        audio = torch.full((len(clips), width * WINDOW), 7.0)  # junk past each row's windows must not matter
+        for k, clip in enumerate(clips):
+            piece = clip[done[k] * WINDOW : (done[k] + counts[k]) * WINDOW]
+            audio[k, : len(piece)] = torch.from_numpy(piece)
+        probs, state = model.forward_windows(audio, counts, state)
+        assert probs.shape == (len(clips), width)
+        for k in range(len(clips)):
+            got[k] += probs[k, : counts[k]].tolist()
+            done[k] += counts[k]
+    for k in range(len(clips)):
+        assert len(got[k]) == n
+        np.testing.assert_allclose(np.array(got[k]), alone[k], rtol=0, atol=TOL, err_msg=f"stream {k}")
+
+
+def test_forward_windows_checks_shapes(model):
+    state = VADState.zeros(2)
+    with pytest.raises(ValueError, match="W \\* 512"):
+        model.forward_windows(torch.zeros(2, 500), [1, 1], state)
+    with pytest.raises(ValueError, match="counts"):
+        model.forward_windows(torch.zeros(2, 2 * WINDOW), [1, 3], state)
+    with pytest.raises(ValueError, match="counts"):
+        model.forward_windows(torch.zeros(2, 2 * WINDOW), [0, 1], state)
