@@ -78,7 +78,10 @@ class DecodedChunk:
 class _Store:
     """Growable [B, N] result buffers written with masks, read back once at the end of the chunk."""
 
-    def __init__(self, batch: int, capacity: int, device):
+    def __init__(self, batch: int, capacity: int, device, bounded: bool):
+        """bounded: `capacity` is known to hold every label of the chunk, so `add` never checks (the
+        check reads the counts back from the device: a sync per decoding step)."""
+        self.bounded = bounded
         self.labels = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.frames = torch.zeros_like(self.labels)
         self.durations = torch.zeros_like(self.labels)
@@ -86,7 +89,7 @@ class _Store:
         self.rows = torch.arange(batch, device=device)
 
     def add(self, mask: torch.Tensor, labels, frames, durations):
-        if int(self.count.max()) + 1 >= self.labels.shape[1]:
+        if not self.bounded and int(self.count.max()) + 1 >= self.labels.shape[1]:
             grow = lambda t: torch.cat((t, torch.zeros_like(t)), dim=1)  # noqa: E731
             self.labels, self.frames, self.durations = map(grow, (self.labels, self.frames, self.durations))
         idx = self.count
@@ -140,7 +143,8 @@ def _decode(prediction, joint, encoded, lengths, state, durations, max_symbols):
     last_t = torch.clamp(lengths - 1, min=0)
     time = state.time_jump.clone()
     h, c, pred_out = state.h, state.c, state.pred_out
-    store = _Store(batch, max(1, max_time * (max_symbols or 2)) + 1, device)
+    # With max_symbols, a frame emits at most that many labels, so T * max_symbols bounds the chunk's.
+    store = _Store(batch, max(1, max_time * (max_symbols or 2)) + 1, device, bounded=max_symbols is not None)
     last_nb_time = torch.full((batch,), -1, dtype=torch.long, device=device)
     last_nb_count = torch.zeros(batch, dtype=torch.long, device=device)
 
