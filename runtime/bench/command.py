@@ -120,28 +120,30 @@ def run(args) -> int:
 
         return run_nemo(_nemo_path(args.model), make_workload(clips, n, args.seconds, seed=args.seed), latency, device=str(model.device))
 
-    systems = [("monosemantic", ours)] + ([("nemo", nemo)] if args.baseline == "nemo" else [])
-    if args.find_max:
-        found = {}
-        for name, trial in systems:
-            found[name], _ = find_max_streams(trial, args.streams[0], limit, log)
-            print(f"max streams sustained in real time ({name}): {found[name]}", flush=True)
-        report["max_streams"] = found
-        if "nemo" in found and found["nemo"]:
-            print(f"ratio monosemantic / nemo: {found['monosemantic'] / found['nemo']:.2f}x", flush=True)
-        if args.load_curve and found["monosemantic"]:
-            # Latency across the load range, and within each run (drift): 10%, 50% and 90% of the maximum.
-            report["load_curve"] = []
-            for share in (0.1, 0.5, 0.9):
-                res = ours(max(1, round(share * found["monosemantic"])))
-                log(res)
-                report["load_curve"].append({"share": share, **res.summary()})
-                print(f"  load {share:.0%}: drift {res.drift()}", flush=True)
-    else:
-        for n in args.streams:
-            for _, trial in systems:
-                log(trial(n))
-    trials.close()
+    try:
+        systems = [("monosemantic", ours)] + ([("nemo", nemo)] if args.baseline == "nemo" else [])
+        if args.find_max:
+            found = {}
+            for name, trial in systems:
+                found[name], _ = find_max_streams(trial, args.streams[0], limit, log)
+                print(f"max streams sustained in real time ({name}): {found[name]}", flush=True)
+            report["max_streams"] = found
+            if "nemo" in found and found["nemo"]:
+                print(f"ratio monosemantic / nemo: {found['monosemantic'] / found['nemo']:.2f}x", flush=True)
+            if args.load_curve and found["monosemantic"]:
+                # Latency across the load range, and within each run (drift): 10%, 50% and 90% of the maximum.
+                report["load_curve"] = []
+                for share in (0.1, 0.5, 0.9):
+                    res = ours(max(1, round(share * found["monosemantic"])))
+                    log(res)
+                    report["load_curve"].append({"share": share, **res.summary()})
+                    print(f"  load {share:.0%}: drift {res.drift()}", flush=True)
+        else:
+            for n in args.streams:
+                for _, trial in systems:
+                    log(trial(n))
+    finally:
+        trials.close()  # streams, loop thread and CUDA state released even when a run fails
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=float))
     return 0

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from ..errors import StreamError
 from ..events import Error, Final
 from .result import BenchResult
 from .workload import FRAME_MS, StreamPlan
@@ -40,6 +41,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
     compute = [0.0]
     steps = [0, 0]  # encoder steps run, rows in them (mean batch = rows / steps)
     errors = [0]
+    first_error: list[str] = []
     handles: dict[int, StreamPlan] = {}
     t0 = time.perf_counter() + 0.5  # every stream's schedule counts from here
 
@@ -67,6 +69,8 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
                 final_latency.append((time.perf_counter() - flushed.pop(0)) * 1000.0)
             elif isinstance(event, Error):
                 errors[0] += 1
+                first_error[:] = first_error or [f"{event.code}: {event.message}"]
+                flushed.clear()  # the engine closed the stream: no final is coming
 
     async def feed(streams) -> float:
         """One coroutine sends every stream's frames in time order (one sleep per send time, not one per
@@ -77,16 +81,23 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
             for send_at, samples, last in plan.frames(rate, frame_ms)
         )
         sent = 0
+        dead: set[int] = set()  # streams the engine closed (their Error is counted by `receive`)
         for send_at, i, samples, last in frames:
+            if i in dead:
+                continue
             delay = t0 + send_at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             stream, flushed = streams[i]
-            await stream.push(samples)
-            sent += len(samples)
-            if last:
-                flushed.append(t0 + send_at)  # from the scheduled time, so a late client is counted too
-                await stream.flush()
+            try:
+                await stream.push(samples)
+                sent += len(samples)
+                if last:
+                    flushed.append(t0 + send_at)  # from the scheduled time, so a late client is counted too
+                    await stream.flush()
+            except StreamError:
+                dead.add(i)
+                flushed.clear()
         return sent / rate
 
     engine.core.on_tick = on_tick
@@ -123,6 +134,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
         notes=(
             f"device={model.device}, max_batch={config.max_batch}, vad={'on' if config.vad else 'off'}, "
             f"frames={frame_ms} ms, steps={steps[0]}, mean batch={steps[1] / max(1, steps[0]):.1f}"
+            + (f", first error: {first_error[0]}" if first_error else "")
         ),
     )
 
