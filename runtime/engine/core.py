@@ -192,19 +192,32 @@ class EngineCore:
             with self.lock:
                 resets, self.pending_resets = self.pending_resets, []
                 plan = self.scheduler.plan()
-            if resets:
-                self.runner.reset_utterance([slot for slot, _ in resets])
-                self.runner.reset_vad([slot for slot, vad in resets if vad])
-            if plan.empty:
-                self.wake.wait(0.05 if plan.wake_in is None else min(0.05, plan.wake_in))
-                self.wake.clear()
-                continue
-            started = time.perf_counter()
-            self._run(plan)
-            elapsed = time.perf_counter() - started
-            self.stats = TickStats(len(plan.steps), sum(len(b.rows) for b in plan.steps), len(plan.vad), elapsed)
-            if self.on_tick is not None:
-                self.on_tick(plan, elapsed)
+            try:
+                if resets:
+                    self.runner.reset_utterance([slot for slot, _ in resets])
+                    self.runner.reset_vad([slot for slot, vad in resets if vad])
+                if plan.empty:
+                    self.wake.wait(0.05 if plan.wake_in is None else min(0.05, plan.wake_in))
+                    self.wake.clear()
+                    continue
+                started = time.perf_counter()
+                self._run(plan)
+                elapsed = time.perf_counter() - started
+                self.stats = TickStats(len(plan.steps), sum(len(b.rows) for b in plan.steps), len(plan.vad), elapsed)
+                if self.on_tick is not None:
+                    self.on_tick(plan, elapsed)
+            except Exception as exc:  # past the guarded model calls (a bug, a device failure in a reset)
+                # The loop must go on for everyone else: fail only the streams this tick touched.
+                log.exception("engine tick failed")
+                self._fail_tick(plan, {slot for slot, _ in resets}, exc)
+
+    def _fail_tick(self, plan: TickPlan, slots: set[int], exc: Exception) -> None:
+        handles = {row.handle for batch in plan.steps for row in batch.rows}
+        handles |= {row.handle for row in plan.vad} | {row.handle for row in plan.finals}
+        with self.lock:
+            handles |= {h for h, state in self.streams.items() if state.record.slot in slots}
+        for handle in handles:
+            self.close(handle, Error("internal", f"{type(exc).__name__}: {exc}"))
 
     def _run(self, plan: TickPlan) -> None:
         if plan.vad:

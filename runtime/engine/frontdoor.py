@@ -73,7 +73,11 @@ class _Mailbox:
             first = not self._items
             self._items.append((callback, arg))
         if first:
-            self._loop.call_soon_threadsafe(self._deliver)
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop was closed with streams still open: nobody is listening
+                with self._lock:
+                    self._items.clear()
 
     def _deliver(self) -> None:  # the asyncio loop
         with self._lock:

@@ -129,6 +129,42 @@ def test_bad_input_errors_only_that_stream(ms_model, audio_clips):
     assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=160).token_ids
 
 
+def test_a_failure_past_the_model_calls_fails_that_tick_only(ms_model, audio_clips, monkeypatch):
+    """A bug while routing results (here: the partial's text) must not stop the loop thread: the
+    streams of that tick get Error('internal'), and the engine serves the next streams exactly."""
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+    real_extend, calls = model.tokenizer.extend, [0]
+
+    def failing_once(*args):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise KeyError("routing bug (simulated)")
+        return real_extend(*args)
+
+    monkeypatch.setattr(model.tokenizer, "extend", failing_once)
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=None)) as engine:
+            doomed = await engine.open_stream(latency_ms=160)
+            try:
+                await doomed.push(audio)
+            except StreamError:  # the engine may close it while the push is still writing
+                pass
+            events = [event async for event in doomed]
+            assert calls[0] == 1
+            fresh = await engine.open_stream(latency_ms=160)
+            await fresh.push(audio)
+            await fresh.flush()
+            _, final = await collect_until_final(fresh)
+            return events, final
+
+    events, final = asyncio.run(main())
+    errors = [e for e in events if isinstance(e, monosemantic.Error)]
+    assert len(errors) == 1 and errors[0].code == "internal" and "routing bug" in errors[0].message
+    assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=160).token_ids
+
+
 def test_capacity(ms_model):
     model = ms_model("nemotron_rnnt")
 

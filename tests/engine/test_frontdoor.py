@@ -39,3 +39,14 @@ def test_mailbox_delivers_in_order_in_few_wakeups():
     got, wakeups = asyncio.run(main())
     assert got == [(tick, stream) for tick in range(20) for stream in range(50)]
     assert 1 <= wakeups < len(got) // 10  # batched: far fewer wake-ups than events
+
+
+def test_posting_to_a_closed_loop_is_dropped_not_raised():
+    """A stream left open when its event loop closed: the engine thread must not die posting to it."""
+    loop = asyncio.new_event_loop()
+    mailbox = _Mailbox(loop)
+    loop.close()
+    got: list = []
+    for i in range(3):
+        mailbox.post(got.append, i)  # no RuntimeError('Event loop is closed')
+    assert got == [] and mailbox._items == []
