@@ -40,8 +40,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
     final_latency: list[float] = []
     compute = [0.0]
     steps = [0, 0]  # encoder steps run, rows in them (mean batch = rows / steps)
-    errors = [0]
-    first_error: list[str] = []
+    errors: list[str] = []  # one per Error event
     handles: dict[int, StreamPlan] = {}
     t0 = time.perf_counter() + 0.5  # every stream's schedule counts from here
 
@@ -68,8 +67,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
             if isinstance(event, Final):
                 final_latency.append((time.perf_counter() - flushed.pop(0)) * 1000.0)
             elif isinstance(event, Error):
-                errors[0] += 1
-                first_error[:] = first_error or [f"{event.code}: {event.message}"]
+                errors.append(f"{event.code}: {event.message}")
                 flushed.clear()  # the engine closed the stream: no final is coming
 
     async def feed(streams) -> float:
@@ -129,12 +127,12 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
         chunk_latency_ms=chunk_latency,
         final_latency_ms=final_latency,
         chunk_at_s=chunk_at,
-        errors=errors[0],
+        errors=len(errors),
         memory_per_stream_mb=per_stream,
         notes=(
             f"device={model.device}, max_batch={config.max_batch}, vad={'on' if config.vad else 'off'}, "
             f"frames={frame_ms} ms, steps={steps[0]}, mean batch={steps[1] / max(1, steps[0]):.1f}"
-            + (f", first error: {first_error[0]}" if first_error else "")
+            + (f", first error: {errors[0]}" if errors else "")
         ),
     )
 

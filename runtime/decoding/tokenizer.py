@@ -16,7 +16,8 @@ class Tokenizer:
         self.sp = sentencepiece.SentencePieceProcessor()
         self.sp.LoadFromSerializedProto(model_proto)
         self.vocab_size = self.sp.get_piece_size()
-        self._plain = self._plain_pieces()  # id -> text of the ids `extend` may append
+        self._plain: dict[int, str] = {}  # id -> text of the ids `extend` may append
+        self._find_plain_pieces()
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode_ids([int(i) for i in ids])
@@ -31,11 +32,10 @@ class Tokenizer:
             return self.decode(ids)
         return text + "".join(pieces)
 
-    def _plain_pieces(self) -> dict[int, str]:
-        """Id -> its text, for the ids whose decoding is plain concatenation ('▁' -> ' '). Checked against
-        SentencePiece itself on sample sequences; any difference disables the shortcut."""
+    def _find_plain_pieces(self) -> None:
+        """Fill `_plain` with the ids whose decoding is plain concatenation ('▁' -> ' '). Checked against
+        SentencePiece itself on sample sequences; any difference empties it (no shortcut)."""
         sp = self.sp
-        self._plain = {}
         for i in range(self.vocab_size):
             piece = sp.id_to_piece(i)
             special = sp.is_unknown(i) or sp.is_control(i) or sp.is_unused(i) or sp.is_byte(i)
@@ -47,8 +47,8 @@ class Tokenizer:
             seq = [rng.choice(ids) for _ in range(rng.randint(2, 12))]
             cut = rng.randint(1, len(seq) - 1)
             if self.extend(self.decode(seq[:cut]), seq, cut) != self.decode(seq):
-                return {}
-        return self._plain
+                self._plain.clear()
+                return
 
     def transcript(
         self, labels: list[int], frames: list[int], durations: list[int], frame_samples: int, sample_rate: int

@@ -70,7 +70,7 @@ class EngineCore:
         for latency in (self.default_latency, *config.warmup_latencies):
             model.context_for(latency)  # a bad mode fails here, not at the first open
         g = geometry(model)
-        span = g.hop * (max(p.shape.step_mel for p in plans.values()) - 1) + g.n_fft + 1
+        span = max(g.step_read(p.shape.step_mel) for p in plans.values())
         self.capacity = int(config.max_buffered_seconds * model.sample_rate)
         ring = self.capacity + span + g.vad_window + g.hop
         skip = None if config.skip_silence_ms is None else config.skip_silence_ms * model.sample_rate // 1000

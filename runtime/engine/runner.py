@@ -64,7 +64,7 @@ class ModelRunner:
         # long as the longest read (a step's analysis span, or the VAD's most windows in one tick).
         self.ring_samples = ring_samples
         self.mirror = max(
-            max(self.geometry.hop * (p.shape.step_mel - 1) + self.geometry.n_fft + 1 for p in plans.values()),
+            max(self.geometry.step_read(p.shape.step_mel) for p in plans.values()),
             MAX_VAD_WINDOWS * self.geometry.vad_window,
         )
         self.ring = np.zeros((slots, ring_samples + self.mirror), dtype=np.float32)
@@ -137,14 +137,13 @@ class ModelRunner:
         utt = np.array([r.utt_start for r in rows])
         end = np.array([r.end for r in rows])
         window = np.array([r.window for r in rows])
-        span = g.hop * (shape.step_mel - 1) + g.n_fft
-        # One sample before the span, for the pre-emphasis of its first sample.
-        first = utt + g.hop * window - g.n_fft // 2 - 1
-        audio = self._gather(slots, first, span + 1)  # [B, span + 1]
+        length = g.step_read(shape.step_mel)
+        first = g.step_first(utt, window)  # [B]
+        audio = self._gather(slots, first, length)  # [B, length]
         # Row-relative bounds of the utterance's audio: samples outside it read as zeros.
         lo_col, hi_col = (utt - first)[:, None], (end - first)[:, None]  # [B, 1] each
-        cols = np.arange(span + 1)[None, :]
-        edge = bool((lo_col > 0).any() or (hi_col < span + 1).any())  # only first and last windows
+        cols = np.arange(length)[None, :]
+        edge = bool((lo_col > 0).any() or (hi_col < length).any())  # only first and last windows
         if edge:
             audio = np.where((cols >= lo_col) & (cols < hi_col), audio, np.float32(0.0))
         if self.preemph is not None:

@@ -29,6 +29,16 @@ class AudioGeometry:
     reach: int  # samples a frame needs after its centre before it can be computed
     vad_window: int = 512  # samples per VAD call
 
+    def step_first(self, utt_start, window):
+        """First absolute sample a step reads (ints or numpy arrays): half an analysis span before the
+        window's first frame, and one more sample for the pre-emphasis of the span's first sample."""
+        return utt_start + self.hop * window - self.n_fft // 2 - 1
+
+    def step_read(self, step_mel: int) -> int:
+        """Samples a step of `step_mel` feature frames reads from `step_first` on: their analysis spans,
+        plus the sample before them that pre-emphasis needs."""
+        return self.hop * (step_mel - 1) + self.n_fft + 1
+
     def valid_frames(self, samples: int) -> int:
         """NeMo's feature count for `samples` of audio."""
         return max(0, (samples + 2 * (self.n_fft // 2) - self.n_fft) // self.hop) if samples > 0 else 0
@@ -172,10 +182,7 @@ class Scheduler:
     # ---- positions ---------------------------------------------------------------------------------
     def earliest_needed(self, record: StreamRecord) -> int:
         """First absolute sample still to be read: older audio may be overwritten."""
-        g = self.geometry
-        # The next window reads from half an analysis span before its first frame, plus one sample for
-        # pre-emphasis.
-        asr = record.utt_start + g.hop * record.window_start() - g.n_fft // 2 - 1
+        asr = self.geometry.step_first(record.utt_start, record.window_start())
         return min(asr, record.vad_pos) if self.vad else asr
 
     def buffered(self, record: StreamRecord) -> int:
