@@ -77,10 +77,14 @@ def _line(res: BenchResult) -> str:
     c = percentiles(res.chunk_latency_ms)
     f = percentiles(res.final_latency_ms, (50, 95))
     mem = f"{res.memory_per_stream_mb:.2f} MB" if res.memory_per_stream_mb is not None else "n/a"
+    split = ""
+    if res.send_lag_ms:
+        lag, own = percentiles(res.send_lag_ms), percentiles(res.engine_latency_ms)
+        split = f"  client lag p95 {lag['p95']:.1f} ms, engine-side chunk p50/p95 {own['p50']:.1f}/{own['p95']:.1f} ms"
     return (
         f"{res.system:<32} streams={res.streams:<4} chunk p50/p95/p99 = {c['p50']:7.1f}/{c['p95']:7.1f}/{c['p99']:7.1f} ms  "
         f"final p50/p95 = {f['p50']:7.1f}/{f['p95']:7.1f} ms  rtf={res.rtf:.3f}  errors={res.errors}  "
-        f"mem/stream={mem}  {'SUSTAINED' if res.sustained else 'not sustained'}"
+        f"mem/stream={mem}  {'SUSTAINED' if res.sustained else 'not sustained'}{split}"
         + (f"  [{res.notes}]" if res.notes else "")
     )
 

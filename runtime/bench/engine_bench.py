@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import gc
 import time
 
 import numpy as np
@@ -42,6 +44,11 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
     steps = [0, 0]  # encoder steps run, rows in them (mean batch = rows / steps)
     errors: list[str] = []  # one per Error event
     handles: dict[int, StreamPlan] = {}
+    send_lag: list[float] = []
+    engine_latency: list[float] = []
+    # Per stream, the samples pushed so far after each push and when that push was made, so a chunk's
+    # latency can also be taken from when its audio actually reached the engine.
+    pushed: dict[int, tuple[list[int], list[float]]] = {}
     t0 = time.perf_counter() + 0.5  # every stream's schedule counts from here
 
     def on_tick(tick, elapsed: float) -> None:  # loop thread
@@ -61,6 +68,9 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
                 chunk_end = row.utt_start + g.hop * (row.window + shape.step_mel)
                 chunk_latency.append((done - _arrival(plan, t0, chunk_end, rate, frame_ms)) * 1000.0)
                 chunk_at.append(done - t0)
+                ends, times = pushed[row.handle]
+                at = bisect.bisect_left(ends, chunk_end)  # the push that completed the chunk
+                engine_latency.append((done - times[at]) * 1000.0)
 
     async def receive(stream, flushed: list[float]) -> None:
         async for event in stream:
@@ -78,6 +88,8 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
             for i, plan in enumerate(plans)
             for send_at, samples, last in plan.frames(rate, frame_ms)
         )
+        if engine.config.freeze_gc:
+            gc.freeze()  # the schedule's hundred thousand frames are not garbage: keep collections short
         sent = 0
         dead: set[int] = set()  # streams the engine closed (their Error is counted by `receive`)
         for send_at, i, samples, last in frames:
@@ -87,6 +99,11 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
             if delay > 0:
                 await asyncio.sleep(delay)
             stream, flushed = streams[i]
+            ends, times = pushed[stream.handle]
+            # Noted before the push, so the engine cannot have stepped the audio before it is noted.
+            send_lag.append(max(0.0, -delay) * 1000.0)
+            times.append(time.perf_counter())
+            ends.append((ends[-1] if ends else 0) + len(samples))
             try:
                 await stream.push(samples)
                 sent += len(samples)
@@ -104,6 +121,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
         for plan in plans:
             stream = await engine.open_stream(latency_ms=latency_ms)
             handles[stream.handle] = plan
+            pushed[stream.handle] = ([], [])
             streams.append((stream, []))
         receivers = [asyncio.create_task(receive(stream, flushed)) for stream, flushed in streams]
         started = time.perf_counter()
@@ -127,11 +145,14 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
         chunk_latency_ms=chunk_latency,
         final_latency_ms=final_latency,
         chunk_at_s=chunk_at,
+        send_lag_ms=send_lag,
+        engine_latency_ms=engine_latency,
         errors=len(errors),
         memory_per_stream_mb=per_stream,
         notes=(
             f"device={model.device}, max_batch={config.max_batch}, vad={'on' if config.vad else 'off'}, "
-            f"frames={frame_ms} ms, steps={steps[0]}, mean batch={steps[1] / max(1, steps[0]):.1f}"
+            f"frames={frame_ms} ms, steps={steps[0]}, mean batch={steps[1] / max(1, steps[0]):.1f}, "
+            f"loop busy {compute[0] / wall:.0%}"
             + (f", first error: {errors[0]}" if errors else "")
         ),
     )

@@ -8,6 +8,7 @@ them into queue items).
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -98,6 +99,8 @@ class EngineCore:
     def start(self) -> None:
         if self._thread is None:
             self.runner.warmup(list(self.config.warmup_latencies))
+            if self.config.freeze_gc:
+                gc.freeze()
             self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
             self._thread.start()
 

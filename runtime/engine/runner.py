@@ -16,7 +16,7 @@ import torch
 
 from ..asr import ASRModel
 from ..decoding.greedy import DecoderState, greedy_decode, initial_state
-from ..streaming.cuda_graph import GraphedEncoderStep
+from ..streaming.cuda_graph import SlotGraphedEncoderStep, bucket_sizes
 from ..streaming.encoder_step import EncoderCache, encoder_step
 from ..streaming.plan import ChunkPlan
 from .scheduler import MAX_VAD_WINDOWS, AudioGeometry, StepBatch, VADRow
@@ -48,9 +48,10 @@ class ModelRunner:
         self.plans = plans
         self.device = model.device
         self.max_batch = max_batch
-        # Steady-state encoder steps replay CUDA graphs, one per (mode, batch bucket), captured on first
-        # use; padding rows use a scratch slot (index `slots`) whose state nobody reads.
-        self.graphs: dict[tuple[int, int], GraphedEncoderStep] | None = {} if cuda_graphs and self.device.type == "cuda" else None
+        # Encoder steps replay CUDA graphs, one per (mode, batch bucket), captured on first use, that read
+        # and write the slot caches in place; padding rows use a scratch slot (index `slots`) nobody reads.
+        self.graphs: dict[tuple[int, int], SlotGraphedEncoderStep] | None = {} if cuda_graphs and self.device.type == "cuda" else None
+        self.buckets = bucket_sizes(max_batch)
         self.scratch = slots
         self._pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
         cfg = model.config.frontend
@@ -178,34 +179,22 @@ class ModelRunner:
         return results
 
     def _encode(self, latency_ms: int, plan: ChunkPlan, mel: torch.Tensor, index: torch.Tensor, lo, hi):
-        """Encoder step for the rows `index` (slots), updating their caches: replayed from the CUDA graph
-        of the batch's size bucket on CUDA (masked graphs: rows starting or ending an utterance batch
-        with the rest), else eagerly."""
+        """Encoder step for the rows `index` (slots), updating their caches: on CUDA replayed from the
+        graph of the smallest bucket that holds the batch (every graph takes masks, so rows starting or
+        ending an utterance batch with the rest), else eagerly."""
         rows = index.shape[0]
         if self.graphs is None:
             encoded, length, cache = encoder_step(self.model.module.encoder, plan, mel, self.cache.select(index), lo, hi)
             self.cache.write_rows(index, cache)
             return encoded, length
-        bucket = 1 << (rows - 1).bit_length()  # the next power of two
-        pad = bucket - rows
-        padded = torch.cat((index, index.new_full((pad,), self.scratch)))
-        graph = self._graph(latency_ms, bucket)
-        steady = plan.shape.step_mel + 1
-        lo = torch.zeros(rows, dtype=torch.long, device=self.device) if lo is None else lo
-        hi = torch.full((rows,), steady, dtype=torch.long, device=self.device) if hi is None else hi
-        if pad:
-            mel = torch.cat((mel, mel.new_zeros((pad,) + mel.shape[1:])))
-            lo = torch.cat((lo, lo.new_zeros(pad)))
-            hi = torch.cat((hi, hi.new_full((pad,), steady)))
-        encoded, length, cache = graph(mel, self.cache.select(padded), lo, hi)
-        self.cache.write_rows(index, cache.select(slice(0, rows)))
-        return encoded[:rows], length[:rows]
+        bucket = next(b for b in self.buckets if b >= rows)
+        return self._graph(latency_ms, bucket)(mel, index, lo, hi)
 
-    def _graph(self, latency_ms: int, bucket: int) -> GraphedEncoderStep:
+    def _graph(self, latency_ms: int, bucket: int) -> SlotGraphedEncoderStep:
         graph = self.graphs.get((latency_ms, bucket))
         if graph is None:
-            graph = self.graphs[(latency_ms, bucket)] = GraphedEncoderStep(
-                self.model.module.encoder, self.plans[latency_ms], bucket, masked=True, pool=self._pool
+            graph = self.graphs[(latency_ms, bucket)] = SlotGraphedEncoderStep(
+                self.model.module.encoder, self.plans[latency_ms], bucket, self.cache, self.scratch, pool=self._pool
             )
         return graph
 
@@ -214,10 +203,8 @@ class ModelRunner:
         if self.graphs is None:
             return
         for latency in latencies:
-            bucket = 1
-            while bucket < 2 * self.max_batch:
+            for bucket in self.buckets:
                 self._graph(latency, bucket)
-                bucket *= 2
 
     @torch.no_grad()
     def vad(self, rows: tuple[VADRow, ...]) -> list[list[float]]:

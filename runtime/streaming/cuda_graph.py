@@ -4,6 +4,10 @@ A streaming step of a 24-layer encoder on a few frames launches several hundred 
 its time is launch overhead, not arithmetic. The step has static shapes per (latency mode, batch size),
 so it is captured once into a CUDA graph and replayed: inputs are copied into the graph's static
 buffers, the graph runs, and its outputs are views of static buffers valid until the next replay.
+
+`GraphedEncoderStep` takes and returns caches (a caller's own state). `SlotGraphedEncoderStep` serves an
+engine whose caches live in slot-indexed tensors: the graph reads its rows' caches from the slots and
+writes them back itself, so per step only the row indices, mel frames and masks cross into the graph.
 """
 
 from __future__ import annotations
@@ -66,3 +70,75 @@ class GraphedEncoderStep:
             self.hi.copy_(hi if hi is not None else torch.full_like(self.hi, self.plan.shape.step_mel + 1))
         self.graph.replay()
         return self.out, self.out_len, self.next_cache
+
+
+def bucket_sizes(limit: int) -> list[int]:
+    """Batch sizes graphs are captured for, up to the first at or above `limit`: powers of two and 1.5x
+    powers of two, so a batch is padded by less than a third instead of up to half, for about twice
+    the graphs."""
+    sizes, size = [1, 2, 3], 4
+    while sizes[-1] < limit:
+        sizes += [size, size * 3 // 2]
+        size *= 2
+    return sizes[: next(i for i, s in enumerate(sizes) if s >= limit) + 1]
+
+
+class SlotGraphedEncoderStep:
+    """encoder_step for up to `batch` rows of the slot caches `slots`, replayed from a CUDA graph that
+    gathers the rows' caches, steps them and scatters the new caches back to the same slots.
+
+    No cache is copied into or out of the graph (an engine with hundreds of 14 MB caches would otherwise
+    copy each row's three times per step), and the graph holds no cache buffers of its own: its
+    intermediates live in `pool`, shared by graphs that never replay concurrently. Rows past the call's
+    count point at `scratch`, a slot nobody reads."""
+
+    def __init__(
+        self, encoder: ConformerEncoder, plan: ChunkPlan, batch: int, slots: EncoderCache, scratch: int,
+        warmup: int = 3, pool=None,
+    ):
+        device = encoder.pre_encode.out.weight.device
+        if device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.encoder, self.plan, self.batch, self.slots, self.scratch = encoder, plan, batch, slots, scratch
+        shape = plan.shape
+        self.steady = shape.step_mel + 1
+        self.mel = torch.zeros(batch, shape.step_mel, encoder.cfg.feat_in, device=device)  # [N, step_mel, F]
+        self.index = torch.full((batch,), scratch, dtype=torch.long, device=device)  # [N] slots
+        self.lo = torch.zeros(batch, dtype=torch.long, device=device)  # [N]
+        self.hi = torch.full((batch,), self.steady, dtype=torch.long, device=device)  # [N]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):  # every row at the scratch slot: the warm-up touches no stream's state
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.out, self.out_len = self._body()
+
+    def _body(self):
+        cache = self.slots.select(self.index)
+        out, out_len, new = encoder_step(self.encoder, self.plan, self.mel, cache, self.lo, self.hi)
+        self.slots.write_rows(self.index, new)
+        return out, out_len
+
+    @torch.no_grad()
+    def __call__(self, mel: torch.Tensor, index: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None):
+        """mel: [n, step_mel, F] new frames of the n <= batch rows; index: [n] their slots; lo, hi: [n]
+        as for encoder_step (None: unmasked). Steps the rows and updates their slot caches in place.
+        Returns (encoded [n, T, d], valid frames [n]), overwritten by the next call."""
+        n = index.shape[0]
+        if n > self.batch:
+            raise ValueError(f"{n} rows do not fit a graph captured for {self.batch}")
+        self.mel[:n].copy_(mel)
+        self.index[:n].copy_(index)
+        self.index[n:].fill_(self.scratch)
+        if lo is None:
+            self.lo.zero_()
+        else:
+            self.lo[:n].copy_(lo)
+        self.hi.fill_(self.steady)
+        if hi is not None:
+            self.hi[:n].copy_(hi)
+        self.graph.replay()
+        return self.out[:n], self.out_len[:n]

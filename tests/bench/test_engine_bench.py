@@ -31,6 +31,12 @@ def test_a_short_run_measures_chunks_and_finals(ms_model, clips):
     assert len(res.chunk_latency_ms) > 3 * 8 and all(np.isfinite(res.chunk_latency_ms))
     assert res.audio_seconds == pytest.approx(sum(len(u.audio) for p in plans for u in p.utterances) / 16000)
     assert "mean batch=" in res.notes and "first error" not in res.notes
+    # The latency split: one send lag per frame pushed; each chunk's latency from its actual push is at
+    # most its latency from the schedule (the client never sends early).
+    assert len(res.send_lag_ms) == sum(1 for p in plans for _ in p.frames()) and min(res.send_lag_ms) >= 0
+    assert len(res.engine_latency_ms) == len(res.chunk_latency_ms)
+    assert all(own <= total + 1.0 for own, total in zip(res.engine_latency_ms, res.chunk_latency_ms))
+    assert res.summary()["engine_latency_ms"]["p50"] > 0
 
 
 def test_a_failing_step_is_counted_and_the_run_ends(ms_model, clips, monkeypatch):

@@ -372,3 +372,20 @@ def test_48k_int16_bytes_as_webrtc_delivers_them(ms_model, audio_clips):
         reference.feed(np.frombuffer(pcm[i : i + 1920], dtype="<i2"))
     assert [t.id for t in final.tokens] == reference.finalize().token_ids
     assert final.end == pytest.approx(len(audio_clips["jfk.wav"]), abs=2)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_engine_start_freezes_the_garbage_collector_unless_told_not_to(ms_model, freeze):
+    import gc
+
+    from monosemantic.engine.core import EngineCore
+
+    gc.unfreeze()
+    core = EngineCore(ms_model("nemotron_rnnt"), EngineConfig(max_streams=1, vad=None, freeze_gc=freeze))
+    try:
+        assert gc.get_freeze_count() == 0  # nothing before the loop starts
+        core.start()
+        assert (gc.get_freeze_count() > 0) == freeze
+    finally:
+        core.stop()
+        gc.unfreeze()
