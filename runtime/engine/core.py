@@ -143,10 +143,9 @@ class EngineCore:
                 state.waiting_for_space = True
                 return False
             self.runner.write(record.slot, record.written, samples)
-            record.written += len(samples)
             # Wake the loop only when this write gave the stream work; otherwise every 20 ms frame of
             # every stream would re-plan all streams (quadratic in the number of streams).
-            work = self.scheduler.has_work(record)
+            work = self.scheduler.wrote(record, len(samples))
         if work:
             self.wake.set()
         return True

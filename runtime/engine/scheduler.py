@@ -121,7 +121,8 @@ class StreamRecord:
     flushes: deque = field(default_factory=deque)  # absolute sample counts at each flush request
     last_voice: int = 0  # absolute sample where the VAD last heard speech end (skip_silence only)
     skipped_frames: int = 0  # encoder frames skipped since the encoder last ran (skip_silence only)
-    ready_since: float | None = None  # clock time the scheduler first saw the next window ready
+    ready_since: float | None = None  # clock time the next window became ready (for batch_wait)
+    stepping: bool = False  # a window is planned and not yet done: next_window is not yet advanced
 
     def window_start(self) -> int:
         return self.shape.first_start + self.next_window * self.shape.step_mel
@@ -197,6 +198,15 @@ class Scheduler:
         last_frame = record.window_start() + shape.step_mel - 1
         return record.utt_start + g.hop * last_frame + g.reach <= self._limit(record)
 
+    def wrote(self, record: StreamRecord, samples: int) -> bool:
+        """Count `samples` newly written; True if the stream now holds work (the loop should wake). A
+        window completed by this write is ready from now: waiting for a fuller batch counts from here."""
+        record.written += samples
+        # While a step of the stream runs, next_window still names the window in it: wait for step_done.
+        if record.ready_since is None and not record.stepping and self._full_window_ready(record):
+            record.ready_since = self.clock()
+        return self.has_work(record)
+
     def has_work(self, record: StreamRecord) -> bool:
         """Whether the stream now holds something to run: a full window, or a VAD batch."""
         if self._full_window_ready(record):
@@ -246,6 +256,7 @@ class Scheduler:
                 row = self._plan_step(record, finals)
                 if row is not None:
                     record.ready_since = None
+                    record.stepping = True
                     rows.append(row)
             pending = (record.written - record.vad_pos) // self.geometry.vad_window if self.vad else 0
             if pending > 0:
@@ -318,9 +329,13 @@ class Scheduler:
         record = self.current(row.handle, row.generation)
         if record is None:
             return None
+        record.stepping = False
         record.next_window += 1
         if row.final:
             self._end_utterance(record)
+        if self._full_window_ready(record):
+            # Its audio came while the step ran: the stream is behind and its next window waits no more.
+            record.ready_since = float("-inf")
         return record
 
     def vad_done(self, row: VADRow) -> StreamRecord | None:

@@ -187,3 +187,64 @@ def test_silence_before_a_flush_is_skipped_but_the_utterance_still_ends_with_a_s
     windows = -(-(GEOMETRY.valid_frames(3 * 16000 + 100) + 7) // 8)  # windows at -7, 1, ... below 300
     assert len(rows) < windows / 2  # most of 3 s of silence skipped
     assert rows[-1].final and rows[-1].restart_frames > 0  # the last step restarts after the skip
+
+
+def test_a_ready_window_waits_for_its_mode_counted_from_the_write_that_completed_it():
+    """batch_wait: a ready window is held for the mode's other streams, at most batch_wait after the write
+    that made it ready; never when every stream of the mode is ready; never when an utterance ends. The
+    wait is asked at every plan (pacing changes it)."""
+    now, wait = [0.0], [0.05]
+    s = Scheduler(4, 8, GEOMETRY, False, batch_wait=lambda latency_ms: wait[0], clock=lambda: now[0])
+    a, b = s.admit(160, shape(1)), s.admit(160, shape(1))
+    assert s.wrote(a, samples_for_windows(0, 16))  # ready now, at t = 0
+    now[0] = 0.03
+    plan = run(s)
+    assert not plan.steps and plan.wake_in == pytest.approx(0.02)  # held until 0.05
+    now[0] = 0.05
+    assert [row.handle for row in run(s).steps[0].rows] == [a.handle]  # b never came: a runs alone
+    # Both streams ready: nothing to wait for.
+    now[0] = 0.1
+    s.wrote(a, samples_for_windows(1, 16) - a.written)
+    s.wrote(b, samples_for_windows(0, 16))
+    assert sorted(row.handle for row in run(s).steps[0].rows) == sorted([a.handle, b.handle])
+    # The wait shrinks to zero (pacing found the steps slow): a ready window runs at once.
+    now[0] = 0.2
+    s.wrote(a, samples_for_windows(2, 16) - a.written)
+    wait[0] = 0.0
+    assert [row.handle for row in run(s).steps[0].rows] == [a.handle]
+    # A flush in the mode: its last step and every ready window run at once, whatever the wait.
+    wait[0] = 10.0
+    now[0] = 0.3
+    s.wrote(a, samples_for_windows(3, 16) - a.written)
+    s.wrote(b, 1000)
+    s.flush(b.handle)
+    plan = run(s)
+    assert {row.handle for row in plan.steps[0].rows} == {a.handle, b.handle}
+
+
+def test_audio_written_while_a_stream_steps_does_not_start_its_next_windows_wait_early():
+    """A write during a stream's step must not count as its next window becoming ready (the scheduler
+    still names the window in flight); a window already complete when the step ends is due at once."""
+    now = [0.0]
+    s = Scheduler(4, 8, GEOMETRY, False, batch_wait=lambda latency_ms: 0.05, clock=lambda: now[0])
+    a, b = s.admit(160, shape(1)), s.admit(160, shape(1))
+    s.wrote(a, samples_for_windows(0, 16))
+    now[0] = 0.05
+    plan = s.plan()  # a's first window, alone (b has nothing)
+    now[0] = 0.06
+    s.wrote(a, 100)  # during the step: the window in flight is "full", but it is not a new one
+    assert a.ready_since is None
+    for row in plan.steps[0].rows:
+        s.step_done(row)
+    now[0] = 0.10
+    s.wrote(a, samples_for_windows(1, 16) - a.written)  # the next window, complete at 0.10
+    assert a.ready_since == 0.10
+    now[0] = 0.12
+    assert not s.plan().steps  # held until 0.15
+    now[0] = 0.16
+    plan = s.plan()
+    now[0] = 0.17
+    s.wrote(a, samples_for_windows(2, 16) - a.written)  # the window after it, complete during the step
+    for row in plan.steps[0].rows:
+        s.step_done(row)
+    assert [row.handle for row in s.plan().steps[0].rows] == [a.handle]  # behind: runs at once
