@@ -115,7 +115,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
                 flushed.clear()
         return sent / rate
 
-    engine.core.on_tick = on_tick
+    engine.core.add_tick_hook(on_tick)
     try:
         streams = []
         for plan in plans:
@@ -133,7 +133,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
             await stream.close()
         await asyncio.gather(*receivers)
     finally:
-        engine.core.on_tick = None
+        engine.core.remove_tick_hook(on_tick)
     per_stream = slot_bytes(engine.core) / 2**20
     return BenchResult(
         system="monosemantic engine",

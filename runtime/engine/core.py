@@ -91,9 +91,19 @@ class EngineCore:
         self.pending_resets: list[tuple[int, bool]] = []  # (slot, also VAD) to reset before the next plan
         self.usage_samples = int(config.usage_interval_seconds * model.sample_rate)
         self.stats = TickStats()
-        self.on_tick: Callable[[TickPlan, float], None] | None = None  # benchmark/metrics hook
+        # Called after every tick with its plan and seconds (engine thread): metrics, benchmarks. A tuple
+        # replaced on change, so the loop reads a consistent set while other threads add or remove.
+        self.tick_hooks: tuple[Callable[[TickPlan, float], None], ...] = ()
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    def add_tick_hook(self, hook: Callable[[TickPlan, float], None]) -> None:
+        with self.lock:
+            self.tick_hooks = (*self.tick_hooks, hook)
+
+    def remove_tick_hook(self, hook: Callable[[TickPlan, float], None]) -> None:
+        with self.lock:
+            self.tick_hooks = tuple(h for h in self.tick_hooks if h is not hook)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -206,8 +216,8 @@ class EngineCore:
                 self._run(plan)
                 elapsed = time.perf_counter() - started
                 self.stats = TickStats(len(plan.steps), sum(len(b.rows) for b in plan.steps), len(plan.vad), elapsed)
-                if self.on_tick is not None:
-                    self.on_tick(plan, elapsed)
+                for hook in self.tick_hooks:
+                    hook(plan, elapsed)
             except Exception as exc:  # past the guarded model calls (a bug, a device failure in a reset)
                 # The loop must go on for everyone else: fail only the streams this tick touched.
                 log.exception("engine tick failed")

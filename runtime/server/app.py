@@ -65,7 +65,7 @@ class ServerState:
                     load_model, self.config.model, device=self.config.device, dtype=self.config.dtype
                 )
             engine = Engine(self.model, self.config.engine_config(self.model))
-            engine.core.on_tick = self.metrics.on_tick
+            engine.core.add_tick_hook(self.metrics.on_tick)
             await asyncio.to_thread(engine.core.start)  # captures CUDA graphs on GPU
             self.engine = engine
             await self._warm_up()

@@ -60,7 +60,7 @@ class ServerMetrics:
         )
 
     def on_tick(self, plan, elapsed: float) -> None:
-        """EngineCore.on_tick hook (engine thread; prometheus_client is thread-safe)."""
+        """EngineCore tick hook (engine thread; prometheus_client is thread-safe)."""
         self.tick_seconds.observe(elapsed)
         for batch in plan.steps:
             self.batch_size.observe(len(batch.rows))

@@ -389,3 +389,36 @@ def test_engine_start_freezes_the_garbage_collector_unless_told_not_to(ms_model,
     finally:
         core.stop()
         gc.unfreeze()
+
+
+def test_every_tick_hook_runs_until_removed(ms_model, audio_clips):
+    """Several observers (server metrics, a benchmark) each see every tick; a removed one stops."""
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"][:48000]
+    calls = {"metrics": 0, "bench": 0}
+
+    def metrics(plan, elapsed):
+        calls["metrics"] += 1
+
+    def bench(plan, elapsed):
+        calls["bench"] += 1
+
+    async def utterance(stream):
+        await stream.push(audio)
+        await stream.flush()
+        await collect_until_final(stream)
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=None)) as engine:
+            engine.core.add_tick_hook(metrics)
+            engine.core.add_tick_hook(bench)
+            stream = await engine.open_stream(latency_ms=160)
+            await utterance(stream)
+            engine.core.remove_tick_hook(bench)
+            seen = dict(calls)
+            await utterance(stream)
+            return seen
+
+    seen = asyncio.run(main())
+    assert seen["metrics"] >= 5 and abs(seen["bench"] - seen["metrics"]) <= 1  # a tick may be mid-hooks
+    assert calls["metrics"] >= seen["metrics"] + 5 and calls["bench"] <= seen["bench"] + 1

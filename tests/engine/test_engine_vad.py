@@ -90,7 +90,7 @@ def test_skip_silence_saves_encoder_steps_and_keeps_speech_timing(ms_model, audi
 
         async def main():
             async with Engine(model, config) as engine:
-                engine.core.on_tick = lambda plan, _: rows.__setitem__(0, rows[0] + sum(len(b.rows) for b in plan.steps))
+                engine.core.add_tick_hook(lambda plan, _: rows.__setitem__(0, rows[0] + sum(len(b.rows) for b in plan.steps)))
                 return await run_stream(engine, audio)
 
         events = asyncio.run(main())
