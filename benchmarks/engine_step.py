@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from monosemantic import load_model
+from monosemantic.bench.command import load_clips
 from monosemantic.decoding.greedy import DecoderState
 from monosemantic.engine import runner as runner_module
 from monosemantic.engine.config import EngineConfig
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--latency-ms", type=int, default=160)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--audio", choices=["speech", "noise"], default="speech", help="what the streams hold")
     args = p.parse_args()
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -43,8 +45,15 @@ def main() -> None:
     runner, shape = core.runner, core.shapes[args.latency_ms]
     rng = np.random.default_rng(0)
     seconds = 4
+    samples = model.sample_rate * seconds
+    speech = np.concatenate(load_clips(None, model.sample_rate)) if args.audio == "speech" else None
     for slot in range(slots):
-        runner.write(slot, 0, (0.1 * rng.standard_normal(model.sample_rate * seconds)).astype(np.float32))
+        if speech is None:
+            audio = 0.1 * rng.standard_normal(samples)
+        else:  # each stream at its own place in the speech, so rows emit as real streams do
+            start = int(rng.integers(0, len(speech) - samples))
+            audio = speech[start : start + samples]
+        runner.write(slot, 0, audio.astype(np.float32))
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     spent: dict[str, float] = {}
 
@@ -66,7 +75,7 @@ def main() -> None:
     timed(SlotGraphedEncoderStep, "__call__", "encoder")
     timed(LogMelFrontend, "frames", "features")
     timed(DecoderState, "write_rows", "decoder state")
-    print(f"# {model}, {args.latency_ms} ms, steady state (caches full), ms per call")
+    print(f"# {model}, {args.latency_ms} ms, {args.audio}, steady state (caches full), ms per call")
     for batch in args.batch:
         window = shape.first_start + 20 * shape.step_mel  # well inside the audio, caches full
         rows = tuple(

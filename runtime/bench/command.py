@@ -44,7 +44,8 @@ def load_clips(paths: list[str] | None, sample_rate: int) -> list[np.ndarray]:
 
 
 def find_max_streams(trial: Callable[[int], BenchResult], start: int, limit: int, log) -> tuple[int, list[BenchResult]]:
-    """The most streams for which `trial(n)` is sustained: doubling from `start`, then bisection."""
+    """The most streams for which `trial(n)` is sustained (0: not even one): doubling from `start`, or
+    halving when `start` already fails, then bisection to within 12.5%."""
     results: list[BenchResult] = []
 
     def ok(n: int) -> bool:
@@ -53,9 +54,7 @@ def find_max_streams(trial: Callable[[int], BenchResult], start: int, limit: int
         log(res)
         return res.sustained
 
-    if not ok(start):
-        return 0, results
-    lo, hi = start, None
+    lo, hi = (start, None) if ok(start) else (0, start)
     while hi is None:
         n = min(lo * 2, limit)
         if n == lo:
