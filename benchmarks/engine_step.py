@@ -70,6 +70,14 @@ def main() -> None:
 
         setattr(owner, name, call)
 
+    def per_call_ms(call) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            call()
+        sync()
+        return (time.perf_counter() - start) / args.iters * 1000
+
     timed(runner_module, "greedy_decode", "decode")
     timed(runner_module, "encoder_step", "encoder")
     timed(SlotGraphedEncoderStep, "__call__", "encoder")
@@ -86,22 +94,12 @@ def main() -> None:
         for _ in range(3):
             runner.step(step)  # captures the CUDA graph of the bucket, warms allocators
         spent.clear()
-        sync()
-        start = time.perf_counter()
-        for _ in range(args.iters):
-            runner.step(step)
-        sync()
-        total = (time.perf_counter() - start) / args.iters * 1000
+        total = per_call_ms(lambda: runner.step(step))
         vad_rows = tuple(VADRow(slot, slot, 1, 0, 5) for slot in range(batch))
         vad = float("nan")
         if runner.vad_model is not None:
             runner.vad(vad_rows)
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.iters):
-                runner.vad(vad_rows)
-            sync()
-            vad = (time.perf_counter() - start) / args.iters * 1000
+            vad = per_call_ms(lambda: runner.vad(vad_rows))
         phases = "  ".join(f"{k} {v / args.iters * 1000:.1f}" for k, v in sorted(spent.items()))
         print(f"batch {batch:5d}  step {total:7.1f}  ({phases})  vad 5 windows {vad:.1f}", flush=True)
 
