@@ -70,7 +70,8 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
                 chunk_at.append(done - t0)
                 ends, times = pushed[row.handle]
                 at = bisect.bisect_left(ends, chunk_end)  # the push that completed the chunk
-                engine_latency.append((done - times[at]) * 1000.0)
+                if at < len(times):  # always, for a window stepped on audio pushed (not past a flush)
+                    engine_latency.append((done - times[at]) * 1000.0)
 
     async def receive(stream, flushed: list[float]) -> None:
         async for event in stream:
