@@ -126,10 +126,13 @@ def greedy_decode(
     previous chunk (or `initial_state`). Returns the labels found and the state for the next chunk.
     """
     with exact_fp32(torch.float32):
-        return _decode(prediction, joint, encoded, lengths, state, durations, max_symbols)
+        compact = encoded.device.type == "cpu"
+        return _decode(prediction, joint, encoded, lengths, state, durations, max_symbols, compact)
 
 
-def _decode(prediction, joint, encoded, lengths, state, durations, max_symbols):
+def _decode(prediction, joint, encoded, lengths, state, durations, max_symbols, compact):
+    """compact: step the prediction network on the rows that found a label only (gathered), rather than
+    on every row with the others masked out; the same labels and state either way."""
     batch, max_time, _ = encoded.shape
     device = encoded.device
     blank = prediction.cfg.vocab_size
@@ -185,11 +188,22 @@ def _decode(prediction, joint, encoded, lengths, state, durations, max_symbols):
         last_nb_count = torch.where(same_frame, last_nb_count + 1, torch.where(found, 1, last_nb_count))
         last_nb_time = torch.where(found, label_time, last_nb_time)
 
-        out, (h_new, c_new) = prediction.step(labels, (h, c))
-        keep = found[None, :, None]
-        h = torch.where(keep, h_new, h)
-        c = torch.where(keep, c_new, c)
-        pred_out = torch.where(found[:, None], joint.project_prediction(out), pred_out)
+        if compact:
+            # Only the rows that found a label step the LSTM: in a step of many streams most rows are
+            # done after a label or two while the loop runs on for the busiest, and on a CPU the LSTM's
+            # matrix products over every row were most of the decoding time.
+            rows_found = found.nonzero().squeeze(1)  # [F]
+            if rows_found.numel():
+                out, (h_new, c_new) = prediction.step(labels[rows_found], (h[:, rows_found], c[:, rows_found]))
+                h = h.index_copy(1, rows_found, h_new)
+                c = c.index_copy(1, rows_found, c_new)
+                pred_out = pred_out.index_copy(0, rows_found, joint.project_prediction(out))
+        else:  # on a GPU, masking costs no sync and launches the same kernels whatever the rows
+            out, (h_new, c_new) = prediction.step(labels, (h, c))
+            keep = found[None, :, None]
+            h = torch.where(keep, h_new, h)
+            c = torch.where(keep, c_new, c)
+            pred_out = torch.where(found[:, None], joint.project_prediction(out), pred_out)
 
         if max_symbols is not None:
             force = active & ~is_blank & (last_nb_count >= max_symbols) & (last_nb_time == time)
