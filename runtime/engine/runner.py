@@ -47,7 +47,6 @@ class ModelRunner:
         self.model = model
         self.plans = plans
         self.device = model.device
-        self.max_batch = max_batch
         # Encoder steps replay CUDA graphs, one per (mode, batch bucket), captured on first use, that read
         # and write the slot caches in place; padding rows use a scratch slot (index `slots`) nobody reads.
         self.graphs: dict[tuple[int, int], SlotGraphedEncoderStep] | None = {} if cuda_graphs and self.device.type == "cuda" else None
