@@ -22,6 +22,7 @@ from ..errors import StreamError
 from ..events import Error, Event, Final, Partial, SpeechEnded, SpeechStarted, Usage
 from ..transcript import Token, Word
 from .config import EngineConfig
+from .malloc import keep_freed_memory
 from .runner import ModelRunner, RowResult, geometry
 from .scheduler import Scheduler, StepRow, StreamRecord, TickPlan
 
@@ -111,6 +112,8 @@ class EngineCore:
             self.runner.warmup(list(self.config.warmup_latencies))
             if self.config.freeze_gc:
                 gc.freeze()
+            if self.config.keep_freed_memory and self.runner.device.type == "cpu":
+                keep_freed_memory()
             self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
             self._thread.start()
 

@@ -3,8 +3,9 @@ frontend + encoder + decoder steps and VAD calls over the rows the scheduler pla
 
 Audio arrives in a host ring buffer per slot (that is where it lands from the network or the caller); a
 step gathers each row's analysis window from it with one fancy-indexing operation, pre-emphasises and
-masks it, and copies the batch to the device once. Encoder caches, decoder state and VAD state live on
-the device, indexed by slot; a step gathers its rows, runs, and scatters them back.
+masks it, and copies the batch to the device once. Encoder caches (SlotCache: attention caches as rings,
+of which a step writes back only the new frames), decoder state and VAD state live on the device,
+indexed by slot; a step gathers its rows, runs, and writes them back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from ..asr import ASRModel
 from ..decoding.greedy import DecoderState, greedy_decode, initial_state
 from ..streaming.cuda_graph import SlotGraphedEncoderStep, bucket_sizes
-from ..streaming.encoder_step import EncoderCache, encoder_step
+from ..streaming.slot_cache import SlotCache, slot_encoder_step
 from ..streaming.plan import ChunkPlan
 from .scheduler import MAX_VAD_WINDOWS, AudioGeometry, StepBatch, VADRow
 
@@ -68,7 +69,7 @@ class ModelRunner:
             MAX_VAD_WINDOWS * self.geometry.vad_window,
         )
         self.ring = np.zeros((slots, ring_samples + self.mirror), dtype=np.float32)
-        self.cache = EncoderCache.zeros(module.encoder, lefts.pop(), slots + 1, self.device)  # + scratch row
+        self.cache = SlotCache.zeros(module.encoder, lefts.pop(), slots + 1, self.device)  # + scratch row
         self.decoder = initial_state(module.decoder, module.joint, slots, self.device)
         self._fresh_decoder = initial_state(module.decoder, module.joint, 1, self.device)
         self.vad_model = self.vad_state = None
@@ -183,9 +184,7 @@ class ModelRunner:
         ending an utterance batch with the rest), else eagerly."""
         rows = index.shape[0]
         if self.graphs is None:
-            encoded, length, cache = encoder_step(self.model.module.encoder, plan, mel, self.cache.select(index), lo, hi)
-            self.cache.write_rows(index, cache)
-            return encoded, length
+            return slot_encoder_step(self.model.module.encoder, plan, mel, self.cache, index, lo, hi)
         bucket = next(b for b in self.buckets if b >= rows)
         return self._graph(latency_ms, bucket)(mel, index, lo, hi)
 

@@ -74,20 +74,32 @@ class RelPositionMultiHeadAttention(nn.Module):
         hidden: torch.Tensor,
         k_cache: torch.Tensor | None = None,
         v_cache: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, T, d] normalized input; pos: [H, d_k, K+T-1] projected positions for K = C + T keys;
         hidden: [B, 1, T, K] bool, True where a query may not see a key; k_cache, v_cache:
         [B, H, C, d_k] projected keys/values of the C cached frames (None when C = 0).
+        order: [B, 1, 1, K] long or None. Given, k_cache and v_cache are [B, H, K, d_k] buffers holding
+        the cached frames in some order with room for the T new ones at the end, which are written into
+        them (no concatenation), and key position m is frame order[b, 0, 0, m] of the in-order layout that
+        `pos` describes; `hidden` is in the buffers' order.
         Returns (out [B, T, d], keys [B, H, K, d_k], values [B, H, K, d_k])."""
         q = self.heads(self.linear_q(x))  # [B, H, T, d_k]
         k = self.heads(self.linear_k(x))
         v = self.heads(self.linear_v(x))
-        if k_cache is not None:
+        t = q.shape[2]
+        if order is not None:
+            k_cache[:, :, -t:] = k
+            v_cache[:, :, -t:] = v
+            k, v = k_cache, v_cache  # [B, H, K, d_k]
+        elif k_cache is not None:
             k = torch.cat((k_cache, k), dim=2)  # [B, H, K, d_k]
             v = torch.cat((v_cache, v), dim=2)
         q_u = q + self.pos_bias_u.to(q.dtype)[None, :, None, :]
         q_v = q + self.pos_bias_v.to(q.dtype)[None, :, None, :]
         bd = positional_scores(q_v, pos, k.shape[2]) * (1.0 / math.sqrt(self.d_k))  # [B, H, T, K]
+        if order is not None:
+            bd = bd.gather(3, order.expand(-1, self.h, t, -1))
         bd.masked_fill_(hidden, MASK_VALUE)
         # Rows whose every key is hidden occur only for padding queries; their outputs are never read.
         out = nn.functional.scaled_dot_product_attention(q_u, k, v, attn_mask=bd)  # [B, H, T, d_k]

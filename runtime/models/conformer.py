@@ -82,12 +82,12 @@ class ConformerLayer(nn.Module):
         self.feed_forward2 = FeedForward(d, cfg.d_ff, cfg.use_bias)
         self.norm_out = nn.LayerNorm(d)
 
-    def forward(self, x, pos, hidden, padded, k_cache=None, v_cache=None, conv_cache=None):
+    def forward(self, x, pos, hidden, padded, k_cache=None, v_cache=None, conv_cache=None, order=None):
         """x: [B, T, d]; pos: [H, d_k, K+T-1]; hidden: [B, 1, T, K] keys a query may not see;
-        padded: [B, T] frames past the valid length.
+        padded: [B, T] frames past the valid length; order: see RelPositionMultiHeadAttention.
         Returns (x [B, T, d], keys, values [B, H, K, d_k], conv history [B, d, left + T])."""
         x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
-        att, keys, values = self.self_attn(self.norm_self_att(x), pos, hidden, k_cache, v_cache)
+        att, keys, values = self.self_attn(self.norm_self_att(x), pos, hidden, k_cache, v_cache, order)
         x = x + att
         conv, history = self.conv(self.norm_conv(x), padded, conv_cache)
         x = x + conv

@@ -17,6 +17,7 @@ import torch
 from ..models.conformer import ConformerEncoder
 from .encoder_step import EncoderCache, encoder_step
 from .plan import ChunkPlan
+from .slot_cache import SlotCache, slot_encoder_step
 
 
 def _copy_cache(dst: EncoderCache, src: EncoderCache) -> None:
@@ -84,8 +85,8 @@ def bucket_sizes(limit: int) -> list[int]:
 
 
 class SlotGraphedEncoderStep:
-    """encoder_step for up to `batch` rows of the slot caches `slots`, replayed from a CUDA graph that
-    gathers the rows' caches, steps them and scatters the new caches back to the same slots.
+    """slot_encoder_step for up to `batch` rows of the slot caches `slots`, replayed from a CUDA graph that
+    gathers the rows' caches, steps them and writes the new frames back to the same slots.
 
     No cache is copied into or out of the graph (an engine with hundreds of 14 MB caches would otherwise
     copy each row's three times per step), and the graph holds no cache buffers of its own: its
@@ -93,7 +94,7 @@ class SlotGraphedEncoderStep:
     count point at `scratch`, a slot nobody reads."""
 
     def __init__(
-        self, encoder: ConformerEncoder, plan: ChunkPlan, batch: int, slots: EncoderCache, scratch: int,
+        self, encoder: ConformerEncoder, plan: ChunkPlan, batch: int, slots: SlotCache, scratch: int,
         warmup: int = 3, pool=None,
     ):
         device = encoder.pre_encode.out.weight.device
@@ -117,10 +118,7 @@ class SlotGraphedEncoderStep:
             self.out, self.out_len = self._body()
 
     def _body(self):
-        cache = self.slots.select(self.index)
-        out, out_len, new = encoder_step(self.encoder, self.plan, self.mel, cache, self.lo, self.hi)
-        self.slots.write_rows(self.index, new)
-        return out, out_len
+        return slot_encoder_step(self.encoder, self.plan, self.mel, self.slots, self.index, self.lo, self.hi)
 
     @torch.no_grad()
     def __call__(self, mel: torch.Tensor, index: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None):

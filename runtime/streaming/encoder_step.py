@@ -27,6 +27,10 @@ class EncoderCache:
     conv: list[torch.Tensor]  # per layer [B, d_model, conv_left] depthwise-conv input history
     sub: list[torch.Tensor]  # per strided subsampling conv [B, C_in, 1, F_in] its last input frame
     length: torch.Tensor  # [B] long: valid cached attention frames (the last `length` of C)
+    # [B] long or None. Set (SlotCache.gather): keys and values are [B, H, C + T, d_k], their first C
+    # frames a ring whose oldest frame sits at `ring`, then room for the step's T new frames; the step
+    # then returns only the new frames' keys and values (SlotCache.store puts them in the ring).
+    ring: torch.Tensor | None = None
 
     @staticmethod
     def zeros(encoder: ConformerEncoder, cache_frames: int, batch: int, device=None, dtype=None) -> "EncoderCache":
@@ -101,17 +105,28 @@ def _step(encoder, plan, mel, cache, lo, hi):
     if out_len is None:
         out_len = torch.full((batch,), frames, dtype=torch.long, device=x.device)
     c = shape.cache_frames
-    t = torch.arange(c + frames, device=x.device)
+    t = torch.arange(c + frames, device=x.device)  # [C+T] key positions, in order
     query_valid = t[None, c:] < (c + out_len)[:, None]  # [B, T]
     key_valid = (t[None, :] >= (c - cache.length)[:, None]) & (t[None, :] < (c + out_len)[:, None])  # [B, C+T]
-    hidden = ~(plan.pattern[None, None] & query_valid[:, None, :, None] & key_valid[:, None, None, :])
+    hidden = ~(plan.pattern[None, None] & query_valid[:, None, :, None] & key_valid[:, None, None, :])  # [B, 1, T, C+T]
     padded = ~query_valid
+    order = None
+    kept = frames  # keys and values from this index on are the next cache
+    if cache.ring is not None:
+        # Key position m of the ring layout holds frame (m - ring) mod C of the in-order layout the mask
+        # and the positional scores are computed in; the new frames follow in order.
+        ring = (t[None, :c] - cache.ring[:, None]) % c  # [B, C]
+        order = torch.cat((ring, t[None, c:].expand(batch, frames)), dim=1)[:, None, None, :]  # [B, 1, 1, C+T]
+        hidden = hidden.gather(3, order.expand(-1, -1, frames, -1))
+        kept = c
     keys, values, conv = [], [], []
     for i, layer in enumerate(encoder.layers):
-        x, k, v, history = layer(x, plan.positions[i], hidden, padded, cache.keys[i], cache.values[i], cache.conv[i])
-        keys.append(k[:, :, frames:])
-        values.append(v[:, :, frames:])
+        x, k, v, history = layer(
+            x, plan.positions[i], hidden, padded, cache.keys[i], cache.values[i], cache.conv[i], order
+        )
+        keys.append(k[:, :, kept:])
+        values.append(v[:, :, kept:])
         conv.append(history[:, :, frames:])
     # As NeMo, the fill grows by the step's full (padded) width; only a stream's last step is padded.
     length = torch.clamp(cache.length + frames, max=c)
-    return x, out_len, EncoderCache(keys=keys, values=values, conv=conv, sub=sub, length=length)
+    return x, out_len, EncoderCache(keys=keys, values=values, conv=conv, sub=sub, length=length, ring=cache.ring)

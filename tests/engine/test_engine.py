@@ -422,3 +422,17 @@ def test_every_tick_hook_runs_until_removed(ms_model, audio_clips):
     seen = asyncio.run(main())
     assert seen["metrics"] >= 5 and abs(seen["bench"] - seen["metrics"]) <= 1  # a tick may be mid-hooks
     assert calls["metrics"] >= seen["metrics"] + 5 and calls["bench"] <= seen["bench"] + 1
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_engine_start_keeps_freed_memory_on_cpu_unless_told_not_to(ms_model, monkeypatch, keep):
+    from monosemantic.engine import core as core_module
+
+    calls = []
+    monkeypatch.setattr(core_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    core = core_module.EngineCore(ms_model("nemotron_rnnt"), EngineConfig(max_streams=1, vad=None, keep_freed_memory=keep))
+    try:
+        core.start()
+        assert len(calls) == int(keep)
+    finally:
+        core.stop()

@@ -9,6 +9,7 @@ import torch
 import monosemantic
 from monosemantic.streaming.cuda_graph import GraphedEncoderStep, SlotGraphedEncoderStep
 from monosemantic.streaming.encoder_step import EncoderCache, encoder_step
+from monosemantic.streaming.slot_cache import SlotCache, slot_encoder_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -63,15 +64,15 @@ def test_graphed_step_equals_eager(cuda_model, masked):
 
 def test_slot_graphed_step_equals_eager(cuda_model):
     """The in-place graph steps any subset of slots, in any order, fewer rows than it was captured for,
-    exactly as the eager step on the gathered caches, and leaves every other slot untouched."""
+    exactly as the eager slot step, and leaves every other slot untouched."""
     model = cuda_model("nemotron_rnnt")
     encoder = model.module.encoder
     plan = model.plan(model.context_for(160))
     shape = plan.shape
     slots, scratch = 8, 8
     gen = torch.Generator(device="cuda").manual_seed(0)
-    graph_slots = EncoderCache.zeros(encoder, shape.cache_frames, slots + 1, "cuda")
-    eager_slots = EncoderCache.zeros(encoder, shape.cache_frames, slots + 1, "cuda")
+    graph_slots = SlotCache.zeros(encoder, shape.cache_frames, slots + 1, "cuda")
+    eager_slots = SlotCache.zeros(encoder, shape.cache_frames, slots + 1, "cuda")
     graphed = SlotGraphedEncoderStep(encoder, plan, batch=6, slots=graph_slots, scratch=scratch)
     steps = [[0, 1, 2, 3, 4, 5], [5, 3, 1], [2, 0, 4, 1, 3], [7], [1, 6, 7, 0, 5, 2], [3, 4]]
     for n, rows in enumerate(steps):
@@ -81,14 +82,14 @@ def test_slot_graphed_step_equals_eager(cuda_model):
         if n == 1:  # a stream's first window beside full ones, and a last, partial one
             lo = torch.tensor([shape.first_valid(shape.first_start), 0, 0], device="cuda")
             hi = torch.tensor([shape.step_mel + 1, 5, shape.step_mel + 1], device="cuda")
-        out, length, cache = encoder_step(encoder, plan, mel, eager_slots.select(index), lo, hi)
-        eager_slots.write_rows(index, cache)
+        out, length = slot_encoder_step(encoder, plan, mel, eager_slots, index, lo, hi)
         g_out, g_len = graphed(mel, index, lo, hi)
         assert torch.equal(length, g_len)
         torch.testing.assert_close(g_out, out, atol=1e-5, rtol=1e-5)
         for mine, theirs in zip(graph_slots.keys + graph_slots.conv + graph_slots.sub, eager_slots.keys + eager_slots.conv + eager_slots.sub):
             torch.testing.assert_close(mine[:slots], theirs[:slots], atol=1e-5, rtol=1e-5)
         assert torch.equal(graph_slots.length[:slots], eager_slots.length[:slots])
+        assert torch.equal(graph_slots.oldest[:slots], eager_slots.oldest[:slots])
     with pytest.raises(ValueError, match="do not fit"):
         graphed(torch.zeros(7, shape.step_mel, encoder.cfg.feat_in, device="cuda"), torch.arange(7, device="cuda"), None, None)
 
