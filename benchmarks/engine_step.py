@@ -79,7 +79,7 @@ def main() -> None:
         return (time.perf_counter() - start) / args.iters * 1000
 
     timed(runner_module, "greedy_decode", "decode")
-    timed(runner_module, "encoder_step", "encoder")
+    timed(runner_module, "slot_encoder_step", "encoder")
     timed(SlotGraphedEncoderStep, "__call__", "encoder")
     timed(LogMelFrontend, "frames", "features")
     timed(DecoderState, "write_rows", "decoder state")

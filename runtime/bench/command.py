@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 
@@ -43,33 +43,56 @@ def load_clips(paths: list[str] | None, sample_rate: int) -> list[np.ndarray]:
     return [load_audio_file(f, sample_rate) for f in files]
 
 
-def find_max_streams(trial: Callable[[int], BenchResult], start: int, limit: int, log) -> tuple[int, list[BenchResult]]:
-    """The most streams for which `trial(n)` is sustained (0: not even one): doubling from `start`, or
-    halving when `start` already fails, then bisection to within 12.5%."""
-    results: list[BenchResult] = []
-
-    def ok(n: int) -> bool:
-        res = trial(n)
-        results.append(res)
-        log(res)
-        return res.sustained
-
-    lo, hi = (start, None) if ok(start) else (0, start)
+def search_max(start: int, limit: int) -> Generator[int, bool, int]:
+    """The search for the most streams sustained in real time, as a generator: it yields a count to try,
+    is sent whether that count was sustained, and returns the maximum (0: not even one). Doubling from
+    `start`, or halving when `start` already fails, then bisection to within 12.5%."""
+    lo, hi = (start, None) if (yield start) else (0, start)
     while hi is None:
         n = min(lo * 2, limit)
         if n == lo:
-            return lo, results
-        if ok(n):
+            return lo
+        if (yield n):
             lo = n
         else:
             hi = n
     while hi - lo > max(1, lo // 8):  # within 12.5 %
         mid = (lo + hi) // 2
-        if ok(mid):
+        if (yield mid):
             lo = mid
         else:
             hi = mid
-    return lo, results
+    return lo
+
+
+def find_max_streams(trial: Callable[[int], BenchResult], start: int, limit: int, log) -> tuple[int, list[BenchResult]]:
+    """search_max run on one system: (its maximum, every trial's result)."""
+    found, results = find_max_interleaved({"system": trial}, start, limit, log)
+    return found["system"], results["system"]
+
+
+def find_max_interleaved(
+    systems: dict[str, Callable[[int], BenchResult]], start: int, limit: int, log
+) -> tuple[dict[str, int], dict[str, list[BenchResult]]]:
+    """search_max for several systems at once, their trials taken in turns (one of each system, then the
+    next of each): a shared machine whose speed drifts over minutes then slows all of them alike, where
+    searching one system after the other would credit one with a fast quarter hour and the other with a
+    slow one."""
+    searches = {name: search_max(start, limit) for name in systems}
+    pending = {name: next(search) for name, search in searches.items()}  # the count each tries next
+    found: dict[str, int] = {}
+    results: dict[str, list[BenchResult]] = {name: [] for name in systems}
+    while pending:
+        for name in list(pending):
+            res = systems[name](pending[name])
+            results[name].append(res)
+            log(res)
+            try:
+                pending[name] = searches[name].send(res.sustained)
+            except StopIteration as done:
+                found[name] = done.value
+                del pending[name]
+    return found, results
 
 
 def _line(res: BenchResult) -> str:
@@ -105,8 +128,20 @@ def run(args) -> int:
         batch_wait_ms=args.batch_wait_ms,
         vad=VADConfig() if args.vad else None,
         warmup_latencies=(latency,) if model.device.type == "cuda" else (),
+        keep_freed_memory=args.keep_freed_memory,
     )
-    print(f"# monosemantic bench: {model}, latency {latency} ms, {len(clips)} clips, {args.seconds:.0f} s per stream", flush=True)
+    allocator = "glibc defaults"
+    if args.keep_freed_memory and model.device.type == "cpu":
+        from ..engine.malloc import keep_freed_memory
+
+        # Process-wide: set before either system runs, so the engine and the baseline share the allocator.
+        if keep_freed_memory():
+            allocator = "freed memory kept (both systems)"
+    print(
+        f"# monosemantic bench: {model}, latency {latency} ms, {len(clips)} clips, {args.seconds:.0f} s per stream, "
+        f"allocator: {allocator}",
+        flush=True,
+    )
     report: dict = {"model": str(args.model), "latency_ms": latency, "seconds": args.seconds, "runs": []}
 
     def log(res: BenchResult) -> None:
@@ -126,9 +161,8 @@ def run(args) -> int:
     try:
         systems = [("monosemantic", ours)] + ([("nemo", nemo)] if args.baseline == "nemo" else [])
         if args.find_max:
-            found = {}
-            for name, trial in systems:
-                found[name], _ = find_max_streams(trial, args.streams[0], limit, log)
+            found, _ = find_max_interleaved(dict(systems), args.streams[0], limit, log)
+            for name in found:
                 print(f"max streams sustained in real time ({name}): {found[name]}", flush=True)
             report["max_streams"] = found
             if "nemo" in found and found["nemo"]:
@@ -182,6 +216,10 @@ def add_parser(sub) -> None:
     p.add_argument("--baseline", choices=["nemo"], default=None, help="also run NeMo's cache-aware pipeline on the same workload")
     p.add_argument("--audio", nargs="+", help="speech files or directories to loop (default: tests/data)")
     p.add_argument("--vad", action=__import__("argparse").BooleanOptionalAction, default=True, help="run batched VAD too (default on)")
+    p.add_argument(
+        "--keep-freed-memory", action=__import__("argparse").BooleanOptionalAction, default=True,
+        help="on CPU, keep freed memory mapped (EngineConfig.keep_freed_memory), for the baseline too (default on)",
+    )
     p.add_argument("--frame-ms", type=int, default=20, help="client frame size (20 ms as WebRTC; more for very many streams)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write all runs to this file")

@@ -11,8 +11,9 @@ the previous step, which is all the overlap consecutive steps share, so a step c
 frames; the time axis is then not padded. The first conv keeps its last three input frames and so also
 recomputes its previous step's last output, the frame the second conv needs (a one-channel mel frame
 is cheap to keep; prepending a cached frame to the second conv's 128-channel input meant copying that
-input, the largest tensor of the step); each later conv keeps its last input frame. A stream's first step is laid out like every later one, its
-frames before the stream start being masked zeros (lo > 0), so first and later steps share one shape.
+input, the largest tensor of the step); each later conv keeps its last input frame. A stream's first
+step is laid out like every later one, its frames before the stream start being masked zeros (lo > 0),
+so first and later steps share one shape.
 
 On CPU the convs run channels-last, with the frequency padding done inside the conv: oneDNN's
 channels-first kernels for these shapes (one input channel, then depthwise) ran 3-9x slower, and the

@@ -1,10 +1,11 @@
 """One cache-aware encoder step for a batch of streams in the same latency mode.
 
 Per stream the cache holds, for each conformer layer, the projected attention keys and values of the last
-C frames (right-aligned; `length` of them valid) and the last `left` inputs of the depthwise conv, and for
-each strided subsampling conv its last input frame. Streams at different fill levels share a batch:
-unfilled cache rows are masked out of attention, as in NeMo's cache_aware_stream_step. A step projects
-and convolves only its new frames, so its cost grows with the chunk, not with the 70-frame left context.
+C frames (right-aligned; `length` of them valid) and the last `left` inputs of the depthwise conv, and
+the input history of the subsampling convs (ConvSubsampling.cache_shapes). Streams at different fill
+levels share a batch: unfilled cache rows are masked out of attention, as in NeMo's
+cache_aware_stream_step. A step projects and convolves only its new frames, so its cost grows with the
+chunk, not with the 70-frame left context.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class EncoderCache:
     keys: list[torch.Tensor]  # per layer [B, H, C, d_k] projected keys of the last C frames
     values: list[torch.Tensor]  # per layer [B, H, C, d_k]
     conv: list[torch.Tensor]  # per layer [B, d_model, conv_left] depthwise-conv input history
-    sub: list[torch.Tensor]  # per strided subsampling conv [B, C_in, 1, F_in] its last input frame
+    sub: list[torch.Tensor]  # subsampling input history, [B, *shape] per ConvSubsampling.cache_shapes()
     length: torch.Tensor  # [B] long: valid cached attention frames (the last `length` of C)
     # [B] long or None. Set (SlotCache.gather): keys and values are [B, H, C + T, d_k], their first C
     # frames a ring whose oldest frame sits at `ring`, then room for the step's T new frames; the step

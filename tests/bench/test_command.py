@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from monosemantic.bench.command import find_max_streams
+from monosemantic.bench.command import find_max_interleaved, find_max_streams
 from monosemantic.bench.result import BenchResult
 
 
@@ -29,3 +29,28 @@ def test_finds_the_edge_from_above_or_below_the_start(edge):
     # Within 12.5% of the edge (or of the limit), from a start above the edge as well as below it.
     target = min(edge, 64)
     assert target - found <= max(1, found // 8)
+
+
+def test_interleaved_searches_take_turns_and_find_each_edge():
+    """Side by side, each system's search tries what it would alone, its trials alternating with the other's."""
+    edges = {"engine": 27, "nemo": 9}
+    order: list[str] = []
+
+    def recorded(name: str):
+        trial, _ = system(edges[name])
+
+        def run(n: int) -> BenchResult:
+            order.append(name)
+            return trial(n)
+
+        return run
+
+    found, results = find_max_interleaved({name: recorded(name) for name in edges}, start=8, limit=64, log=lambda res: None)
+    for name, edge in edges.items():
+        trial, tried = system(edge)
+        alone, _ = find_max_streams(trial, start=8, limit=64, log=lambda res: None)
+        assert found[name] == alone
+        assert [r.streams for r in results[name]] == tried
+    # Turns: while both searches run, no system runs twice in a row.
+    both = 2 * min(len(r) for r in results.values())
+    assert order[:both] == ["engine", "nemo"] * (both // 2)
