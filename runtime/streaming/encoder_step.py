@@ -58,18 +58,6 @@ class EncoderCache:
             length=torch.cat([c.length for c in caches]),
         )
 
-    def write_rows(self, rows: torch.Tensor, src: "EncoderCache") -> None:
-        """Store `src` (one row per entry of `rows`) into these rows, in place."""
-        for dst, new in zip(self.keys + self.values + self.conv + self.sub, src.keys + src.values + src.conv + src.sub):
-            dst.index_copy_(0, rows, new.to(dst.dtype))
-        self.length.index_copy_(0, rows, src.length)
-
-    def reset_rows(self, rows: torch.Tensor) -> None:
-        """Empty these rows' caches: the next step of each is a stream's first."""
-        for t in self.keys + self.values + self.conv + self.sub:
-            t.index_fill_(0, rows, 0.0)
-        self.length.index_fill_(0, rows, 0)
-
     def select(self, rows: torch.Tensor | slice) -> "EncoderCache":
         """The cache of a subset of the streams."""
         return EncoderCache(
