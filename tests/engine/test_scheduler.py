@@ -192,7 +192,7 @@ def test_silence_before_a_flush_is_skipped_but_the_utterance_still_ends_with_a_s
 def test_a_ready_window_waits_for_its_mode_counted_from_the_write_that_completed_it():
     """batch_wait: a ready window is held for the mode's other streams, at most batch_wait after the write
     that made it ready; never when every stream of the mode is ready; never when an utterance ends. The
-    wait is asked at every plan (pacing changes it)."""
+    wait is asked at every plan, so a changed wait applies at once."""
     now, wait = [0.0], [0.05]
     s = Scheduler(4, 8, GEOMETRY, False, batch_wait=lambda latency_ms: wait[0], clock=lambda: now[0])
     a, b = s.admit(160, shape(1)), s.admit(160, shape(1))
@@ -207,7 +207,7 @@ def test_a_ready_window_waits_for_its_mode_counted_from_the_write_that_completed
     s.wrote(a, samples_for_windows(1, 16) - a.written)
     s.wrote(b, samples_for_windows(0, 16))
     assert sorted(row.handle for row in run(s).steps[0].rows) == sorted([a.handle, b.handle])
-    # The wait shrinks to zero (pacing found the steps slow): a ready window runs at once.
+    # The wait shrinks to zero: a ready window runs at once.
     now[0] = 0.2
     s.wrote(a, samples_for_windows(2, 16) - a.written)
     wait[0] = 0.0
