@@ -30,7 +30,8 @@ class StreamError(MonosemanticError):
 
 
 class CapacityError(MonosemanticError):
-    """The engine is serving its maximum number of streams; close one or raise EngineConfig.max_streams."""
+    """The engine is serving its maximum number of streams (close one or raise EngineConfig.max_streams), or
+    its max_streams slots of state would not fit in the memory available (lower it)."""
 
 
 class MissingDependencyError(MonosemanticError, ImportError):

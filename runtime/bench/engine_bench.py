@@ -21,17 +21,6 @@ def _arrival(plan: StreamPlan, t0: float, sample: int, rate: int, frame_ms: int)
     return t0 + plan.offset_s + int(np.ceil(sample / frame)) * frame / rate
 
 
-def slot_bytes(core) -> int:
-    """Device + host memory preallocated per stream slot."""
-    runner = core.runner
-    tensors = runner.cache.keys + runner.cache.values + runner.cache.conv + runner.cache.sub
-    tensors += [runner.decoder.h, runner.decoder.c, runner.decoder.pred_out]
-    if runner.vad_state is not None:
-        tensors += [t for t in vars(runner.vad_state).values() if hasattr(t, "element_size")]
-    total = sum(t.numel() * t.element_size() for t in tensors) + runner.ring.nbytes
-    return total // core.config.max_streams
-
-
 async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: int = FRAME_MS) -> BenchResult:
     """The workload through an already started engine (its CUDA graphs and caches stay warm between
     trials)."""
@@ -135,7 +124,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
         await asyncio.gather(*receivers)
     finally:
         engine.core.remove_tick_hook(on_tick)
-    per_stream = slot_bytes(engine.core) / 2**20
+    per_stream = engine.core.runner.slot_bytes.total() / 2**20  # device + host state of one slot
     return BenchResult(
         system="monosemantic engine",
         streams=len(plans),

@@ -13,7 +13,8 @@ class EngineConfig:
 
     max_streams: int = 256
     """Streams open at once; one more `open_stream` raises CapacityError. Each holds a slot of
-    preallocated state (encoder caches, decoder state, VAD state, audio buffer)."""
+    preallocated state (encoder caches, decoder state, VAD state, audio buffer); an engine whose slots
+    would not fit in the memory available raises CapacityError at creation, with the sizes."""
 
     max_batch: int = 64
     """Most streams of one latency mode stepped together; more ready streams wait for the next step."""
@@ -76,3 +77,9 @@ class EngineConfig:
             raise ValueError("max_buffered_seconds must be at least 1 second")
         if self.skip_silence_ms is not None and (self.vad is None or self.skip_silence_ms <= 0):
             raise ValueError("skip_silence_ms needs VAD enabled and a positive duration")
+        if self.batch_wait_ms is not None and not self.batch_wait_ms >= 0:
+            raise ValueError(f"batch_wait_ms must be 0 or more (or None), got {self.batch_wait_ms}")
+        if not self.push_timeout_seconds > 0:
+            raise ValueError(f"push_timeout_seconds must be positive, got {self.push_timeout_seconds}")
+        if not self.usage_interval_seconds > 0:
+            raise ValueError(f"usage_interval_seconds must be positive, got {self.usage_interval_seconds}")

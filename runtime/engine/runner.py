@@ -20,6 +20,7 @@ from ..decoding.greedy import DecoderState, greedy_decode, initial_state
 from ..streaming.cuda_graph import SlotGraphedEncoderStep, bucket_sizes
 from ..streaming.slot_cache import SlotCache, slot_encoder_step
 from ..streaming.plan import ChunkPlan
+from .memory import SlotBytes, available_device_memory, available_host_memory, check_slots_fit
 from .scheduler import MAX_VAD_WINDOWS, AudioGeometry, StepBatch, VADRow
 
 
@@ -68,16 +69,32 @@ class ModelRunner:
             max(self.geometry.step_read(p.shape.step_mel) for p in plans.values()),
             MAX_VAD_WINDOWS * self.geometry.vad_window,
         )
-        self.ring = np.zeros((slots, ring_samples + self.mirror), dtype=np.float32)
-        self.cache = SlotCache.zeros(module.encoder, lefts.pop(), slots + 1, self.device)  # + scratch row
-        self.decoder = initial_state(module.decoder, module.joint, slots, self.device)
+        cache_frames = lefts.pop()
         self._fresh_decoder = initial_state(module.decoder, module.joint, 1, self.device)
-        self.vad_model = self.vad_state = None
+        vad_state = None
         if vad:
-            from ..vad.silero import SileroVAD, VADState
+            from ..vad.silero import VADState
+
+            vad_state = VADState.zeros
+        # What one slot holds, from one slot's state, so that too many slots fail here with the sizes
+        # and not in the allocator below.
+        one = [SlotCache.zeros(module.encoder, cache_frames, 1, self.device), self._fresh_decoder]
+        if vad_state is not None:
+            one.append(vad_state(1, self.device))
+        self.slot_bytes = SlotBytes(
+            device=sum(state_bytes(state) for state in one),
+            host=(ring_samples + self.mirror) * np.dtype(np.float32).itemsize,
+        )
+        check_slots_fit(slots, self.slot_bytes, self.device, available_host_memory(), available_device_memory(self.device))
+        self.ring = np.zeros((slots, ring_samples + self.mirror), dtype=np.float32)
+        self.cache = SlotCache.zeros(module.encoder, cache_frames, slots + 1, self.device)  # + scratch row
+        self.decoder = initial_state(module.decoder, module.joint, slots, self.device)
+        self.vad_model = self.vad_state = None
+        if vad_state is not None:
+            from ..vad.silero import SileroVAD
 
             self.vad_model = SileroVAD.from_package(device=self.device)
-            self.vad_state = VADState.zeros(slots, self.device)
+            self.vad_state = vad_state(slots, self.device)
 
     # ---- audio -------------------------------------------------------------------------------------
     def write(self, slot: int, position: int, samples: np.ndarray) -> None:
@@ -217,6 +234,16 @@ class ModelRunner:
         probs, state = self.vad_model.forward_windows(torch.from_numpy(audio).to(self.device), counts, self.vad_state.select(index))
         self.vad_state.assign_(index, state)
         return [row[:n] for row, n in zip(probs.tolist(), counts.tolist())]
+
+
+def state_bytes(state) -> int:
+    """Bytes of the tensors (and lists of tensors) a state dataclass holds."""
+    total = 0
+    for value in vars(state).values():
+        for t in value if isinstance(value, list) else [value]:
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def geometry(model: ASRModel) -> AudioGeometry:

@@ -43,3 +43,12 @@ def test_graphed_engine_equals_offline(nemo_checkpoint, audio_clips):
     results = asyncio.run(main())
     for i, tokens in enumerate(results):
         assert tokens == model.transcribe(clips[i % len(clips)], latency_ms=160).token_ids
+
+
+def test_slots_beyond_free_gpu_memory_are_refused_with_the_sizes(nemo_checkpoint):
+    model = monosemantic.load_model(nemo_checkpoint("nemotron_rnnt"), device="cuda")
+    free = torch.cuda.mem_get_info(model.device)[0]
+    probe = Engine(model, EngineConfig(max_streams=1, vad=None, max_buffered_seconds=1.0))
+    streams = 2 * free // probe.core.runner.slot_bytes.device + 1  # twice what the GPU holds
+    with pytest.raises(monosemantic.CapacityError, match=rf"max_streams={streams}\) needs .* GiB of cuda:0 memory"):
+        Engine(model, EngineConfig(max_streams=streams, vad=None, max_buffered_seconds=1.0))

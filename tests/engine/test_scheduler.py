@@ -227,7 +227,8 @@ def test_audio_written_while_a_stream_steps_does_not_start_its_next_windows_wait
     still names the window in flight); a window already complete when the step ends is due at once."""
     now = [0.0]
     s = Scheduler(4, 8, GEOMETRY, False, batch_wait=lambda latency_ms: 0.05, clock=lambda: now[0])
-    a, b = s.admit(160, shape(1)), s.admit(160, shape(1))
+    a = s.admit(160, shape(1))
+    s.admit(160, shape(1))  # a second stream, never ready: a's windows may wait for it
     s.wrote(a, samples_for_windows(0, 16))
     now[0] = 0.05
     plan = s.plan()  # a's first window, alone (b has nothing)

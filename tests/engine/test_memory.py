@@ -1,0 +1,94 @@
+"""Stream slots that cannot fit in memory fail at engine creation with the sizes, before any allocation;
+the per-slot figure the check (and the bench) uses is what the runner really allocates per slot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monosemantic import CapacityError, Engine, EngineConfig
+from monosemantic.engine import memory
+from monosemantic.engine.memory import SlotBytes, available_host_memory, check_slots_fit
+from monosemantic.engine.runner import state_bytes
+
+
+def test_too_many_streams_for_memory_is_a_clear_error_before_allocating(ms_model, monkeypatch):
+    model = ms_model("nemotron_rnnt")
+    allocated = []
+    real_zeros = np.zeros
+    monkeypatch.setattr(np, "zeros", lambda shape, *a, **k: allocated.append(shape) or real_zeros(shape, *a, **k))
+    # A million slots of ten seconds' audio ring alone is hundreds of GiB: more than any test machine has.
+    with pytest.raises(CapacityError, match=r"max_streams=1000000\) needs .* GiB of host memory") as info:
+        Engine(model, EngineConfig(max_streams=1_000_000))
+    message = str(info.value)
+    assert "lower max_streams" in message and "max_buffered_seconds" in message
+    assert not [shape for shape in allocated if shape and shape[0] >= 1_000_000]  # nothing that size tried
+
+
+@pytest.mark.parametrize("vad", [True, False])
+def test_slot_bytes_are_the_runners_allocation_per_slot(ms_model, vad):
+    model = ms_model("nemotron_tdt")
+    slots = 5
+    config = EngineConfig(max_streams=slots) if vad else EngineConfig(max_streams=slots, vad=None)
+    runner = Engine(model, config).core.runner
+    # Device state: slot caches (with one scratch row past the slots), decoder, VAD.
+    cache_rows = runner.cache.keys[0].shape[0]
+    assert cache_rows == slots + 1
+    allocated = state_bytes(runner.cache) / cache_rows + state_bytes(runner.decoder) / slots
+    if vad:
+        allocated += state_bytes(runner.vad_state) / slots
+    assert runner.slot_bytes.device == pytest.approx(allocated)
+    assert runner.slot_bytes.host * slots == runner.ring.nbytes
+    assert (runner.vad_state is not None) == vad
+
+
+def test_state_bytes_counts_tensors_and_lists_of_them():
+    class State:
+        def __init__(self):
+            self.a = torch.zeros(3, 4)  # 48 bytes
+            self.b = [torch.zeros(2, dtype=torch.long), torch.zeros(5, dtype=torch.float16)]  # 16 + 10
+            self.c = 7  # not a tensor
+
+    assert state_bytes(State()) == 48 + 16 + 10
+
+
+def test_cpu_state_shares_host_memory():
+    per_slot = SlotBytes(device=3 << 20, host=1 << 20)
+    cpu = torch.device("cpu")
+    check_slots_fit(100, per_slot, cpu, host_available=400 << 20, device_available=None)  # exactly fits
+    with pytest.raises(CapacityError, match=r"about 99 fit"):
+        check_slots_fit(100, per_slot, cpu, host_available=(400 << 20) - 1, device_available=None)
+    check_slots_fit(10**9, per_slot, cpu, host_available=None, device_available=None)  # unknown: no check
+
+
+def test_gpu_state_is_checked_against_the_device_and_the_ring_against_the_host():
+    per_slot = SlotBytes(device=10 << 20, host=1 << 20)
+    gpu = torch.device("cuda", 0)
+    check_slots_fit(100, per_slot, gpu, host_available=100 << 20, device_available=1000 << 20)
+    with pytest.raises(CapacityError, match=r"of cuda:0 memory.*about 99 fit"):
+        check_slots_fit(100, per_slot, gpu, host_available=10**12, device_available=(1000 << 20) - 1)
+    with pytest.raises(CapacityError, match=r"of host memory.*about 50 fit"):
+        check_slots_fit(100, per_slot, gpu, host_available=50 << 20, device_available=10**12)
+
+
+def test_available_host_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert available_host_memory(meminfo, cgroup) == 20000000 * 1024  # no cgroup files: meminfo alone
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("123\n")
+    assert available_host_memory(meminfo, cgroup) == 20000000 * 1024  # no limit
+    (cgroup / "memory.max").write_text(f"{8 << 30}\n")
+    (cgroup / "memory.current").write_text(f"{3 << 30}\n")
+    assert available_host_memory(meminfo, cgroup) == 5 << 30  # a container's limit is lower
+    assert available_host_memory(tmp_path / "missing", cgroup) == 5 << 30
+    assert available_host_memory(tmp_path / "missing", tmp_path / "none") is None
+
+
+def test_this_machine_reports_host_memory():
+    if not memory.Path("/proc/meminfo").exists():
+        pytest.skip("Linux only")
+    assert available_host_memory() > 0
