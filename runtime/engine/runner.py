@@ -71,16 +71,16 @@ class ModelRunner:
         )
         cache_frames = lefts.pop()
         self._fresh_decoder = initial_state(module.decoder, module.joint, 1, self.device)
-        vad_state = None
+        make_vad_state = None  # VADState.zeros, imported only with VAD on
         if vad:
             from ..vad.silero import VADState
 
-            vad_state = VADState.zeros
+            make_vad_state = VADState.zeros
         # What one slot holds, from one slot's state, so that too many slots fail here with the sizes
         # and not in the allocator below.
         one = [SlotCache.zeros(module.encoder, cache_frames, 1, self.device), self._fresh_decoder]
-        if vad_state is not None:
-            one.append(vad_state(1, self.device))
+        if make_vad_state is not None:
+            one.append(make_vad_state(1, self.device))
         self.slot_bytes = SlotBytes(
             device=sum(state_bytes(state) for state in one),
             host=(ring_samples + self.mirror) * np.dtype(np.float32).itemsize,
@@ -90,11 +90,11 @@ class ModelRunner:
         self.cache = SlotCache.zeros(module.encoder, cache_frames, slots + 1, self.device)  # + scratch row
         self.decoder = initial_state(module.decoder, module.joint, slots, self.device)
         self.vad_model = self.vad_state = None
-        if vad_state is not None:
+        if make_vad_state is not None:
             from ..vad.silero import SileroVAD
 
             self.vad_model = SileroVAD.from_package(device=self.device)
-            self.vad_state = vad_state(slots, self.device)
+            self.vad_state = make_vad_state(slots, self.device)
 
     # ---- audio -------------------------------------------------------------------------------------
     def write(self, slot: int, position: int, samples: np.ndarray) -> None:
