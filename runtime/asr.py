@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import numpy as np
@@ -108,7 +109,8 @@ class ASRModel:
             raise ValueError(
                 f"this model ({self.source}) has full-context attention and no latency modes; omit latency_ms"
             )
-        if isinstance(latency_ms, bool) or latency_ms not in self._modes:
+        known = isinstance(latency_ms, numbers.Integral) and not isinstance(latency_ms, bool) and latency_ms in self._modes
+        if not known:  # a float (160.0) or a list is refused too, not looked up or hashed
             modes = ", ".join(str(m) for m in self._modes)
             raise ValueError(f"latency_ms={latency_ms!r} is not a mode of this model; choose one of: {modes}")
         return self._modes[latency_ms]

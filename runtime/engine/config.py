@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from ..vad.policy import VADConfig
@@ -30,9 +32,10 @@ class EngineConfig:
     """Latency mode of streams opened without one (None: the checkpoint's default mode)."""
 
     max_buffered_seconds: float = 10.0
-    """Audio a stream may have pushed but not yet processed. `push` waits (asyncio) or blocks (sync)
-    while the buffer is full, so a producer faster than real time is throttled, never given unbounded
-    memory."""
+    """Audio a stream may have pushed but not yet processed (at least 1 s; the engine raises it to one
+    encoder step of its longest latency mode if that is more: 1.2 s for 1120 ms chunks). `push` waits
+    (asyncio) or blocks (sync) while the buffer is full, so a producer faster than real time is
+    throttled, never given unbounded memory."""
 
     push_timeout_seconds: float = 30.0
     """How long a push may wait for buffer space before it fails with StreamError."""
@@ -71,15 +74,47 @@ class EngineConfig:
     reduced model, none after). Process-wide and for good; the process keeps its peak memory."""
 
     def __post_init__(self):
-        if self.max_streams < 1 or self.max_batch < 1:
-            raise ValueError("max_streams and max_batch must be at least 1")
+        # Checked here, with the field's name, rather than surfacing later as a hang (an infinite batch
+        # bound), a TypeError deep in the engine, or a silently truncated float.
+        _integer("max_streams", self.max_streams, low=1)
+        _integer("max_batch", self.max_batch, low=1)
+        _finite("max_buffered_seconds", self.max_buffered_seconds)
         if self.max_buffered_seconds < 1.0:
-            raise ValueError("max_buffered_seconds must be at least 1 second")
-        if self.skip_silence_ms is not None and (self.vad is None or self.skip_silence_ms <= 0):
-            raise ValueError("skip_silence_ms needs VAD enabled and a positive duration")
-        if self.batch_wait_ms is not None and not self.batch_wait_ms >= 0:
-            raise ValueError(f"batch_wait_ms must be 0 or more (or None), got {self.batch_wait_ms}")
-        if not self.push_timeout_seconds > 0:
-            raise ValueError(f"push_timeout_seconds must be positive, got {self.push_timeout_seconds}")
-        if not self.usage_interval_seconds > 0:
-            raise ValueError(f"usage_interval_seconds must be positive, got {self.usage_interval_seconds}")
+            raise ValueError(f"max_buffered_seconds must be at least 1 second, got {self.max_buffered_seconds}")
+        if self.batch_wait_ms is not None:
+            _finite("batch_wait_ms", self.batch_wait_ms)
+            if self.batch_wait_ms < 0:
+                raise ValueError(f"batch_wait_ms must be 0 or more (or None), got {self.batch_wait_ms}")
+        if self.default_latency_ms is not None:
+            _integer("default_latency_ms", self.default_latency_ms, low=1)
+        for name in ("push_timeout_seconds", "usage_interval_seconds"):
+            _finite(name, getattr(self, name))
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.vad is not None and not isinstance(self.vad, VADConfig):
+            raise ValueError(f"vad must be a monosemantic.VADConfig or None, got {self.vad!r}")
+        if self.skip_silence_ms is not None:
+            _integer("skip_silence_ms", self.skip_silence_ms, low=1)
+            if self.vad is None:
+                raise ValueError("skip_silence_ms needs VAD enabled (vad=VADConfig(...))")
+        for name in ("cuda_graphs", "freeze_gc", "keep_freed_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        latencies = self.warmup_latencies
+        if not isinstance(latencies, (tuple, list)):
+            raise ValueError(f"warmup_latencies must be a tuple of latency modes in ms, e.g. (160,), got {latencies!r}")
+        for latency in latencies:
+            _integer("warmup_latencies", latency, low=1)
+        object.__setattr__(self, "warmup_latencies", tuple(int(x) for x in latencies))
+
+
+def _integer(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+def _finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from monosemantic import EngineConfig
@@ -21,6 +22,23 @@ from monosemantic import EngineConfig
         ("push_timeout_seconds", -1.0, "push_timeout_seconds"),
         ("usage_interval_seconds", 0, "usage_interval_seconds"),
         ("skip_silence_ms", 0, "skip_silence_ms"),
+        ("skip_silence_ms", 250.5, "skip_silence_ms"),
+        # Values that used to hang (an infinite batch bound) or fail later with a raw TypeError.
+        ("max_batch", math.inf, "max_batch"),
+        ("max_batch", math.nan, "max_batch"),
+        ("max_batch", 1.5, "max_batch"),
+        ("max_streams", "8", "max_streams"),
+        ("max_streams", True, "max_streams"),
+        ("max_buffered_seconds", math.inf, "max_buffered_seconds"),
+        ("max_buffered_seconds", math.nan, "max_buffered_seconds"),
+        ("batch_wait_ms", math.inf, "batch_wait_ms"),
+        ("push_timeout_seconds", math.inf, "push_timeout_seconds"),
+        ("usage_interval_seconds", math.nan, "usage_interval_seconds"),
+        ("default_latency_ms", 160.0, "default_latency_ms"),
+        ("warmup_latencies", 160, "warmup_latencies"),
+        ("warmup_latencies", ("160",), "warmup_latencies"),
+        ("vad", "yes", "vad"),
+        ("cuda_graphs", "no", "cuda_graphs"),
     ],
 )
 def test_bad_settings_are_refused(field, value, match):
@@ -37,3 +55,5 @@ def test_good_settings_are_kept():
     config = EngineConfig(max_streams=1, max_batch=1, batch_wait_ms=None, push_timeout_seconds=0.1, skip_silence_ms=300)
     assert (config.max_streams, config.batch_wait_ms, config.skip_silence_ms) == (1, None, 300)
     assert EngineConfig(batch_wait_ms=0).batch_wait_ms == 0
+    assert EngineConfig(warmup_latencies=[160, 80]).warmup_latencies == (160, 80)  # a list is kept as a tuple
+    assert EngineConfig(max_streams=np.int64(4)).max_streams == 4
