@@ -9,11 +9,21 @@ import numpy as np
 from .errors import AudioError
 
 
+# Float PCM is nominally in [-1, 1]; filters and gain overshoot a little. Far beyond, the numbers are not
+# audio at that scale (most often int16 sample values in a float array), and values near float32's
+# limit overflow to inf inside the features and the VAD's recurrent state.
+FLOAT_LIMIT = 4.0
+
+
 def as_float32(audio, *, name: str = "audio") -> np.ndarray:
     """A 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor, list).
-    int16/int32 are scaled to [-1, 1]. Raises AudioError for other shapes/dtypes and NaN/inf samples."""
+    int16/int32 are scaled to [-1, 1]. Raises AudioError for other shapes/dtypes, NaN/inf samples and
+    float samples beyond +-FLOAT_LIMIT."""
     if hasattr(audio, "detach") and hasattr(audio, "cpu"):  # torch.Tensor, without importing torch here
-        audio = audio.detach().cpu().numpy()
+        audio = audio.detach().cpu()
+        if str(audio.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            audio = audio.float()
+        audio = audio.numpy()
     if isinstance(audio, (bytes, bytearray, memoryview)):
         raise AudioError(f"{name}: raw bytes are ambiguous here; pass a numpy array (int16 PCM or float32)")
     arr = np.asarray(audio)
@@ -29,6 +39,11 @@ def as_float32(audio, *, name: str = "audio") -> np.ndarray:
         raise AudioError(f"{name}: expected mono audio as a 1-D array, got shape {tuple(arr.shape)}")
     if not np.isfinite(arr).all():
         raise AudioError(f"{name}: contains NaN or infinite samples")
+    if arr.size and float(np.abs(arr).max()) > FLOAT_LIMIT:
+        raise AudioError(
+            f"{name}: float samples must lie in [-1, 1], got a peak of {float(np.abs(arr).max()):g} "
+            f"(int16 sample values? pass them as an int16 array, or divide by 32768)"
+        )
     return arr
 
 

@@ -14,6 +14,13 @@ def test_as_float32_accepts_float_and_int_pcm():
     assert as_float32(np.array([0.5, -0.25], dtype=np.float64)).dtype == np.float32
     np.testing.assert_allclose(as_float32(np.array([16384, -32768], dtype=np.int16)), [0.5, -1.0])
     np.testing.assert_allclose(as_float32(np.array([2**30], dtype=np.int32)), [0.5])
+    np.testing.assert_allclose(as_float32(np.array([1.5, -3.9], dtype=np.float32)), [1.5, -3.9], rtol=1e-6)  # overshoot
+
+
+def test_as_float32_accepts_torch_tensors_of_any_float_dtype():
+    torch = pytest.importorskip("torch")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        np.testing.assert_allclose(as_float32(torch.tensor([0.5, -0.25], dtype=dtype)), [0.5, -0.25])
 
 
 @pytest.mark.parametrize(
@@ -24,6 +31,9 @@ def test_as_float32_accepts_float_and_int_pcm():
         (np.zeros((2, 5), dtype=np.float32), "1-D"),
         (np.array([1, 2], dtype=np.uint8), "dtype uint8"),
         (b"\x00\x01", "raw bytes"),
+        # finite, but not audio at float scale: int16 values in a float array, or values that overflow
+        (np.array([0.0, 12000.0], dtype=np.float32), "peak of 12000"),
+        (np.array([3e38, -3e38], dtype=np.float32), "must lie in"),
     ],
 )
 def test_as_float32_rejects_bad_input(value, needle):

@@ -12,6 +12,7 @@ import gc
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +29,8 @@ from .scheduler import Scheduler, StepRow, StreamRecord, TickPlan
 
 log = logging.getLogger("monosemantic.engine")
 
+SWEEP_SECONDS = 1.0  # how often the loop looks for streams nobody can receive events from
+
 
 @dataclass
 class StreamState:
@@ -42,8 +45,10 @@ class StreamState:
     text: str = ""  # the utterance's text so far (decode of labels), extended piece by piece
     policy: object | None = None  # VAD hysteresis (monosemantic.vad.policy), None without VAD
     unreported_samples: int = 0  # processed audio not yet reported in a Usage event
+    utterance_counted: int = 0  # audio of the current utterance counted for Usage so far
     waiting_for_space: bool = False  # a write found the buffer full: signal on_space after progress
     closed: bool = False
+    alive: Callable[[], bool] | None = None  # False once nobody can receive the events (event loop closed)
 
 
 @dataclass
@@ -73,7 +78,9 @@ class EngineCore:
             model.context_for(latency)  # a bad mode fails here, not at the first open
         g = geometry(model)
         span = max(g.step_read(p.shape.step_mel) for p in plans.values())
-        self.capacity = int(config.max_buffered_seconds * model.sample_rate)
+        # A stream's buffer holds at least one step's read of its longest mode (plus the VAD windows it
+        # may wait for): with less, a window would never become ready and every push would stall.
+        self.capacity = max(int(config.max_buffered_seconds * model.sample_rate), span + 2 * g.vad_window)
         ring = self.capacity + span + g.vad_window + g.hop
         skip = None if config.skip_silence_ms is None else config.skip_silence_ms * model.sample_rate // 1000
         wait = config.batch_wait_ms
@@ -96,7 +103,12 @@ class EngineCore:
         # replaced on change, so the loop reads a consistent set while other threads add or remove.
         self.tick_hooks: tuple[Callable[[TickPlan, float], None], ...] = ()
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()  # two event loops opening the first streams at once start one loop
         self._stopping = False
+        # Handles of streams whose front-door object was garbage-collected unclosed (or whose event loop
+        # is gone): the loop closes them. A deque, because a finalizer may run in any thread at any point,
+        # including one holding self.lock; appending takes no lock.
+        self.abandoned: deque[int] = deque()
 
     def add_tick_hook(self, hook: Callable[[TickPlan, float], None]) -> None:
         with self.lock:
@@ -108,7 +120,11 @@ class EngineCore:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None:
+        with self._start_lock:
+            if self._thread is not None:
+                return
+            if self._stopping:
+                raise StreamError("the engine is shut down")
             self.runner.warmup(list(self.config.warmup_latencies))
             if self.config.freeze_gc:
                 gc.freeze()
@@ -125,14 +141,23 @@ class EngineCore:
         for state in states:
             self.close(state.record.handle, Error("closed", "the engine was shut down"))
         self.wake.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        with self._start_lock:
+            if self._thread is not None:
+                self._thread.join()
 
     # ---- stream operations (any thread) ------------------------------------------------------------
-    def open(self, latency_ms: int | None, emit: Callable[[Event], None], on_space: Callable[[], None]) -> StreamRecord:
+    def open(
+        self,
+        latency_ms: int | None,
+        emit: Callable[[Event], None],
+        on_space: Callable[[], None],
+        alive: Callable[[], bool] | None = None,
+    ) -> StreamRecord:
+        """Admit a stream. `alive` (optional, polled about once a second from the loop thread) says
+        whether its events can still be received; once it returns False the stream is closed."""
         latency = self.default_latency if latency_ms is None else latency_ms
         self.model.context_for(latency)  # ValueError naming the valid modes
+        latency = int(latency)  # a numpy integer is a mode too; events and metrics carry a plain int
         with self.lock:
             if self._stopping:
                 raise StreamError("the engine is shut down")
@@ -142,26 +167,30 @@ class EngineCore:
                 from ..vad.policy import VADPolicy
 
                 policy = VADPolicy(self.config.vad)
-            self.streams[record.handle] = StreamState(record, emit, on_space, policy=policy)
+            self.streams[record.handle] = StreamState(record, emit, on_space, policy=policy, alive=alive)
             self.pending_resets.append((record.slot, True))
         self.wake.set()
         return record
 
-    def write(self, handle: int, samples: np.ndarray) -> bool:
-        """Append model-rate float32 samples; False (nothing written) if the stream's buffer lacks room."""
+    def write(self, handle: int, samples: np.ndarray) -> int:
+        """Append model-rate float32 samples, as many as the stream's buffer has room for; returns how
+        many (the caller waits for on_space before writing the rest)."""
         with self.lock:
             state = self._live(handle)
             record = state.record
-            if self.scheduler.buffered(record) + len(samples) > self.capacity:
+            room = self.capacity - self.scheduler.buffered(record)
+            if room < len(samples):
                 state.waiting_for_space = True
-                return False
+                samples = samples[: max(0, room)]
+            if not len(samples):
+                return 0
             self.runner.write(record.slot, record.written, samples)
             # Wake the loop only when this write gave the stream work; otherwise every 20 ms frame of
             # every stream would re-plan all streams (quadratic in the number of streams).
             work = self.scheduler.wrote(record, len(samples))
         if work:
             self.wake.set()
-        return True
+        return len(samples)
 
     def flush(self, handle: int) -> None:
         with self.lock:
@@ -195,6 +224,15 @@ class EngineCore:
             state = self.streams.get(handle)
             return self.scheduler.buffered(state.record) / self.model.sample_rate if state else 0.0
 
+    def check_open(self, handle: int) -> None:
+        """Raise StreamError if the stream is closed."""
+        with self.lock:
+            self._live(handle)
+
+    def abandon(self, handle: int) -> None:
+        """Close the stream soon, from the loop (safe from finalizers: takes no lock)."""
+        self.abandoned.append(handle)
+
     def _live(self, handle: int) -> StreamState:
         state = self.streams.get(handle)
         if state is None or state.closed:
@@ -203,7 +241,13 @@ class EngineCore:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        next_sweep = 0.0
         while not self._stopping:
+            while self.abandoned:
+                self.close(self.abandoned.popleft())
+            if time.monotonic() >= next_sweep:
+                self._close_unreachable()
+                next_sweep = time.monotonic() + SWEEP_SECONDS
             with self.lock:
                 resets, self.pending_resets = self.pending_resets, []
                 plan = self.scheduler.plan()
@@ -225,6 +269,14 @@ class EngineCore:
                 # The loop must go on for everyone else: fail only the streams this tick touched.
                 log.exception("engine tick failed")
                 self._fail_tick(plan, {slot for slot, _ in resets}, exc)
+
+    def _close_unreachable(self) -> None:
+        """Close the streams whose events nobody can receive any more (their event loop ended while they
+        were open), so their slots return to the pool."""
+        with self.lock:
+            dead = [h for h, state in self.streams.items() if state.alive is not None and not state.alive()]
+        for handle in dead:
+            self.close(handle)
 
     def _fail_tick(self, plan: TickPlan, slots: set[int], exc: Exception) -> None:
         handles = {row.handle for batch in plan.steps for row in batch.rows}
@@ -306,6 +358,7 @@ class EngineCore:
                 state.text = text = self.model.tokenizer.extend(state.text, state.labels, known)
                 state.emit(Partial(text=text, stable_text=text, start=row.utt_start, end=result.end))
             state.unreported_samples += result.samples
+            state.utterance_counted += result.samples
             if state.unreported_samples >= self.usage_samples:
                 state.emit(Usage(state.unreported_samples / self.model.sample_rate))
                 state.unreported_samples = 0
@@ -324,6 +377,11 @@ class EngineCore:
         tokens = [Token(t.id, t.text, clamp(t.start), clamp(t.end)) for t in transcript.tokens]
         words = [Word(w.text, clamp(w.start), clamp(w.end)) for w in transcript.words]
         state.labels, state.frames, state.durations, state.text = [], [], [], ""
+        # Steps count the audio they move past; what no step covered (the part of the last feature frame
+        # past the hop grid, silence skipped by skip_silence) is counted here: every utterance's audio
+        # is reported in full.
+        state.unreported_samples += max(0, end - utt_start - state.utterance_counted)
+        state.utterance_counted = 0
         # Reset with the tick's other ends, in one batched call before the next plan runs any step.
         with self.lock:
             self.pending_resets.append((state.record.slot, False))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 import time
@@ -31,6 +32,8 @@ _END = None  # the core emits None after a stream's last event
 
 def pcm_to_float32(pcm) -> np.ndarray:
     """int16 little-endian bytes, an int16/int32/float array or tensor -> validated float32 samples."""
+    if isinstance(pcm, memoryview) and pcm.format not in ("B", "b", "c"):
+        return as_float32(np.asarray(pcm))  # a typed view (of a float32 array, say): its own dtype
     if isinstance(pcm, (bytes, bytearray, memoryview)):
         data = bytes(pcm)
         if len(data) % 2:
@@ -39,23 +42,72 @@ def pcm_to_float32(pcm) -> np.ndarray:
     return as_float32(pcm)
 
 
+_NOTHING = np.zeros(0, dtype=np.float32)
+
+
 class _StreamBase:
-    """What both front doors share: input conversion, resampling and writing with backpressure."""
+    """What both front doors share: input conversion, resampling, and the audio accepted but not yet
+    written to the engine.
+
+    Audio a push (or flush, for the resampler's tail) accepted stays in `_pending` until the engine has
+    room for it, and leaves it only once written: a push that was cancelled or timed out leaves the rest
+    of its audio to go first at the stream's next push or flush, so accepted audio is never lost or
+    reordered. Pushes and flushes of one stream are serialized (the resampler and `_pending` are per
+    stream)."""
 
     def __init__(self, core: EngineCore, sample_rate: int):
         self._core = core
         self.sample_rate = sample_rate
         self._resampler = StreamResampler(sample_rate, core.model.sample_rate)
         self._piece = max(1, core.capacity // 4)  # the most one write asks for at once
+        self._pending = _NOTHING  # model-rate samples accepted, not yet written
         self.handle: int | None = None
         self.latency_ms: int | None = None
 
-    def _prepare(self, pcm) -> np.ndarray:
-        return self._resampler.push(pcm_to_float32(pcm))
+    def _accept(self, pcm) -> None:
+        """Convert and resample `pcm` into `_pending` (which must be empty). Invalid audio raises
+        AudioError here, before the resampler has seen any of it."""
+        self._core.check_open(self.handle)
+        self._pending = self._resampler.push(pcm_to_float32(pcm))
 
-    def _pieces(self, samples: np.ndarray):
-        for i in range(0, len(samples), self._piece):
-            yield samples[i : i + self._piece]
+    def _accept_tail(self) -> None:
+        self._core.check_open(self.handle)
+        self._pending = self._resampler.flush()
+
+    def _write_some(self) -> bool:
+        """Write what the stream's buffer has room for of the pending audio; False if it has none."""
+        written = self._core.write(self.handle, self._pending[: self._piece])
+        self._pending = self._pending[written:]
+        return written > 0
+
+    def _timed_out(self) -> StreamError:
+        return StreamError(
+            f"push timed out: the stream has {self._core.buffered_seconds(self.handle):.1f} s of audio waiting "
+            f"to be processed (the engine is overloaded)"
+        )
+
+    def _callbacks(self, post):
+        """The (emit, on_space) pair the core keeps for this stream. They hold the stream weakly, so a
+        stream dropped without close() is garbage-collected, and then closed by the engine (its slot
+        freed) through the finalizer `_register` sets."""
+        ref, core = weakref.ref(self), self._core
+
+        def emit(event) -> None:  # engine thread
+            stream = ref()
+            if stream is not None and not post(stream, event):
+                core.abandon(stream.handle)  # nobody can receive its events any more
+
+        def on_space() -> None:  # engine thread
+            stream = ref()
+            if stream is not None:
+                stream._on_space()
+
+        return emit, on_space
+
+    def _register(self, record) -> None:
+        self.handle, self.latency_ms = record.handle, record.latency_ms
+        finalizer = weakref.finalize(self, self._core.abandon, record.handle)
+        finalizer.atexit = False
 
 
 class _Mailbox:
@@ -68,16 +120,19 @@ class _Mailbox:
         self._lock = threading.Lock()
         self._items: list = []
 
-    def post(self, callback, arg) -> None:  # engine thread
+    def post(self, callback, arg) -> bool:  # engine thread
+        """Queue `callback(arg)` for the loop; False if the loop is closed (nobody is listening)."""
         with self._lock:
             first = not self._items
             self._items.append((callback, arg))
         if first:
             try:
                 self._loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:  # the loop was closed with streams still open: nobody is listening
+            except RuntimeError:  # the loop was closed with streams still open
                 with self._lock:
                     self._items.clear()
+                return False
+        return True
 
     def _deliver(self) -> None:  # the asyncio loop
         with self._lock:
@@ -94,10 +149,11 @@ class EngineStream(_StreamBase):
         self._mailbox = mailbox
         self._events: asyncio.Queue = asyncio.Queue()
         self._space = asyncio.Event()
+        self._lock = asyncio.Lock()
         self._ended = False
 
-    def _emit(self, event) -> None:  # engine thread
-        self._mailbox.post(self._events.put_nowait, event)
+    def _post(self, event) -> bool:  # engine thread
+        return self._mailbox.post(self._events.put_nowait, event)
 
     def _on_space(self) -> None:  # engine thread
         self._mailbox.post(_set_event, self._space)
@@ -105,38 +161,42 @@ class EngineStream(_StreamBase):
     async def push(self, pcm) -> None:
         """Append audio. Waits while the stream has `max_buffered_seconds` unprocessed (throttling a
         producer faster than real time); raises StreamError if the stream is closed or the wait exceeds
-        `push_timeout_seconds`, AudioError for invalid audio (the stream stays usable)."""
-        samples = self._prepare(pcm)
-        for piece in self._pieces(samples):
-            await self._write(piece)
+        `push_timeout_seconds`, AudioError for invalid audio (the stream stays usable). Audio of a push
+        that timed out or was cancelled is not dropped: it goes first at the next push or flush (which
+        raise the same timeout, without taking their own audio, while the engine still has no room)."""
+        async with self._lock:
+            await self._drain()
+            self._accept(pcm)
+            await self._drain()
 
-    async def _write(self, samples: np.ndarray) -> None:
-        deadline = time.monotonic() + self._core.config.push_timeout_seconds
-        while not self._core.write(self.handle, samples):
-            self._space.clear()
-            if self._core.write(self.handle, samples):  # room may have appeared before the clear
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise StreamError(
-                    f"push timed out: the stream has {self._core.buffered_seconds(self.handle):.1f} s of audio "
-                    f"waiting to be processed (the engine is overloaded)"
-                )
+    async def _drain(self) -> None:
+        deadline = None  # push_timeout_seconds counts from when the buffer stopped taking audio
+        while self._pending.size:
+            self._space.clear()  # before the write: a signal of room made after it is kept
+            if self._write_some():
+                deadline = None
+                continue
+            now = time.monotonic()
+            deadline = now + self._core.config.push_timeout_seconds if deadline is None else deadline
+            if now >= deadline:
+                raise self._timed_out()
             try:
-                await asyncio.wait_for(self._space.wait(), remaining)
+                await asyncio.wait_for(self._space.wait(), deadline - now)
             except asyncio.TimeoutError:
                 pass
 
     async def flush(self) -> None:
         """End the utterance: a Final follows, covering all audio pushed before this call."""
-        tail = self._resampler.flush()
-        if tail.size:
-            await self._write(tail)
-        self._core.flush(self.handle)
+        async with self._lock:
+            await self._drain()
+            self._accept_tail()
+            await self._drain()
+            self._core.flush(self.handle)
 
     async def close(self) -> None:
-        """Stop the stream now and free its slot; audio not yet flushed is dropped (flush first to keep
-        it). The event iterator ends after the events already produced."""
+        """Stop the stream now and free its slot. Audio whose Final has not been sent yet is dropped,
+        a flush still in progress included: to keep the last utterance, wait for its Final (after
+        `flush()`) before closing. The event iterator ends after the events already produced."""
         self._core.close(self.handle)
 
     def __aiter__(self):
@@ -154,6 +214,12 @@ class EngineStream(_StreamBase):
 
 def _set_event(event: asyncio.Event) -> None:
     event.set()
+
+
+def _open_loop(ref: weakref.ref) -> bool:
+    """Whether the event loop a stream was opened in can still run its callbacks."""
+    loop = ref()
+    return loop is not None and not loop.is_closed()
 
 
 class Engine:
@@ -182,8 +248,8 @@ class Engine:
         if mailbox is None:
             mailbox = self._mailboxes[loop] = _Mailbox(loop)
         stream = EngineStream(self.core, mailbox, sample_rate)
-        record = self.core.open(latency_ms, stream._emit, stream._on_space)
-        stream.handle, stream.latency_ms = record.handle, record.latency_ms
+        alive = functools.partial(_open_loop, weakref.ref(loop))
+        stream._register(self.core.open(latency_ms, *stream._callbacks(EngineStream._post), alive=alive))
         return stream
 
     async def aclose(self) -> None:
@@ -198,36 +264,42 @@ class SyncStream(_StreamBase):
         super().__init__(core, sample_rate)
         self._events: queue.Queue = queue.Queue()
         self._space = threading.Condition()
-        self._lock = threading.Lock()  # resampler state is per stream; serialize its callers
+        self._lock = threading.Lock()  # one push or flush at a time
 
-    def _emit(self, event) -> None:
+    def _post(self, event) -> bool:
         self._events.put(event)
+        return True
 
     def _on_space(self) -> None:
         with self._space:
             self._space.notify_all()
 
     def push(self, pcm) -> None:
+        """As EngineStream.push, blocking while the stream's buffer is full."""
         with self._lock:
-            samples = self._prepare(pcm)
-        for piece in self._pieces(samples):
-            self._write(piece)
+            self._drain()
+            self._accept(pcm)
+            self._drain()
 
-    def _write(self, samples: np.ndarray) -> None:
-        deadline = time.monotonic() + self._core.config.push_timeout_seconds
+    def _drain(self) -> None:
+        deadline = None
         with self._space:
-            while not self._core.write(self.handle, samples):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise StreamError("push timed out: the engine is overloaded")
-                self._space.wait(min(remaining, 0.1))
+            while self._pending.size:
+                if self._write_some():
+                    deadline = None
+                    continue
+                now = time.monotonic()
+                deadline = now + self._core.config.push_timeout_seconds if deadline is None else deadline
+                if now >= deadline:
+                    raise self._timed_out()
+                self._space.wait(min(deadline - now, 0.1))
 
     def flush(self) -> None:
         with self._lock:
-            tail = self._resampler.flush()
-        if tail.size:
-            self._write(tail)
-        self._core.flush(self.handle)
+            self._drain()
+            self._accept_tail()
+            self._drain()
+            self._core.flush(self.handle)
 
     def close(self) -> None:
         self._core.close(self.handle)
@@ -253,8 +325,7 @@ class SyncEngine:
 
     def open_stream(self, latency_ms: int | None = None, sample_rate: int = 16000) -> SyncStream:
         stream = SyncStream(self.core, sample_rate)
-        record = self.core.open(latency_ms, stream._emit, stream._on_space)
-        stream.handle, stream.latency_ms = record.handle, record.latency_ms
+        stream._register(self.core.open(latency_ms, *stream._callbacks(SyncStream._post)))
         return stream
 
     def close(self) -> None:

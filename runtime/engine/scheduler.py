@@ -250,6 +250,7 @@ class Scheduler:
             self._rotation = (self._rotation + 1) % len(records)
             records = records[self._rotation :] + records[: self._rotation]
         held, wake_in = self._held_modes(records)
+        vad_first = False  # some stream's window waits for the VAD's judgement (skip_silence)
         for record in records:
             rows = by_mode.setdefault(record.latency_ms, [])
             if record.latency_ms not in held and len(rows) < self.max_batch:
@@ -258,6 +259,8 @@ class Scheduler:
                     record.ready_since = None
                     record.stepping = True
                     rows.append(row)
+                if row is None and self._full_window_ready(record) and self._awaits_vad(record):
+                    vad_first = True
             pending = (record.written - record.vad_pos) // self.geometry.vad_window if self.vad else 0
             if pending > 0:
                 count = min(pending, MAX_VAD_WINDOWS)
@@ -265,7 +268,7 @@ class Scheduler:
         steps = tuple(StepBatch(ms, tuple(rows)) for ms, rows in by_mode.items() if rows)
         # A VAD call has a fixed cost too: run it with a step, or once a stream has VAD_BATCH windows
         # waiting (or the encoder waits for the VAD), not for every new 32 ms window.
-        if vad_rows and not steps and not finals and max(r.windows for r in vad_rows) < VAD_BATCH:
+        if vad_rows and not steps and not finals and not vad_first and max(r.windows for r in vad_rows) < VAD_BATCH:
             if not (self.skip_silence is not None and held):
                 vad_rows = []
                 wake_in = VAD_WAIT if wake_in is None else min(wake_in, VAD_WAIT)
@@ -313,8 +316,12 @@ class Scheduler:
         )
 
     def _awaits_vad(self, record: StreamRecord) -> bool:
-        """With skip_silence, a full window waits until the VAD has judged its audio."""
-        return self.skip_silence is not None and record.vad_pos < self._window_samples(record)[1]
+        """With skip_silence, a full window waits until the VAD has judged its audio. The VAD judges
+        whole windows only: once an utterance is flushed, its window does not wait for a whole window of
+        audio that may never come; it is stepped, as speech would be."""
+        if self.skip_silence is None or record.vad_pos >= self._window_samples(record)[1]:
+            return False
+        return record.written - record.vad_pos >= self.geometry.vad_window or not record.flushes
 
     def _skippable(self, record: StreamRecord) -> bool:
         """A full window of silence long after the last speech. (An utterance's last, partial window is

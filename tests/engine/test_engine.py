@@ -115,9 +115,16 @@ def test_bad_input_errors_only_that_stream(ms_model, audio_clips):
                 await engine.open_stream(sample_rate=-5)
             with pytest.raises(ValueError, match="not a mode"):
                 await engine.open_stream(latency_ms=123)
+            for latency in (160.0, [160], "160"):  # not looked up, hashed or silently truncated
+                with pytest.raises(ValueError, match="not a mode"):
+                    await engine.open_stream(latency_ms=latency)
+            with pytest.raises(monosemantic.AudioError, match="must lie in"):
+                await bad.push(np.full(320, 3e38, dtype=np.float32))  # finite, but overflows the VAD state
             await bad.close()
             with pytest.raises(StreamError, match="closed"):
                 await bad.push(audio[:100])
+            with pytest.raises(StreamError, match="closed"):
+                await bad.push(b"")  # even with nothing to write
             with pytest.raises(StreamError, match="closed"):
                 await bad.flush()
             await good.push(audio[len(audio) // 2 :])
@@ -127,6 +134,32 @@ def test_bad_input_errors_only_that_stream(ms_model, audio_clips):
 
     final = asyncio.run(main())
     assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=160).token_ids
+
+
+def test_typed_views_and_tensors_are_read_as_their_own_dtype(ms_model, audio_clips):
+    """A memoryview of float32 samples is float audio (it used to be read as int16 bytes); a bfloat16
+    tensor is accepted. Both give the transcript of the same audio pushed as a float32 array."""
+    import torch
+
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"][:32000]
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=None)) as engine:
+            finals = []
+            for pcm in (audio, memoryview(audio), torch.from_numpy(audio).to(torch.bfloat16).float().numpy(),
+                        torch.from_numpy(audio).to(torch.bfloat16)):
+                stream = await engine.open_stream(latency_ms=160)
+                await stream.push(pcm)
+                await stream.flush()
+                finals.append((await collect_until_final(stream))[1])
+                await stream.close()
+            return finals
+
+    plain, view, rounded, bf16 = asyncio.run(main())
+    assert plain.end == view.end == bf16.end == len(audio)
+    assert [t.id for t in view.tokens] == [t.id for t in plain.tokens] == model.transcribe(audio, latency_ms=160).token_ids
+    assert [t.id for t in bf16.tokens] == [t.id for t in rounded.tokens]
 
 
 def test_a_failure_past_the_model_calls_fails_that_tick_only(ms_model, audio_clips, monkeypatch):
@@ -210,13 +243,19 @@ def test_slot_reuse_1000_cycles_leaves_nothing_behind(ms_model, audio_clips):
     assert all(text == expected[clip] for clip, text in finals)
 
 
-def test_backpressure_throttles_a_fast_producer(ms_model, audio_clips):
+@pytest.mark.parametrize("longest", [False, True])
+def test_backpressure_throttles_a_fast_producer(ms_model, audio_clips, longest):
+    """The buffer bound holds; with the smallest bound (1 s) a mode whose step reads more than 1 s of
+    audio still runs: the bound grows to one step (it used to stall every push until it timed out)."""
     model = ms_model("nemotron_rnnt")
     audio = np.concatenate(list(audio_clips.values()))  # ~45 s
+    latency = max(model.latency_modes) if longest else 560
+    bound = []
 
     async def main():
-        async with Engine(model, EngineConfig(max_buffered_seconds=1.0, vad=None)) as engine:
-            stream = await engine.open_stream(latency_ms=560)
+        async with Engine(model, EngineConfig(max_buffered_seconds=1.0, vad=None, push_timeout_seconds=10)) as engine:
+            bound.append(engine.core.capacity / model.sample_rate)
+            stream = await engine.open_stream(latency_ms=latency)
             peak = 0.0
 
             async def watch():
@@ -233,8 +272,9 @@ def test_backpressure_throttles_a_fast_producer(ms_model, audio_clips):
             return peak, final
 
     peak, final = asyncio.run(main())
-    assert peak <= 1.0 + 1e-6
-    assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=560).token_ids
+    assert 1.0 < bound[0] < 1.3  # the longest mode's step (1.12 s of chunk plus its look-back) fits
+    assert peak <= bound[0] + 1e-6
+    assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=latency).token_ids
 
 
 def test_push_times_out_when_the_engine_cannot_keep_up(ms_model):
@@ -301,6 +341,33 @@ def test_usage_events_and_close_ends_iteration(ms_model, audio_clips):
     # Usage counts exactly the audio pushed: not the masked start of the first window, nor the padding
     # of the last one past the flush point.
     assert len(usage) >= 4 and abs(sum(usage) - len(audio) / 16000) < 1e-6
+
+
+@pytest.mark.parametrize("skip_silence_ms", [None, 300])
+def test_usage_counts_every_utterance_in_full(ms_model, audio_clips, skip_silence_ms):
+    """Utterances whose length is no multiple of the 10 ms feature hop, and silence skipped by
+    skip_silence_ms, are counted to the sample (the last partial frame of each utterance used to be
+    left out)."""
+    model = ms_model("nemotron_rnnt")
+    speech = audio_clips["jfk.wav"]
+    utterances = [np.concatenate([speech[k * 20000 : k * 20000 + 16000], np.zeros(40000 + 333 * k, np.float32)])
+                  for k in range(3)]
+
+    async def main():
+        config = EngineConfig(skip_silence_ms=skip_silence_ms, freeze_gc=False)
+        async with Engine(model, config) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            events = []
+            for audio in utterances:
+                await stream.push(audio)
+                await stream.flush()
+                events += (await collect_until_final(stream))[0]
+            await stream.close()
+            return events + [e async for e in stream]
+
+    events = asyncio.run(main())
+    usage = sum(e.audio_seconds for e in events if isinstance(e, Usage))
+    assert round(usage * 16000) == sum(len(u) for u in utterances)
 
 
 def test_engine_shutdown_closes_streams_with_an_error(ms_model):

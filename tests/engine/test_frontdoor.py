@@ -1,11 +1,18 @@
-"""The asyncio front door's mailbox: callbacks posted from the engine thread reach the asyncio loop in
-order, many per loop wake-up."""
+"""The front doors: the asyncio mailbox (callbacks posted from the engine thread reach the asyncio loop in
+order, many per loop wake-up), and streams over a real engine: start-up from several event loops,
+streams dropped unclosed or outliving their loop, cancelled pushes and flushes, ordering."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import time
 
+import pytest
+
+from monosemantic import Engine, EngineConfig, Final, SyncEngine
+from monosemantic.audio import resample
 from monosemantic.engine.frontdoor import _Mailbox
 
 
@@ -50,3 +57,158 @@ def test_posting_to_a_closed_loop_is_dropped_not_raised():
     for i in range(3):
         mailbox.post(got.append, i)  # no RuntimeError('Event loop is closed')
     assert got == [] and mailbox._items == []
+
+
+# ---- the front doors over a real engine: lifecycle, cancellation, ordering -------------------------------
+
+QUIET = dict(vad=None, freeze_gc=False, keep_freed_memory=False)
+
+
+def wait_until(condition, seconds=5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+async def final_of(stream) -> Final:
+    async for event in stream:
+        if isinstance(event, Final):
+            return event
+    raise AssertionError("the stream ended without a Final")
+
+
+def test_event_loops_opening_the_first_streams_at_once_start_one_engine_thread(ms_model, monkeypatch):
+    model = ms_model("nemotron_rnnt")
+    for _ in range(3):
+        engine = Engine(model, EngineConfig(max_streams=4, **QUIET))
+        # Starting takes a while on a GPU (CUDA graph capture); make it as slow here.
+        warmup = engine.core.runner.warmup
+        monkeypatch.setattr(engine.core.runner, "warmup", lambda latencies: (time.sleep(0.2), warmup(latencies)))
+        barrier = threading.Barrier(3)
+
+        def open_one():
+            async def run():
+                barrier.wait()
+                await engine.open_stream()
+
+            asyncio.run(run())
+
+        threads = [threading.Thread(target=open_one) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        loops = [t for t in threading.enumerate() if t.name == "monosemantic-engine"]
+        engine.core.stop()
+        assert len(loops) == 1
+
+
+@pytest.mark.parametrize("front", ["async", "sync"])
+def test_a_stream_dropped_without_close_gives_back_its_slot(ms_model, audio_clips, front):
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"][:16000]
+    config = EngineConfig(max_streams=1, **QUIET)
+    if front == "sync":
+        with SyncEngine(model, config) as engine:
+            for _ in range(3):
+                stream = engine.open_stream()
+                stream.push(audio)
+                del stream
+                gc.collect()
+                assert wait_until(lambda: not engine.core.streams), "the dropped stream still holds its slot"
+        return
+
+    async def main():
+        async with Engine(model, config) as engine:
+            for _ in range(3):
+                stream = await engine.open_stream()
+                await stream.push(audio)
+                del stream
+                gc.collect()
+                deadline = time.monotonic() + 5
+                while engine.core.streams and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                assert not engine.core.streams, "the dropped stream still holds its slot"
+
+    asyncio.run(main())
+
+
+def test_a_stream_left_open_when_its_event_loop_ends_gives_back_its_slot(ms_model, audio_clips):
+    """A shared engine outlives the event loops that use it: a loop that ended (say, torn down by an
+    exception) with a stream still open and still referenced must not keep the slot forever."""
+    model = ms_model("nemotron_rnnt")
+    engine = Engine(model, EngineConfig(max_streams=1, **QUIET))
+    kept = []
+
+    async def session():
+        stream = await engine.open_stream()
+        await stream.push(audio_clips["jfk.wav"][:8000])
+        kept.append(stream)
+
+    try:
+        asyncio.run(session())
+        assert wait_until(lambda: not engine.core.streams), "the ended loop's stream still holds its slot"
+        asyncio.run(session())  # the slot is usable again
+    finally:
+        engine.core.stop()
+
+
+def test_a_cancelled_push_or_flush_loses_no_audio_at_48k(ms_model, audio_clips, monkeypatch):
+    """While the engine has no room, a push or flush is cancelled (asyncio.wait_for): the audio it had
+    accepted, the resampler's tail included, goes first at the next call; the Final covers it all."""
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+    audio48 = resample(audio, 16000, 48000)
+    cut = len(audio48) // 2
+
+    async def main():
+        async with Engine(model, EngineConfig(**QUIET)) as engine:
+            stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
+            write = engine.core.write
+            await stream.push(audio48[:cut])
+            monkeypatch.setattr(engine.core, "write", lambda handle, samples: 0)  # a full buffer
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(stream.push(audio48[cut:]), 0.2)
+            monkeypatch.setattr(engine.core, "write", write)
+            await stream.push(audio48[:0])  # writes the cancelled push's audio
+            monkeypatch.setattr(engine.core, "write", lambda handle, samples: 0)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(stream.flush(), 0.2)  # cancelled while writing the resampler tail
+            monkeypatch.setattr(engine.core, "write", write)
+            await stream.flush()
+            return await final_of(stream)
+
+    final = asyncio.run(main())
+    reference = model.new_stream(latency_ms=160, sample_rate=48000)
+    reference.feed(audio48[:cut])
+    reference.feed(audio48[cut:])
+    expected = reference.finalize()
+    assert final.end == len(audio)
+    assert [t.id for t in final.tokens] == expected.token_ids
+
+
+def test_a_flush_waits_for_a_throttled_push_of_the_same_stream(ms_model, audio_clips):
+    """flush() called while another task's push still waits for room covers that push's audio, in
+    order: the resampler tail must not overtake it."""
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+    audio48 = resample(audio, 16000, 48000)
+
+    async def main():
+        async with Engine(model, EngineConfig(max_buffered_seconds=1.0, **QUIET)) as engine:
+            stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
+            push = asyncio.create_task(stream.push(audio48))
+            await asyncio.sleep(0.02)
+            assert not push.done()  # 11 s of audio into a 1 s buffer: it is being throttled
+            await stream.flush()
+            await push
+            return await final_of(stream)
+
+    final = asyncio.run(main())
+    reference = model.new_stream(latency_ms=160, sample_rate=48000)
+    reference.feed(audio48)
+    assert final.end == len(audio)
+    assert [t.id for t in final.tokens] == reference.finalize().token_ids

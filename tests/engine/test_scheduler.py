@@ -189,6 +189,24 @@ def test_silence_before_a_flush_is_skipped_but_the_utterance_still_ends_with_a_s
     assert rows[-1].final and rows[-1].restart_frames > 0  # the last step restarts after the skip
 
 
+@pytest.mark.parametrize("written", [16873, 16000 * 2 + 300, 512 * 40, 512 * 40 + 511])
+def test_skip_silence_flush_ends_even_when_the_vad_cannot_judge_the_last_audio(written):
+    """The VAD judges whole 512-sample windows; a flushed utterance whose last full encoder window ends in
+    the incomplete last VAD window (or one whole VAD window short) must still end (it used to wait
+    forever for a judgement that needs audio the caller never sends)."""
+    s = Scheduler(4, 8, GEOMETRY, vad=True, skip_silence=16000)
+    r = s.admit(160, shape(1))
+    r.written = written
+    s.flush(r.handle)
+    for _ in range(500):
+        plan = run(s)
+        if plan.finals or any(row.final for b in plan.steps for row in b.rows):
+            break
+    else:
+        raise AssertionError(f"no Final planned: vad_pos={r.vad_pos}, next_window={r.next_window}")
+    assert r.utt_start == written and not r.flushes
+
+
 def test_a_ready_window_waits_for_its_mode_counted_from_the_write_that_completed_it():
     """batch_wait: a ready window is held for the mode's other streams, at most batch_wait after the write
     that made it ready; never when every stream of the mode is ready; never when an utterance ends. The
