@@ -113,8 +113,9 @@ class RemoteStream:
         await self._send(self._ws.send_str, '{"type":"flush"}')
 
     async def close(self) -> None:
-        """End the stream: finals of earlier flushes still arrive, then the iterator ends. Audio pushed
-        after the last flush is dropped, as with a local engine (flush first to keep it)."""
+        """End the stream: the server still sends the finals of flushes sent before, then the iterator
+        ends; audio pushed after the last flush is dropped. (A local EngineStream's close is immediate
+        and drops a Final not yet sent too; code that must work with both waits for the Final.)"""
         if self._closed:
             return
         self._closed = True
