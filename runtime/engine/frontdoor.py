@@ -74,11 +74,26 @@ class _StreamBase:
         self._core.check_open(self.handle)
         self._pending = self._resampler.flush()
 
-    def _write_some(self) -> bool:
-        """Write what the stream's buffer has room for of the pending audio; False if it has none."""
-        written = self._core.write(self.handle, self._pending[: self._piece])
-        self._pending = self._pending[written:]
-        return written > 0
+    def _drain_waits(self, before_write=None):
+        """Write the pending audio as the stream's buffer makes room; yields the seconds left to wait
+        for room whenever it is full (the caller waits for on_space, or that long), and raises the
+        timeout once `push_timeout_seconds` pass without room. `before_write` runs before each write
+        attempt (an asyncio caller clears its room signal there, so a signal made after the attempt is
+        kept)."""
+        deadline = None  # counted from when the buffer stopped taking audio
+        while self._pending.size:
+            if before_write is not None:
+                before_write()
+            written = self._core.write(self.handle, self._pending[: self._piece])
+            if written:
+                self._pending = self._pending[written:]
+                deadline = None
+                continue
+            now = time.monotonic()
+            deadline = now + self._core.config.push_timeout_seconds if deadline is None else deadline
+            if now >= deadline:
+                raise self._timed_out()
+            yield deadline - now
 
     def _timed_out(self) -> StreamError:
         return StreamError(
@@ -170,18 +185,9 @@ class EngineStream(_StreamBase):
             await self._drain()
 
     async def _drain(self) -> None:
-        deadline = None  # push_timeout_seconds counts from when the buffer stopped taking audio
-        while self._pending.size:
-            self._space.clear()  # before the write: a signal of room made after it is kept
-            if self._write_some():
-                deadline = None
-                continue
-            now = time.monotonic()
-            deadline = now + self._core.config.push_timeout_seconds if deadline is None else deadline
-            if now >= deadline:
-                raise self._timed_out()
+        for seconds in self._drain_waits(self._space.clear):
             try:
-                await asyncio.wait_for(self._space.wait(), deadline - now)
+                await asyncio.wait_for(self._space.wait(), seconds)
             except asyncio.TimeoutError:
                 pass
 
@@ -282,17 +288,9 @@ class SyncStream(_StreamBase):
             self._drain()
 
     def _drain(self) -> None:
-        deadline = None
-        with self._space:
-            while self._pending.size:
-                if self._write_some():
-                    deadline = None
-                    continue
-                now = time.monotonic()
-                deadline = now + self._core.config.push_timeout_seconds if deadline is None else deadline
-                if now >= deadline:
-                    raise self._timed_out()
-                self._space.wait(min(deadline - now, 0.1))
+        with self._space:  # held from the write attempt to the wait: no signal of room is missed
+            for seconds in self._drain_waits():
+                self._space.wait(min(seconds, 0.1))
 
     def flush(self) -> None:
         with self._lock:
