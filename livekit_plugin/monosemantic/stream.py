@@ -92,8 +92,9 @@ class SpeechStream(stt.RecognizeStream):
             self._reopen_requested = self._latency is not None and latency_ms != self._latency
 
     async def aclose(self) -> None:
-        """Close now: audio whose FINAL_TRANSCRIPT has not come is dropped, a flush in progress included
-        (end_input() keeps it: it waits for the Final); an open turn still gets its END_OF_SPEECH."""
+        """Close now: audio whose FINAL_TRANSCRIPT has not come may be lost (a local engine drops it at
+        once, a flush in progress included; end_input() keeps it by waiting for the Final); an open turn
+        still gets its END_OF_SPEECH."""
         self._aclosing = self._closing = True
         self._settled.set()  # an end_input() waiting for Finals stops waiting
         if self._es is not None:
