@@ -105,9 +105,9 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()  # two event loops opening the first streams at once start one loop
         self._stopping = False
-        # Handles of streams whose front-door object was garbage-collected unclosed (or whose event loop
-        # is gone): the loop closes them. A deque, because a finalizer may run in any thread at any point,
-        # including one holding self.lock; appending takes no lock.
+        # Handles of streams whose front-door object was garbage-collected unclosed: the loop closes
+        # them. A deque, because a finalizer may run in any thread at any point, including one holding
+        # self.lock; appending takes no lock.
         self.abandoned: deque[int] = deque()
 
     def add_tick_hook(self, hook: Callable[[TickPlan, float], None]) -> None:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import queue
 import threading
 import time
@@ -101,16 +100,16 @@ class _StreamBase:
             f"to be processed (the engine is overloaded)"
         )
 
-    def _callbacks(self, post):
+    def _callbacks(self):
         """The (emit, on_space) pair the core keeps for this stream. They hold the stream weakly, so a
         stream dropped without close() is garbage-collected, and then closed by the engine (its slot
         freed) through the finalizer `_register` sets."""
-        ref, core = weakref.ref(self), self._core
+        ref = weakref.ref(self)
 
         def emit(event) -> None:  # engine thread
             stream = ref()
-            if stream is not None and not post(stream, event):
-                core.abandon(stream.handle)  # nobody can receive its events any more
+            if stream is not None:
+                stream._post(event)
 
         def on_space() -> None:  # engine thread
             stream = ref()
@@ -135,19 +134,19 @@ class _Mailbox:
         self._lock = threading.Lock()
         self._items: list = []
 
-    def post(self, callback, arg) -> bool:  # engine thread
-        """Queue `callback(arg)` for the loop; False if the loop is closed (nobody is listening)."""
+    def post(self, callback, arg) -> None:  # engine thread
         with self._lock:
             first = not self._items
             self._items.append((callback, arg))
         if first:
             try:
                 self._loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:  # the loop was closed with streams still open
+            except RuntimeError:  # the loop was closed with streams still open: nobody is listening
                 with self._lock:
                     self._items.clear()
-                return False
-        return True
+
+    def is_open(self) -> bool:  # engine thread: the core closes a stream once its loop has closed
+        return not self._loop.is_closed()
 
     def _deliver(self) -> None:  # the asyncio loop
         with self._lock:
@@ -167,8 +166,8 @@ class EngineStream(_StreamBase):
         self._lock = asyncio.Lock()
         self._ended = False
 
-    def _post(self, event) -> bool:  # engine thread
-        return self._mailbox.post(self._events.put_nowait, event)
+    def _post(self, event) -> None:  # engine thread
+        self._mailbox.post(self._events.put_nowait, event)
 
     def _on_space(self) -> None:  # engine thread
         self._mailbox.post(_set_event, self._space)
@@ -222,12 +221,6 @@ def _set_event(event: asyncio.Event) -> None:
     event.set()
 
 
-def _open_loop(ref: weakref.ref) -> bool:
-    """Whether the event loop a stream was opened in can still run its callbacks."""
-    loop = ref()
-    return loop is not None and not loop.is_closed()
-
-
 class Engine:
     """Serves many concurrent streams of one model in shared batches, from one loop thread."""
 
@@ -254,8 +247,7 @@ class Engine:
         if mailbox is None:
             mailbox = self._mailboxes[loop] = _Mailbox(loop)
         stream = EngineStream(self.core, mailbox, sample_rate)
-        alive = functools.partial(_open_loop, weakref.ref(loop))
-        stream._register(self.core.open(latency_ms, *stream._callbacks(EngineStream._post), alive=alive))
+        stream._register(self.core.open(latency_ms, *stream._callbacks(), alive=mailbox.is_open))
         return stream
 
     async def aclose(self) -> None:
@@ -272,9 +264,8 @@ class SyncStream(_StreamBase):
         self._space = threading.Condition()
         self._lock = threading.Lock()  # one push or flush at a time
 
-    def _post(self, event) -> bool:
+    def _post(self, event) -> None:
         self._events.put(event)
-        return True
 
     def _on_space(self) -> None:
         with self._space:
@@ -323,7 +314,7 @@ class SyncEngine:
 
     def open_stream(self, latency_ms: int | None = None, sample_rate: int = 16000) -> SyncStream:
         stream = SyncStream(self.core, sample_rate)
-        stream._register(self.core.open(latency_ms, *stream._callbacks(SyncStream._post)))
+        stream._register(self.core.open(latency_ms, *stream._callbacks()))
         return stream
 
     def close(self) -> None:
