@@ -259,7 +259,9 @@ class Scheduler:
                     record.ready_since = None
                     record.stepping = True
                     rows.append(row)
-                if row is None and self._full_window_ready(record) and self._awaits_vad(record):
+                # _awaits_vad first: without skip_silence it is False at once, keeping this off the
+                # common path's cost.
+                if row is None and self._awaits_vad(record) and self._full_window_ready(record):
                     vad_first = True
             pending = (record.written - record.vad_pos) // self.geometry.vad_window if self.vad else 0
             if pending > 0:
