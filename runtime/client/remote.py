@@ -22,6 +22,7 @@ import numpy as np
 
 from ..audio import as_float32
 from ..errors import AudioError, StreamError, missing_dependency
+from ..event_queue import EventQueue
 from ..events import Error, Event
 from ..server.protocol import STREAM_PATH, ProtocolError, message_to_event
 from .errors import (
@@ -79,7 +80,7 @@ class RemoteStream:
         self.latency_ms: int = ready["latency_ms"]
         self.sample_rate: int = ready["sample_rate"]
         self.model_sample_rate: int = ready["model_sample_rate"]
-        self._events: asyncio.Queue = asyncio.Queue()
+        self._events = EventQueue()  # bounded for a reader far behind (event_queue)
         self._closed = False  # close() was called
         self._ended = False
         self._gone: ConnectionLostError | None = None  # set once the connection is over

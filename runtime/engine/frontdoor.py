@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
 import weakref
@@ -22,6 +21,7 @@ import numpy as np
 from ..asr import ASRModel
 from ..audio import StreamResampler, as_float32
 from ..errors import AudioError, StreamError
+from ..event_queue import EventQueue, SyncEventQueue
 from ..events import Event
 from .config import EngineConfig
 from .core import EngineCore
@@ -161,7 +161,7 @@ class EngineStream(_StreamBase):
     def __init__(self, core: EngineCore, mailbox: _Mailbox, sample_rate: int):
         super().__init__(core, sample_rate)
         self._mailbox = mailbox
-        self._events: asyncio.Queue = asyncio.Queue()
+        self._events = EventQueue()  # bounded for a reader far behind (event_queue)
         self._space = asyncio.Event()
         self._lock = asyncio.Lock()
         self._ended = False
@@ -260,7 +260,7 @@ class SyncStream(_StreamBase):
 
     def __init__(self, core: EngineCore, sample_rate: int):
         super().__init__(core, sample_rate)
-        self._events: queue.Queue = queue.Queue()
+        self._events = SyncEventQueue()
         self._space = threading.Condition()
         self._lock = threading.Lock()  # one push or flush at a time
 

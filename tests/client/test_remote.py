@@ -9,6 +9,7 @@ import socket
 import numpy as np
 import pytest
 
+import monosemantic.event_queue as event_queue
 from monosemantic import AudioError, Error, Final, SpeechEnded, SpeechStarted, StreamError, Usage
 from monosemantic.client import ConnectionLostError, RemoteEngine, ServerRejectedError, ServerUnreachableError
 from monosemantic.client.loadtest import LoadtestConfig, run_loadtest, summarize
@@ -67,6 +68,35 @@ def test_events_match_the_local_engine(server, model, audio_clips):
     assert 4000 <= starts[0] <= 16000  # speech begins after the half second of silence
     assert sum(e.audio_seconds for e in events if isinstance(e, Usage)) == pytest.approx(len(audio) / 16000, abs=0.1)
     assert not [e for e in events if isinstance(e, Error)]
+
+
+def test_a_remote_stream_nobody_reads_keeps_its_final_in_bounded_memory(model, audio_clips, monkeypatch):
+    """The client's events from the socket wait in the same bounded queue as a local stream's. (VAD off:
+    speech events are never dropped, so with them the bound would be twice their number.)"""
+    monkeypatch.setattr(event_queue, "UNREAD_LIMIT", 4)
+    audio = audio_clips["jfk.wav"]
+
+    async def main(server):
+        async with RemoteEngine(server.http) as engine:
+            stream = await engine.open_stream(latency_ms=160, sample_rate=16000)
+            most = 0
+            for i in range(0, len(audio), 320):
+                await stream.push(audio[i : i + 320])
+                most = max(most, stream._events.qsize())
+            await stream.flush()
+            # The client's reader task fills the queue on this loop; nothing here reads it yet.
+            while not any(isinstance(e, Final) for e in stream._events._queue):
+                most = max(most, stream._events.qsize())
+                await asyncio.sleep(0.02)
+            await stream.close()
+            return [e async for e in stream], most
+
+    with RunningServer(model, max_streams=1, vad=False) as server:
+        events, most = asyncio.run(asyncio.wait_for(main(server), 120))
+    assert most <= 8  # 22 unread events here without the compaction
+    (final,) = [e for e in events if isinstance(e, Final)]
+    assert final.text == model.transcribe(audio, latency_ms=160).text
+    assert sum(e.audio_seconds for e in events if isinstance(e, Usage)) == pytest.approx(len(audio) / 16000, abs=0.1)
 
 
 def test_unreachable_and_lost_connections_are_typed_and_retryable(model, audio_clips):
