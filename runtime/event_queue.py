@@ -60,6 +60,12 @@ class _Bounded:
             # so a put stays O(1) amortized.
             self._compact_at = max(UNREAD_LIMIT, 2 * len(events))
 
+    def _get(self):
+        item = super()._get()
+        if not getattr(self, self._storage):
+            self._compact_at = UNREAD_LIMIT  # the reader caught up: a later backlog starts from the limit
+        return item
+
 
 class EventQueue(_Bounded, asyncio.Queue):
     """asyncio.Queue of one stream's events (unbounded puts; compacts as above)."""

@@ -66,6 +66,10 @@ def test_queues_compact_only_past_the_limit(make, monkeypatch):
         for i in range(30):
             q.put_nowait(Final(str(i), start=i, end=i + 1))
         assert q.qsize() == 30 and [q.get_nowait().text for _ in range(30)] == [str(i) for i in range(30)]
+        # Once the reader has caught up, the limit is the limit again.
+        for i in range(9):
+            q.put_nowait(Partial(str(i), str(i), start=0, end=i))
+        assert q.qsize() == 1
 
     asyncio.run(fill())
 
