@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -37,11 +38,13 @@ def as_float32(audio, *, name: str = "audio") -> np.ndarray:
         raise AudioError(f"{name}: unsupported sample dtype {arr.dtype} (use float32 in [-1, 1] or int16 PCM)")
     if arr.ndim != 1:
         raise AudioError(f"{name}: expected mono audio as a 1-D array, got shape {tuple(arr.shape)}")
-    if not np.isfinite(arr).all():
+    # One pass over the samples serves both checks: the peak is NaN or infinite exactly when a sample is.
+    peak = float(np.abs(arr).max()) if arr.size else 0.0
+    if not math.isfinite(peak):
         raise AudioError(f"{name}: contains NaN or infinite samples")
-    if arr.size and float(np.abs(arr).max()) > FLOAT_LIMIT:
+    if peak > FLOAT_LIMIT:
         raise AudioError(
-            f"{name}: float samples must lie in [-1, 1], got a peak of {float(np.abs(arr).max()):g} "
+            f"{name}: float samples must lie in [-1, 1], got a peak of {peak:g} "
             f"(int16 sample values? pass them as an int16 array, or divide by 32768)"
         )
     return arr
