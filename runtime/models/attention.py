@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from .skinny import linear
+
 MASK_VALUE = -10000.0  # NeMo's INF_VAL: masked scores are filled with this, not -inf
 
 
@@ -84,9 +86,9 @@ class RelPositionMultiHeadAttention(nn.Module):
         them (no concatenation), and key position m is frame order[b, 0, 0, m] of the in-order layout that
         `pos` describes; `hidden` is in the buffers' order.
         Returns (out [B, T, d], keys [B, H, K, d_k], values [B, H, K, d_k])."""
-        q = self.heads(self.linear_q(x))  # [B, H, T, d_k]
-        k = self.heads(self.linear_k(x))
-        v = self.heads(self.linear_v(x))
+        q = self.heads(linear(x, self.linear_q.weight, self.linear_q.bias))  # [B, H, T, d_k]
+        k = self.heads(linear(x, self.linear_k.weight, self.linear_k.bias))
+        v = self.heads(linear(x, self.linear_v.weight, self.linear_v.bias))
         t = q.shape[2]
         if order is not None:
             k_cache[:, :, -t:] = k
@@ -104,4 +106,4 @@ class RelPositionMultiHeadAttention(nn.Module):
         # Rows whose every key is hidden occur only for padding queries; their outputs are never read.
         out = nn.functional.scaled_dot_product_attention(q_u, k, v, attn_mask=bd)  # [B, H, T, d_k]
         out = out.transpose(1, 2).reshape(x.shape[0], -1, self.h * self.d_k)
-        return self.linear_out(out), k, v
+        return linear(out, self.linear_out.weight, self.linear_out.bias), k, v

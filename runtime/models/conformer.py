@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import RelPositionMultiHeadAttention, relative_positions
 from .config import EncoderConfig
+from .skinny import depthwise_conv1d, linear
 from .precision import exact_fp32
 from .subsampling import ConvSubsampling
 
@@ -26,7 +27,8 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(nn.functional.silu(self.linear1(x)))
+        hidden = nn.functional.silu(linear(x, self.linear1.weight, self.linear1.bias))
+        return linear(hidden, self.linear2.weight, self.linear2.bias)
 
 
 class ConvModule(nn.Module):
@@ -49,7 +51,7 @@ class ConvModule(nn.Module):
         depthwise input [B, d, left + T] whose last `left` columns are the next cache)."""
         # Kernel-1 convs as matmuls on [B, T, C]: same arithmetic, a fraction of the conv overhead.
         x = nn.functional.glu(
-            nn.functional.linear(x, self.pointwise_conv1.weight[:, :, 0], self.pointwise_conv1.bias), dim=-1
+            linear(x, self.pointwise_conv1.weight[:, :, 0], self.pointwise_conv1.bias), dim=-1
         )  # [B, T, d]
         # Zero padded frames so they cannot leak into valid ones through the depthwise conv.
         x = x.masked_fill(padded[:, :, None], 0.0).transpose(1, 2)  # [B, d, T]
@@ -59,12 +61,13 @@ class ConvModule(nn.Module):
         else:
             x = torch.cat((cache.to(x.dtype), x), dim=2)
         history = x
-        x = self.depthwise_conv(nn.functional.pad(x, (0, right)) if right else x)
+        conv = self.depthwise_conv
+        x = depthwise_conv1d(nn.functional.pad(x, (0, right)) if right else x, conv.weight, conv.bias)
         if self.norm_type == "layer_norm":
             x = self.batch_norm(x.transpose(1, 2))
         else:
             x = self.batch_norm(x).transpose(1, 2)
-        x = nn.functional.linear(nn.functional.silu(x), self.pointwise_conv2.weight[:, :, 0], self.pointwise_conv2.bias)
+        x = linear(nn.functional.silu(x), self.pointwise_conv2.weight[:, :, 0], self.pointwise_conv2.bias)
         return x, history
 
 

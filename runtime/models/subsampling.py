@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .config import EncoderConfig
+from .skinny import linear
 
 KERNEL = 3
 STRIDE = 2
@@ -122,7 +123,8 @@ class ConvSubsampling(nn.Module):
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         b, c, frames, freq = x.shape
-        return self.out(x.transpose(1, 2).reshape(b, frames, c * freq))  # [B, T', d_model]
+        x = x.transpose(1, 2).reshape(b, frames, c * freq)
+        return linear(x, self.out.weight, self.out.bias)  # [B, T', d_model]
 
     def forward(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
         """Offline. x: [B, T, F]; lo, hi: [B] valid input range -> ([B, T', d_model], lo', hi')."""

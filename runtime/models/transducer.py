@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import JointConfig, PredictionConfig
+from .skinny import linear
 
 
 class _LSTMHolder(nn.Module):
@@ -52,13 +53,13 @@ class PredictionNetwork(nn.Module):
         h_all, c_all = state  # [L, B, H], [L, B, H_cell]
         hs, cs = [], []
         for layer in range(lstm.num_layers):
-            gates = nn.functional.linear(x, getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"bias_ih_l{layer}"))
-            gates = gates + nn.functional.linear(h_all[layer], getattr(lstm, f"weight_hh_l{layer}"), getattr(lstm, f"bias_hh_l{layer}"))
+            gates = linear(x, getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"bias_ih_l{layer}"))
+            gates = gates + linear(h_all[layer], getattr(lstm, f"weight_hh_l{layer}"), getattr(lstm, f"bias_hh_l{layer}"))
             i, f, g, o = gates.chunk(4, dim=1)
             c = torch.sigmoid(f) * c_all[layer] + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
             if lstm.proj_size:
-                h = nn.functional.linear(h, getattr(lstm, f"weight_hr_l{layer}"))
+                h = linear(h, getattr(lstm, f"weight_hr_l{layer}"))
             hs.append(h)
             cs.append(c)
             x = h
@@ -80,14 +81,18 @@ class Joint(nn.Module):
         self.joint_net = nn.Sequential(*layers, nn.Linear(cfg.joint_hidden, outputs))
 
     def project_encoder(self, enc: torch.Tensor) -> torch.Tensor:
-        return self.enc(enc.float())
+        return linear(enc.float(), self.enc.weight, self.enc.bias)
 
     def project_prediction(self, pred: torch.Tensor) -> torch.Tensor:
-        return self.pred(pred)
+        return linear(pred, self.pred.weight, self.pred.bias)
 
     def forward(self, enc_projected: torch.Tensor, pred_projected: torch.Tensor) -> torch.Tensor:
         """Both already projected, [..., joint_hidden] -> logits [..., outputs]."""
-        return self.joint_net(enc_projected + pred_projected)
+        *activation, out = self.joint_net
+        x = enc_projected + pred_projected
+        for layer in activation:
+            x = layer(x)
+        return linear(x, out.weight, out.bias)
 
 
 class CTCHead(nn.Module):
