@@ -235,13 +235,17 @@ class SileroVAD(nn.Module):
 
 def package_file(name: str) -> Path:
     """Path of a data file of the installed `silero-vad` package (which may be absent;
-    `SileroVAD.from_package` checks)."""
-    try:
-        from importlib.resources import files
+    `SileroVAD.from_package` checks).
 
-        return Path(str(files("silero_vad.data").joinpath(name)))
-    except ModuleNotFoundError as e:
-        raise _silero_missing("The silero_vad package cannot be imported.") from e
+    The package is located, not imported: importing it runs `torch.set_num_threads(1)` (in
+    `silero_vad/model.py`), which would make every torch op of the whole process, the engine's and the
+    application's, single-threaded."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("silero_vad")  # a top-level package: found without running it
+    if spec is None or spec.origin is None:
+        raise _silero_missing("The silero_vad package is not installed.")
+    return Path(spec.origin).parent / "data" / name
 
 
 def _silero_missing(detail: str) -> MissingDependencyError:

@@ -162,6 +162,26 @@ def test_missing_package_model_file_names_silero_vad(monkeypatch, tmp_path):
     assert isinstance(info.value, ImportError)  # callers catching ImportError still see it
 
 
+def test_loading_the_model_leaves_torch_threads_alone():
+    """Importing the silero_vad package sets torch's thread count to 1 for the whole process; the model
+    loads without importing it, so an engine with VAD leaves the application's setting as it was (in a
+    fresh interpreter: this one imported the package above)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "torch.set_num_threads(3)\n"
+        "from monosemantic.vad.silero import SileroVAD, VADState\n"
+        "model = SileroVAD.from_package()\n"
+        "model(torch.zeros(2, 512), VADState.zeros(2))\n"
+        "print(torch.get_num_threads(), 'silero_vad' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3", "False"]
+
+
 def test_foreign_or_incomplete_weights_are_load_errors(tmp_path):
     class NotSilero(torch.nn.Module):
         def __init__(self):
