@@ -15,8 +15,8 @@ from torch import nn
 
 from .attention import RelPositionMultiHeadAttention, relative_positions
 from .config import EncoderConfig
-from .skinny import depthwise_conv1d, linear
 from .precision import exact_fp32
+from .skinny import depthwise_conv1d, linear
 from .subsampling import ConvSubsampling
 
 

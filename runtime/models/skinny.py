@@ -9,7 +9,7 @@ kernels behind `F.linear` and `F.conv1d` are at their worst:
 - A depthwise `F.conv1d` costs over 100 us whatever its size below a few dozen rows (oneDNN's set-up);
   the same sums as a batched product of the unfolded windows with the kernels cost 25-40 us for one or
   two streams.
-A step at 1 to 4 streams ran 1.2-1.4x faster with both, at 8 to 32 streams 1.05-1.15x
+A step at 1 to 4 streams ran 1.1-1.45x faster with both, at 8 to 32 streams 1.0-1.15x
 (BENCHMARKS.md, "Few-row products"). Each output is the same sum of the same products either way;
 only the order the kernel adds them in differs. Larger inputs (offline encoding, big batches) keep the
 library calls, and other devices always do: a GPU step is bound by kernel launches, not by these.
