@@ -28,6 +28,32 @@ from monosemantic.models.frontend import LogMelFrontend
 from monosemantic.streaming.cuda_graph import SlotGraphedEncoderStep
 
 
+def steady_state(model, config: EngineConfig, latency_ms: int, audio: str = "speech", seconds: int = 4):
+    """An engine core whose slots (all `config.max_streams` of them) each hold `seconds` of audio, and
+    a function giving the step of slots 0..B-1 at a window well inside that audio (caches full)."""
+    core = EngineCore(model, config)
+    runner, shape = core.runner, core.shapes[latency_ms]
+    rng = np.random.default_rng(0)
+    samples = model.sample_rate * seconds
+    speech = np.concatenate(load_clips(None, model.sample_rate)) if audio == "speech" else None
+    for slot in range(config.max_streams):
+        if speech is None:
+            clip = 0.1 * rng.standard_normal(samples)
+        else:  # each stream at its own place in the speech, so rows emit as real streams do
+            start = int(rng.integers(0, len(speech) - samples))
+            clip = speech[start : start + samples]
+        runner.write(slot, 0, clip.astype(np.float32))
+    window = shape.first_start + 20 * shape.step_mel
+
+    def step_of(batch: int) -> StepBatch:
+        rows = tuple(
+            StepRow(slot, slot, 1, window, 0, samples, 0, shape.step_mel + 1, False) for slot in range(batch)
+        )
+        return StepBatch(latency_ms, rows)
+
+    return core, step_of
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
@@ -41,19 +67,8 @@ def main() -> None:
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     slots = max(args.batch)
-    core = EngineCore(model, EngineConfig(max_streams=slots, max_batch=slots))
-    runner, shape = core.runner, core.shapes[args.latency_ms]
-    rng = np.random.default_rng(0)
-    seconds = 4
-    samples = model.sample_rate * seconds
-    speech = np.concatenate(load_clips(None, model.sample_rate)) if args.audio == "speech" else None
-    for slot in range(slots):
-        if speech is None:
-            audio = 0.1 * rng.standard_normal(samples)
-        else:  # each stream at its own place in the speech, so rows emit as real streams do
-            start = int(rng.integers(0, len(speech) - samples))
-            audio = speech[start : start + samples]
-        runner.write(slot, 0, audio.astype(np.float32))
+    core, step_of = steady_state(model, EngineConfig(max_streams=slots, max_batch=slots), args.latency_ms, args.audio)
+    runner = core.runner
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     spent: dict[str, float] = {}
 
@@ -85,12 +100,7 @@ def main() -> None:
     timed(DecoderState, "write_rows", "decoder state")
     print(f"# {model}, {args.latency_ms} ms, {args.audio}, steady state (caches full), ms per call")
     for batch in args.batch:
-        window = shape.first_start + 20 * shape.step_mel  # well inside the audio, caches full
-        rows = tuple(
-            StepRow(slot, slot, 1, window, 0, model.sample_rate * seconds, 0, shape.step_mel + 1, False)
-            for slot in range(batch)
-        )
-        step = StepBatch(args.latency_ms, rows)
+        step = step_of(batch)
         for _ in range(3):
             runner.step(step)  # captures the CUDA graph of the bucket, warms allocators
         spent.clear()

@@ -12,16 +12,14 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
 from monosemantic import load_model
-from monosemantic.bench.command import load_clips
 from monosemantic.engine.config import EngineConfig
-from monosemantic.engine.core import EngineCore
-from monosemantic.engine.scheduler import StepBatch, StepRow
 from monosemantic.models import skinny
+
+from engine_step import steady_state  # this folder's steady-state steps (the scripts run from here)
 
 
 def alternated(calls: dict, rounds: int, iters: int) -> dict[str, float]:
@@ -73,30 +71,19 @@ def kernels(d_model: int, d_ff: int, kernel: int, rows: list[int], rounds: int) 
 def steps(model_path: str, batches: list[int], latency_ms: int, rounds: int, iters: int) -> None:
     model = load_model(model_path, device="cpu")
     slots = max(batches)
-    core = EngineCore(model, EngineConfig(max_streams=slots, max_batch=slots, vad=None))
-    runner, shape = core.runner, core.shapes[latency_ms]
-    rng = np.random.default_rng(0)
-    speech = np.concatenate(load_clips(None, model.sample_rate))
-    samples = model.sample_rate * 4
-    for slot in range(slots):  # each stream at its own place in the speech
-        start = int(rng.integers(0, len(speech) - samples))
-        runner.write(slot, 0, speech[start : start + samples].astype(np.float32))
-    window = shape.first_start + 20 * shape.step_mel  # well inside the audio, caches full
+    core, step_of = steady_state(model, EngineConfig(max_streams=slots, max_batch=slots, vad=None), latency_ms)
     thresholds = (skinny.LINEAR_ROWS, skinny.DEPTHWISE_ROWS)
 
-    def using(linear_rows: int, depthwise_rows: int, step: StepBatch):
+    def using(linear_rows: int, depthwise_rows: int, step):
         def call():
             skinny.LINEAR_ROWS, skinny.DEPTHWISE_ROWS = linear_rows, depthwise_rows
-            runner.step(step)
+            core.runner.step(step)
 
         return call
 
     print(f"# one engine step, ms: {model}, {latency_ms} ms, library calls -> few-row forms")
     for batch in batches:
-        rows = tuple(
-            StepRow(slot, slot, 1, window, 0, samples, 0, shape.step_mel + 1, False) for slot in range(batch)
-        )
-        step = StepBatch(latency_ms, rows)
+        step = step_of(batch)
         t = alternated({"library": using(0, 0, step), "skinny": using(*thresholds, step)}, rounds, iters)
         print(
             f"batch {batch:4d}  {t['library']:6.1f} -> {t['skinny']:6.1f}  ({t['library'] / t['skinny']:.2f}x)",
