@@ -14,6 +14,7 @@ from .errors import (
     MissingDependencyError,
     ModelLoadError,
     MonosemanticError,
+    PushTimeoutError,
     StreamError,
     UnsupportedModelError,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "Partial",
     "SpeechEnded",
     "SpeechStarted",
+    "PushTimeoutError",
     "StreamError",
     "SyncEngine",
     "Token",

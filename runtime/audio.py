@@ -16,18 +16,27 @@ from .errors import AudioError
 FLOAT_LIMIT = 4.0
 
 
+def readable_array(audio, name: str = "audio") -> np.ndarray:
+    """`np.asarray(audio)` (a torch tensor moved to the host first), or AudioError when no array can be
+    read from it (a ragged list, a released buffer, a tensor without data)."""
+    try:
+        if hasattr(audio, "detach") and hasattr(audio, "cpu"):  # torch.Tensor, without importing torch here
+            audio = audio.detach().cpu()
+            if str(audio.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+                audio = audio.float()
+            audio = audio.numpy()
+        return np.asarray(audio)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError, BufferError) as e:
+        raise AudioError(f"{name}: cannot read samples from {type(audio).__name__}: {e}") from e
+
+
 def as_float32(audio, *, name: str = "audio") -> np.ndarray:
     """A 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor, list).
     int16/int32 are scaled to [-1, 1]. Raises AudioError for other shapes/dtypes, NaN/inf samples and
     float samples beyond +-FLOAT_LIMIT."""
-    if hasattr(audio, "detach") and hasattr(audio, "cpu"):  # torch.Tensor, without importing torch here
-        audio = audio.detach().cpu()
-        if str(audio.dtype) == "torch.bfloat16":  # numpy has no bfloat16
-            audio = audio.float()
-        audio = audio.numpy()
     if isinstance(audio, (bytes, bytearray, memoryview)):
         raise AudioError(f"{name}: raw bytes are ambiguous here; pass a numpy array (int16 PCM or float32)")
-    arr = np.asarray(audio)
+    arr = readable_array(audio, name)
     if arr.dtype == np.int16:
         arr = arr.astype(np.float32) / 32768.0
     elif arr.dtype == np.int32:

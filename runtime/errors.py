@@ -29,6 +29,17 @@ class StreamError(MonosemanticError):
     """A streaming call that is not valid in the stream's current state (e.g. push after finalize)."""
 
 
+class PushTimeoutError(StreamError):
+    """A push or flush waited `push_timeout_seconds` for room in the stream's buffer (the engine is
+    overloaded). `accepted` says whether the call's own audio was taken: if so, what is not yet written
+    goes first at the stream's next push or flush and must not be pushed again; if not (an earlier push's
+    audio still waited for room), push it again."""
+
+    def __init__(self, message: str, accepted: bool):
+        super().__init__(message)
+        self.accepted = accepted
+
+
 class CapacityError(MonosemanticError):
     """The engine is serving its maximum number of streams (close one or raise EngineConfig.max_streams), or
     its max_streams slots of state would not fit in the memory available (lower it)."""

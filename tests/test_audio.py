@@ -41,6 +41,15 @@ def test_as_float32_rejects_bad_input(value, needle):
         as_float32(value)
 
 
+def test_input_no_array_can_be_read_from_is_an_audio_error():
+    """These used to surface as the raw ValueError/NotImplementedError of numpy or torch."""
+    import torch
+
+    for value in ([[0.1, 0.2], [0.3]], torch.zeros(4, device="meta")):
+        with pytest.raises(AudioError, match="cannot read samples"):
+            as_float32(value)
+
+
 def test_load_audio_file_downmixes_and_resamples(tmp_path, audio_clips):
     mono = audio_clips["jfk.wav"][:32000]
     stereo44 = np.stack([resample(mono, 16000, 44100)] * 2, axis=1)

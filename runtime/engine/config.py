@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from ..vad.policy import VADConfig
 
 
+# Durations in seconds above this are refused: samples counts derived from them must stay integers a
+# buffer can be sized by, and a day is past any real use of these fields.
+MAX_SECONDS = 86400.0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one engine serves many streams of one model."""
@@ -78,7 +83,7 @@ class EngineConfig:
         # bound), a TypeError deep in the engine, or a silently truncated float.
         _integer("max_streams", self.max_streams, low=1)
         _integer("max_batch", self.max_batch, low=1)
-        _finite("max_buffered_seconds", self.max_buffered_seconds)
+        _finite("max_buffered_seconds", self.max_buffered_seconds, high=MAX_SECONDS)
         if self.max_buffered_seconds < 1.0:
             raise ValueError(f"max_buffered_seconds must be at least 1 second, got {self.max_buffered_seconds}")
         if self.batch_wait_ms is not None:
@@ -88,7 +93,7 @@ class EngineConfig:
         if self.default_latency_ms is not None:
             _integer("default_latency_ms", self.default_latency_ms, low=1)
         for name in ("push_timeout_seconds", "usage_interval_seconds"):
-            _finite(name, getattr(self, name))
+            _finite(name, getattr(self, name), high=MAX_SECONDS)
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.vad is not None and not isinstance(self.vad, VADConfig):
@@ -115,6 +120,8 @@ def _integer(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
-def _finite(name: str, value) -> None:
+def _finite(name: str, value, high: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be at most {high:g} (one day), got {value!r}")

@@ -84,13 +84,14 @@ class EngineCore:
         ring = self.capacity + span + g.vad_window + g.hop
         skip = None if config.skip_silence_ms is None else config.skip_silence_ms * model.sample_rate // 1000
         wait = config.batch_wait_ms
-        self.scheduler = Scheduler(
-            config.max_streams, config.max_batch, g, vad=config.vad is not None, skip_silence=skip,
-            batch_wait=lambda latency_ms: (latency_ms / 4 if wait is None else wait) / 1000.0,
-        )
+        # The runner first: it checks that max_streams slots fit in memory before anything is sized by it.
         self.runner = ModelRunner(
             model, plans, config.max_streams, ring, vad=config.vad is not None,
             max_batch=config.max_batch, cuda_graphs=config.cuda_graphs,
+        )
+        self.scheduler = Scheduler(
+            config.max_streams, config.max_batch, g, vad=config.vad is not None, skip_silence=skip,
+            batch_wait=lambda latency_ms: (latency_ms / 4 if wait is None else wait) / 1000.0,
         )
         self.shapes = {ms: p.shape for ms, p in plans.items()}
         self.streams: dict[int, StreamState] = {}
@@ -248,9 +249,7 @@ class EngineCore:
             if time.monotonic() >= next_sweep:
                 self._close_unreachable()
                 next_sweep = time.monotonic() + SWEEP_SECONDS
-            with self.lock:
-                resets, self.pending_resets = self.pending_resets, []
-                plan = self.scheduler.plan()
+            resets, plan = self._plan_tick()
             try:
                 if resets:
                     self.runner.reset_utterance([slot for slot, _ in resets])
@@ -269,6 +268,16 @@ class EngineCore:
                 # The loop must go on for everyone else: fail only the streams this tick touched.
                 log.exception("engine tick failed")
                 self._fail_tick(plan, {slot for slot, _ in resets}, exc)
+
+    def _plan_tick(self) -> tuple[list[tuple[int, bool]], TickPlan]:
+        """The slot resets queued since the last tick, and this tick's plan."""
+        with self.lock:
+            resets, self.pending_resets = self.pending_resets, []
+            plan = self.scheduler.plan()
+            skipped = [self.streams[h] for h in plan.skipped if h in self.streams]
+        # Windows skipped as silence freed buffer room with no step result to say so.
+        self._signal_space(skipped)
+        return resets, plan
 
     def _close_unreachable(self) -> None:
         """Close the streams whose events nobody can receive any more (their event loop ended while they

@@ -19,8 +19,8 @@ import weakref
 import numpy as np
 
 from ..asr import ASRModel
-from ..audio import StreamResampler, as_float32
-from ..errors import AudioError, StreamError
+from ..audio import StreamResampler, as_float32, readable_array
+from ..errors import AudioError, PushTimeoutError
 from ..event_queue import EventQueue, SyncEventQueue
 from ..events import Event
 from .config import EngineConfig
@@ -31,8 +31,14 @@ _END = None  # the core emits None after a stream's last event
 
 def pcm_to_float32(pcm) -> np.ndarray:
     """int16 little-endian bytes, an int16/int32/float array or tensor -> validated float32 samples."""
-    if isinstance(pcm, memoryview) and pcm.format not in ("B", "b", "c"):
-        return as_float32(np.asarray(pcm))  # a typed view (of a float32 array, say): its own dtype
+    if isinstance(pcm, memoryview):
+        try:
+            pcm.format
+        except ValueError as e:  # every read of a released view raises
+            raise AudioError("cannot read samples from a released memoryview") from e
+    if isinstance(pcm, memoryview) and pcm.format not in ("B", "c"):
+        # A typed view (of a float32 array, say): its own dtype; int8 ("b") is refused as an ndarray is.
+        return as_float32(readable_array(pcm))
     if isinstance(pcm, (bytes, bytearray, memoryview)):
         data = bytes(pcm)
         if len(data) % 2:
@@ -73,12 +79,20 @@ class _StreamBase:
         self._core.check_open(self.handle)
         self._pending = self._resampler.flush()
 
-    def _drain_waits(self, before_write=None):
+    def _keep_pending(self) -> None:
+        """A push or flush is leaving with audio still pending (cancelled, timed out, interrupted): own a
+        copy of it. Without a resampler in between, `_pending` is a view of the caller's array, which the
+        caller may reuse or change before the next push writes it."""
+        if self._pending.size:
+            self._pending = self._pending.copy()
+
+    def _drain_waits(self, before_write=None, taken: bool = True, call: str = "push"):
         """Write the pending audio as the stream's buffer makes room; yields the seconds left to wait
         for room whenever it is full (the caller waits for on_space, or that long), and raises the
         timeout once `push_timeout_seconds` pass without room. `before_write` runs before each write
         attempt (an asyncio caller clears its room signal there, so a signal made after the attempt is
-        kept)."""
+        kept). `taken`: whether the calling push's (or flush's) own audio is among the pending, `call`
+        which of the two it is (for the timeout's message)."""
         deadline = None  # counted from when the buffer stopped taking audio
         while self._pending.size:
             if before_write is not None:
@@ -91,13 +105,28 @@ class _StreamBase:
             now = time.monotonic()
             deadline = now + self._core.config.push_timeout_seconds if deadline is None else deadline
             if now >= deadline:
-                raise self._timed_out()
+                raise self._timed_out(taken, call)
             yield deadline - now
 
-    def _timed_out(self) -> StreamError:
-        return StreamError(
-            f"push timed out: the stream has {self._core.buffered_seconds(self.handle):.1f} s of audio waiting "
-            f"to be processed (the engine is overloaded)"
+    def _timed_out(self, taken: bool, call: str) -> PushTimeoutError:
+        waiting = f"the stream has {self._core.buffered_seconds(self.handle):.1f} s of audio waiting to be processed"
+        if call == "flush":
+            # A flush that times out never marked the utterance's end; the audio it accepted is kept.
+            return PushTimeoutError(
+                f"flush timed out: {waiting} (the engine is overloaded); the utterance was not ended, call "
+                f"flush() again (the audio pushed so far is kept)",
+                accepted=taken,
+            )
+        if taken:
+            return PushTimeoutError(
+                f"push timed out: {waiting} (the engine is overloaded); this call's audio was accepted, and "
+                f"what is not yet written goes first at the stream's next push or flush: do not push it again",
+                accepted=True,
+            )
+        return PushTimeoutError(
+            f"push timed out before taking this call's audio: an earlier push's accepted audio still waits "
+            f"for room ({waiting}; the engine is overloaded); push this audio again",
+            accepted=False,
         )
 
     def _callbacks(self):
@@ -179,23 +208,27 @@ class EngineStream(_StreamBase):
         that timed out or was cancelled is not dropped: it goes first at the next push or flush (which
         raise the same timeout, without taking their own audio, while the engine still has no room)."""
         async with self._lock:
-            await self._drain()
+            await self._drain(taken=False)
             self._accept(pcm)
             await self._drain()
 
-    async def _drain(self) -> None:
-        for seconds in self._drain_waits(self._space.clear):
-            try:
-                await asyncio.wait_for(self._space.wait(), seconds)
-            except asyncio.TimeoutError:
-                pass
+    async def _drain(self, taken: bool = True, call: str = "push") -> None:
+        try:
+            for seconds in self._drain_waits(self._space.clear, taken, call):
+                try:
+                    await asyncio.wait_for(self._space.wait(), seconds)
+                except asyncio.TimeoutError:
+                    pass
+        except BaseException:
+            self._keep_pending()
+            raise
 
     async def flush(self) -> None:
         """End the utterance: a Final follows, covering all audio pushed before this call."""
         async with self._lock:
-            await self._drain()
+            await self._drain(taken=False, call="flush")
             self._accept_tail()
-            await self._drain()
+            await self._drain(call="flush")
             self._core.flush(self.handle)
 
     async def close(self) -> None:
@@ -263,6 +296,7 @@ class SyncStream(_StreamBase):
         self._events = SyncEventQueue()
         self._space = threading.Condition()
         self._lock = threading.Lock()  # one push or flush at a time
+        self._ended = False
 
     def _post(self, event) -> None:
         self._events.put(event)
@@ -274,28 +308,39 @@ class SyncStream(_StreamBase):
     def push(self, pcm) -> None:
         """As EngineStream.push, blocking while the stream's buffer is full."""
         with self._lock:
-            self._drain()
+            self._drain(taken=False)
             self._accept(pcm)
             self._drain()
 
-    def _drain(self) -> None:
-        with self._space:  # held from the write attempt to the wait: no signal of room is missed
-            for seconds in self._drain_waits():
-                self._space.wait(min(seconds, 0.1))
+    def _drain(self, taken: bool = True, call: str = "push") -> None:
+        try:
+            with self._space:  # held from the write attempt to the wait: no signal of room is missed
+                for seconds in self._drain_waits(taken=taken, call=call):
+                    self._space.wait(min(seconds, 0.1))
+        except BaseException:
+            self._keep_pending()
+            raise
 
     def flush(self) -> None:
         with self._lock:
-            self._drain()
+            self._drain(taken=False, call="flush")
             self._accept_tail()
-            self._drain()
+            self._drain(call="flush")
             self._core.flush(self.handle)
 
     def close(self) -> None:
         self._core.close(self.handle)
 
     def get(self, timeout: float | None = None) -> Event | None:
-        """The next event; None once the stream has ended. Raises queue.Empty after `timeout`."""
-        return self._events.get(timeout=timeout)
+        """The next event; None once the stream has ended (and at every call after). Raises queue.Empty
+        after `timeout`."""
+        if self._ended:
+            return _END
+        event = self._events.get(timeout=timeout)
+        if event is _END:
+            self._ended = True
+            self._events.put(_END)  # for another thread blocked in get() at the same time
+        return event
 
     def events(self, timeout: float | None = None):
         """Iterate events until the stream ends."""

@@ -101,6 +101,9 @@ class TickPlan:
     vad: tuple[VADRow, ...] = ()
     finals: tuple[FinalRow, ...] = ()
     wake_in: float | None = None  # seconds until a held batch must run (None: nothing held)
+    # Streams whose windows the plan skipped as silence (skip_silence): their audio was consumed without a
+    # step, so a writer waiting for room in their buffer must be told.
+    skipped: tuple[int, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -245,6 +248,7 @@ class Scheduler:
         by_mode: dict[int, list[StepRow]] = {}
         finals: list[FinalRow] = []
         vad_rows: list[VADRow] = []
+        skipped: list[int] = []
         records = list(self.streams.values())
         if records:
             self._rotation = (self._rotation + 1) % len(records)
@@ -254,7 +258,7 @@ class Scheduler:
         for record in records:
             rows = by_mode.setdefault(record.latency_ms, [])
             if record.latency_ms not in held and len(rows) < self.max_batch:
-                row = self._plan_step(record, finals)
+                row = self._plan_step(record, finals, skipped)
                 if row is not None:
                     record.ready_since = None
                     record.stepping = True
@@ -274,9 +278,9 @@ class Scheduler:
             if not (self.skip_silence is not None and held):
                 vad_rows = []
                 wake_in = VAD_WAIT if wake_in is None else min(wake_in, VAD_WAIT)
-        return TickPlan(steps=steps, vad=tuple(vad_rows), finals=tuple(finals), wake_in=wake_in)
+        return TickPlan(steps=steps, vad=tuple(vad_rows), finals=tuple(finals), wake_in=wake_in, skipped=tuple(skipped))
 
-    def _plan_step(self, record: StreamRecord, finals: list[FinalRow]) -> StepRow | None:
+    def _plan_step(self, record: StreamRecord, finals: list[FinalRow], skipped: list[int]) -> StepRow | None:
         shape = record.shape
         start = record.window_start()
         full_hi = shape.step_mel + 1
@@ -287,6 +291,7 @@ class Scheduler:
             if self._skippable(record):
                 record.next_window += 1
                 record.skipped_frames += shape.chunk_frames
+                skipped.append(record.handle)
                 return None
             # After skipped silence the encoder restarts here as at a stream start: its caches are
             # emptied and the window's first frames are masked, as before an utterance's first window.

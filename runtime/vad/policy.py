@@ -22,6 +22,8 @@ No torch here: the engine's scheduler side can use it without the model.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
@@ -52,6 +54,12 @@ class VADConfig:
     """Reported starts are moved this much earlier, ends this much later (clamped to the stream)."""
 
     def __post_init__(self) -> None:
+        for name in ("threshold", "neg_threshold"):
+            value = getattr(self, name)
+            if value is None and name == "neg_threshold":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.neg_threshold is not None and not 0.0 <= self.neg_threshold <= self.threshold:

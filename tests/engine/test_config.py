@@ -39,6 +39,10 @@ from monosemantic import EngineConfig
         ("warmup_latencies", ("160",), "warmup_latencies"),
         ("vad", "yes", "vad"),
         ("cuda_graphs", "no", "cuda_graphs"),
+        # Finite, but their sample counts overflowed an integer (a raw OverflowError at engine creation).
+        ("max_buffered_seconds", 1e308, "max_buffered_seconds must be at most"),
+        ("usage_interval_seconds", 1e308, "usage_interval_seconds must be at most"),
+        ("push_timeout_seconds", 1e20, "push_timeout_seconds must be at most"),
     ],
 )
 def test_bad_settings_are_refused(field, value, match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from monosemantic import Engine, EngineConfig, Final, SpeechEnded, SpeechStarted, VADConfig
@@ -109,3 +110,36 @@ def test_skip_silence_saves_encoder_steps_and_keeps_speech_timing(ms_model, audi
         assert after and after[0].start < start + 3 * 16000
     assert all(w.end <= len(audio) for w in skipped.words)
     assert exact.text and skipped.text
+
+
+def test_windows_skipped_as_silence_wake_a_writer_waiting_for_room(ms_model):
+    """Skipping a silent window frees buffer room inside the plan, with no step result: the plan itself
+    must wake a writer that found the buffer full (it used to wait out its whole push timeout)."""
+    from monosemantic.engine.core import EngineCore
+
+    model = ms_model("nemotron_rnnt")
+    config = EngineConfig(skip_silence_ms=300, max_buffered_seconds=1.0, freeze_gc=False, keep_freed_memory=False)
+    core = EngineCore(model, config)  # driven tick by tick here, without its loop thread
+    woken = []
+    record = core.open(None, lambda event: None, lambda: woken.append(True))
+    silence = np.zeros(16000 * 6, dtype=np.float32)
+    written = core.write(record.handle, silence)
+    assert written < len(silence)  # the buffer is full
+    skipped_ticks = 0
+    for _ in range(200):
+        state = core.streams[record.handle]
+        state.waiting_for_space = True  # as a write that found no room leaves it
+        woken.clear()
+        resets, plan = core._plan_tick()
+        if plan.skipped:
+            skipped_ticks += 1
+            assert woken, "a tick skipped silence but did not wake the waiting writer"
+        if resets:
+            core.runner.reset_utterance([slot for slot, _ in resets])
+            core.runner.reset_vad([slot for slot, vad in resets if vad])
+        if not plan.empty:
+            core._run(plan)
+        written += core.write(record.handle, silence[written:])
+        if written == len(silence) and not plan.skipped and plan.empty:
+            break
+    assert skipped_ticks > 0 and written == len(silence)

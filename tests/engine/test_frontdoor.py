@@ -1,6 +1,7 @@
 """The front doors: the asyncio mailbox (callbacks posted from the engine thread reach the asyncio loop in
 order, many per loop wake-up), and streams over a real engine: start-up from several event loops,
-streams dropped unclosed or outliving their loop, cancelled pushes and flushes, ordering."""
+streams dropped unclosed or outliving their loop, cancelled pushes and flushes, push timeouts, ordering,
+the synchronous stream's end."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import gc
 import threading
 import time
 
+import numpy as np
 import pytest
 
+import monosemantic
 from monosemantic import Engine, EngineConfig, Final, SyncEngine
 from monosemantic.audio import resample
 from monosemantic.engine.frontdoor import _Mailbox
@@ -212,3 +215,132 @@ def test_a_flush_waits_for_a_throttled_push_of_the_same_stream(ms_model, audio_c
     reference.feed(audio48)
     assert final.end == len(audio)
     assert [t.id for t in final.tokens] == reference.finalize().token_ids
+
+
+def test_a_cancelled_push_keeps_its_own_copy_of_the_callers_audio(ms_model, audio_clips, monkeypatch):
+    """At the model's rate nothing is resampled, so the audio a cancelled push left pending was a view of
+    the caller's array: a caller reusing its buffer then changed what the next push wrote."""
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+    buffer = audio.copy()
+
+    async def main():
+        async with Engine(model, EngineConfig(**QUIET)) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            write = engine.core.write
+            monkeypatch.setattr(engine.core, "write", lambda handle, samples: 0)  # a full buffer
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(stream.push(buffer), 0.2)
+            buffer[:] = 0.0  # the caller reuses its buffer
+            monkeypatch.setattr(engine.core, "write", write)
+            await stream.flush()
+            return await final_of(stream)
+
+    final = asyncio.run(main())
+    assert final.end == len(audio)
+    assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=160).token_ids
+
+
+@pytest.mark.parametrize("front", ["async", "sync"])
+def test_a_push_timeout_says_whether_it_took_the_audio(ms_model, front):
+    """The first push to time out has taken its audio (what is left goes first at the next push); a
+    push timing out behind it has not, and must be pushed again: the errors tell the two apart."""
+    from monosemantic import PushTimeoutError
+
+    model = ms_model("nemotron_rnnt")
+    config = EngineConfig(max_buffered_seconds=1.0, push_timeout_seconds=0.2, **QUIET)
+    pushes = [np.zeros(16000 * 3, dtype=np.float32), np.zeros(16000, dtype=np.float32)]
+
+    def stall(core):
+        core._stopping = True  # the loop stops stepping, as if overloaded
+        core.wake.set()
+        time.sleep(0.1)
+
+    errors = []
+    if front == "async":
+
+        async def main():
+            engine = Engine(model, config)
+            stream = await engine.open_stream(latency_ms=160)
+            stall(engine.core)
+            for pcm in pushes:
+                with pytest.raises(PushTimeoutError) as caught:
+                    await stream.push(pcm)
+                errors.append(caught.value)
+            with pytest.raises(PushTimeoutError) as caught:
+                await stream.flush()
+            errors.append(caught.value)
+            engine.core._stopping = False
+            await engine.aclose()
+
+        asyncio.run(main())
+    else:
+        engine = SyncEngine(model, config)
+        stream = engine.open_stream(latency_ms=160)
+        stall(engine.core)
+        for pcm in pushes + [None]:
+            with pytest.raises(PushTimeoutError) as caught:
+                stream.push(pcm) if pcm is not None else stream.flush()
+            errors.append(caught.value)
+        engine.core._stopping = False
+        engine.close()
+    took, refused, flush = errors
+    assert took.accepted and "do not push it again" in str(took)
+    assert not refused.accepted and "push this audio again" in str(refused)
+    assert not flush.accepted and "call flush() again" in str(flush)
+    assert all(isinstance(e, monosemantic.StreamError) for e in errors)  # still a StreamError
+
+
+def test_sync_get_after_the_end_returns_none_again(ms_model, audio_clips):
+    """After the end was read, get() and events() end at once (they blocked forever), also for a
+    second thread that was waiting when the end came."""
+    model = ms_model("nemotron_rnnt")
+    with SyncEngine(model, EngineConfig(**QUIET)) as engine:
+        stream = engine.open_stream(latency_ms=160)
+        stream.push(audio_clips["jfk.wav"][:16000])
+        stream.flush()
+        while not isinstance(stream.get(timeout=30), Final):
+            pass
+        got = []
+
+        def read_to_the_end():
+            while (event := stream.get(timeout=10)) is not None:
+                pass
+            got.append(event)
+
+        waiters = [threading.Thread(target=read_to_the_end) for _ in range(2)]
+        for t in waiters:
+            t.start()
+        time.sleep(0.1)
+        stream.close()
+        for t in waiters:
+            t.join()
+        assert got == [None, None]
+        assert stream.get(timeout=1) is None
+        assert list(stream.events(timeout=1)) == []
+
+
+def test_pushed_objects_no_samples_can_be_read_from_are_audio_errors():
+    """Each used to raise the raw error of numpy or torch; an int8 view was read as int16 bytes."""
+    import ctypes
+
+    import torch
+
+    from monosemantic.engine.frontdoor import pcm_to_float32
+
+    released = memoryview(np.zeros(4, dtype=np.float32))
+    released.release()
+    released_bytes = memoryview(b"\x00\x01")
+    released_bytes.release()
+    cases = [
+        ([[0.1, 0.2], [0.3]], "cannot read samples"),
+        (released, "released memoryview"),
+        (released_bytes, "released memoryview"),
+        (memoryview((ctypes.c_void_p * 2)()), "cannot read samples"),
+        (torch.zeros(4, device="meta"), "cannot read samples"),
+        (memoryview(np.ones(4, dtype=np.int8)), "dtype int8"),
+    ]
+    for pcm, needle in cases:
+        with pytest.raises(monosemantic.AudioError, match=needle):
+            pcm_to_float32(pcm)
+    assert pcm_to_float32(memoryview(b"\x00\x40")).tolist() == [0.5]  # untyped bytes stay int16 PCM

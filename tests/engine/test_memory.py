@@ -26,6 +26,22 @@ def test_too_many_streams_for_memory_is_a_clear_error_before_allocating(ms_model
     assert not [shape for shape in allocated if shape and shape[0] >= 1_000_000]  # nothing that size tried
 
 
+def test_the_memory_check_comes_before_any_per_slot_bookkeeping(ms_model):
+    """The scheduler's slot lists (one entry per slot) used to be built before the check: ten million
+    slots took about 1 GB of Python objects before the CapacityError, a billion exhausted the memory."""
+    import tracemalloc
+
+    model = ms_model("nemotron_rnnt")
+    tracemalloc.start()
+    try:
+        with pytest.raises(CapacityError, match="max_streams=10000000"):
+            Engine(model, EngineConfig(max_streams=10_000_000))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20
+
+
 @pytest.mark.parametrize("vad", [True, False])
 def test_slot_bytes_are_the_runners_allocation_per_slot(ms_model, vad):
     model = ms_model("nemotron_tdt")

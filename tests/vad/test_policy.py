@@ -94,6 +94,13 @@ def test_thresholds_and_config_validation():
         dict(min_speech_ms=-1),
         dict(min_silence_ms=1.5),
         dict(speech_pad_ms=True),
+        # not numbers: these used to fail with a TypeError from the comparison
+        dict(threshold="0.5"),
+        dict(threshold=None),
+        dict(threshold=[0.5]),
+        dict(threshold=float("nan")),
+        dict(neg_threshold="0.3"),
+        dict(threshold=True),
     ):
         with pytest.raises(ValueError):
             VADConfig(**bad)
