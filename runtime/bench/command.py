@@ -6,17 +6,19 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Generator
 
 import numpy as np
 
+from .output import check_writable, write_json
 from .result import BenchResult, percentiles
 from .workload import make_workload
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+MAX_SECONDS = 3600.0  # audio per stream: the workload is built in memory before the run
 
 
 def load_clips(paths: list[str] | None, sample_rate: int) -> list[np.ndarray]:
@@ -111,14 +113,40 @@ def _line(res: BenchResult) -> str:
     )
 
 
+def check_args(args) -> None:
+    """ValueError (one line) for numbers no run can use. Checked before the model loads: an infinite or
+    NaN --seconds would otherwise build its workload forever, and zero or negative counts run nothing
+    and report NaN as a result."""
+    if args.max_streams < 1:
+        raise ValueError(f"--max-streams must be at least 1, got {args.max_streams}")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    for n in args.streams:
+        if not 1 <= n <= args.max_streams:
+            raise ValueError(f"--streams must be in 1..{args.max_streams} (--max-streams), got {n}")
+    if not (math.isfinite(args.seconds) and 0 < args.seconds <= MAX_SECONDS):
+        raise ValueError(f"--seconds must be more than 0 and at most {MAX_SECONDS:.0f} seconds, got {args.seconds:g}")
+    if not 1 <= args.frame_ms <= 1000:
+        raise ValueError(f"--frame-ms must be in 1..1000, got {args.frame_ms}")
+    if args.latency_ms is not None and args.latency_ms < 1:
+        raise ValueError(f"--latency-ms must be a positive number of milliseconds, got {args.latency_ms}")
+    if not (math.isfinite(args.batch_wait_ms) and args.batch_wait_ms >= 0):
+        raise ValueError(f"--batch-wait-ms must be 0 or more, got {args.batch_wait_ms:g}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, got {args.seed}")
+    if args.json:
+        check_writable(args.json)
+
+
 def run(args) -> int:
     from ..asr import load_model
     from ..engine.config import EngineConfig
     from ..vad.policy import VADConfig
     from .engine_bench import EngineTrials
 
+    check_args(args)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    latency = args.latency_ms or model.default_latency_ms
+    latency = args.latency_ms if args.latency_ms is not None else model.default_latency_ms
     model.context_for(latency)
     clips = load_clips(args.audio, model.sample_rate)
     limit = args.max_streams
@@ -182,7 +210,7 @@ def run(args) -> int:
     finally:
         trials.close()  # streams, loop thread and CUDA state released even when a run fails
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=float))
+        write_json(args.json, report)
     return 0
 
 
@@ -207,7 +235,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--latency-ms", type=int, default=None, help="streaming latency mode (default: the checkpoint's)")
     p.add_argument("--streams", type=int, nargs="+", default=[8], help="stream counts to run (with --find-max: the first to try)")
-    p.add_argument("--seconds", type=float, default=20.0, help="audio per stream (real time)")
+    p.add_argument("--seconds", type=float, default=20.0, help=f"audio per stream (real time; at most {MAX_SECONDS:.0f})")
     p.add_argument("--find-max", action="store_true", help="search the most streams sustained in real time (p95 chunk latency < chunk)")
     p.add_argument("--load-curve", action="store_true", help="with --find-max: then run at 10/50/90%% of the maximum and report drift")
     p.add_argument("--max-streams", type=int, default=1024, help="upper bound of the search and engine slots")

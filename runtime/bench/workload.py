@@ -7,6 +7,7 @@ asks for a final (flush) at the end of every utterance, as a voice agent does at
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,8 @@ class StreamPlan:
     def frames(self, sample_rate: int = 16000, frame_ms: int = FRAME_MS):
         """(send time in seconds after the run starts, samples, last frame of its utterance) per frame."""
         step = sample_rate * frame_ms // 1000
+        if step < 1:
+            raise ValueError(f"frame_ms must give at least one sample per frame, got {frame_ms}")
         for utt in self.utterances:
             n = len(utt.audio)
             for i in range(0, n, step):
@@ -44,6 +47,10 @@ def make_workload(clips: list[np.ndarray], streams: int, seconds: float, seed: i
     """`streams` plans of about `seconds` of audio each (whole utterances), deterministic in `seed`."""
     if not clips:
         raise ValueError("the workload needs at least one clip")
+    if not (math.isfinite(seconds) and seconds > 0):  # inf/NaN would loop below forever, growing memory
+        raise ValueError(f"the workload needs a finite, positive number of seconds per stream, got {seconds!r}")
+    if streams < 1:
+        raise ValueError(f"the workload needs at least one stream, got {streams}")
     rng = np.random.default_rng(seed)
     plans = []
     for index in range(streams):

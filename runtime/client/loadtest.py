@@ -17,10 +17,8 @@ at the end of every clip, as a voice agent flushes at each end of turn. Measured
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -53,6 +51,8 @@ class LoadtestConfig:
             raise ValueError(f"--duration must be in 1..{MAX_DURATION_S:.0f} seconds")
         if not 1 <= self.frame_ms <= 1000:
             raise ValueError("--frame-ms must be in 1..1000")
+        if self.latency_ms is not None and self.latency_ms < 1:
+            raise ValueError("--latency-ms must be a positive number of milliseconds")
 
 
 @dataclass
@@ -245,6 +245,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..bench.command import load_clips
+    from ..bench.output import check_writable, write_json
     from ..errors import missing_dependency
 
     try:
@@ -253,10 +254,12 @@ def run(args) -> int:
         raise missing_dependency("aiohttp", "server", "monosemantic loadtest") from None
     cfg = LoadtestConfig(url=args.url, streams=args.streams, duration_s=args.duration, api_key=args.api_key,
                          latency_ms=args.latency_ms, frame_ms=args.frame_ms)
+    if args.json:
+        check_writable(args.json)  # before the run: a bad path must not cost its results
     clips = load_clips(args.audio, RATE)
     reports = asyncio.run(run_loadtest(cfg, clips))
     summary = summarize(cfg, reports)
     print(format_summary(summary), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({**summary, "streams_detail": [asdict(r) | {"ttf": None, "partial_at": None} for r in reports]}, indent=1))
+        write_json(args.json, {**summary, "streams_detail": [asdict(r) | {"ttf": None, "partial_at": None} for r in reports]})
     return 0 if summary["all_audio_covered"] and summary["errors"] == 0 else 1

@@ -20,10 +20,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from ..audio import as_float32
+from ..audio import as_float32, check_rate
 from ..errors import AudioError, StreamError, missing_dependency
 from ..event_queue import EventQueue
-from ..events import Error, Event
+from ..events import Error, Event, Final
 from ..server.protocol import STREAM_PATH, ProtocolError, message_to_event
 from .errors import (
     AuthenticationError,
@@ -82,6 +82,7 @@ class RemoteStream:
         self.model_sample_rate: int = ready["model_sample_rate"]
         self._events = EventQueue()  # bounded for a reader far behind (event_queue)
         self._closed = False  # close() was called
+        self._owed = 0  # flushes sent whose final has not arrived: a close() still waits for them
         self._ended = False
         self._gone: ConnectionLostError | None = None  # set once the connection is over
         self._reader = asyncio.create_task(self._read())
@@ -111,12 +112,15 @@ class RemoteStream:
     async def flush(self) -> None:
         """End the utterance: a Final follows, covering all audio pushed before this call."""
         self._check_open()
+        self._owed += 1  # before the send: the final may arrive before the send returns
         await self._send(self._ws.send_str, '{"type":"flush"}')
 
     async def close(self) -> None:
         """End the stream: the server still sends the finals of flushes sent before, then the iterator
-        ends; audio pushed after the last flush is dropped. (A local EngineStream's close is immediate
-        and drops a Final not yet sent too; code that must work with both waits for the Final.)"""
+        ends; audio pushed after the last flush is dropped. If the connection is lost before those
+        finals arrive, the iterator raises ConnectionLostError. (A local EngineStream's close is
+        immediate and drops a Final not yet sent too; code that must work with both waits for the
+        Final.)"""
         if self._closed:
             return
         self._closed = True
@@ -152,6 +156,8 @@ class RemoteStream:
                     except (ValueError, ProtocolError) as exc:
                         event = Error("protocol", f"unreadable message from the server: {exc}")
                     fatal_seen = fatal_seen or fatal
+                    if isinstance(event, Final) and self._owed:
+                        self._owed -= 1
                     if event is not None:
                         self._events.put_nowait(event)
                 elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
@@ -168,8 +174,11 @@ class RemoteStream:
         code = None if code == 1006 else code
         describe = f"the server closed the stream (code {code}{', ' + reason if reason else ''})" if code else "the connection to the server was lost"
         self._gone = ConnectionLostError(describe, code)
-        if code == _CLEAN_CLOSE or fatal_seen or (self._closed and code is None):
-            pass  # a clean end, or the server already said why
+        if code == _CLEAN_CLOSE or fatal_seen or (self._closed and code is None and not self._owed):
+            # A clean end, or the server already said why. After close() a vanished connection is the
+            # expected end too, unless finals were still owed: then their audio is lost, and that is
+            # raised below like any lost connection.
+            pass
         elif code == _GOING_AWAY:
             self._events.put_nowait(Error("closed", "the server shut down"))
         elif code is not None:
@@ -218,13 +227,18 @@ class RemoteEngine:
         await self.aclose()
 
     async def open_stream(self, latency_ms: int | None = None, sample_rate: int = 16000) -> RemoteStream:
-        """A new stream on the server. ServerCapacityError when it is full, AuthenticationError for a bad
-        key, ServerRejectedError for other refusals, ServerUnreachableError when it cannot be reached."""
+        """A new stream on the server. AudioError for a sample rate the local engine refuses too (checked
+        before connecting), ServerCapacityError when the server is full, AuthenticationError for a bad
+        key, ServerRejectedError for other refusals, ServerUnreachableError when it cannot be reached,
+        ConnectionLostError when it accepts the connection but does not open the stream."""
+        # The local engine's own check (AudioError), so that either engine refuses the same rates, and a
+        # fractional rate is not silently truncated into the URL.
+        sample_rate = check_rate(sample_rate)
         if self._session is None:
             # Every stream holds its own connection for its whole life: aiohttp's default pool of 100
             # would make the 101st open wait for a free connection until it timed out.
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        params = {"sample_rate": str(int(sample_rate))}
+        params = {"sample_rate": str(sample_rate)}
         if latency_ms is not None:
             params["latency_ms"] = str(int(latency_ms))
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -239,12 +253,23 @@ class RemoteEngine:
             raise ServerUnreachableError(f"cannot connect to {self.url}: {str(exc) or type(exc).__name__}") from None
         try:
             msg = await ws.receive(timeout=self.connect_timeout)
+        except asyncio.TimeoutError:
+            # Upgraded but silent (not a monosemantic server, or one stuck): it would hardly answer a
+            # closing handshake either, so that gets a second before the connection is cut.
+            try:
+                await asyncio.wait_for(ws.close(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            raise ConnectionLostError(
+                f"the server accepted the connection but sent no ready message within {self.connect_timeout:g} s", ws.close_code
+            ) from None
+        try:
             ready = json.loads(msg.data) if msg.type is aiohttp.WSMsgType.TEXT else None
-        except (asyncio.TimeoutError, ValueError):
+        except ValueError:
             ready = None
         if not isinstance(ready, dict) or ready.get("type") != "ready":
             await ws.close()
-            raise ConnectionLostError(f"the server did not open the stream (first message: {getattr(msg, 'data', None)!r})", ws.close_code)
+            raise ConnectionLostError(f"the server did not open the stream (first message: {msg.data!r})", ws.close_code)
         stream = RemoteStream(ws, ready, self)
         self._streams.add(stream)
         return stream

@@ -25,6 +25,7 @@ from .logs import AccessLogger
 from .metrics import ServerMetrics
 from .protocol import STREAM_PATH, ProtocolError, parse_stream_params, ready_message
 from .session import Session
+from .websocket import StreamSocket
 
 log = logging.getLogger("monosemantic.server")
 
@@ -144,8 +145,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         params = parse_stream_params(request.query)
     except ProtocolError as exc:
         return _reject(state, 400, "bad_request", exc.message)
-    ws = web.WebSocketResponse(
-        max_msg_size=config.max_frame_bytes,
+    ws = StreamSocket(
+        max_frame_bytes=config.max_frame_bytes,
         heartbeat=config.heartbeat_seconds,
         timeout=config.close_timeout_seconds,
         compress=False,  # PCM does not deflate; compression would only cost CPU

@@ -23,4 +23,6 @@ def authorized(api_key: str | None, headers: Mapping[str, str], query: Mapping[s
     token = presented_token(headers, query)
     if token is None:
         return False
-    return hmac.compare_digest(token.encode("utf-8"), api_key.encode("utf-8"))
+    # Header bytes that are not UTF-8 reach us as lone surrogates (aiohttp decodes with surrogateescape):
+    # "surrogatepass" encodes any str, so such a header is simply a wrong key, not a server error.
+    return hmac.compare_digest(token.encode("utf-8", "surrogatepass"), api_key.encode("utf-8", "surrogatepass"))

@@ -113,9 +113,10 @@ def ready_message(stream_id: str, latency_ms: int, sample_rate: int, model_sampl
     }
 
 
-def error_message(code: str, message: str, fatal: bool = False) -> dict:
-    """`fatal`: the server closes the stream after this message."""
-    return {"type": "error", "code": code, "message": message, "fatal": fatal}
+def error_message(code: str, message: str, fatal: bool = False, **fields) -> dict:
+    """`fatal`: the server closes the stream after this message. `fields`: the code's own extra fields
+    (`transcribed_until` of `shutting_down` and `closed`)."""
+    return {"type": "error", "code": code, "message": message, "fatal": fatal, **fields}
 
 
 def event_to_message(event: Event, rate: int) -> dict:

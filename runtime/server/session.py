@@ -3,7 +3,8 @@
 Three coroutines per connection:
 - the receive loop (the request handler's own task) pushes audio and acts on control messages; while
   the engine's buffer for the stream is full, `push` waits and the loop stops reading the socket, so
-  TCP backpressure reaches the client instead of server memory growing;
+  TCP backpressure reaches the client instead of server memory growing; meanwhile a timer looks at the
+  socket, so that a client leaving is still noticed (and its slot freed) while its backlog is unread;
 - the pump turns engine events into JSON messages on a bounded outgoing queue;
 - the sender writes that queue to the socket. A client that stops reading blocks the sender, the queue
   fills, and the connection is cut ("slow_consumer"), so memory per connection stays bounded.
@@ -12,6 +13,7 @@ Three coroutines per connection:
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -25,6 +27,9 @@ from .protocol import Close, Flush, ProtocolError, check_audio, encode, error_me
 
 # Close codes by how a stream ends (docs/protocol.md); engine errors map by their code.
 _ENGINE_ERROR_CLOSE = {"internal": WSCloseCode.INTERNAL_ERROR, "closed": WSCloseCode.GOING_AWAY}
+# While a push or flush waits for room in the engine, the receive loop reads nothing, so it cannot see
+# the client leave: the peer's socket is looked at this often instead.
+PEER_CHECK_SECONDS = 0.25
 
 
 class Session:
@@ -56,6 +61,7 @@ class Session:
         self.finals_done.set()
         self.unflushed = 0  # samples received since the last flush (input rate)
         self.received = 0
+        self.final_end = 0  # end of the last final sent (model-rate samples): transcribed up to here
         self.draining = False
         self.end_reason: str | None = None
         self.stream_ended = asyncio.Event()
@@ -65,6 +71,10 @@ class Session:
         self._closer: asyncio.Task | None = None
         self._sender: asyncio.Task | None = None
         self._pump: asyncio.Task | None = None
+        self._engine_wait_since: float | None = None  # a push or flush waiting for the engine since then
+        self._peer_check: asyncio.TimerHandle | None = None
+        self._peer_gone = False
+        self._peer_close: asyncio.Task | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     async def run(self, ready: dict) -> None:
@@ -72,6 +82,7 @@ class Session:
         self._queue(encode(ready))
         self._pump = asyncio.create_task(self._pump_loop())
         self.log.info("stream opened", extra={"sample_rate": self.sample_rate, "latency_ms": self.stream.latency_ms})
+        self._arm_peer_check()
         try:
             await self._receive_loop()
         except Exception:
@@ -82,6 +93,8 @@ class Session:
             await self._teardown()
 
     async def _teardown(self) -> None:
+        if self._peer_check is not None:
+            self._peer_check.cancel()
         await self.stream.close()  # frees the slot at once when the client vanished mid-utterance
         await self._wait(self._pump, self.config.close_timeout_seconds)
         if self._closer is None and not self.ws.closed:
@@ -104,6 +117,50 @@ class Session:
         if not task.done():
             task.cancel()
             await asyncio.wait({task})
+
+    # ---- a client that leaves while the engine is behind ----------------------------------------------
+    async def _into_engine(self, call, *args) -> None:
+        """`call(*args)` (the engine stream's push or flush), marked as waiting for the engine: while it
+        waits for room, the peer check below watches the client instead of the receive loop."""
+        self._engine_wait_since = time.monotonic()
+        try:
+            await call(*args)
+        finally:
+            self._engine_wait_since = None
+
+    def _arm_peer_check(self) -> None:
+        self._peer_check = asyncio.get_running_loop().call_later(PEER_CHECK_SECONDS, self._check_peer)
+
+    def _check_peer(self) -> None:
+        """A push blocked by backpressure leaves the socket unread, so the client's departure is not seen
+        until its backlog has been read and transcribed (seconds of a slot, for nobody). Look at the
+        socket itself; when the peer is gone, close the engine stream: that frees the slot and ends the
+        waiting push."""
+        since = self._engine_wait_since
+        if since is not None and time.monotonic() - since >= PEER_CHECK_SECONDS and self._peer_left():
+            self._peer_gone = True
+            self.end_reason = self.end_reason or "client_gone"
+            self.log.info("client left while its audio waited for the engine: closing the stream")
+            self._peer_close = asyncio.ensure_future(self.stream.close())
+            return
+        self._arm_peer_check()
+
+    def _peer_left(self) -> bool:
+        """True once the connection is over: the transport closed (a failed write, an abort), or the
+        socket reports a reset or a close in both directions. Not a mere FIN (a half-close): the audio
+        before it is still to be read, and the client may still be listening."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return True
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), 0)  # POLLERR and POLLHUP are reported whatever is asked
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # the socket was closed under us
+            return True
 
     # ---- receiving -----------------------------------------------------------------------------------
     async def _receive_loop(self) -> None:
@@ -148,12 +205,18 @@ class Session:
             if self.draining:
                 if not self._told_draining:  # dropped audio is reported, never silent
                     self._told_draining = True
-                    self._error("shutting_down", "the server is shutting down: audio after the shutdown began is not transcribed")
+                    # Under the lock, no push is in flight: `received` is where the drain's final ends.
+                    until = self.received / self.sample_rate
+                    self._error(
+                        "shutting_down",
+                        f"the server is shutting down: this stream is transcribed up to {until:.3f} s; audio after that is not",
+                        transcribed_until=until,
+                    )
                 return True
             try:
-                await self.stream.push(data)
+                await self._into_engine(self.stream.push, data)
             except StreamError as exc:
-                if self.stream_ended.is_set() or self._closer is not None:
+                if self.stream_ended.is_set() or self._closer is not None or self._peer_gone:
                     return False  # the stream is already ending; whoever ended it reports why
                 await self._fail("overloaded", str(exc), WSCloseCode.TRY_AGAIN_LATER)
                 return False
@@ -168,9 +231,9 @@ class Session:
             self.pending_flushes.append(time.monotonic())
             self.finals_done.clear()
             try:
-                await self.stream.flush()
+                await self._into_engine(self.stream.flush)
             except StreamError as exc:
-                if self.stream_ended.is_set() or self._closer is not None:
+                if self.stream_ended.is_set() or self._closer is not None or self._peer_gone:
                     return False
                 await self._fail("overloaded", str(exc), WSCloseCode.TRY_AGAIN_LATER)
                 return False
@@ -203,7 +266,17 @@ class Session:
         except asyncio.TimeoutError:
             self.log.warning("shutdown: drain timeout reached before the stream's finals")
         self.end_reason = self.end_reason or "shutdown"
-        await self._end_stream(Error("closed", "the server is shutting down"))
+        await self._end_stream()
+        if self._engine_error is None:
+            # Where transcription ends, exactly: audio still in transit when the shutdown began (in socket
+            # buffers behind backpressure, or sent since) is not transcribed, and only the client knows how
+            # much it sent. The field lets it compare; the message says it to a person.
+            until = self.final_end / self.model_rate
+            self._error(
+                "closed",
+                f"the server is shutting down; this stream is transcribed up to {until:.3f} s (the end of its last final), audio after that is not",
+                fatal=True, transcribed_until=until,
+            )
         self._start_close("shutdown", WSCloseCode.GOING_AWAY, drain=True)
         await self._wait(self._closer, 2 * self.config.close_timeout_seconds + 1)
 
@@ -225,6 +298,7 @@ class Session:
     async def _pump_loop(self) -> None:
         async for event in self.stream:
             if isinstance(event, Final):
+                self.final_end = event.end
                 if self.pending_flushes:
                     self.metrics.final_seconds.observe(time.monotonic() - self.pending_flushes.pop(0))
                 if not self.pending_flushes:
@@ -242,9 +316,9 @@ class Session:
             self.log.warning("engine ended the stream: %s", self._engine_error.message)
             self._start_close(self._engine_error.code, _ENGINE_ERROR_CLOSE.get(self._engine_error.code, WSCloseCode.INTERNAL_ERROR), drain=True)
 
-    def _error(self, code: str, message: str, fatal: bool = False) -> None:
+    def _error(self, code: str, message: str, fatal: bool = False, **fields) -> None:
         self.metrics.errors.labels(code).inc()
-        self._queue(encode(error_message(code, message, fatal)))
+        self._queue(encode(error_message(code, message, fatal, **fields)))
 
     def _queue(self, text: str) -> None:
         if self._slow:

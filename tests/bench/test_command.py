@@ -1,6 +1,11 @@
-"""The search for the most streams sustained in real time, against a fake system with a known edge."""
+"""`monosemantic bench`: the search for the most streams sustained in real time (against a fake system
+with a known edge), and its command line's refusal of arguments no run can use."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +59,58 @@ def test_interleaved_searches_take_turns_and_find_each_edge():
     # Turns: while both searches run, no system runs twice in a row.
     both = 2 * min(len(r) for r in results.values())
     assert order[:both] == ["engine", "nemo"] * (both // 2)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(checkpoint, *args: str) -> subprocess.CompletedProcess:
+    # A short, small run first, so that arguments the command failed to refuse finish fast (or, for an
+    # infinite --seconds, hang into the timeout) rather than run the default bench.
+    return subprocess.run(
+        [sys.executable, "-m", "monosemantic", "bench", "--model", str(checkpoint), "--device", "cpu",
+         "--seconds", "1", "--streams", "1", "--no-vad", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(nemo_checkpoint):
+    return nemo_checkpoint("nemotron_rnnt")
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--seconds", "inf"], "--seconds"),  # built its workload forever, memory growing
+        (["--seconds", "nan"], "--seconds"),
+        (["--seconds", "0"], "--seconds"),
+        (["--seconds", "-3"], "--seconds"),
+        (["--seconds", "7200"], "--seconds"),
+        (["--streams", "0"], "--streams"),
+        (["--streams", "4", "-2"], "--streams"),
+        (["--find-max", "--streams", "0"], "--streams"),
+        (["--streams", "9", "--max-streams", "8"], "--streams"),
+        (["--max-streams", "0"], "--max-streams"),
+        (["--frame-ms", "0"], "--frame-ms"),
+        (["--frame-ms", "-20"], "--frame-ms"),
+        (["--latency-ms", "0"], "--latency-ms"),  # silently ran the default mode
+        (["--latency-ms", "-160"], "--latency-ms"),
+        (["--batch-wait-ms", "nan"], "--batch-wait-ms"),
+        (["--json", "/nonexistent_dir/out.json"], "--json /nonexistent_dir/out.json"),
+    ],
+)
+def test_bad_arguments_get_one_line_errors_before_any_run(checkpoint, args, needle):
+    done = run_bench(checkpoint, *args)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stdout == ""  # refused before the model loaded: nothing ran
+
+
+def test_json_that_is_a_directory_is_refused_and_a_good_path_is_written(checkpoint, tmp_path):
+    refused = run_bench(checkpoint, "--json", str(tmp_path))
+    assert refused.returncode != 0 and f"--json {tmp_path}: is a directory" in refused.stderr
+    out = tmp_path / "bench.json"
+    done = run_bench(checkpoint, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"runs"' in out.read_text() and "streams=1" in done.stdout

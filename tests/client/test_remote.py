@@ -4,19 +4,25 @@ adapters can map to retryable errors, and the load test end to end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from aiohttp import web
 
 import monosemantic.event_queue as event_queue
-from monosemantic import AudioError, Error, Final, SpeechEnded, SpeechStarted, StreamError, Usage
+from monosemantic import AudioError, Engine, Error, Final, SpeechEnded, SpeechStarted, StreamError, Usage
 from monosemantic.client import ConnectionLostError, RemoteEngine, ServerRejectedError, ServerUnreachableError
 from monosemantic.client.loadtest import LoadtestConfig, run_loadtest, summarize
 
 from _support.server import RunningServer
 
 pytestmark = pytest.mark.timeout(240)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +210,106 @@ def test_loadtest_bounds(server):
         LoadtestConfig(url=server.http, streams=5000)
     with pytest.raises(ValueError, match="duration"):
         LoadtestConfig(url=server.http, duration_s=1e6)
+
+
+def test_loadtest_refuses_an_unwritable_json_path_before_running(tmp_path):
+    """A --json path that cannot be written is one line of error at once, not a traceback after the run
+    (the unreachable URL would make the run itself fail quickly, and then the write)."""
+    for path in (tmp_path / "no_such_dir" / "load.json", tmp_path):
+        done = subprocess.run(
+            [sys.executable, "-m", "monosemantic", "loadtest", "--url", "ws://127.0.0.1:9", "--streams", "1",
+             "--duration", "1", "--json", str(path)],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and f"--json {path}" in done.stderr
+        assert done.stdout == ""  # refused before the run
+    assert list(tmp_path.iterdir()) == []
+
+
+@contextlib.asynccontextmanager
+async def fake_server(handler):
+    """A WebSocket endpoint at /v1/stream run by `handler` on loopback: for the server misbehaviours a
+    real `monosemantic serve` does not commit on purpose (silence, a cut right after `close`)."""
+    app = web.Application()
+    app.router.add_get("/v1/stream", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"ws://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+READY = {"type": "ready", "protocol": 1, "stream_id": "x", "latency_ms": 160, "sample_rate": 16000,
+         "model_sample_rate": 16000, "latency_modes": [160]}
+
+
+def test_a_server_that_upgrades_but_never_says_ready_is_a_typed_error():
+    async def silent(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await asyncio.sleep(20)
+        return ws
+
+    async def main():
+        async with fake_server(silent) as url:
+            async with RemoteEngine(url, connect_timeout=1.0) as engine:
+                with pytest.raises(ConnectionLostError) as err:
+                    await engine.open_stream()
+                return err.value
+
+    err = asyncio.run(asyncio.wait_for(main(), 30))
+    assert isinstance(err, StreamError) and err.retryable and "no ready message within 1 s" in str(err)
+
+
+def test_a_connection_lost_after_close_with_a_final_owed_raises():
+    """close() after flush() still waits for the Final (the server drains it); a connection lost before
+    it arrives loses that utterance, and the iterator must say so as without close()."""
+    async def cut_after_close(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(READY)
+        async for msg in ws:
+            if msg.type is web.WSMsgType.TEXT and msg.json()["type"] == "close":
+                request.transport.abort()  # gone before the final of the flush before it
+                break
+        return ws
+
+    async def close_and_lose(url, flush: bool):
+        async with RemoteEngine(url) as engine:
+            stream = await engine.open_stream()
+            await stream.push(np.zeros(1600, np.float32))
+            if flush:
+                await stream.flush()
+            await stream.close()
+            try:
+                return [e async for e in stream]
+            except ConnectionLostError as exc:
+                return exc
+
+    async def main():
+        async with fake_server(cut_after_close) as url:
+            return await close_and_lose(url, flush=True), await close_and_lose(url, flush=False)
+
+    owed, not_owed = asyncio.run(asyncio.wait_for(main(), 30))
+    assert isinstance(owed, ConnectionLostError) and owed.code is None and owed.retryable
+    assert not_owed == []  # nothing was owed: a connection ending after close() is the expected end
+
+
+@pytest.mark.parametrize("rate", [16000.7, 16000.0, 0, -16000, 999, 384_001, True, "16000"])
+def test_sample_rates_are_checked_as_the_local_engine_checks_them(server, model, rate):
+    async def main():
+        async with Engine(model) as local:
+            with pytest.raises(AudioError) as local_err:
+                await local.open_stream(sample_rate=rate)
+        async with RemoteEngine(server.http) as remote:
+            with pytest.raises(AudioError) as remote_err:
+                await remote.open_stream(sample_rate=rate)
+        return local_err.value, remote_err.value
+
+    local_err, remote_err = asyncio.run(main())
+    assert str(remote_err) == str(local_err)
+    assert server.wait_until(lambda: server.open_streams() == 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import aiohttp
 import pytest
@@ -173,6 +174,22 @@ def test_capacity_is_refused_before_the_upgrade_with_a_reason(model, audio_clips
         assert running.metric('monosemantic_rejected_connections_total{reason="capacity"}') == 2
 
 
+def _raw_upgrade(port: int, header: bytes) -> bytes:
+    """The response head to an upgrade request carrying `header` verbatim (any bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + header + b"\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        return head
+
+
 async def _until_final(stream):
     async for event in stream:
         yield event
@@ -215,6 +232,10 @@ def test_api_key_header_and_query_token(model):
         results, err = asyncio.run(main(running))
         status, body = running.get("/v1/stream", upgrade=True)
         assert status == 401 and json.loads(body)["error"] == "unauthorized"
-        assert running.metric('monosemantic_rejected_connections_total{reason="unauthorized"}') == 4 + 1 + 1
+        # Header bytes that are not UTF-8 (no client library sends them; a raw socket can) are a wrong key too.
+        for raw_key in (b"\xe9", b"caf\xc3\xa9", b"s3cret-key\xff"):
+            head = _raw_upgrade(running.port, b"Authorization: Bearer " + raw_key)
+            assert head.startswith(b"HTTP/1.1 401") and b"X-Monosemantic-Error: unauthorized" in head, head
+        assert running.metric('monosemantic_rejected_connections_total{reason="unauthorized"}') == 4 + 1 + 1 + 3
     assert results == {"none": 401, "wrong header": 401, "wrong scheme": 401, "wrong query": 401, "header": "ready", "query": "ready"}
     assert err.status == 401 and not err.retryable

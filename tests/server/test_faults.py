@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
+import threading
 import time
 
 import aiohttp
@@ -107,20 +110,64 @@ def test_malformed_messages_get_errors_and_the_stream_stays_exact(server, model,
     assert final["text"] == model.transcribe(audio, latency_ms=LATENCY).text and final["end"] * 16000 == len(audio)
 
 
-def test_an_oversized_frame_closes_with_1009(server, model, audio_clips):
+def test_a_frame_of_the_limit_is_taken_and_a_larger_one_closes_with_1009(server, model, audio_clips):
+    """--max-frame-bytes is the largest message accepted, itself included (RemoteStream sends 64 KiB
+    frames); one byte pair more closes with 1009 and the error code as the close reason."""
+    limit = server.config.max_frame_bytes
+
     async def main():
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(server.ws) as ws:
                 await ws.receive(timeout=10)
-                await ws.send_bytes(b"\x00" * (64 * 1024 + 2))
-                msg = await ws.receive(timeout=10)
-                return msg.type, ws.close_code
+                await ws.send_bytes(b"\x00" * limit)
+                await ws.send_json({"type": "flush"})
+                final = (await receive_until(ws, "final"))[-1]
+                await ws.send_bytes(b"\x00" * (limit + 2))
+                while (msg := await ws.receive(timeout=10)).type is aiohttp.WSMsgType.TEXT:
+                    pass  # the usage/speech messages of the first frame
+                return final, msg, ws.close_code
 
-    kind, code = asyncio.run(main())
-    assert kind in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and code == 1009
+    final, msg, code = asyncio.run(main())
+    assert final["end"] * 16000 == limit // 2
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and code == 1009
+    assert msg.extra == "message_too_large"
     assert server.wait_until(lambda: server.open_streams() == 0)
     assert server.metric('monosemantic_streams_closed_total{reason="message_too_large"}') == 1
     check_still_serves(server, model, audio_clips["jfk.wav"])
+
+
+def test_a_client_leaving_while_its_audio_waits_for_the_engine_frees_its_slot_at_once(model, audio_clips):
+    """The engine stalls (a tick hook that blocks), so the client's audio backs up: the stream's buffer
+    fills, the push waits, the socket is no longer read. The client then vanishes (RST). Without looking
+    at the socket itself, the server would notice only once the backlog was read, i.e. after the stall
+    or the push timeout; it must close the engine stream (free the slot) promptly."""
+    speech = pcm16(np.concatenate(list(audio_clips.values())))
+    stall = threading.Event()
+
+    def stall_engine(plan, elapsed) -> None:  # engine thread, outside the core's lock
+        stall.wait(60)
+
+    with RunningServer(model, max_streams=1, max_buffered_seconds=1.0, push_timeout_seconds=120.0) as running:
+        running.state.engine.core.add_tick_hook(stall_engine)
+        try:
+            client = RawClient(running.port, f"latency_ms={LATENCY}", timeout=0.5)
+            deadline = time.monotonic() + 30
+            try:
+                while time.monotonic() < deadline:
+                    for i in range(0, len(speech), 32000):
+                        client.send(speech[i : i + 32000])
+            except socket.timeout:
+                pass  # nothing read any more: the kernel's buffers are full
+            assert running.wait_until(lambda: running.open_streams() == 1)
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # RST: gone, with seconds of its audio still unread in the server's socket
+            assert running.wait_until(lambda: running.open_streams() == 0, timeout=5)
+            assert running.wait_until(lambda: running.state.open_streams == 0, timeout=5)  # the session ended too
+        finally:
+            stall.set()
+            running.state.engine.core.remove_tick_hook(stall_engine)
+        assert running.metric('monosemantic_streams_closed_total{reason="client_gone"}') == 1
+        check_still_serves(running, model, audio_clips["jfk.wav"])
 
 
 def test_an_idle_connection_is_closed_with_a_reason(server):

@@ -1,5 +1,7 @@
-"""SIGTERM on a real `python -m monosemantic serve` process: the open stream still receives the final
-of all the audio it sent, then a close; the process exits 0."""
+"""Shutdown: on SIGTERM a real `python -m monosemantic serve` process still sends the open stream the
+final of all the audio it sent, then a close, and exits 0; audio that does not make it into the drain's
+final (in transit behind backpressure, or sent during the drain) is reported exactly, never lost in
+silence."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 
-from _support.server import send_audio
+from _support.server import RunningServer, pcm16, send_audio
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +60,73 @@ def test_sigterm_mid_stream_delivers_the_final_and_exits_0(nemo_checkpoint, ms_m
             proc.kill()
     finals = [m for m in messages if m["type"] == "final"]
     assert len(finals) == 1 and finals[0]["text"] == want and finals[0]["end"] * 16000 == len(sent)
-    assert messages[-1] == {"type": "error", "code": "closed", "message": "the server is shutting down", "fatal": True}
+    closed = messages[-1]
+    assert closed["type"] == "error" and closed["code"] == "closed" and closed["fatal"] is True
+    assert closed["transcribed_until"] * 16000 == len(sent)  # all of it: the client sent nothing after SIGTERM
+    assert "shutting down" in closed["message"] and f"{len(sent) / 16000:.3f} s" in closed["message"]
+    assert not [m for m in messages if m["type"] == "error" and m["code"] == "shutting_down"]  # nothing was dropped
     assert code == 1001
     logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
     assert any(entry.get("stream_id") and entry["message"] == "stream closed" and entry["reason"] == "shutdown" for entry in logs)
+
+
+def test_audio_behind_backpressure_at_shutdown_is_reported_exactly(ms_model, audio_clips):
+    """A client far ahead of the engine (its audio waits in socket buffers while the server applies
+    backpressure) when the shutdown begins: the drain's final covers what the server had read, and the
+    client is told exactly where transcription ends (`transcribed_until`, also in the messages), so the
+    audio it sent beyond that is reported, not lost in silence."""
+    model = ms_model("nemotron_rnnt")
+    speech = pcm16(np.concatenate(list(audio_clips.values())))
+    stall = threading.Event()
+
+    def stall_engine(plan, elapsed) -> None:  # engine thread, outside the core's lock: the engine falls behind
+        stall.wait(60)
+
+    running = RunningServer(model, max_streams=1, max_buffered_seconds=1.0).__enter__()
+    try:
+        running.state.engine.core.add_tick_hook(stall_engine)
+
+        async def main():
+            sent = 0
+
+            async def sender(ws):
+                nonlocal sent
+                while True:
+                    for i in range(0, len(speech), 32000):
+                        await ws.send_bytes(speech[i : i + 32000])  # waits while TCP pushes back
+                        sent += len(speech[i : i + 32000]) // 2
+
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(f"{running.ws}?latency_ms=160") as ws:
+                    await ws.receive(timeout=10)
+                    sending = asyncio.create_task(sender(ws))
+                    while running.metric("monosemantic_audio_received_seconds_total") < 1.0:
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(1.0)  # the push waits; the socket buffers fill
+                    sending.cancel()  # between frames: a frame is written whole before send_bytes waits
+                    await asyncio.gather(sending, return_exceptions=True)
+                    sent_before = sent
+                    shutdown = asyncio.create_task(asyncio.to_thread(running.__exit__, None, None, None))
+                    await asyncio.sleep(0.5)
+                    stall.set()  # the drain needs the engine for its final
+                    messages = []
+                    while (msg := await ws.receive(timeout=60)).type is aiohttp.WSMsgType.TEXT:
+                        messages.append(json.loads(msg.data))
+                    await shutdown
+                    return sent_before, messages, ws.close_code
+
+        sent_before, messages, code = asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        stall.set()
+        running.__exit__(None, None, None)
+    finals = [m for m in messages if m["type"] == "final"]
+    dropped = [m for m in messages if m["type"] == "error" and m["code"] == "shutting_down"]
+    closed = messages[-1]
+    assert code == 1001 and closed["code"] == "closed" and closed["fatal"] is True
+    assert len(finals) == 1 and finals[0]["start"] == 0
+    until = finals[0]["end"]
+    # the audio sent before the shutdown that the final does not cover is reported, with where it begins
+    assert sent_before / 16000 > until
+    assert closed["transcribed_until"] == until and f"{until:.3f} s" in closed["message"]
+    assert len(dropped) == 1 and dropped[0]["fatal"] is False and dropped[0]["transcribed_until"] == until
+    assert f"{until:.3f} s" in dropped[0]["message"] and "shutdown began" not in dropped[0]["message"]
