@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 import numpy as np
 from livekit import rtc
-from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr, stt
+from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, APIError, NotGivenOr, stt
 from livekit.agents.utils import is_given
 
 import monosemantic
@@ -43,6 +43,14 @@ def frame_pcm(frame: rtc.AudioFrame) -> np.ndarray:
     return pcm
 
 
+def mono_frame(frame: rtc.AudioFrame) -> rtc.AudioFrame:
+    """The frame with its channels averaged into one (the frame itself when it is mono)."""
+    if frame.num_channels <= 1:
+        return frame
+    pcm = frame_pcm(frame)
+    return rtc.AudioFrame(pcm.tobytes(), frame.sample_rate, 1, len(pcm))
+
+
 class SpeechStream(stt.RecognizeStream):
     def __init__(
         self,
@@ -62,6 +70,7 @@ class SpeechStream(stt.RecognizeStream):
         self._engine: EngineLike | None = None
         self._latency: int | None = None  # latency mode of the open engine stream
         self._reopen_requested = False
+        self._reopen_when_idle = True  # a requested reopen may force a flush at an idle moment
         self._held: list | None = None  # frames / flush reasons kept back while the engine stream changes
         self._tracker: TurnTracker | None = None
         self._settled = asyncio.Event()  # every flush so far has its Final
@@ -70,6 +79,19 @@ class SpeechStream(stt.RecognizeStream):
         self._first_push = True
 
     # ---- public -----------------------------------------------------------------------------------------
+    def push_frame(self, frame: rtc.AudioFrame) -> None:
+        """As the base class, with the channels mixed down first: its resampler (used for every rate but
+        16 kHz) takes one channel, and read a stereo frame's interleaved samples as mono audio of twice
+        the length."""
+        super().push_frame(mono_frame(frame))
+
+    def check_latency(self, latency_ms: int) -> None:
+        """ValueError now, naming the modes, if the stream's engine is local and its model lacks this
+        latency mode (a remote engine's modes are known only when a stream opens)."""
+        model = getattr(self._engine, "model", None)
+        if model is not None:
+            model.context_for(latency_ms)
+
     def update_options(
         self,
         *,
@@ -78,7 +100,10 @@ class SpeechStream(stt.RecognizeStream):
         interim_results: NotGivenOr[bool] = NOT_GIVEN,
     ) -> None:
         """Apply new options to this live stream. language and interim_results apply to the next event;
-        a latency change applies at the next utterance boundary, where the engine stream is reopened."""
+        a latency change applies at the next utterance boundary, where the engine stream is reopened
+        (a mode the local model lacks is a ValueError here, changing nothing)."""
+        if is_given(latency_ms):
+            self.check_latency(latency_ms)
         if is_given(language):
             self._opts.language = language
             if self._tracker is not None:
@@ -90,6 +115,7 @@ class SpeechStream(stt.RecognizeStream):
         if is_given(latency_ms):
             self._opts.latency_ms = latency_ms
             self._reopen_requested = self._latency is not None and latency_ms != self._latency
+            self._reopen_when_idle = True
 
     async def aclose(self) -> None:
         """Close now: audio whose FINAL_TRANSCRIPT has not come may be lost (a local engine drops it at
@@ -139,7 +165,7 @@ class SpeechStream(stt.RecognizeStream):
             es = await self._engine.open_stream(latency_ms=latency, sample_rate=SAMPLE_RATE)
         except Exception as exc:
             raise as_api_error(exc, "opening a recognition stream failed") from exc
-        self._latency, self._reopen_requested = latency, False
+        self._latency, self._reopen_requested, self._reopen_when_idle = latency, False, True
         return es
 
     def _send(self, event: stt.SpeechEvent) -> None:
@@ -154,7 +180,10 @@ class SpeechStream(stt.RecognizeStream):
                     await self._flush("framework")
                 else:
                     await self._push(frame_pcm(item))
-                if self._reopen_requested and self._held is None and self._tracker.idle and self._tracker.pushed:
+                if (
+                    self._reopen_requested and self._reopen_when_idle and self._held is None
+                    and self._tracker.idle and self._tracker.pushed
+                ):
                     await self._flush("internal")  # an idle moment: let the latency change happen now
             # end_input(): the base class flushed before closing the input; wait for those Finals
             while not self._aclosing and (self._tracker.pending or self._held is not None):
@@ -227,8 +256,8 @@ class SpeechStream(stt.RecognizeStream):
             if self._reopen_requested and self._tracker.idle:
                 try:
                     new = await self._open()  # before closing the old one: a failure loses nothing
-                except Exception as exc:
-                    logger.warning("latency change postponed: %s", exc)
+                except APIError as exc:
+                    self._reopen_failed(exc)
                 else:
                     tracker = self._tracker
                     tracker.clock.base += tracker.pushed
@@ -241,3 +270,18 @@ class SpeechStream(stt.RecognizeStream):
                 else:
                     await self._es.push(item)
                     self._tracker.pushed += len(item)
+
+    def _reopen_failed(self, error: APIError) -> None:
+        """The engine stream could not be reopened with the new latency; the old one goes on. A lasting
+        refusal (a mode the model lacks, on a remote engine) drops the change; a passing one (a full
+        engine) leaves it for the next natural boundary, without the internal flushes that would
+        otherwise cut every utterance at its idle moments meanwhile. Either way the session hears of it
+        as a recoverable error: this stream keeps transcribing at its old latency."""
+        if error.retryable:
+            logger.warning("latency change postponed to the next utterance boundary: %s", error)
+            self._reopen_when_idle = False
+        else:
+            logger.warning("latency change dropped, the stream stays at %s ms: %s", self._latency, error)
+            self._reopen_requested = False
+            self._opts.latency_ms = self._latency
+        self._emit_error(error, recoverable=True)

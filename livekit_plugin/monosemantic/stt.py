@@ -144,6 +144,9 @@ class STT(stt.STT):
         if is_given(interim_results):
             opts.interim_results = interim_results
         opts.validate()
+        if is_given(latency_ms):
+            for stream in self._streams:  # all checked before any changes: a refusal changes nothing
+                stream.check_latency(latency_ms)
         self._opts = opts
         for stream in self._streams:
             stream.update_options(latency_ms=latency_ms, language=language, interim_results=interim_results)

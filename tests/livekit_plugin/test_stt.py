@@ -254,6 +254,107 @@ def test_latency_change_reopens_the_engine_stream_at_a_boundary(checkpoint, ms_m
     lk.check_invariants(events, (len(a) + len(b)) / 16000)
 
 
+def test_a_latency_mode_the_model_lacks_is_refused_on_a_live_stream(checkpoint, audio_clips, lk):
+    """update_options used to accept it; the stream then failed to reopen at every idle moment, each
+    time flushing, and cut its utterances apart without telling anyone."""
+    audio = audio_clips["jfk.wav"]
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        stream = stt.stream()
+        events = []
+        reader = lk.start_reader(stream, events)
+        await lk.feed(stream, audio[:16000])
+        await lk.wait_for(lambda: stream._engine is not None)  # the mode can be checked once it is loaded
+        with pytest.raises(ValueError, match="123"):
+            stt.update_options(latency_ms=123)
+        with pytest.raises(ValueError, match="123"):
+            stream.update_options(latency_ms=123)
+        assert stt._opts.latency_ms == 160 and stream._opts.latency_ms == 160 and not stream._reopen_requested
+        await lk.feed(stream, audio[16000:])
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return events
+
+    events = asyncio.run(main())
+    assert len(finals(events)) == 1
+
+
+def test_a_refused_reopen_keeps_the_stream_whole_and_is_reported(checkpoint, ms_model, audio_clips, lk):
+    """Where the mode cannot be checked up front (a remote engine), the refusal comes when the engine
+    stream is reopened: the change is dropped, reported as a recoverable error, and the audio goes on
+    in the old stream, not split at every idle moment by retried reopens."""
+    a, b = audio_clips["jfk.wav"], audio_clips["61-70968-0000.flac"]
+    model = ms_model("nemotron_rnnt")
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        errors = []
+        stt.on("error", errors.append)
+        stream = stt.stream()
+        stream.check_latency = lambda latency_ms: None  # as for a remote engine: known only at open
+        events = []
+        reader = lk.start_reader(stream, events)
+        await lk.feed(stream, a)
+        stream.flush()
+        stt.update_options(latency_ms=123)
+        await lk.feed(stream, b)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return events, errors, stream
+
+    events, errors, stream = asyncio.run(main())
+    first, second = finals(events)
+    assert first.text == model.transcribe(a, latency_ms=160).text
+    assert second.text == model.transcribe(b, latency_ms=160).text
+    assert stream._latency == 160 and not stream._reopen_requested
+    assert len(errors) == 1 and errors[0].recoverable
+    assert isinstance(errors[0].error, APIStatusError) and errors[0].error.status_code == 400
+
+
+def test_stereo_frames_at_48k_are_mixed_down_before_resampling(checkpoint, audio_clips, lk):
+    """LiveKit's resampler takes one channel: stereo frames at any rate but 16 kHz used to reach the
+    engine as mono audio of twice the length. (The texts are not compared: LiveKit's resampler output
+    differs by a sample value or two from run to run, which the tiny random model's text follows.)"""
+    from livekit import rtc
+
+    audio = audio_clips["jfk.wav"]
+
+    def stereo(frames):
+        for frame in frames:
+            pcm = np.frombuffer(frame.data, dtype=np.int16)
+            both = np.repeat(pcm, 2)  # interleaved left/right, equal channels
+            yield rtc.AudioFrame(both.tobytes(), frame.sample_rate, 2, len(pcm))
+
+    async def run(make):
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        stream = stt.stream()
+        pushed, push = [], stream._push
+
+        async def recording(pcm):  # what reaches the engine
+            pushed.append(np.array(pcm))
+            await push(pcm)
+
+        stream._push = recording
+        events = []
+        reader = lk.start_reader(stream, events)
+        for i, frame in enumerate(make(lk.frames(audio, 48000))):
+            stream.push_frame(frame)
+            if i % 5 == 4:
+                await asyncio.sleep(0.005)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        usage = sum(e.recognition_usage.audio_duration for e in of_type(events, T.RECOGNITION_USAGE))
+        return finals(events), np.concatenate(pushed).astype(np.int32), usage
+
+    [mono], mono_pcm, _ = asyncio.run(run(lambda frames: frames))
+    [both], both_pcm, usage = asyncio.run(run(stereo))
+    assert len(both_pcm) == len(mono_pcm) == len(audio)
+    assert np.abs(both_pcm - mono_pcm).max() <= 4  # the same audio, up to the resampler's dither
+    assert both.end_time == pytest.approx(len(audio) / 16000, abs=0.03) and both.text
+    assert usage == pytest.approx(len(audio) / 16000, abs=1e-6)
+
+
 def test_bad_options_are_clear_errors(checkpoint):
     with pytest.raises(ValueError, match="latency_ms"):
         lk_monosemantic.STT(model=checkpoint, latency_ms=0)
