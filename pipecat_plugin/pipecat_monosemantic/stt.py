@@ -12,6 +12,7 @@ that transcript).
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import time
 from collections.abc import AsyncGenerator
@@ -22,6 +23,7 @@ from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
     Frame,
+    InputAudioRawFrame,
     InterimTranscriptionFrame,
     StartFrame,
     TranscriptionFrame,
@@ -38,6 +40,7 @@ from pipecat.utils.tracing.service_decorators import traced_stt
 from monosemantic.errors import AudioError, MissingDependencyError, ModelLoadError, StreamError
 from monosemantic.events import Error, Final, Partial
 
+from .audio import FrameAudio
 from .backend import EngineLike, local_engine, remote_engine
 from .session import StreamSession
 from .settings import MonosemanticSTTSettings
@@ -92,8 +95,11 @@ class MonosemanticSTTService(STTService):
             device: "auto" (CUDA if available), "cuda", "cuda:N" or "cpu".
             dtype: "auto", "float32", "bfloat16" or "float16".
             engine_config: `monosemantic.EngineConfig` for the shared engine (None: its defaults).
-                Services with different configurations get different engines.
-            sample_rate: Input sample rate; None uses the pipeline's. The engine resamples to 16 kHz.
+                Services with different configurations get different engines. Anything else is a
+                TypeError here.
+            sample_rate: The engine stream's sample rate; None uses the pipeline's input rate. The engine
+                resamples to 16 kHz. Audio frames at another rate are resampled to this one, and frames
+                of several channels are downmixed to mono (the average of the channels).
             stop_timeout: On EndFrame, how long to wait for the transcript of audio still in flight.
             settings: Runtime-updatable settings; unset fields keep their defaults.
             ttfs_p99_latency: P99 seconds from end of speech to final transcript, for turn strategies.
@@ -104,9 +110,13 @@ class MonosemanticSTTService(STTService):
             api_key: The server's API key (default: the MONOSEMANTIC_API_KEY environment variable).
             **kwargs: Passed to `STTService`.
         """
-        if model is None:
-            import monosemantic
+        import monosemantic
 
+        # Checked here: the engine is only built when the pipeline starts, where a wrong type would
+        # surface as an unrelated error on every reopen, or an empty dict pass for the default.
+        if engine_config is not None and not isinstance(engine_config, monosemantic.EngineConfig):
+            raise TypeError(f"engine_config must be a monosemantic.EngineConfig, got {type(engine_config).__name__}")
+        if model is None:
             model = monosemantic.DEFAULT_MODEL
         defaults = self.Settings(
             model=os.fspath(model),
@@ -129,6 +139,7 @@ class MonosemanticSTTService(STTService):
         self._in_utterance = False  # between VADUserStartedSpeaking and VADUserStoppedSpeaking
         self._retry_at = 0.0
         self._aborted = False  # cancelled: push nothing more
+        self._frame_audio: FrameAudio | None = None  # set at start, when the stream's rate is known
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -144,6 +155,7 @@ class MonosemanticSTTService(STTService):
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self, frame: StartFrame):
         await super().start(frame)
+        self._frame_audio = FrameAudio(self.sample_rate)
         self._aborted = False
         self._retry_at = 0.0
         async with self._lock:
@@ -166,6 +178,38 @@ class MonosemanticSTTService(STTService):
             await self._remote.aclose()
 
     # ---- audio in --------------------------------------------------------------------------------
+    async def process_audio_frame(self, frame: InputAudioRawFrame, direction: FrameDirection):
+        """Bring the frame to mono at the stream's rate before the base class records its usage and hands
+        its bytes to `run_stt` (which sees bytes only, not the frame's format)."""
+        # Frames the base class drops (muted, unusable) must not feed the resampler: a few ms of them would
+        # come out ahead of the next audio it passes on.
+        if frame.audio and self._frame_audio is not None and not self.is_muted and self.is_usable:
+            try:
+                audio = self._frame_audio.convert(frame.audio, frame.sample_rate, frame.num_channels)
+            except AudioError as e:
+                await self.push_error(f"audio frame rejected, not transcribed: {e}", exception=e)
+                return
+            if not audio:
+                return  # all of it held in the resampler's lookahead for now; it goes with the next frames
+            if audio is not frame.audio:
+                # A copy: the original frame may also travel on downstream (audio passthrough) unchanged.
+                frame = copy.copy(frame)
+                frame.audio, frame.sample_rate, frame.num_channels = audio, self.sample_rate, 1
+                frame.num_frames = len(audio) // 2
+        await super().process_audio_frame(frame, direction)
+
+    async def _push_held_audio(self) -> None:
+        """Push the audio the resampler still holds: a flush must cover every sample received before it."""
+        tail = self._frame_audio.flush() if self._frame_audio is not None else b""
+        session = self._session
+        if not tail or session is None or session.closed:
+            return  # no stream took the frames before it either; their loss was reported then
+        self._record_stt_audio_usage(tail)
+        try:
+            await session.push(tail)
+        except (AudioError, StreamError) as e:
+            await self.push_error(f"the end of the utterance was not transcribed: {e}", exception=e)
+
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
         """Push the audio to the engine stream; transcripts arrive from the stream's event task."""
         async with self._lock:
@@ -192,6 +236,7 @@ class MonosemanticSTTService(STTService):
     async def _finalize(self) -> None:
         """End the utterance: flush the stream (or hand over to a new one if settings changed)."""
         async with self._lock:
+            await self._push_held_audio()
             session = self._session
             if session is None or not session.unflushed:
                 return  # nothing pushed since the last flush: no transcript is coming
@@ -243,6 +288,7 @@ class MonosemanticSTTService(STTService):
         """Open a stream with the current settings for the next utterance and retire the current one (it
         finishes its utterance first). If the new stream cannot open, the settings go back to the old
         stream's and it carries on."""
+        await self._push_held_audio()  # it belongs to the utterance the old stream finishes
         old = self._session
         try:
             new = await self._open_session(after=old)
@@ -266,6 +312,7 @@ class MonosemanticSTTService(STTService):
     async def _drain(self) -> None:
         """Flush every stream, wait for the Finals owed, close."""
         async with self._lock:
+            await self._push_held_audio()
             self._session = None
             self._retry_at = float("inf")  # no audio after EndFrame; nothing reopens
             for session in list(self._sessions):

@@ -91,15 +91,18 @@ class Harness:
     async def speech_stops(self) -> None:
         await self.worker.queue_frame(VADUserStoppedSpeakingFrame(stop_secs=0.2))
 
-    async def audio(self, pcm: np.ndarray, frame_ms: int = 20, pace: float = 0.0) -> None:
-        """Queue int16 audio in `frame_ms` frames; `pace` > 0 sleeps that fraction of real time per frame."""
-        step = self.sample_rate * frame_ms // 1000
+    async def audio(self, pcm: np.ndarray, frame_ms: int = 20, pace: float = 0.0, rate: int | None = None) -> None:
+        """Queue int16 audio in `frame_ms` frames; `pace` > 0 sleeps that fraction of real time per frame.
+        `pcm` is mono (n,) or interleaved (n, channels); `rate` is the frames' rate (the pipeline's if None)."""
+        rate = rate or self.sample_rate
+        channels = 1 if pcm.ndim == 1 else pcm.shape[1]
+        step = rate * frame_ms // 1000
         for i in range(0, len(pcm), step):
             chunk = pcm[i : i + step]
-            frame = InputAudioRawFrame(audio=chunk.tobytes(), sample_rate=self.sample_rate, num_channels=1)
+            frame = InputAudioRawFrame(audio=chunk.tobytes(), sample_rate=rate, num_channels=channels)
             await self.worker.queue_frame(frame)
             if pace:
-                await asyncio.sleep(pace * len(chunk) / self.sample_rate)
+                await asyncio.sleep(pace * len(chunk) / rate)
 
     async def say(self, pcm: np.ndarray, frame_ms: int = 20, pace: float = 0.0) -> None:
         """Queue one utterance: VAD start, the audio, VAD stop."""

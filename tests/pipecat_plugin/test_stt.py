@@ -21,6 +21,7 @@ from pipecat.metrics.metrics import STTUsageMetricsData, TTFBMetricsData
 
 import monosemantic
 from monosemantic import EngineConfig
+from monosemantic.audio import resample
 from monosemantic.engine.shared import shared_engines
 from pipecat_monosemantic import MonosemanticSTTService
 
@@ -318,3 +319,132 @@ def test_bad_audio_is_an_error_frame_and_the_stream_carries_on(fresh_engines, ha
     (error,) = h.errors()
     assert "odd byte count" in error.error and not error.fatal
     assert [f.text for f in h.finals()] == [model.transcribe(speech[0], latency_ms=160).text]
+
+
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in int16 units -> int16, as a transport delivers them."""
+    return np.round(samples).clip(-32768, 32767).astype(np.int16)
+
+
+def at_rate(pcm: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """int16 audio resampled in one piece (the service resamples in pieces; soxr gives the same samples)."""
+    return pcm16(resample(pcm.astype(np.float32) / 32768.0, from_rate, to_rate) * 32768.0)
+
+
+def usage_seconds(h) -> float:
+    data = [d for m in h.down.of(MetricsFrame) for d in m.data]
+    return sum(d.value.audio_seconds for d in data if isinstance(d, STTUsageMetricsData))
+
+
+def test_multichannel_frames_are_downmixed_to_mono(fresh_engines, harness, ckpt, model, speech):
+    """Interleaved channels are averaged; pushed as they were, they would be heard as audio 2-3x as long."""
+    both = np.repeat(speech[0][:, None], 2, axis=1)  # a mono source on both channels of a stereo track
+    three = np.stack([speech[1], speech[1] // 2, np.zeros_like(speech[1])], axis=1)
+    heard = [speech[0], pcm16(three.astype(np.float32).mean(axis=1))]
+    expected = [model.transcribe(pcm, latency_ms=160).text for pcm in heard]
+
+    async def main():
+        async with harness(service(ckpt), sample_rate=16000) as h:
+            for n, pcm in enumerate([both, three], 1):
+                await h.speech_starts()
+                await h.audio(pcm)
+                await h.speech_stops()
+                await h.wait_for(lambda: len(h.finals()) == n)
+            await h.end()
+            return h
+
+    h = asyncio.run(main())
+    check_utterances(h, expected)
+    assert [f.result.end - f.result.start for f in h.finals()] == [len(pcm) for pcm in heard]
+    assert usage_seconds(h) == pytest.approx(sum(len(pcm) for pcm in heard) / 16000, abs=1e-6)
+
+
+@pytest.mark.parametrize("stream_rate, frame_rate", [(16000, 48000), (24000, 16000)])
+def test_frames_at_another_rate_are_resampled_to_the_stream_rate(
+    fresh_engines, harness, ckpt, model, speech, stream_rate, frame_rate
+):
+    frames = [at_rate(pcm, 16000, frame_rate) for pcm in speech[:2]]
+    heard = [at_rate(pcm, frame_rate, stream_rate) for pcm in frames]  # the same audio, mono at the stream's rate
+    expected = [model.transcribe(pcm, sample_rate=stream_rate, latency_ms=160).text for pcm in heard]
+    assert all(expected)
+
+    async def main():
+        stt = service(ckpt)
+        async with harness(stt, sample_rate=stream_rate) as h:
+            assert stt.sample_rate == stream_rate
+            for n, pcm in enumerate(frames, 1):
+                await h.speech_starts()
+                await h.audio(pcm, rate=frame_rate)
+                await h.speech_stops()
+                await h.wait_for(lambda: len(h.finals()) == n)
+            await h.end()
+            return h
+
+    h = asyncio.run(main())
+    check_utterances(h, expected)
+    assert usage_seconds(h) == pytest.approx(sum(len(pcm) for pcm in heard) / stream_rate, abs=1e-6)
+
+
+def test_a_rate_change_mid_utterance_loses_no_audio(fresh_engines, harness, ckpt, model, speech):
+    """The resampler's lookahead is pushed when the rate changes back, ahead of the next frame's audio."""
+    pcm = speech[1]
+    cut1, cut2 = len(pcm) // 3 // 320 * 320, 2 * len(pcm) // 3 // 320 * 320
+    middle = at_rate(pcm[cut1:cut2], 16000, 48000)
+    heard = np.concatenate([pcm[:cut1], at_rate(middle, 48000, 16000), pcm[cut2:]])
+    expected = model.transcribe(heard, latency_ms=160).text
+
+    async def main():
+        async with harness(service(ckpt), sample_rate=16000) as h:
+            await h.speech_starts()
+            await h.audio(pcm[:cut1])
+            await h.audio(middle, rate=48000)
+            await h.audio(pcm[cut2:])
+            await h.speech_stops()
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            await h.end()
+            return h
+
+    h = asyncio.run(main())
+    check_utterances(h, [expected])
+    (final,) = h.finals()
+    assert final.result.end - final.result.start == len(heard)
+
+
+def test_frames_of_no_usable_format_are_error_frames_and_the_stream_carries_on(
+    fresh_engines, harness, ckpt, model, speech
+):
+    from pipecat.frames.frames import InputAudioRawFrame
+
+    bad = [
+        InputAudioRawFrame(audio=b"\x00" * 6, sample_rate=16000, num_channels=2),  # 3 samples: not whole pairs
+        InputAudioRawFrame(audio=b"\x00" * 640, sample_rate=-16000, num_channels=1),
+        InputAudioRawFrame(audio=b"\x00" * 640, sample_rate=16000, num_channels=-1),
+    ]
+
+    async def main():
+        async with harness(service(ckpt), sample_rate=16000) as h:
+            await h.speech_starts()
+            for frame in bad:
+                await h.worker.queue_frame(frame)
+            await h.audio(speech[0])
+            await h.speech_stops()
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            await h.end()
+            return h
+
+    h = asyncio.run(main())
+    errors = h.errors()
+    assert len(errors) == 3 and not any(e.fatal for e in errors)
+    assert all(e.error.startswith("audio frame rejected, not transcribed") for e in errors)
+    assert "not whole 16-bit samples of 2 channels" in errors[0].error
+    assert "unsupported sample rate -16000" in errors[1].error
+    assert "unsupported channel count -1" in errors[2].error
+    assert [f.text for f in h.finals()] == [model.transcribe(speech[0], latency_ms=160).text]
+
+
+@pytest.mark.parametrize("config", [{"vad": None}, {}, "EngineConfig(vad=None)"], ids=["dict", "empty-dict", "str"])
+def test_an_engine_config_of_the_wrong_type_is_refused_at_construction(ckpt, config):
+    """Otherwise it fails on every reopen with an unrelated message, or (empty) passes for the default."""
+    message = f"engine_config must be a monosemantic.EngineConfig, got {type(config).__name__}"
+    with pytest.raises(TypeError, match=message):
+        MonosemanticSTTService(model=ckpt, device="cpu", engine_config=config)
