@@ -104,10 +104,10 @@ class Harness:
             if pace:
                 await asyncio.sleep(pace * len(chunk) / rate)
 
-    async def say(self, pcm: np.ndarray, frame_ms: int = 20, pace: float = 0.0) -> None:
+    async def say(self, pcm: np.ndarray, frame_ms: int = 20, pace: float = 0.0, rate: int | None = None) -> None:
         """Queue one utterance: VAD start, the audio, VAD stop."""
         await self.speech_starts()
-        await self.audio(pcm, frame_ms, pace)
+        await self.audio(pcm, frame_ms, pace, rate)
         await self.speech_stops()
 
     async def wait_for(self, predicate, timeout: float = 60.0) -> None:

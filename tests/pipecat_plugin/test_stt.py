@@ -302,25 +302,6 @@ def test_a_checkpoint_that_cannot_load_is_an_error_frame_not_a_hang(fresh_engine
     assert h.finals() == []
 
 
-def test_bad_audio_is_an_error_frame_and_the_stream_carries_on(fresh_engines, harness, ckpt, model, speech):
-    from pipecat.frames.frames import InputAudioRawFrame
-
-    async def main():
-        async with harness(service(ckpt), sample_rate=16000) as h:
-            await h.speech_starts()
-            await h.worker.queue_frame(InputAudioRawFrame(audio=b"\x00\x01\x02", sample_rate=16000, num_channels=1))
-            await h.audio(speech[0])
-            await h.speech_stops()
-            await h.wait_for(lambda: len(h.finals()) == 1)
-            await h.end()
-            return h
-
-    h = asyncio.run(main())
-    (error,) = h.errors()
-    assert "odd byte count" in error.error and not error.fatal
-    assert [f.text for f in h.finals()] == [model.transcribe(speech[0], latency_ms=160).text]
-
-
 def pcm16(samples: np.ndarray) -> np.ndarray:
     """Float samples in int16 units -> int16, as a transport delivers them."""
     return np.round(samples).clip(-32768, 32767).astype(np.int16)
@@ -346,9 +327,7 @@ def test_multichannel_frames_are_downmixed_to_mono(fresh_engines, harness, ckpt,
     async def main():
         async with harness(service(ckpt), sample_rate=16000) as h:
             for n, pcm in enumerate([both, three], 1):
-                await h.speech_starts()
-                await h.audio(pcm)
-                await h.speech_stops()
+                await h.say(pcm)
                 await h.wait_for(lambda: len(h.finals()) == n)
             await h.end()
             return h
@@ -373,9 +352,7 @@ def test_frames_at_another_rate_are_resampled_to_the_stream_rate(
         async with harness(stt, sample_rate=stream_rate) as h:
             assert stt.sample_rate == stream_rate
             for n, pcm in enumerate(frames, 1):
-                await h.speech_starts()
-                await h.audio(pcm, rate=frame_rate)
-                await h.speech_stops()
+                await h.say(pcm, rate=frame_rate)
                 await h.wait_for(lambda: len(h.finals()) == n)
             await h.end()
             return h
@@ -416,6 +393,7 @@ def test_frames_of_no_usable_format_are_error_frames_and_the_stream_carries_on(
     from pipecat.frames.frames import InputAudioRawFrame
 
     bad = [
+        InputAudioRawFrame(audio=b"\x00\x01\x02", sample_rate=16000, num_channels=1),
         InputAudioRawFrame(audio=b"\x00" * 6, sample_rate=16000, num_channels=2),  # 3 samples: not whole pairs
         InputAudioRawFrame(audio=b"\x00" * 640, sample_rate=-16000, num_channels=1),
         InputAudioRawFrame(audio=b"\x00" * 640, sample_rate=16000, num_channels=-1),
@@ -434,11 +412,12 @@ def test_frames_of_no_usable_format_are_error_frames_and_the_stream_carries_on(
 
     h = asyncio.run(main())
     errors = h.errors()
-    assert len(errors) == 3 and not any(e.fatal for e in errors)
+    assert len(errors) == 4 and not any(e.fatal for e in errors)
     assert all(e.error.startswith("audio frame rejected, not transcribed") for e in errors)
-    assert "not whole 16-bit samples of 2 channels" in errors[0].error
-    assert "unsupported sample rate -16000" in errors[1].error
-    assert "unsupported channel count -1" in errors[2].error
+    assert "odd byte count" in errors[0].error
+    assert "not whole 16-bit samples of 2 channels" in errors[1].error
+    assert "unsupported sample rate -16000" in errors[2].error
+    assert "unsupported channel count -1" in errors[3].error
     assert [f.text for f in h.finals()] == [model.transcribe(speech[0], latency_ms=160).text]
 
 
