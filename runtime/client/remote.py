@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import numbers
 import os
 from urllib.parse import urlsplit, urlunsplit
 
@@ -240,6 +241,9 @@ class RemoteEngine:
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         params = {"sample_rate": str(sample_rate)}
         if latency_ms is not None:
+            # As the local engine: 160.0 or "160" is not a mode (int() would turn 160.7 into one).
+            if isinstance(latency_ms, bool) or not isinstance(latency_ms, numbers.Integral):
+                raise ValueError(f"latency_ms={latency_ms!r} is not a mode: modes are integers of milliseconds")
             params["latency_ms"] = str(int(latency_ms))
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:

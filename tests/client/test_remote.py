@@ -313,3 +313,16 @@ def test_sample_rates_are_checked_as_the_local_engine_checks_them(server, model,
     local_err, remote_err = asyncio.run(main())
     assert str(remote_err) == str(local_err)
     assert server.wait_until(lambda: server.open_streams() == 0)
+
+
+@pytest.mark.parametrize("latency", [160.7, 160.0, "160", True])
+def test_latency_modes_that_are_not_integers_are_refused_before_connecting(server, latency):
+    """int() used to turn 160.7 into the 160 ms mode; the local engine refuses all of these."""
+
+    async def main():
+        async with RemoteEngine(server.http) as remote:
+            with pytest.raises(ValueError, match="not a mode"):
+                await remote.open_stream(latency_ms=latency)
+
+    asyncio.run(main())
+    assert server.open_streams() == 0
