@@ -43,6 +43,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):  # torch names more device types than the runtime runs on
+        raise ValueError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use device='cpu'")
     return dev
@@ -165,7 +167,9 @@ class ASRModel:
             for i, a in enumerate(clips)
         ]
         results: list[Transcript] = []
-        for start in range(0, len(prepared), max(1, batch_size)):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        for start in range(0, len(prepared), batch_size):
             results += self._transcribe_batch(prepared[start : start + batch_size], context)
         return results[0] if single else results
 

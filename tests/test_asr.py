@@ -79,3 +79,10 @@ def test_long_audio_takes_the_chunked_path_with_the_same_tokens(ms_model, audio_
         got = [t.token_ids for t in model.transcribe(clips + [np.zeros(0, dtype=np.float32)], latency_ms=latency)]
         monkeypatch.undo()
         assert calls and got == expected + [[]]
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, None, True])
+def test_a_batch_size_that_is_not_a_positive_integer_is_named(ms_model, batch_size):
+    """0 and -1 used to reach torch.stft as an empty batch (an MKL error), 2.0 and None a TypeError."""
+    with pytest.raises(ValueError, match="batch_size"):
+        ms_model("nemotron_rnnt").transcribe([np.zeros(1600, dtype=np.float32)], batch_size=batch_size)

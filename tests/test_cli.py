@@ -75,6 +75,7 @@ def test_bad_files_get_one_line_errors_and_the_rest_still_run(checkpoint, tmp_pa
         (["--model", "/no/such.nemo"], "not found"),
         (["--latency-ms", "100"], "not a mode"),
         (["--device", "tpu"], "invalid device"),
+        (["--device", "meta"], "invalid device"),
         (["--dtype", "int4"], "invalid dtype"),
     ],
 )

@@ -167,12 +167,21 @@ def download_from_hub(repo_id: str, revision: str | None) -> Path:
 
 def read_checkpoint(source: str | os.PathLike, revision: str | None = None) -> Checkpoint:
     """Resolve `source` (path to .nemo, checkpoint directory, or Hugging Face repo id) and read it."""
+    if not isinstance(source, (str, os.PathLike)) or isinstance(source, bytes):
+        raise ModelLoadError(f"model must be a path or a Hugging Face repo id (a str), got {type(source).__name__}")
     text = os.fspath(source)
+    if not isinstance(text, str) or not text:  # a PathLike of bytes, or an empty name
+        raise ModelLoadError(f"model must be a non-empty path or Hugging Face repo id, got {source!r}")
     path = Path(text).expanduser()
     if path.is_dir():
-        return read_checkpoint_dir(path, text)
+        try:
+            return read_checkpoint_dir(path, text)
+        except OSError as exc:  # an unreadable entry below a directory that is no checkpoint (say '/')
+            raise ModelLoadError(f"'{text}': cannot read this directory as a checkpoint ({exc})") from None
     if path.is_file():
         return read_nemo_file(path, text)
+    if path.exists():
+        raise ModelLoadError(f"model '{text}' is neither a file nor a directory")
     if _REPO_ID.match(text) and not text.endswith(".nemo"):
         return read_nemo_file(download_from_hub(text, revision), text)
     raise ModelLoadError(

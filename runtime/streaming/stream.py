@@ -49,9 +49,12 @@ class _StreamBase:
         self._resampler = StreamResampler(sample_rate, model.sample_rate)
         self._closed = False
 
-    def _prepare(self, audio) -> np.ndarray:
+    def _check_open(self) -> None:
         if self._closed:
             raise StreamError("stream is closed")
+
+    def _prepare(self, audio) -> np.ndarray:
+        self._check_open()
         return self._resampler.push(as_float32(audio))
 
     def close(self) -> None:
@@ -70,6 +73,7 @@ class CacheAwareStream(_StreamBase):
 
     def reset(self) -> None:
         """Start a new utterance: fresh features, caches and decoder state."""
+        self._check_open()
         module, shape = self.model.module, self.plan.shape
         device = self.model.device
         self.frontend.reset()
@@ -125,14 +129,14 @@ class CacheAwareStream(_StreamBase):
 
     def transcript(self) -> Transcript:
         """The hypothesis of the current utterance so far (every token emitted is final)."""
+        self._check_open()
         h = self.hypothesis
         return self.model.make_transcript(h.labels, h.frames, h.durations)
 
     def finalize(self) -> Transcript:
         """Flush all audio pushed so far through the model, return the utterance's final transcript and
         reset for the next utterance."""
-        if self._closed:
-            raise StreamError("stream is closed")
+        self._check_open()
         pcm = self._resampler.flush()
         mel = torch.cat((self.frontend.push(torch.from_numpy(pcm)), self.frontend.flush()), dim=1)
         self.mel = torch.cat((self.mel, mel), dim=1)
@@ -156,6 +160,7 @@ class FullContextStream(_StreamBase):
         self.reset()
 
     def reset(self) -> None:
+        self._check_open()
         self.audio: list[np.ndarray] = []
         self.samples = 0
         self.since_update = 0
@@ -175,11 +180,11 @@ class FullContextStream(_StreamBase):
 
     def transcript(self) -> Transcript:
         """The latest re-transcription (it may revise earlier words: the model sees the whole utterance)."""
+        self._check_open()
         return self._current
 
     def finalize(self) -> Transcript:
-        if self._closed:
-            raise StreamError("stream is closed")
+        self._check_open()
         self.audio.append(self._resampler.flush())
         final = self.model.transcribe(np.concatenate(self.audio), sample_rate=self.model.sample_rate)
         self.reset()

@@ -138,6 +138,33 @@ def test_missing_path_and_bad_options():
         monosemantic.load_model("/no/such/model.nemo", dtype="int8")
     with pytest.raises(ValueError, match="invalid device"):
         monosemantic.load_model("/no/such/model.nemo", device="tpu")
+    # device types torch knows but the runtime does not run on (they failed later, deep in torch)
+    for device in ("meta", "mps", "xla", "hpu"):
+        with pytest.raises(ValueError, match="invalid device"):
+            monosemantic.load_model("/no/such/model.nemo", device=device)
+
+
+@pytest.mark.parametrize("source", [None, 5, b"/tmp/model.nemo", ""])
+def test_a_model_that_is_no_path_or_repo_id_is_a_load_error(source):
+    with pytest.raises(ModelLoadError, match="model must be"):
+        monosemantic.load_model(source, device="cpu")
+
+
+def test_a_path_that_is_neither_file_nor_directory_is_named_so():
+    with pytest.raises(ModelLoadError, match="neither a file nor a directory"):
+        monosemantic.load_model("/dev/null", device="cpu")
+
+
+def test_an_unreadable_directory_tree_is_a_load_error(tmp_path, monkeypatch):
+    """As `load_model('/')` met /proc: the walk's OSError used to escape raw."""
+    from pathlib import Path
+
+    def unreadable(self, pattern):
+        raise PermissionError(13, "Permission denied", str(self / "proc"))
+
+    monkeypatch.setattr(Path, "rglob", unreadable)
+    with pytest.raises(ModelLoadError, match="cannot read this directory"):
+        monosemantic.load_model(str(tmp_path), device="cpu")
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:

@@ -115,6 +115,10 @@ def test_bad_input_and_closed_stream(ms_model):
         stream.feed(np.zeros(10, dtype=np.float32))
     with pytest.raises(monosemantic.StreamError):
         stream.finalize()
+    with pytest.raises(monosemantic.StreamError):  # returned the old hypothesis after close
+        stream.transcript()
+    with pytest.raises(monosemantic.StreamError):
+        stream.reset()
     with pytest.raises(ValueError, match="not a mode"):
         model.new_stream(latency_ms=100)
     with pytest.raises(monosemantic.AudioError, match="sample rate"):
