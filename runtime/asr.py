@@ -160,6 +160,8 @@ class ASRModel:
         streaming in that mode; None uses the checkpoint's default context."""
         context = self.context_for(latency_ms)
         check_rate(sample_rate)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         single = not isinstance(audio, (list, tuple))
         clips = [audio] if single else list(audio)
         prepared = [
@@ -167,8 +169,6 @@ class ASRModel:
             for i, a in enumerate(clips)
         ]
         results: list[Transcript] = []
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         for start in range(0, len(prepared), batch_size):
             results += self._transcribe_batch(prepared[start : start + batch_size], context)
         return results[0] if single else results

@@ -33,12 +33,12 @@ def pcm_to_float32(pcm) -> np.ndarray:
     """int16 little-endian bytes, an int16/int32/float array or tensor -> validated float32 samples."""
     if isinstance(pcm, memoryview):
         try:
-            pcm.format
+            fmt = pcm.format
         except ValueError as e:  # every read of a released view raises
             raise AudioError("cannot read samples from a released memoryview") from e
-    if isinstance(pcm, memoryview) and pcm.format not in ("B", "c"):
-        # A typed view (of a float32 array, say): its own dtype; int8 ("b") is refused as an ndarray is.
-        return as_float32(readable_array(pcm))
+        if fmt not in ("B", "c"):
+            # A typed view (of a float32 array, say): its own dtype; int8 ("b") is refused as an ndarray is.
+            return as_float32(readable_array(pcm))
     if isinstance(pcm, (bytes, bytearray, memoryview)):
         data = bytes(pcm)
         if len(data) % 2:
@@ -296,7 +296,6 @@ class SyncStream(_StreamBase):
         self._events = SyncEventQueue()
         self._space = threading.Condition()
         self._lock = threading.Lock()  # one push or flush at a time
-        self._ended = False
 
     def _post(self, event) -> None:
         self._events.put(event)
@@ -334,12 +333,9 @@ class SyncStream(_StreamBase):
     def get(self, timeout: float | None = None) -> Event | None:
         """The next event; None once the stream has ended (and at every call after). Raises queue.Empty
         after `timeout`."""
-        if self._ended:
-            return _END
         event = self._events.get(timeout=timeout)
         if event is _END:
-            self._ended = True
-            self._events.put(_END)  # for another thread blocked in get() at the same time
+            self._events.put(_END)  # stays last in the queue: for the next call, and any other thread
         return event
 
     def events(self, timeout: float | None = None):
