@@ -109,20 +109,41 @@ def read_nemo_file(path: Path, source: str) -> Checkpoint:
     return Checkpoint(source=source, path=str(path), config=config, state_dict=state, tokenizer_proto=proto)
 
 
+def _top_files(path: Path) -> dict[str, Path]:
+    """The regular files directly in `path`, by name (no walk below it: a directory that is not a
+    checkpoint, say a home directory, is answered at once, not searched)."""
+    return {p.name: p for p in path.iterdir() if p.is_file()}
+
+
 def read_checkpoint_dir(path: Path, source: str) -> Checkpoint:
-    """Read an extracted checkpoint directory (the contents of a .nemo archive)."""
+    """Read a checkpoint directory: the contents of a .nemo archive extracted into it, or into its one
+    subdirectory that holds them, or a directory holding a single .nemo file (a Hugging Face download)."""
     where = f"'{source}'"
-    files = {str(p.relative_to(path)): p for p in path.rglob("*") if p.is_file()}
+    files = _top_files(path)
+    if CONFIG_NAME not in files:
+        inner = [d for d in sorted(path.iterdir()) if d.is_dir() and (d / CONFIG_NAME).is_file()]
+        archives = sorted(name for name in files if name.endswith(".nemo"))
+        if len(inner) == 1 and not archives:
+            return read_checkpoint_dir(inner[0], source)
+        if len(archives) == 1 and not inner:
+            return read_nemo_file(files[archives[0]], source)
+        if inner or archives:
+            found = [f"{d.name}/" for d in inner] + archives
+            raise ModelLoadError(f"{where} holds several checkpoints ({', '.join(found)}); pass the one to load")
+        raise ModelLoadError(
+            f"{where} has no {CONFIG_NAME} (nor a .nemo file); pass a .nemo file or the directory a .nemo "
+            f"archive was extracted into"
+        )
 
     def read(name: str) -> bytes:
-        hit = files.get(name) or next((p for k, p in files.items() if os.path.basename(k) == name), None)
-        if hit is None:
+        if name not in files:
             raise ModelLoadError(f"{where} has no '{name}'; is it an extracted NeMo checkpoint?")
-        return hit.read_bytes()
+        return files[name].read_bytes()
 
     config = _load_yaml(read(CONFIG_NAME), where)
-    weights = files.get(WEIGHTS_NAME)
-    state = _load_weights(weights if weights is not None else read(WEIGHTS_NAME), where)
+    if WEIGHTS_NAME not in files:
+        raise ModelLoadError(f"{where} has no '{WEIGHTS_NAME}'; is it an extracted NeMo checkpoint?")
+    state = _load_weights(files[WEIGHTS_NAME], where)
     proto = _read_tokenizer(config, list(files), read, where)
     return Checkpoint(source=source, path=str(path), config=config, state_dict=state, tokenizer_proto=proto)
 

@@ -7,10 +7,11 @@ is either loaded completely or not at all.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..errors import UnsupportedModelError
+from ..errors import ModelLoadError, UnsupportedModelError
 
 # NeMo model classes we implement, by the last component of their `target`.
 TRANSDUCER_CLASSES = {
@@ -172,6 +173,22 @@ def _refuse(name: str, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"{name}: unsupported architecture: {why}")
 
 
+# What int(), float(), len() and indexing raise on an entry of the wrong type or shape, or a missing key.
+_MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError)
+
+
+@contextmanager
+def _section(name: str, part: str):
+    """Turn a missing or malformed entry of the config's `part` into a ModelLoadError that says where."""
+    try:
+        yield
+    except _MALFORMED as exc:
+        what = f"no entry {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ModelLoadError(
+            f"{name}: model_config.yaml has a missing or malformed entry in its {part} section ({what})"
+        ) from None
+
+
 def parse_frontend(cfg: Mapping[str, Any], name: str) -> FrontendConfig:
     cls = _class_name(cfg.get("_target_"))
     if cls != "AudioToMelSpectrogramPreprocessor":
@@ -297,7 +314,13 @@ def parse_encoder(cfg: Mapping[str, Any], name: str) -> EncoderConfig:
 
 
 def parse_model_config(cfg: Mapping[str, Any], name: str) -> ModelConfig:
-    """Parse a NeMo model config (the dict of `model_config.yaml`) or raise UnsupportedModelError."""
+    """Parse a NeMo model config (the dict of `model_config.yaml`); raise UnsupportedModelError for an
+    architecture we do not run, ModelLoadError for a missing or malformed entry."""
+    with _section(name, "top-level"):
+        return _parse_model_config(cfg, name)
+
+
+def _parse_model_config(cfg: Mapping[str, Any], name: str) -> ModelConfig:
     cls = _class_name(cfg.get("target"))
     if cls in REFUSED_CLASSES:
         raise _refuse(name, f"{cls}: {REFUSED_CLASSES[cls]}")
@@ -307,66 +330,65 @@ def parse_model_config(cfg: Mapping[str, Any], name: str) -> ModelConfig:
         if not isinstance(cfg.get(part), Mapping):
             what = "an attention decoder or CTC-only model" if part in ("decoder", "joint") else "incomplete"
             raise _refuse(name, f"no '{part}' section in the config ({what})")
-    tok = cfg.get("tokenizer") or {}
-    tok_type = str(tok.get("type", "")) if tok else ""
+    with _section(name, "tokenizer"):
+        tok = cfg.get("tokenizer") or {}
+        tok_type = str(tok.get("type", "")) if tok else ""
+        tokenizer_model = tok.get("model_path")
     if tok_type != "bpe":
         raise _refuse(name, f"tokenizer type '{tok_type or 'none (character labels)'}' (only SentencePiece 'bpe')")
 
-    dec = cfg["decoder"]
-    if _class_name(dec.get("_target_")) != "RNNTDecoder":
-        raise _refuse(name, f"decoder {_class_name(dec.get('_target_'))} (only RNNTDecoder with an LSTM)")
-    if dec.get("normalization_mode") or not _get(dec, "blank_as_pad", True):
-        raise _refuse(name, "prediction network with normalization or without blank_as_pad")
-    prednet = dec.get("prednet") or {}
-    vocab_size = int(dec["vocab_size"])
-    pred_hidden = int(prednet["pred_hidden"])
-    rnn_hidden = int(_get(prednet, "rnn_hidden_size", -1))
-
-    joint = cfg["joint"]
-    if _class_name(joint.get("_target_")) != "RNNTJoint":
-        raise _refuse(name, f"joint {_class_name(joint.get('_target_'))} (only RNNTJoint)")
-    jointnet = joint.get("jointnet") or {}
-    activation = str(jointnet.get("activation", "relu")).lower()
-    if activation not in ("relu", "sigmoid", "tanh"):
-        raise _refuse(name, f"joint activation '{activation}'")
-
-    decoding = cfg.get("decoding") or {}
-    model_type = str(_get(decoding, "model_type", "rnnt"))
-    durations = tuple(int(d) for d in (_get(decoding, "durations", []) or []))
-    if model_type == "multiblank" or _get(decoding, "big_blank_durations", []):
-        raise _refuse(name, "multi-blank transducer")
-    if model_type not in ("rnnt", "tdt"):
-        raise _refuse(name, f"decoding model_type '{model_type}'")
-    if model_type == "tdt" and not durations:
-        raise _refuse(name, "TDT model without decoding.durations")
-    if model_type == "rnnt":
-        durations = ()
-    extra = int(_get(joint, "num_extra_outputs", 0))
-    if extra != len(durations):
-        raise _refuse(name, f"joint has {extra} extra outputs but {len(durations)} TDT durations")
-    greedy = decoding.get("greedy") or {}
-    max_symbols = greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10))
-
-    ctc_classes = None
-    if TRANSDUCER_CLASSES.get(cls):
-        aux = (cfg.get("aux_ctc") or {}).get("decoder") or {}
-        ctc_classes = int(aux.get("num_classes", vocab_size)) + 1
-
-    encoder = parse_encoder(cfg["encoder"], name)
-    frontend = parse_frontend(cfg["preprocessor"], name)
-    if frontend.n_mels != encoder.feat_in:
-        raise _refuse(name, f"preprocessor gives {frontend.n_mels} features but encoder takes {encoder.feat_in}")
-    return ModelConfig(
-        model_class=cls or "EncDecRNNTBPEModel",
-        frontend=frontend,
-        encoder=encoder,
-        prediction=PredictionConfig(
+    with _section(name, "decoder"):
+        dec = cfg["decoder"]
+        if _class_name(dec.get("_target_")) != "RNNTDecoder":
+            raise _refuse(name, f"decoder {_class_name(dec.get('_target_'))} (only RNNTDecoder with an LSTM)")
+        if dec.get("normalization_mode") or not _get(dec, "blank_as_pad", True):
+            raise _refuse(name, "prediction network with normalization or without blank_as_pad")
+        prednet = dec.get("prednet") or {}
+        vocab_size = int(dec["vocab_size"])
+        pred_hidden = int(prednet["pred_hidden"])
+        rnn_hidden = int(_get(prednet, "rnn_hidden_size", -1))
+        prediction = PredictionConfig(
             vocab_size=vocab_size,
             pred_hidden=pred_hidden,
             pred_rnn_layers=int(prednet.get("pred_rnn_layers", 1)),
             rnn_hidden_size=rnn_hidden if rnn_hidden > 0 else pred_hidden,
-        ),
-        joint=JointConfig(
+        )
+
+    with _section(name, "decoding"):
+        decoding = cfg.get("decoding") or {}
+        model_type = str(_get(decoding, "model_type", "rnnt"))
+        durations = tuple(int(d) for d in (_get(decoding, "durations", []) or []))
+        if model_type == "multiblank" or _get(decoding, "big_blank_durations", []):
+            raise _refuse(name, "multi-blank transducer")
+        if model_type not in ("rnnt", "tdt"):
+            raise _refuse(name, f"decoding model_type '{model_type}'")
+        if model_type == "tdt" and not durations:
+            raise _refuse(name, "TDT model without decoding.durations")
+        if model_type == "rnnt":
+            durations = ()
+        greedy = decoding.get("greedy") or {}
+        max_symbols = greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10))
+        decoding_config = DecodingConfig(durations=durations, max_symbols=None if max_symbols is None else int(max_symbols))
+
+    with _section(name, "encoder"):
+        encoder = parse_encoder(cfg["encoder"], name)
+    with _section(name, "preprocessor"):
+        frontend = parse_frontend(cfg["preprocessor"], name)
+    if frontend.n_mels != encoder.feat_in:
+        raise _refuse(name, f"preprocessor gives {frontend.n_mels} features but encoder takes {encoder.feat_in}")
+
+    with _section(name, "joint"):
+        joint = cfg["joint"]
+        if _class_name(joint.get("_target_")) != "RNNTJoint":
+            raise _refuse(name, f"joint {_class_name(joint.get('_target_'))} (only RNNTJoint)")
+        jointnet = joint.get("jointnet") or {}
+        activation = str(jointnet.get("activation", "relu")).lower()
+        if activation not in ("relu", "sigmoid", "tanh"):
+            raise _refuse(name, f"joint activation '{activation}'")
+        extra = int(_get(joint, "num_extra_outputs", 0))
+        if extra != len(durations):
+            raise _refuse(name, f"joint has {extra} extra outputs but {len(durations)} TDT durations")
+        joint_config = JointConfig(
             encoder_hidden=int(_get(jointnet, "encoder_hidden", encoder.d_model)),
             pred_hidden=int(_get(jointnet, "pred_hidden", pred_hidden)),
             joint_hidden=int(jointnet["joint_hidden"]),
@@ -374,9 +396,22 @@ def parse_model_config(cfg: Mapping[str, Any], name: str) -> ModelConfig:
             has_dropout=bool(_get(jointnet, "dropout", 0.0)),
             num_classes=int(_get(joint, "num_classes", vocab_size)),
             num_durations=len(durations),
-        ),
-        decoding=DecodingConfig(durations=durations, max_symbols=None if max_symbols is None else int(max_symbols)),
-        tokenizer_model=tok.get("model_path"),
+        )
+
+    ctc_classes = None
+    if TRANSDUCER_CLASSES.get(cls):
+        with _section(name, "aux_ctc"):
+            aux = (cfg.get("aux_ctc") or {}).get("decoder") or {}
+            ctc_classes = int(aux.get("num_classes", vocab_size)) + 1
+
+    return ModelConfig(
+        model_class=cls or "EncDecRNNTBPEModel",
+        frontend=frontend,
+        encoder=encoder,
+        prediction=prediction,
+        joint=joint_config,
+        decoding=decoding_config,
+        tokenizer_model=tokenizer_model,
         ctc_classes=ctc_classes,
         raw=cfg,
     )

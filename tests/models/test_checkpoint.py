@@ -34,6 +34,13 @@ def write_nemo(path: Path, members: dict[str, bytes], mode: str = "w:") -> Path:
     return path
 
 
+def extract(members: dict[str, bytes], directory: Path) -> Path:
+    for name, data in members.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+    return directory
+
+
 def with_weights(members: dict[str, bytes], edit) -> dict[str, bytes]:
     key = next(k for k in members if k.endswith("model_weights.ckpt"))
     state = torch.load(io.BytesIO(members[key]), weights_only=True)
@@ -63,11 +70,7 @@ def reference_tokens(ms_model, audio_clips):
 def test_gzip_archive_and_extracted_directory_load_identically(members, tmp_path, audio_clips, reference_tokens):
     gz = write_nemo(tmp_path / "model.nemo", members, "w:gz")
     assert monosemantic.load_model(gz, device="cpu").transcribe(audio_clips["jfk.wav"]).token_ids == reference_tokens
-    directory = tmp_path / "extracted"
-    for name, data in members.items():
-        (directory / name).parent.mkdir(parents=True, exist_ok=True)
-        (directory / name).write_bytes(data)
-    model = monosemantic.load_model(str(directory), device="cpu")
+    model = monosemantic.load_model(str(extract(members, tmp_path / "extracted")), device="cpu")
     assert model.transcribe(audio_clips["jfk.wav"]).token_ids == reference_tokens
 
 
@@ -155,16 +158,58 @@ def test_a_path_that_is_neither_file_nor_directory_is_named_so():
         monosemantic.load_model("/dev/null", device="cpu")
 
 
-def test_an_unreadable_directory_tree_is_a_load_error(tmp_path, monkeypatch):
-    """As `load_model('/')` met /proc: the walk's OSError used to escape raw."""
+def test_an_unreadable_directory_is_a_load_error(tmp_path, monkeypatch):
+    """As `load_model('/')` met /proc: the OSError used to escape raw."""
     from pathlib import Path
 
-    def unreadable(self, pattern):
-        raise PermissionError(13, "Permission denied", str(self / "proc"))
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "rglob", unreadable)
+    monkeypatch.setattr(Path, "iterdir", unreadable)
     with pytest.raises(ModelLoadError, match="cannot read this directory"):
         monosemantic.load_model(str(tmp_path), device="cpu")
+
+
+def test_checkpoint_directory_layouts(members, nemo_checkpoint, tmp_path, audio_clips, reference_tokens):
+    """An archive extracted into a folder of the directory given, and a directory holding one .nemo file
+    (what `huggingface-cli download --local-dir` leaves), load as the checkpoint itself does."""
+    nested = extract(members, tmp_path / "nested" / "nemotron")
+    (tmp_path / "nested" / "README.md").write_text("notes")
+    downloaded = tmp_path / "download"
+    downloaded.mkdir()
+    (downloaded / "model.nemo").write_bytes(Path(nemo_checkpoint("nemotron_rnnt")).read_bytes())
+    (downloaded / "config.json").write_text("{}")
+    for directory in (nested.parent, downloaded):
+        model = monosemantic.load_model(str(directory), device="cpu")
+        assert model.transcribe(audio_clips["jfk.wav"]).token_ids == reference_tokens
+
+
+def test_a_directory_that_is_no_checkpoint_is_answered_without_a_walk(members, tmp_path, monkeypatch):
+    """`load_model(<home directory>)` used to walk the whole tree below it (rglob), and took a checkpoint
+    found at any depth; now only the directory and its direct subdirectories are looked at."""
+    extract(members, tmp_path / "a" / "b")  # a checkpoint two levels down is not this directory's
+    from pathlib import Path
+
+    def no_walk(self, pattern):
+        raise AssertionError("walked the tree")
+
+    monkeypatch.setattr(Path, "rglob", no_walk)
+    with pytest.raises(ModelLoadError, match="has no model_config.yaml"):
+        monosemantic.load_model(str(tmp_path), device="cpu")
+
+
+def test_a_directory_of_several_checkpoints_names_them(members, tmp_path):
+    extract(members, tmp_path / "one")
+    extract(members, tmp_path / "two")
+    write_nemo(tmp_path / "three.nemo", members)
+    with pytest.raises(ModelLoadError, match=r"several checkpoints \(one/, two/, three.nemo\)"):
+        monosemantic.load_model(str(tmp_path), device="cpu")
+
+
+def test_an_extracted_directory_without_weights_names_them(members, tmp_path):
+    directory = extract({k: v for k, v in members.items() if not k.endswith("model_weights.ckpt")}, tmp_path / "x")
+    with pytest.raises(ModelLoadError, match="has no 'model_weights.ckpt'"):
+        monosemantic.load_model(str(directory), device="cpu")
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:

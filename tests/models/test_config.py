@@ -8,7 +8,7 @@ import copy
 import pytest
 import yaml
 
-from monosemantic.errors import UnsupportedModelError
+from monosemantic.errors import ModelLoadError, UnsupportedModelError
 from monosemantic.models.config import parse_model_config
 
 
@@ -84,6 +84,34 @@ def test_refuses_unsupported_by_name(nemotron_config, path, value, needle):
     with pytest.raises(UnsupportedModelError, match="unsupported architecture") as info:
         parse_model_config(config, "tiny.nemo")
     assert needle in str(info.value) and "tiny.nemo" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "path, value, section, needle",
+    [
+        ("encoder.d_model", "wide", "encoder", "ValueError"),
+        ("encoder.n_layers", DELETE, "encoder", "'n_layers'"),
+        ("encoder.att_context_size", [[70]], "encoder", "expected [left, right]"),
+        ("encoder.conv_context_size", [5], "encoder", "IndexError"),
+        ("preprocessor.window_size", "long", "preprocessor", "ValueError"),
+        ("decoder.prednet", {"pred_rnn_layers": 1}, "decoder", "'pred_hidden'"),
+        ("decoder.vocab_size", [1024], "decoder", "TypeError"),
+        ("joint.jointnet.joint_hidden", None, "joint", "TypeError"),
+        ("decoding.greedy.max_symbols", "many", "decoding", "ValueError"),
+        ("tokenizer", "bpe", "tokenizer", "AttributeError"),
+    ],
+)
+def test_a_malformed_entry_is_a_load_error_naming_its_section(nemotron_config, path, value, section, needle):
+    """A hand-edited or damaged config used to end in a bare KeyError/ValueError from int()."""
+    config = edited(nemotron_config, path, value)
+    with pytest.raises(ModelLoadError) as info:
+        parse_model_config(config, "tiny.nemo")
+    message = str(info.value)
+    if "expected [left, right]" in needle:  # shapes the parser checks itself are refused by name
+        assert isinstance(info.value, UnsupportedModelError)
+    else:
+        assert f"in its {section} section" in message
+    assert needle in message and "tiny.nemo" in message
 
 
 def test_tdt_requires_durations(nemotron_config):
