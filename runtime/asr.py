@@ -11,7 +11,7 @@ import torch
 from .audio import as_float32, check_rate, resample
 from .decoding.greedy import DecodedChunk, greedy_decode, initial_state
 from .decoding.tokenizer import Tokenizer
-from .errors import ModelLoadError
+from .errors import AudioError, ModelLoadError
 from .models.checkpoint import read_checkpoint
 from .models.config import ModelConfig, parse_model_config
 from .models.transducer_model import TransducerModel
@@ -164,6 +164,11 @@ class ASRModel:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         single = not isinstance(audio, (list, tuple))
         clips = [audio] if single else list(audio)
+        if not single and any(isinstance(a, numbers.Number) for a in clips):
+            raise AudioError(
+                "audio is a list of numbers, but a list passed to transcribe is a batch of clips: pass one "
+                "clip as a 1-D numpy array (np.asarray(samples, dtype=np.float32)), or a list of such arrays"
+            )
         prepared = [
             resample(as_float32(a, name=f"audio[{i}]" if not single else "audio"), sample_rate, self.sample_rate)
             for i, a in enumerate(clips)

@@ -86,3 +86,10 @@ def test_a_batch_size_that_is_not_a_positive_integer_is_named(ms_model, batch_si
     """0 and -1 used to reach torch.stft as an empty batch (an MKL error), 2.0 and None a TypeError."""
     with pytest.raises(ValueError, match="batch_size"):
         ms_model("nemotron_rnnt").transcribe([np.zeros(1600, dtype=np.float32)], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("audio", [[0.0] * 1600, (0.0, 0.1), [np.zeros(1600, dtype=np.float32), np.float32(0.5)]])
+def test_a_list_of_numbers_is_told_it_is_read_as_a_batch_of_clips(ms_model, audio):
+    """A list is a batch of clips; a list of samples used to fail on its first 'clip' as a 0-D array."""
+    with pytest.raises(monosemantic.AudioError, match="batch of clips: pass one clip as a 1-D numpy array"):
+        ms_model("nemotron_rnnt").transcribe(audio)
