@@ -109,20 +109,17 @@ def read_nemo_file(path: Path, source: str) -> Checkpoint:
     return Checkpoint(source=source, path=str(path), config=config, state_dict=state, tokenizer_proto=proto)
 
 
-def _top_files(path: Path) -> dict[str, Path]:
-    """The regular files directly in `path`, by name (no walk below it: a directory that is not a
-    checkpoint, say a home directory, is answered at once, not searched)."""
-    return {p.name: p for p in path.iterdir() if p.is_file()}
-
-
 def read_checkpoint_dir(path: Path, source: str) -> Checkpoint:
     """Read a checkpoint directory: the contents of a .nemo archive extracted into it, or into its one
-    subdirectory that holds them, or a directory holding a single .nemo file (a Hugging Face download)."""
+    subdirectory that holds them, or a directory holding a single .nemo file (a Hugging Face download).
+    Nothing below its direct subdirectories is looked at: a directory that is not a checkpoint, say a
+    home directory, is answered at once, not searched."""
     where = f"'{source}'"
-    files = _top_files(path)
+    entries = sorted(path.iterdir())
+    files = {p.name: p for p in entries if p.is_file()}
     if CONFIG_NAME not in files:
-        inner = [d for d in sorted(path.iterdir()) if d.is_dir() and (d / CONFIG_NAME).is_file()]
-        archives = sorted(name for name in files if name.endswith(".nemo"))
+        inner = [d for d in entries if d.is_dir() and (d / CONFIG_NAME).is_file()]
+        archives = [name for name in files if name.endswith(".nemo")]
         if len(inner) == 1 and not archives:
             return read_checkpoint_dir(inner[0], source)
         if len(archives) == 1 and not inner:
@@ -135,15 +132,16 @@ def read_checkpoint_dir(path: Path, source: str) -> Checkpoint:
             f"archive was extracted into"
         )
 
-    def read(name: str) -> bytes:
+    def member(name: str) -> Path:
         if name not in files:
             raise ModelLoadError(f"{where} has no '{name}'; is it an extracted NeMo checkpoint?")
-        return files[name].read_bytes()
+        return files[name]
+
+    def read(name: str) -> bytes:
+        return member(name).read_bytes()
 
     config = _load_yaml(read(CONFIG_NAME), where)
-    if WEIGHTS_NAME not in files:
-        raise ModelLoadError(f"{where} has no '{WEIGHTS_NAME}'; is it an extracted NeMo checkpoint?")
-    state = _load_weights(files[WEIGHTS_NAME], where)
+    state = _load_weights(member(WEIGHTS_NAME), where)
     proto = _read_tokenizer(config, list(files), read, where)
     return Checkpoint(source=source, path=str(path), config=config, state_dict=state, tokenizer_proto=proto)
 
