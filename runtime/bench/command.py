@@ -45,10 +45,11 @@ def load_clips(paths: list[str] | None, sample_rate: int) -> list[np.ndarray]:
     return [load_audio_file(f, sample_rate) for f in files]
 
 
-def search_max(start: int, limit: int) -> Generator[int, bool, int]:
+def search_max(start: int, limit: int, within: float = 0.05) -> Generator[int, bool, int]:
     """The search for the most streams sustained in real time, as a generator: it yields a count to try,
     is sent whether that count was sustained, and returns the maximum (0: not even one). Doubling from
-    `start`, or halving when `start` already fails, then bisection to within 12.5%."""
+    `start`, or halving when `start` already fails, then bisection until the first count that failed is
+    at most `within` (a fraction) above the maximum, or one stream above it."""
     lo, hi = (start, None) if (yield start) else (0, start)
     while hi is None:
         n = min(lo * 2, limit)
@@ -58,7 +59,7 @@ def search_max(start: int, limit: int) -> Generator[int, bool, int]:
             lo = n
         else:
             hi = n
-    while hi - lo > max(1, lo // 8):  # within 12.5 %
+    while hi - lo > max(1, int(lo * within)):
         mid = (lo + hi) // 2
         if (yield mid):
             lo = mid
@@ -67,20 +68,22 @@ def search_max(start: int, limit: int) -> Generator[int, bool, int]:
     return lo
 
 
-def find_max_streams(trial: Callable[[int], BenchResult], start: int, limit: int, log) -> tuple[int, list[BenchResult]]:
+def find_max_streams(
+    trial: Callable[[int], BenchResult], start: int, limit: int, log, within: float = 0.05
+) -> tuple[int, list[BenchResult]]:
     """search_max run on one system: (its maximum, every trial's result)."""
-    found, results = find_max_interleaved({"system": trial}, start, limit, log)
+    found, results = find_max_interleaved({"system": trial}, start, limit, log, within)
     return found["system"], results["system"]
 
 
 def find_max_interleaved(
-    systems: dict[str, Callable[[int], BenchResult]], start: int, limit: int, log
+    systems: dict[str, Callable[[int], BenchResult]], start: int, limit: int, log, within: float = 0.05
 ) -> tuple[dict[str, int], dict[str, list[BenchResult]]]:
     """search_max for several systems at once, their trials taken in turns (one of each system, then the
     next of each): a shared machine whose speed drifts over minutes then slows all of them alike, where
     searching one system after the other would credit one with a fast quarter hour and the other with a
     slow one."""
-    searches = {name: search_max(start, limit) for name in systems}
+    searches = {name: search_max(start, limit, within) for name in systems}
     pending = {name: next(search) for name, search in searches.items()}  # the count each tries next
     found: dict[str, int] = {}
     results: dict[str, list[BenchResult]] = {name: [] for name in systems}
@@ -132,6 +135,8 @@ def check_args(args) -> None:
         raise ValueError(f"--latency-ms must be a positive number of milliseconds, got {args.latency_ms}")
     if not (math.isfinite(args.batch_wait_ms) and args.batch_wait_ms >= 0):
         raise ValueError(f"--batch-wait-ms must be 0 or more, got {args.batch_wait_ms:g}")
+    if not (math.isfinite(args.search_within) and 0 <= args.search_within <= 100):
+        raise ValueError(f"--search-within must be a percentage in 0..100, got {args.search_within:g}")
     if args.seed < 0:
         raise ValueError(f"--seed must be 0 or more, got {args.seed}")
     if args.json:
@@ -189,7 +194,7 @@ def run(args) -> int:
     try:
         systems = [("monosemantic", ours)] + ([("nemo", nemo)] if args.baseline == "nemo" else [])
         if args.find_max:
-            found, _ = find_max_interleaved(dict(systems), args.streams[0], limit, log)
+            found, _ = find_max_interleaved(dict(systems), args.streams[0], limit, log, args.search_within / 100)
             for name in found:
                 print(f"max streams sustained in real time ({name}): {found[name]}", flush=True)
             report["max_streams"] = found
@@ -237,6 +242,11 @@ def add_parser(sub) -> None:
     p.add_argument("--streams", type=int, nargs="+", default=[8], help="stream counts to run (with --find-max: the first to try)")
     p.add_argument("--seconds", type=float, default=20.0, help=f"audio per stream (real time; at most {MAX_SECONDS:.0f})")
     p.add_argument("--find-max", action="store_true", help="search the most streams sustained in real time (p95 chunk latency < chunk)")
+    p.add_argument(
+        "--search-within", type=float, default=5.0,
+        help="with --find-max: bisect until the first count that failed is at most this many percent (or one "
+        "stream) above the maximum (default 5; before 2026-11-24 the search stopped at 12.5)",
+    )
     p.add_argument("--load-curve", action="store_true", help="with --find-max: then run at 10/50/90%% of the maximum and report drift")
     p.add_argument("--max-streams", type=int, default=1024, help="upper bound of the search and engine slots")
     p.add_argument("--max-batch", type=int, default=256)

@@ -25,15 +25,26 @@ def system(edge: int):
     return trial, tried
 
 
-@pytest.mark.parametrize("edge", [0, 1, 3, 7, 8, 9, 15, 40, 100])
-def test_finds_the_edge_from_above_or_below_the_start(edge):
+@pytest.mark.parametrize("within", [0.0, 0.05, 0.125])
+@pytest.mark.parametrize("edge", [0, 1, 3, 7, 8, 9, 15, 40, 53, 100])
+def test_finds_the_edge_from_above_or_below_the_start(edge, within):
     trial, tried = system(edge)
-    found, results = find_max_streams(trial, start=8, limit=64, log=lambda res: None)
+    found, results = find_max_streams(trial, start=8, limit=64, log=lambda res: None, within=within)
     assert len(results) == len(tried) and len(set(tried)) == len(tried)  # no count tried twice
     assert found <= min(edge, 64) and all(results[tried.index(n)].sustained for n in tried if n <= found)
-    # Within 12.5% of the edge (or of the limit), from a start above the edge as well as below it.
-    target = min(edge, 64)
-    assert target - found <= max(1, found // 8)
+    # Within the tolerance of the edge (or at the limit), from a start above the edge as well as below it:
+    # the search stopped because a count at most that far above the maximum failed.
+    assert min(edge, 64) - found <= max(1, int(found * within))
+    if found < 64:
+        failed_above = min(n for n in tried if n > found and not results[tried.index(n)].sustained)
+        assert failed_above - found <= max(1, int(found * within))
+
+
+def test_a_finer_search_costs_a_few_trials_more():
+    coarse, fine = system(53), system(53)
+    assert find_max_streams(coarse[0], 8, 1024, lambda res: None, within=0.125)[0] >= 47
+    assert find_max_streams(fine[0], 8, 1024, lambda res: None, within=0.05)[0] >= 51
+    assert len(coarse[1]) < len(fine[1]) <= len(coarse[1]) + 3
 
 
 def test_interleaved_searches_take_turns_and_find_each_edge():
@@ -97,6 +108,8 @@ def checkpoint(nemo_checkpoint):
         (["--latency-ms", "0"], "--latency-ms"),  # silently ran the default mode
         (["--latency-ms", "-160"], "--latency-ms"),
         (["--batch-wait-ms", "nan"], "--batch-wait-ms"),
+        (["--find-max", "--search-within", "-5"], "--search-within"),
+        (["--find-max", "--search-within", "nan"], "--search-within"),
         (["--json", "/nonexistent_dir/out.json"], "--json /nonexistent_dir/out.json"),
     ],
 )
