@@ -30,6 +30,20 @@ def readable_array(audio, name: str = "audio") -> np.ndarray:
         raise AudioError(f"{name}: cannot read samples from {type(audio).__name__}: {e}") from e
 
 
+def typed_view_as_array(pcm):
+    """A typed memoryview (of a float32 array, say) as an array of its own dtype, so it is read as that
+    array would be; anything else, raw byte views ("B", "c") included, as it is. AudioError for a
+    released view."""
+    if isinstance(pcm, memoryview):
+        try:
+            fmt = pcm.format
+        except ValueError as e:  # every read of a released view raises
+            raise AudioError("cannot read samples from a released memoryview") from e
+        if fmt not in ("B", "c"):
+            return readable_array(pcm)
+    return pcm
+
+
 def as_float32(audio, *, name: str = "audio") -> np.ndarray:
     """A 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor, list).
     int16/int32 are scaled to [-1, 1]. Raises AudioError for other shapes/dtypes, NaN/inf samples and
@@ -37,6 +51,8 @@ def as_float32(audio, *, name: str = "audio") -> np.ndarray:
     if isinstance(audio, (bytes, bytearray, memoryview)):
         raise AudioError(f"{name}: raw bytes are ambiguous here; pass a numpy array (int16 PCM or float32)")
     arr = readable_array(audio, name)
+    if arr.dtype.kind in "if" and not arr.dtype.isnative:  # big-endian PCM (">i2") is PCM too
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype == np.int16:
         arr = arr.astype(np.float32) / 32768.0
     elif arr.dtype == np.int32:

@@ -17,6 +17,16 @@ def test_as_float32_accepts_float_and_int_pcm():
     np.testing.assert_allclose(as_float32(np.array([1.5, -3.9], dtype=np.float32)), [1.5, -3.9], rtol=1e-6)  # overshoot
 
 
+def test_as_float32_reads_big_endian_pcm_as_its_values():
+    """">i2" and ">f4" arrays (a WAV read as big-endian, network byte order) were refused as an
+    unsupported dtype."""
+    pcm = (np.arange(-200, 200, dtype=np.int16) * 150).astype(np.int16)
+    assert np.array_equal(as_float32(pcm.astype(">i2")), as_float32(pcm))
+    samples = as_float32(pcm)
+    assert np.array_equal(as_float32(samples.astype(">f4")), samples)
+    assert np.array_equal(as_float32(pcm.astype(np.int32).astype(">i4") << 16), samples)
+
+
 def test_as_float32_accepts_torch_tensors_of_any_float_dtype():
     torch = pytest.importorskip("torch")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from ..audio import as_float32, check_rate
+from ..audio import as_float32, check_rate, typed_view_as_array
 from ..errors import AudioError, StreamError, missing_dependency
 from ..event_queue import EventQueue
 from ..events import Error, Event, Final
@@ -46,8 +46,11 @@ _GOING_AWAY = 1001
 
 
 def to_pcm16(pcm) -> bytes:
-    """int16 little-endian bytes from bytes (passed through), an int16 array, or float audio in [-1, 1].
+    """int16 little-endian bytes from bytes (passed through), an int16 array, or float audio in [-1, 1]
+    (the protocol carries 16-bit PCM: float samples beyond it, which a local stream takes as they are,
+    are clipped). A typed memoryview is read as an array of its dtype, as a local stream reads it.
     AudioError for an odd byte count, NaN/inf, or a dtype/shape that is not mono PCM."""
+    pcm = typed_view_as_array(pcm)
     if isinstance(pcm, (bytes, bytearray, memoryview)):
         data = bytes(pcm)
         if len(data) % 2:
@@ -57,6 +60,18 @@ def to_pcm16(pcm) -> bytes:
         return pcm.astype("<i2", copy=False).tobytes()
     samples = as_float32(pcm)
     return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
+
+
+def _forget_cancelled_drain(ws) -> None:
+    """aiohttp's connection keeps one future for the writers waiting for the socket to drain, and a
+    writer cancelled in that wait (a push cancelled under backpressure) cancels the future itself: every
+    later send on the connection then raised CancelledError at once until the socket drained, so the
+    flush after a cancelled push failed. Forget the cancelled future; the next wait makes a new one.
+    (Private attributes of aiohttp 3.x, looked up defensively: without them this does nothing.)"""
+    protocol = getattr(getattr(ws, "_writer", None), "protocol", None)
+    waiter = getattr(protocol, "_drain_waiter", None)
+    if isinstance(waiter, asyncio.Future) and waiter.cancelled():
+        protocol._drain_waiter = None
 
 
 def stream_url(base_url: str) -> str:
@@ -86,6 +101,12 @@ class RemoteStream:
         self._owed = 0  # flushes sent whose final has not arrived: a close() still waits for them
         self._ended = False
         self._gone: ConnectionLostError | None = None  # set once the connection is over
+        # Pushes and flushes one at a time, in call order (as EngineStream): a flush sent between a push's
+        # frames would end the utterance in the middle of that push's audio.
+        self._lock = asyncio.Lock()
+        # Audio a push accepted and has not handed to the socket yet: a push cancelled while the server
+        # holds it back leaves the rest here, to go first at the next push or flush (never dropped).
+        self._unsent = memoryview(b"")
         self._reader = asyncio.create_task(self._read())
 
     # ---- sending -------------------------------------------------------------------------------------
@@ -98,23 +119,40 @@ class RemoteStream:
     async def _send(self, send, payload) -> None:
         try:
             await send(payload)
+        except asyncio.CancelledError:
+            _forget_cancelled_drain(self._ws)
+            raise
         except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
             raise ConnectionLostError(f"the connection to the server was lost: {exc}", self._ws.close_code) from None
 
     async def push(self, pcm) -> None:
         """Send audio (int16 bytes, int16 or float numpy at the stream's sample rate). AudioError for
         invalid audio (the stream stays usable); ConnectionLostError when the connection is gone. Waits
-        while the server applies backpressure."""
+        while the server applies backpressure; if cancelled then, the audio not yet sent goes first at
+        the stream's next push or flush."""
         data = to_pcm16(pcm)
         self._check_open()
-        for i in range(0, len(data), FRAME_BYTES):
-            await self._send(self._ws.send_bytes, data[i : i + FRAME_BYTES])
+        async with self._lock:
+            await self._send_unsent()
+            self._unsent = memoryview(data)
+            await self._send_unsent()
+
+    async def _send_unsent(self) -> None:
+        while self._unsent.nbytes:
+            self._check_open()
+            piece, self._unsent = self._unsent[:FRAME_BYTES], self._unsent[FRAME_BYTES:]
+            # An uncompressed frame reaches the transport before send_bytes first awaits (it then waits
+            # for the transport to drain): a cancellation there finds the piece already sent.
+            await self._send(self._ws.send_bytes, piece)
 
     async def flush(self) -> None:
         """End the utterance: a Final follows, covering all audio pushed before this call."""
         self._check_open()
-        self._owed += 1  # before the send: the final may arrive before the send returns
-        await self._send(self._ws.send_str, '{"type":"flush"}')
+        async with self._lock:
+            await self._send_unsent()
+            self._check_open()
+            self._owed += 1  # before the send: the final may arrive before the send returns
+            await self._send(self._ws.send_str, '{"type":"flush"}')
 
     async def close(self) -> None:
         """End the stream: the server still sends the finals of flushes sent before, then the iterator
@@ -216,6 +254,12 @@ class RemoteEngine:
     ):
         self.url = stream_url(base_url)
         self.api_key = api_key if api_key is not None else os.environ.get("MONOSEMANTIC_API_KEY")
+        if self.api_key is not None and (
+            not isinstance(self.api_key, str) or not self.api_key.isprintable()
+        ):
+            # It travels in an HTTP header: aiohttp would refuse it only at each connection, with its own
+            # ValueError about header characters.
+            raise ValueError("api_key must be a string without control characters (it is sent in an HTTP header)")
         self.connect_timeout = connect_timeout
         self._session = session
         self._own_session = session is None

@@ -49,6 +49,10 @@ class StreamState:
     waiting_for_space: bool = False  # a write found the buffer full: signal on_space after progress
     closed: bool = False
     alive: Callable[[], bool] | None = None  # False once nobody can receive the events (event loop closed)
+    # Held while the loop thread or close() (any thread) updates what the stream is told and emits it:
+    # close() sends the end of events under it, and the loop thread emits only while the stream is open,
+    # so no event follows the end (a sync reader that saw the end would otherwise get one more event).
+    guard: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -120,12 +124,17 @@ class EngineCore:
             self.tick_hooks = tuple(h for h in self.tick_hooks if h is not hook)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def shut_down(self) -> bool:
+        """stop() was called: the engine takes no more streams and cannot be started again."""
+        return self._stopping
+
     def start(self) -> None:
         with self._start_lock:
+            if self._stopping:  # also once started: entering a closed engine again is an error, not a no-op
+                raise StreamError("the engine is shut down")
             if self._thread is not None:
                 return
-            if self._stopping:
-                raise StreamError("the engine is shut down")
             self.runner.warmup(list(self.config.warmup_latencies))
             if self.config.freeze_gc:
                 gc.freeze()
@@ -208,16 +217,17 @@ class EngineCore:
                 return
             state.closed = True
             self.scheduler.release(handle)
-        if state.policy is not None:
-            # Every SpeechStarted gets its SpeechEnded, also when the stream stops mid-speech: the open
-            # segment closes where the VAD stopped listening.
-            for transition in state.policy.flush():
-                state.emit((SpeechStarted if transition.kind == "start" else SpeechEnded)(transition.sample))
-        if state.unreported_samples:
-            state.emit(Usage(state.unreported_samples / self.model.sample_rate))
-        if reason is not None:
-            state.emit(reason)
-        state.emit(None)  # end of events
+        with state.guard:  # after the loop thread's events of this stream in progress, if any
+            if state.policy is not None:
+                # Every SpeechStarted gets its SpeechEnded, also when the stream stops mid-speech: the open
+                # segment closes where the VAD stopped listening.
+                for transition in state.policy.flush():
+                    state.emit((SpeechStarted if transition.kind == "start" else SpeechEnded)(transition.sample))
+            if state.unreported_samples:
+                state.emit(Usage(state.unreported_samples / self.model.sample_rate))
+            if reason is not None:
+                state.emit(reason)
+            state.emit(None)  # end of events
         state.on_space()  # wake a push waiting for room: it will find the stream closed
 
     def buffered_seconds(self, handle: int) -> float:
@@ -331,7 +341,7 @@ class EngineCore:
             return None
 
     def _apply_vad(self, rows, probs) -> None:
-        events, progressed = [], []
+        progressed = []
         with self.lock:
             for row, row_probs in zip(rows, probs):
                 record = self.scheduler.vad_done(row)
@@ -342,13 +352,14 @@ class EngineCore:
                 for i, prob in enumerate(row_probs):
                     if prob >= self.config.vad.threshold:
                         self.scheduler.heard_voice(record, row.start + (i + 1) * width)
-                progressed.append(state)
+                progressed.append((state, row_probs))
+        for state, row_probs in progressed:
+            with state.guard:
+                if state.closed:  # closed since: close() has flushed the policy and ended the events
+                    continue
                 for transition in state.policy.update(row_probs):
-                    kind = SpeechStarted if transition.kind == "start" else SpeechEnded
-                    events.append((state, kind(transition.sample)))
-        for state, event in events:
-            state.emit(event)
-        self._signal_space(progressed)
+                    state.emit((SpeechStarted if transition.kind == "start" else SpeechEnded)(transition.sample))
+        self._signal_space(state for state, _ in progressed)
 
     def _apply_steps(self, rows: tuple[StepRow, ...], results: list[RowResult]) -> None:
         done = []
@@ -359,21 +370,27 @@ class EngineCore:
                 if record is not None and state is not None:
                     done.append((row, result, state))
         for row, result, state in done:
-            if result.labels:
-                known = len(state.labels)
-                state.labels += result.labels
-                state.frames += result.frames
-                state.durations += result.durations
-                state.text = text = self.model.tokenizer.extend(state.text, state.labels, known)
-                state.emit(Partial(text=text, stable_text=text, start=row.utt_start, end=result.end))
-            state.unreported_samples += result.samples
-            state.utterance_counted += result.samples
-            if state.unreported_samples >= self.usage_samples:
-                state.emit(Usage(state.unreported_samples / self.model.sample_rate))
-                state.unreported_samples = 0
-            if row.final:
-                self._finish_utterance(state, row.utt_start, row.end)
+            with state.guard:
+                if not state.closed:  # closed since: its results are dropped, as mid-step
+                    self._apply_result(state, row, result)
         self._signal_space(state for _, _, state in done)
+
+    def _apply_result(self, state: StreamState, row: StepRow, result: RowResult) -> None:
+        """One row's step result into its stream's text and events (under state.guard)."""
+        if result.labels:
+            known = len(state.labels)
+            state.labels += result.labels
+            state.frames += result.frames
+            state.durations += result.durations
+            state.text = text = self.model.tokenizer.extend(state.text, state.labels, known)
+            state.emit(Partial(text=text, stable_text=text, start=row.utt_start, end=result.end))
+        state.unreported_samples += result.samples
+        state.utterance_counted += result.samples
+        if state.unreported_samples >= self.usage_samples:
+            state.emit(Usage(state.unreported_samples / self.model.sample_rate))
+            state.unreported_samples = 0
+        if row.final:
+            self._finish_utterance(state, row.utt_start, row.end)
 
     def _finish_utterance(self, state: StreamState, utt_start: int, end: int) -> None:
         """Send the utterance's Final (times in stream samples) and start the next utterance."""

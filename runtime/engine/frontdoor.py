@@ -19,8 +19,8 @@ import weakref
 import numpy as np
 
 from ..asr import ASRModel
-from ..audio import StreamResampler, as_float32, readable_array
-from ..errors import AudioError, PushTimeoutError
+from ..audio import StreamResampler, as_float32, typed_view_as_array
+from ..errors import AudioError, PushTimeoutError, StreamError
 from ..event_queue import EventQueue, SyncEventQueue
 from ..events import Event
 from .config import EngineConfig
@@ -31,14 +31,7 @@ _END = None  # the core emits None after a stream's last event
 
 def pcm_to_float32(pcm) -> np.ndarray:
     """int16 little-endian bytes, an int16/int32/float array or tensor -> validated float32 samples."""
-    if isinstance(pcm, memoryview):
-        try:
-            fmt = pcm.format
-        except ValueError as e:  # every read of a released view raises
-            raise AudioError("cannot read samples from a released memoryview") from e
-        if fmt not in ("B", "c"):
-            # A typed view (of a float32 array, say): its own dtype; int8 ("b") is refused as an ndarray is.
-            return as_float32(readable_array(pcm))
+    pcm = typed_view_as_array(pcm)  # int8 ("b") is then refused as an ndarray is
     if isinstance(pcm, (bytes, bytearray, memoryview)):
         data = bytes(pcm)
         if len(data) % 2:
@@ -159,7 +152,7 @@ class _Mailbox:
     wake-up) per event of every stream."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+        self.loop = loop
         self._lock = threading.Lock()
         self._items: list = []
 
@@ -169,13 +162,13 @@ class _Mailbox:
             self._items.append((callback, arg))
         if first:
             try:
-                self._loop.call_soon_threadsafe(self._deliver)
+                self.loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:  # the loop was closed with streams still open: nobody is listening
                 with self._lock:
                     self._items.clear()
 
     def is_open(self) -> bool:  # engine thread: the core closes a stream once its loop has closed
-        return not self._loop.is_closed()
+        return not self.loop.is_closed()
 
     def _deliver(self) -> None:  # the asyncio loop
         with self._lock:
@@ -201,12 +194,22 @@ class EngineStream(_StreamBase):
     def _on_space(self) -> None:  # engine thread
         self._mailbox.post(_set_event, self._space)
 
+    def _check_loop(self) -> None:
+        # The engine thread wakes this stream's waits through the loop that opened it; awaited from
+        # another loop they would never wake (and asyncio's objects are not thread-safe).
+        if asyncio.get_running_loop() is not self._mailbox.loop:
+            raise StreamError(
+                "this stream belongs to the event loop that opened it: push, flush and read it there "
+                "(open a stream in each loop, or use monosemantic.SyncEngine from threads)"
+            )
+
     async def push(self, pcm) -> None:
         """Append audio. Waits while the stream has `max_buffered_seconds` unprocessed (throttling a
         producer faster than real time); raises StreamError if the stream is closed or the wait exceeds
         `push_timeout_seconds`, AudioError for invalid audio (the stream stays usable). Audio of a push
         that timed out or was cancelled is not dropped: it goes first at the next push or flush (which
         raise the same timeout, without taking their own audio, while the engine still has no room)."""
+        self._check_loop()
         async with self._lock:
             await self._drain(taken=False)
             self._accept(pcm)
@@ -225,6 +228,7 @@ class EngineStream(_StreamBase):
 
     async def flush(self) -> None:
         """End the utterance: a Final follows, covering all audio pushed before this call."""
+        self._check_loop()
         async with self._lock:
             await self._drain(taken=False, call="flush")
             self._accept_tail()
@@ -243,6 +247,7 @@ class EngineStream(_StreamBase):
     async def __anext__(self) -> Event:
         if self._ended:
             raise StopAsyncIteration
+        self._check_loop()
         event = await self._events.get()
         if event is _END:
             self._ended = True

@@ -5,7 +5,8 @@ of a process's sessions land in the same engine, and loading a 0.6b checkpoint p
 seconds each time. So adapters never build an Engine themselves: they ask this registry, which loads the
 model once (in the caller's thread, or a worker thread for `aget_engine`) and keeps the engine for the
 life of the process. `close_shared_engines()` frees them (tests, or a process that wants its GPU back);
-it also runs at interpreter exit.
+it also runs at interpreter exit. A shared engine that one of its users closed is replaced by a new one
+(on the same loaded model) at the next `get_engine` for its key; that user's streams had ended with it.
 
     engine = await monosemantic.aget_engine("nvidia/nemotron-speech-streaming-en-0.6b", device="auto")
     stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
@@ -59,14 +60,17 @@ def get_engine(
     key = _key(model, device, dtype, config)
     with _registry_lock:
         engine = _engines.get(key)
-        if engine is not None:
+        if engine is not None and not engine.core.shut_down:
             return engine
         key_lock = _key_locks.setdefault(key, threading.Lock())
     with key_lock:
         with _registry_lock:
             engine = _engines.get(key)
-        if engine is None:
-            engine = Engine(load_model(key.model, device=device, dtype=dtype), key.config)
+        if engine is None or engine.core.shut_down:
+            # A shared engine closed by one of its users (`aclose()`, `async with`) would refuse every
+            # later stream of the process: it is replaced, on the model already loaded.
+            model_ = engine.model if engine is not None else load_model(key.model, device=device, dtype=dtype)
+            engine = Engine(model_, key.config)
             engine.core.start()
             with _registry_lock:
                 _engines[key] = engine

@@ -326,3 +326,105 @@ def test_latency_modes_that_are_not_integers_are_refused_before_connecting(serve
 
     asyncio.run(main())
     assert server.open_streams() == 0
+
+
+async def final_of(stream) -> Final:
+    async for event in stream:
+        if isinstance(event, Final):
+            return event
+    raise AssertionError("the stream ended without a Final")
+
+
+def small_send_buffer(addr_info):
+    """A client socket whose kernel send buffer is small, so the server's backpressure reaches push()
+    within a few frames, as over a real network."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    return sock
+
+
+@pytest.fixture(scope="module")
+def throttling_server(model):
+    with RunningServer(model, max_streams=2, vad=False, max_buffered_seconds=1.0) as running:
+        yield running
+
+
+async def throttled(server, audio, interrupt):
+    """Push `audio` (two minutes) in a task; 0.3 s in, while the server still holds it back, run
+    `interrupt(stream, push)`; then the utterance's Final."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=small_send_buffer)) as http:
+        async with RemoteEngine(server.http, session=http) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            push = asyncio.create_task(stream.push(audio))
+            await asyncio.sleep(0.3)
+            assert not push.done()  # a second of server buffer for two minutes of audio
+            await interrupt(stream, push)
+            final = await final_of(stream)
+            await stream.close()
+            return final
+
+
+def test_a_cancelled_push_sends_its_unsent_audio_first_at_the_next_flush(throttling_server, audio_clips):
+    """As a local stream's: the frames a cancelled push had not sent were silently dropped."""
+    audio = np.tile(audio_clips["jfk.wav"], 12)
+
+    async def cancel_then_flush(stream, push):
+        push.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await push
+        await stream.flush()
+
+    final = asyncio.run(throttled(throttling_server, audio, cancel_then_flush))
+    assert final.start == 0 and final.end == len(audio)
+
+
+def test_a_flush_during_a_throttled_push_covers_that_push(throttling_server, audio_clips):
+    """Pushes and flushes of a stream run one at a time, in call order, as a local stream's: the flush was
+    sent between the push's frames, ending the utterance in the middle of its audio."""
+    audio = np.tile(audio_clips["jfk.wav"], 12)
+
+    async def flush_meanwhile(stream, push):
+        await stream.flush()
+        assert push.done()
+
+    final = asyncio.run(throttled(throttling_server, audio, flush_meanwhile))
+    assert final.start == 0 and final.end == len(audio)
+
+
+def test_typed_memoryviews_are_read_as_their_dtype_as_a_local_stream_reads_them(server, audio_clips):
+    """A memoryview of a float32 array went out as its raw bytes, read by the server as int16 PCM:
+    twice the samples, other text, no error."""
+    from monosemantic.client.remote import to_pcm16
+
+    clip = audio_clips["jfk.wav"][:32000]
+    pcm = to_pcm16(clip)
+    as_int16 = np.frombuffer(pcm, "<i2")
+    assert to_pcm16(memoryview(clip)) == pcm
+    assert to_pcm16(memoryview(as_int16)) == pcm
+    assert to_pcm16(memoryview(pcm)) == pcm  # raw bytes stay bytes
+    assert to_pcm16(as_int16.astype(">i2")) == pcm  # big-endian PCM is PCM (it was refused)
+    with pytest.raises(AudioError, match="dtype int8"):
+        to_pcm16(memoryview(np.ones(4, np.int8)))
+
+    async def main():
+        async with RemoteEngine(server.http) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            await stream.push(memoryview(clip))
+            await stream.flush()
+            final = await final_of(stream)
+            await stream.close()
+            return final
+
+    final = asyncio.run(main())
+    assert final.end == len(clip)
+
+
+def test_an_api_key_with_control_characters_is_refused_up_front():
+    """It goes into an HTTP header: aiohttp refused it only when connecting, with a bare ValueError."""
+    for key in ("k3y\n", "a\rb", "\x00"):
+        with pytest.raises(ValueError, match="control characters"):
+            RemoteEngine("ws://127.0.0.1:9", api_key=key)
+    RemoteEngine("ws://127.0.0.1:9", api_key="ok key-ÿ")

@@ -344,3 +344,93 @@ def test_pushed_objects_no_samples_can_be_read_from_are_audio_errors():
         with pytest.raises(monosemantic.AudioError, match=needle):
             pcm_to_float32(pcm)
     assert pcm_to_float32(memoryview(b"\x00\x40")).tolist() == [0.5]  # untyped bytes stay int16 PCM
+
+
+def test_a_stream_used_from_another_event_loop_is_refused_not_stalled(ms_model, audio_clips):
+    """Its wake-ups go to the loop that opened it: awaited from another loop, a throttled push and the
+    event iterator stalled until something unrelated woke that loop. Now a clear error; the stream stays
+    usable from its own loop."""
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+    engine = Engine(model, EngineConfig(**QUIET))
+    owner = asyncio.new_event_loop()
+    thread = threading.Thread(target=owner.run_forever, daemon=True)
+    thread.start()
+    try:
+        stream = asyncio.run_coroutine_threadsafe(engine.open_stream(latency_ms=160), owner).result(30)
+
+        async def elsewhere():
+            for call in (lambda: stream.push(audio[:1600]), stream.flush, stream.__anext__):
+                with pytest.raises(monosemantic.StreamError, match="event loop that opened it"):
+                    await call()
+
+        asyncio.run(elsewhere())
+
+        async def at_home():
+            await stream.push(audio)
+            await stream.flush()
+            return await final_of(stream)
+
+        final = asyncio.run_coroutine_threadsafe(at_home(), owner).result(60)
+        assert final.start == 0 and final.end == len(audio)  # nothing the refused calls carried got in
+    finally:
+        asyncio.run_coroutine_threadsafe(engine.aclose(), owner).result(30)
+        owner.call_soon_threadsafe(owner.stop)
+        thread.join(10)
+
+
+def test_a_closed_engine_cannot_be_entered_again(ms_model):
+    """`async with` on an engine already closed used to succeed silently, leaving an engine that refused
+    every stream."""
+    model = ms_model("nemotron_rnnt")
+
+    async def main():
+        engine = Engine(model, EngineConfig(**QUIET))
+        async with engine:
+            pass
+        with pytest.raises(monosemantic.StreamError, match="shut down"):
+            async with engine:
+                pass
+        with pytest.raises(monosemantic.StreamError, match="shut down"):
+            await engine.open_stream()
+        never_started = Engine(model, EngineConfig(**QUIET))
+        await never_started.aclose()
+        with pytest.raises(monosemantic.StreamError, match="shut down"):
+            await never_started.__aenter__()
+
+    asyncio.run(main())
+
+
+def test_no_event_follows_the_end_when_close_races_the_engine_thread(ms_model, audio_clips, monkeypatch):
+    """close() from another thread while the engine thread is between a step's results and their
+    events: those events come before the end of events, never after it (a sync reader got a Partial
+    after get() had returned None). The tokenizer is held only to open that window every time."""
+    model = ms_model("nemotron_rnnt")
+    inside, go_on, returned = threading.Event(), threading.Event(), threading.Event()
+    extend = model.tokenizer.extend
+
+    def held(*args, **kwargs):
+        inside.set()
+        go_on.wait(10)
+        try:
+            return extend(*args, **kwargs)
+        finally:
+            returned.set()
+
+    monkeypatch.setattr(model.tokenizer, "extend", held)
+    with SyncEngine(model, EngineConfig(**QUIET)) as engine:
+        stream = engine.open_stream(latency_ms=160)
+        stream.push(audio_clips["jfk.wav"][: 16000 * 3])
+        assert inside.wait(60)  # a step found labels; its Partial is not sent yet
+        closer = threading.Thread(target=stream.close)
+        closer.start()
+        time.sleep(0.2)
+        go_on.set()
+        closer.join(10)
+        assert not closer.is_alive() and returned.wait(10)
+        time.sleep(0.5)  # the engine thread sends what it was about to (the Partial came this late)
+        events = []
+        while (event := stream.get(timeout=10)) is not None:
+            events.append(event)
+        assert [stream.get(timeout=0.2) for _ in range(3)] == [None, None, None]
+        assert all(not isinstance(e, Final) for e in events)

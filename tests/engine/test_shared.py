@@ -88,3 +88,24 @@ def test_bad_model_path_is_a_clear_error_and_not_cached(registry, tmp_path):
     with pytest.raises(monosemantic.ModelLoadError):
         monosemantic.get_engine(tmp_path / "missing.nemo", device="cpu")
     assert monosemantic.engine.shared.shared_engines() == {}
+
+
+def test_a_shared_engine_closed_by_one_user_is_replaced_on_the_same_model(registry, nemo_checkpoint, monkeypatch):
+    """`async with await aget_engine(...)` closes the shared engine at its end: the registry used to keep
+    handing out the closed engine, and every later stream of the process was refused."""
+    path = nemo_checkpoint("nemotron_rnnt")
+    config = EngineConfig(max_streams=2, vad=None)
+
+    async def main():
+        first = await monosemantic.aget_engine(path, device="cpu", config=config)
+        async with first:
+            pass
+        loads = []
+        monkeypatch.setattr(monosemantic.engine.shared, "load_model", lambda *a, **k: loads.append(a))
+        second = await monosemantic.aget_engine(path, device="cpu", config=config)
+        assert second is not first and second.model is first.model and loads == []
+        assert monosemantic.get_engine(path, device="cpu", config=config) is second
+        stream = await second.open_stream()
+        await stream.close()
+
+    asyncio.run(main())
