@@ -116,6 +116,25 @@ def _line(res: BenchResult) -> str:
     )
 
 
+def machine_facts() -> dict:
+    """What a figure needs beside it to be compared with another run: the CPU, its cores, torch and its
+    threads, and the GPU if any."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    facts = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
+
+
 def check_args(args) -> None:
     """ValueError (one line) for numbers no run can use. Checked before the model loads: an infinite or
     NaN --seconds would otherwise build its workload forever, and zero or negative counts run nothing
@@ -170,12 +189,16 @@ def run(args) -> int:
         # Process-wide: set before either system runs, so the engine and the baseline share the allocator.
         if keep_freed_memory():
             allocator = "freed memory kept (both systems)"
+    machine = machine_facts()
     print(
         f"# monosemantic bench: {model}, latency {latency} ms, {len(clips)} clips, {args.seconds:.0f} s per stream, "
         f"allocator: {allocator}",
         flush=True,
     )
-    report: dict = {"model": str(args.model), "latency_ms": latency, "seconds": args.seconds, "runs": []}
+    print("# " + ", ".join(f"{k} {v}" for k, v in machine.items()), flush=True)
+    report: dict = {
+        "model": str(args.model), "latency_ms": latency, "seconds": args.seconds, "machine": machine, "runs": [],
+    }
 
     def log(res: BenchResult) -> None:
         print(_line(res), flush=True)

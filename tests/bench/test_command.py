@@ -127,3 +127,10 @@ def test_json_that_is_a_directory_is_refused_and_a_good_path_is_written(checkpoi
     done = run_bench(checkpoint, "--json", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     assert '"runs"' in out.read_text() and "streams=1" in done.stdout
+    import json
+
+    import torch
+
+    machine = json.loads(out.read_text())["machine"]  # what a figure needs beside it
+    assert machine["torch"] == torch.__version__ and machine["threads"] >= 1 and machine["cores"] >= 1
+    assert f"torch {torch.__version__}" in done.stdout
