@@ -135,13 +135,15 @@ class SpeechStream(stt.RecognizeStream):
     # ---- the run ----------------------------------------------------------------------------------------
     async def _run(self) -> None:
         self._engine = await self._acquire()
+        self._es = await self._open()
+        # The stream knows whether its engine reports voice activity: a remote server may run without.
+        vad = getattr(self._es, "vad", self._vad)
         clock = Clock(offset=lambda: self.start_time_offset, anchor=lambda: self.start_time)
         self._tracker = TurnTracker(
-            clock, language=self._opts.language, interim_results=self._opts.interim_results, vad=self._vad
+            clock, language=self._opts.language, interim_results=self._opts.interim_results, vad=vad
         )
         self._held, self._first_push = None, True
         self._settled.set()
-        self._es = await self._open()
         input_task = asyncio.create_task(self._forward_input(), name="monosemantic.forward_input")
         events_task = asyncio.create_task(self._forward_events(), name="monosemantic.forward_events")
         tasks = [input_task, events_task]
@@ -222,6 +224,15 @@ class SpeechStream(stt.RecognizeStream):
 
     # ---- event side -------------------------------------------------------------------------------------
     async def _forward_events(self) -> None:
+        try:
+            await self._receive_events()
+        except monosemantic.MonosemanticError as exc:
+            # A flush at the VAD's end, or a stream change, that fails (a lost server connection, say) is
+            # LiveKit's APIError like any other failure, so the base class retries it.
+            if not self._aclosing:
+                raise as_api_error(exc, "receiving transcripts from the speech engine failed") from exc
+
+    async def _receive_events(self) -> None:
         while True:
             es = self._es
             async for event in es:

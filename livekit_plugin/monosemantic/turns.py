@@ -58,6 +58,7 @@ class _Segment:
 
     start: int
     ended: bool = False
+    end: int = 0  # where it ended, once ended
 
 
 class TurnTracker:
@@ -74,7 +75,7 @@ class TurnTracker:
         self.pending: deque[FlushReason] = deque()  # flushes whose Final has not arrived, in order
         self.held: deque[_Segment] = deque()
         self._speech_start = 0
-        self._speech_end = 0
+        self._speech_end: int | None = None  # the open turn's VAD end, once known
 
     # ---- what the stream tells the tracker -----------------------------------------------------------
     def flushed(self, reason: FlushReason) -> None:
@@ -108,7 +109,9 @@ class TurnTracker:
         if self.state == "idle":
             return []
         self.state = "idle"
-        return [self._end(self._speech_end or self.pushed)]
+        # Mid-turn, the turn ends where the audio stops; never before its own start.
+        end = self._speech_end if self._speech_end is not None else self.pushed
+        return [self._end(max(end, self._speech_start))]
 
     @property
     def idle(self) -> bool:
@@ -127,6 +130,7 @@ class TurnTracker:
     def _open(self, sample: int) -> list[stt.SpeechEvent]:
         self.state = "speaking"
         self._speech_start = sample
+        self._speech_end = None  # a previous turn's end is not this one's
         onset = min(self.clock.wall(sample), time.time())  # input faster than real time runs ahead of the clock
         out = [stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH, speech_start_time=onset)]
         if self.text and self.interim_results:  # hypothesis that arrived before the VAD was sure
@@ -143,7 +147,7 @@ class TurnTracker:
             return out, True
         for segment in self.held:
             if not segment.ended:  # a held segment ended before its turn could open: flush for it too
-                segment.ended = True
+                segment.ended, segment.end = True, sample
                 return [], True
         return [], False
 
@@ -153,13 +157,14 @@ class TurnTracker:
         self.utterance_start = final.end
         event = self._final_event(final)
         if (reason == "vad" and self.state == "ending") or (not self.vad and self.state == "speaking"):
-            out = [event, self._end(self._speech_end if self.vad else final.end)]
+            end = self._speech_end if self.vad and self._speech_end is not None else final.end
+            out = [event, self._end(max(end, self._speech_start))]
             self.state = "idle"
             if self.held:
                 segment = self.held.popleft()
                 out += self._open(segment.start)
                 if segment.ended:
-                    self.state = "ending"
+                    self.state, self._speech_end = "ending", segment.end
             return out
         if self.state != "idle" or (reason == "framework" and not final.text):
             return [event]  # inside a turn; or the framework's empty acknowledgement

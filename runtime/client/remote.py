@@ -96,6 +96,8 @@ class RemoteStream:
         self.latency_ms: int = ready["latency_ms"]
         self.sample_rate: int = ready["sample_rate"]
         self.model_sample_rate: int = ready["model_sample_rate"]
+        # Whether the server reports voice activity; servers before this field always did.
+        self.vad: bool = bool(ready.get("vad", True))
         self._events = EventQueue()  # bounded for a reader far behind (event_queue)
         self._closed = False  # close() was called
         self._owed = 0  # flushes sent whose final has not arrived: a close() still waits for them

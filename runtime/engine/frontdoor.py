@@ -59,6 +59,8 @@ class _StreamBase:
         self._resampler = StreamResampler(sample_rate, core.model.sample_rate)
         self._piece = max(1, core.capacity // 4)  # the most one write asks for at once
         self._pending = _NOTHING  # model-rate samples accepted, not yet written
+        # Whether the engine reports voice activity (SpeechStarted/SpeechEnded) on this stream.
+        self.vad: bool = core.config.vad is not None
         self.handle: int | None = None
         self.latency_ms: int | None = None
 

@@ -180,7 +180,10 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     state.metrics.streams_opened.inc()
     state.metrics.open_streams.set(len(state.sessions))
     try:
-        ready = ready_message(stream_id, stream.latency_ms, params.sample_rate, state.model.sample_rate, state.model.latency_modes)
+        ready = ready_message(
+            stream_id, stream.latency_ms, params.sample_rate, state.model.sample_rate, state.model.latency_modes,
+            vad=stream.vad,
+        )
         await session.run(ready)
     finally:
         state.sessions.discard(session)

@@ -101,7 +101,9 @@ def check_audio(data: bytes) -> None:
 # ---- server -> client ------------------------------------------------------------------------------
 
 
-def ready_message(stream_id: str, latency_ms: int, sample_rate: int, model_sample_rate: int, latency_modes) -> dict:
+def ready_message(
+    stream_id: str, latency_ms: int, sample_rate: int, model_sample_rate: int, latency_modes, vad: bool
+) -> dict:
     return {
         "type": "ready",
         "protocol": PROTOCOL_VERSION,
@@ -110,6 +112,7 @@ def ready_message(stream_id: str, latency_ms: int, sample_rate: int, model_sampl
         "sample_rate": sample_rate,
         "model_sample_rate": model_sample_rate,
         "latency_modes": list(latency_modes),
+        "vad": vad,
     }
 
 

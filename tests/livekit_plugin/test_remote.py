@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import numpy as np
 import pytest
 from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError
 from livekit.agents.stt import SpeechEventType as T
@@ -97,3 +98,59 @@ def test_unreachable_server_is_retried_then_a_connection_error():
     # each failed attempt is reported as recoverable until the retries run out
     assert [e.recoverable for e in errors] == [True, True, False]
     assert f"127.0.0.1:{port}" in str(info.value)
+
+
+def test_a_server_without_vad_gives_turns_and_interims_from_the_text(ms_model, audio_clips, lk):
+    """Against `serve --no-vad` the plugin expected speech events that never came: no START and no
+    INTERIM until the flush. The server's `ready` now says it runs no VAD, and turns open at the first
+    text, as in process with `EngineConfig(vad=None)`."""
+    audio = audio_clips["sense_and_sensibility_01_austen_64kb-0870.wav"]
+
+    async def main(port):
+        stt = lk_monosemantic.STT(base_url=f"ws://127.0.0.1:{port}")
+        try:
+            return await lk.drive(stt.stream(), audio, realtime_factor=4.0)
+        finally:
+            await stt.aclose()
+
+    with RunningServer(ms_model("nemotron_rnnt"), vad=False, max_streams=2) as server:
+        events = asyncio.run(main(server.port))
+    turns = lk.check_invariants(events, len(audio) / 16000)
+    kinds = [e.type for e in events]
+    assert turns and kinds.index(T.START_OF_SPEECH) < kinds.index(T.INTERIM_TRANSCRIPT) < kinds.index(T.FINAL_TRANSCRIPT)
+    assert finals(events)[-1].end_time == pytest.approx(len(audio) / 16000, abs=1e-3)
+
+
+def test_a_connection_lost_at_a_vad_flush_is_a_retryable_connection_error(server, audio_clips, lk, monkeypatch):
+    """The flush the plugin makes at the VAD's speech end ran outside the error mapping: a server gone at
+    that moment ended the stream with the client's raw ConnectionLostError, which LiveKit neither
+    retries nor reports as recoverable."""
+    from monosemantic.client import ConnectionLostError
+    from monosemantic.client.remote import RemoteStream
+
+    async def lost(self):
+        raise ConnectionLostError("the connection to the server was lost: gone", 1006)
+
+    monkeypatch.setattr(RemoteStream, "flush", lost)
+    speech = audio_clips["jfk.wav"]
+    audio = np.concatenate([speech, np.zeros(16000 * 3, np.float32)])  # the VAD ends the turn first
+
+    async def main():
+        stt = lk_monosemantic.STT(base_url=f"ws://127.0.0.1:{server.port}", api_key="s3cret")
+        errors = []
+        stt.on("error", errors.append)
+        stream = stt.stream(conn_options=APIConnectOptions(max_retry=1, retry_interval=0.01, timeout=10))
+        events = []
+        reader = lk.start_reader(stream, events)
+        feeding = asyncio.create_task(lk.feed(stream, audio, realtime_factor=4.0))
+        await lk.wait_for(lambda: errors, timeout=60)
+        feeding.cancel()  # the stream may have closed for good (the retry fails the same way)
+        await asyncio.gather(feeding, return_exceptions=True)
+        await stream.aclose()
+        await asyncio.gather(reader, return_exceptions=True)
+        await stt.aclose()
+        return errors
+
+    errors = asyncio.run(main())
+    assert isinstance(errors[0].error, APIConnectionError) and errors[0].error.retryable
+    assert errors[0].recoverable  # retried on a new connection

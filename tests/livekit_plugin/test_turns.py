@@ -64,6 +64,10 @@ def test_speech_resuming_before_the_final_opens_its_turn_after_the_end():
     assert [e.type for e in events] == [S, I, P, F, E, S, F, E]
     assert events[-2].alternatives[0].text == "b"
     assert t.idle
+    # each END at its own turn's VAD end (the second one carried the first turn's, before its own START)
+    assert events[4].speech_end_time == 1000.0 + 8000 / 16000
+    assert events[5].speech_start_time == 1000.0 + 9000 / 16000
+    assert events[7].speech_end_time == 1000.0 + 12000 / 16000
 
 
 def test_framework_flush_inside_a_turn_gives_a_final_and_keeps_the_turn():
@@ -95,6 +99,16 @@ def test_close_mid_turn_ends_it_once():
     events = run(t, [SpeechStarted(0), Partial("x", "x")])
     assert [e.type for e in events + t.close()] == [S, I, E]
     assert t.close() == []
+
+
+def test_close_mid_turn_ends_it_where_the_audio_stops_not_at_an_earlier_turns_end():
+    t = tracker()
+    events = run(t, [SpeechStarted(0), SpeechEnded(8000), Final("a", start=0, end=9000), SpeechStarted(20000)])
+    t.pushed = 40000
+    events += t.close()
+    assert [e.type for e in events] == [S, F, E, S, E]
+    assert events[-2].speech_start_time == 1000.0 + 20000 / 16000
+    assert events[-1].speech_end_time == 1000.0 + 40000 / 16000  # it was the first turn's end, 8000
 
 
 def test_without_vad_text_opens_the_turn_and_the_final_closes_it():
