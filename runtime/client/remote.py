@@ -266,8 +266,15 @@ class RemoteEngine:
         self._session = session
         self._own_session = session is None
         self._streams: set[RemoteStream] = set()
+        self._closed = False
+
+    def _check_open(self) -> None:
+        # As a local Engine once closed: reopening its own HTTP session would leak it unclosed.
+        if self._closed:
+            raise StreamError("this RemoteEngine is closed: make a new one to open more streams")
 
     async def __aenter__(self) -> "RemoteEngine":
+        self._check_open()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -281,6 +288,7 @@ class RemoteEngine:
         # The local engine's own check (AudioError), so that either engine refuses the same rates, and a
         # fractional rate is not silently truncated into the URL.
         sample_rate = check_rate(sample_rate)
+        self._check_open()
         if self._session is None:
             # Every stream holds its own connection for its whole life: aiohttp's default pool of 100
             # would make the 101st open wait for a free connection until it timed out.
@@ -328,7 +336,9 @@ class RemoteEngine:
         self._streams.discard(stream)
 
     async def aclose(self) -> None:
-        """Close every open stream, wait for the server to end them, and release the HTTP session."""
+        """Close every open stream, wait for the server to end them, and release the HTTP session. The
+        engine opens no more streams after."""
+        self._closed = True
         streams = list(self._streams)
         for stream in streams:
             await stream.close()

@@ -428,3 +428,22 @@ def test_an_api_key_with_control_characters_is_refused_up_front():
         with pytest.raises(ValueError, match="control characters"):
             RemoteEngine("ws://127.0.0.1:9", api_key=key)
     RemoteEngine("ws://127.0.0.1:9", api_key="ok key-ÿ")
+
+
+def test_a_closed_remote_engine_opens_no_more_streams(server):
+    """It reopened its own HTTP session on the next open_stream, which nothing then closed (aiohttp's
+    "Unclosed client session" at exit); a local Engine once closed refuses too."""
+
+    async def main():
+        engine = RemoteEngine(server.http)
+        stream = await engine.open_stream(latency_ms=160)
+        await stream.close()
+        await engine.aclose()
+        with pytest.raises(StreamError, match="closed"):
+            await engine.open_stream(latency_ms=160)
+        with pytest.raises(StreamError, match="closed"):
+            async with engine:
+                pass
+        assert engine._session is None
+
+    asyncio.run(main())
