@@ -58,13 +58,11 @@ class SpeechStream(stt.RecognizeStream):
         stt: "STT",
         opts: STTOptions,
         acquire: Callable[[], Awaitable[EngineLike]],
-        vad: bool = True,
         conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
     ) -> None:
         super().__init__(stt=stt, conn_options=conn_options, sample_rate=SAMPLE_RATE)
         self._opts = opts
         self._acquire = acquire
-        self._vad = vad  # whether the engine reports voice activity (turns follow it)
         self._lock = asyncio.Lock()
         self._es: EngineStreamLike | None = None
         self._engine: EngineLike | None = None
@@ -136,11 +134,10 @@ class SpeechStream(stt.RecognizeStream):
     async def _run(self) -> None:
         self._engine = await self._acquire()
         self._es = await self._open()
-        # The stream knows whether its engine reports voice activity: a remote server may run without.
-        vad = getattr(self._es, "vad", self._vad)
         clock = Clock(offset=lambda: self.start_time_offset, anchor=lambda: self.start_time)
+        # Turns follow the engine's voice activity, or the text where the engine (a server) runs no VAD.
         self._tracker = TurnTracker(
-            clock, language=self._opts.language, interim_results=self._opts.interim_results, vad=vad
+            clock, language=self._opts.language, interim_results=self._opts.interim_results, vad=self._es.vad
         )
         self._held, self._first_push = None, True
         self._settled.set()

@@ -122,8 +122,7 @@ class STT(stt.STT):
         opts = dataclasses.replace(self._opts)
         if is_given(language):
             opts.language = language
-        vad = self._spec.config is None or self._spec.config.vad is not None
-        stream = SpeechStream(stt=self, opts=opts, acquire=self._engine, vad=vad, conn_options=conn_options)
+        stream = SpeechStream(stt=self, opts=opts, acquire=self._engine, conn_options=conn_options)
         self._streams.add(stream)
         return stream
 

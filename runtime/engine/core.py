@@ -55,6 +55,11 @@ class StreamState:
     guard: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _speech_event(transition) -> Event:
+    """The event of a VAD policy transition (monosemantic.vad.policy)."""
+    return (SpeechStarted if transition.kind == "start" else SpeechEnded)(transition.sample)
+
+
 @dataclass
 class TickStats:
     """What the last tick did (read by metrics and benchmarks)."""
@@ -222,7 +227,7 @@ class EngineCore:
                 # Every SpeechStarted gets its SpeechEnded, also when the stream stops mid-speech: the open
                 # segment closes where the VAD stopped listening.
                 for transition in state.policy.flush():
-                    state.emit((SpeechStarted if transition.kind == "start" else SpeechEnded)(transition.sample))
+                    state.emit(_speech_event(transition))
             if state.unreported_samples:
                 state.emit(Usage(state.unreported_samples / self.model.sample_rate))
             if reason is not None:
@@ -358,7 +363,7 @@ class EngineCore:
                 if state.closed:  # closed since: close() has flushed the policy and ended the events
                     continue
                 for transition in state.policy.update(row_probs):
-                    state.emit((SpeechStarted if transition.kind == "start" else SpeechEnded)(transition.sample))
+                    state.emit(_speech_event(transition))
         self._signal_space(state for state, _ in progressed)
 
     def _apply_steps(self, rows: tuple[StepRow, ...], results: list[RowResult]) -> None:

@@ -19,6 +19,7 @@ from monosemantic import AudioError, Engine, Error, Final, SpeechEnded, SpeechSt
 from monosemantic.client import ConnectionLostError, RemoteEngine, ServerRejectedError, ServerUnreachableError
 from monosemantic.client.loadtest import LoadtestConfig, run_loadtest, summarize
 
+from _support.events import final_of
 from _support.server import RunningServer
 
 pytestmark = pytest.mark.timeout(240)
@@ -326,13 +327,6 @@ def test_latency_modes_that_are_not_integers_are_refused_before_connecting(serve
 
     asyncio.run(main())
     assert server.open_streams() == 0
-
-
-async def final_of(stream) -> Final:
-    async for event in stream:
-        if isinstance(event, Final):
-            return event
-    raise AssertionError("the stream ended without a Final")
 
 
 def small_send_buffer(addr_info):

@@ -18,6 +18,8 @@ from monosemantic import Engine, EngineConfig, Final, SyncEngine
 from monosemantic.audio import resample
 from monosemantic.engine.frontdoor import _Mailbox
 
+from _support.events import final_of
+
 
 def test_mailbox_delivers_in_order_in_few_wakeups():
     async def main():
@@ -74,13 +76,6 @@ def wait_until(condition, seconds=5.0) -> bool:
             return False
         time.sleep(0.02)
     return True
-
-
-async def final_of(stream) -> Final:
-    async for event in stream:
-        if isinstance(event, Final):
-            return event
-    raise AssertionError("the stream ended without a Final")
 
 
 def test_event_loops_opening_the_first_streams_at_once_start_one_engine_thread(ms_model, monkeypatch):
