@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..models.precision import exact_fp32
@@ -131,8 +132,118 @@ def greedy_decode(
 
 
 def _decode(prediction, joint, encoded, lengths, state, durations, max_symbols, compact):
-    """compact: step the prediction network on the rows that found a label only (gathered), rather than
-    on every row with the others masked out; the same labels and state either way."""
+    """compact: the host loop (`_decode_on_host`), which runs the joint and the prediction network on
+    the rows that need them only; otherwise every row runs and the others are masked out (on a GPU,
+    masking costs no sync and launches the same kernels whatever the rows). The same labels either way."""
+    if compact:
+        return _decode_on_host(prediction, joint, encoded, lengths, state, durations, max_symbols)
+    return _decode_masked(prediction, joint, encoded, lengths, state, durations, max_symbols)
+
+
+def _decode_on_host(prediction, joint, encoded, lengths, state, durations, max_symbols):
+    """The label loop with its control on the host: which rows are active, their times and the
+    max_symbols counters are numpy arrays, the found labels Python lists, and torch runs only the joint
+    and the prediction network, each on the rows that need it.
+
+    On a CPU a torch call on a tensor of a few dozen elements costs microseconds of dispatch, numpy's
+    a fraction of that, and the masked loop spent most of its time on such calls (about a hundred per
+    label, and a step of many streams runs a label loop as long as its busiest row's); a loaded engine
+    also hands the GIL over at each of them. The rules are `_decode_masked`'s, row by row."""
+    batch, _, _ = encoded.shape
+    device = encoded.device
+    blank = prediction.cfg.vocab_size
+    tdt = len(durations) > 0
+    num_dur = len(durations)
+    dur_values = np.array(durations if tdt else [1], dtype=np.int64)
+
+    enc_proj = joint.project_encoder(encoded)  # [B, T, joint_hidden]
+    lengths = lengths.to(device="cpu", dtype=torch.long).numpy()  # [B]
+    time = state.time_jump.to("cpu").numpy().copy()  # [B]
+    h, c, pred_out = state.h, state.c, state.pred_out
+    out_labels: list[list[int]] = [[] for _ in range(batch)]
+    out_frames: list[list[int]] = [[] for _ in range(batch)]
+    out_durations: list[list[int]] = [[] for _ in range(batch)]
+    last_nb_time = np.full(batch, -1, dtype=np.int64)
+    last_nb_count = np.zeros(batch, dtype=np.int64)
+
+    def joint_at(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(label, duration) [len(rows)] each, of those rows at their current times."""
+        index = torch.from_numpy(rows).to(device)
+        frame = torch.from_numpy(time[rows]).to(device)
+        logits = joint(enc_proj[index, frame], pred_out[index])  # [R, V+1(+D)]
+        if not tdt:
+            return logits.argmax(dim=-1).cpu().numpy(), np.ones(len(rows), dtype=np.int64)
+        label = logits[:, :-num_dur].argmax(dim=-1).cpu().numpy()
+        dur = dur_values[logits[:, -num_dur:].argmax(dim=-1).cpu().numpy()]
+        # A blank must move time forward, even when its predicted duration is 0.
+        dur[(label == blank) & (dur == 0)] = 1
+        return label, dur
+
+    active = np.flatnonzero(time < lengths)  # rows still inside the chunk
+    while len(active):
+        labels, dur = joint_at(active)  # [A] each
+        label_time = time[active]
+        is_blank = labels == blank
+        time[active] += dur if tdt else is_blank
+        # Rows that passed a blank and are still inside the chunk look again at their new frame.
+        advance = np.flatnonzero((time[active] < lengths[active]) & is_blank)  # positions in `active`
+        while len(advance):
+            rows = active[advance]
+            label_time[advance] = time[rows]
+            labels[advance], dur[advance] = joint_at(rows)
+            is_blank[advance] = labels[advance] == blank
+            # TDT moves by the new label's duration, blank or not; RNN-T only past a blank.
+            time[rows] += dur[advance] if tdt else is_blank[advance]
+            advance = advance[(time[rows] < lengths[rows]) & is_blank[advance]]
+        # RNN-T: a row still inside the chunk holds a non-blank label. TDT: the label's duration may
+        # have carried the row past its end, and it still counts.
+        took = ~is_blank if tdt else time[active] < lengths[active]  # over `active`
+        found = active[took]  # [F]
+        found_labels, found_times = labels[took], label_time[took]
+        for row, label, frame, d in zip(found.tolist(), found_labels.tolist(), found_times.tolist(), dur[took].tolist()):
+            out_labels[row].append(label)
+            out_frames[row].append(frame)
+            out_durations[row].append(d)
+        same_frame = last_nb_time[found] == found_times
+        last_nb_count[found] = np.where(same_frame, last_nb_count[found] + 1, 1)
+        last_nb_time[found] = found_times
+
+        if len(found):
+            # Only the rows that found a label step the LSTM: in a step of many streams most rows are
+            # done after a label or two while the loop runs on for the busiest, and on a CPU the LSTM's
+            # matrix products over every row were most of the decoding time.
+            index = torch.from_numpy(found).to(device)
+            out, (h_new, c_new) = prediction.step(torch.from_numpy(found_labels).to(device), (h[:, index], c[:, index]))
+            h = h.index_copy(1, index, h_new)
+            c = c.index_copy(1, index, c_new)
+            pred_out = pred_out.index_copy(0, index, joint.project_prediction(out))
+
+        if max_symbols is not None and len(found):
+            # A row that emitted max_symbols labels at the frame it is on moves past that frame.
+            force = found[(last_nb_count[found] >= max_symbols) & (last_nb_time[found] == time[found])]
+            time[force] += 1
+        active = active[time[active] < lengths[active]]
+
+    offsets = state.frame_offset.to("cpu").tolist()
+    decoded = DecodedChunk(
+        labels=out_labels,
+        frames=[[f + offset for f in row] for row, offset in zip(out_frames, offsets)],
+        durations=out_durations,
+    )
+    # Only TDT can jump past a chunk's end; an RNN-T stream always stops exactly at it.
+    jump = time - lengths if tdt else np.zeros_like(time)
+    lengths_t = torch.from_numpy(lengths).to(state.frame_offset.device)
+    new_state = DecoderState(
+        h=h,
+        c=c,
+        pred_out=pred_out,
+        time_jump=torch.from_numpy(jump).to(state.time_jump.device),
+        frame_offset=state.frame_offset + lengths_t,
+    )
+    return decoded, new_state
+
+
+def _decode_masked(prediction, joint, encoded, lengths, state, durations, max_symbols):
     batch, max_time, _ = encoded.shape
     device = encoded.device
     blank = prediction.cfg.vocab_size
@@ -188,22 +299,11 @@ def _decode(prediction, joint, encoded, lengths, state, durations, max_symbols, 
         last_nb_count = torch.where(same_frame, last_nb_count + 1, torch.where(found, 1, last_nb_count))
         last_nb_time = torch.where(found, label_time, last_nb_time)
 
-        if compact:
-            # Only the rows that found a label step the LSTM: in a step of many streams most rows are
-            # done after a label or two while the loop runs on for the busiest, and on a CPU the LSTM's
-            # matrix products over every row were most of the decoding time.
-            rows_found = found.nonzero().squeeze(1)  # [F]
-            if rows_found.numel():
-                out, (h_new, c_new) = prediction.step(labels[rows_found], (h[:, rows_found], c[:, rows_found]))
-                h = h.index_copy(1, rows_found, h_new)
-                c = c.index_copy(1, rows_found, c_new)
-                pred_out = pred_out.index_copy(0, rows_found, joint.project_prediction(out))
-        else:  # on a GPU, masking costs no sync and launches the same kernels whatever the rows
-            out, (h_new, c_new) = prediction.step(labels, (h, c))
-            keep = found[None, :, None]
-            h = torch.where(keep, h_new, h)
-            c = torch.where(keep, c_new, c)
-            pred_out = torch.where(found[:, None], joint.project_prediction(out), pred_out)
+        out, (h_new, c_new) = prediction.step(labels, (h, c))
+        keep = found[None, :, None]
+        h = torch.where(keep, h_new, h)
+        c = torch.where(keep, c_new, c)
+        pred_out = torch.where(found[:, None], joint.project_prediction(out), pred_out)
 
         if max_symbols is not None:
             force = active & ~is_blank & (last_nb_count >= max_symbols) & (last_nb_time == time)

@@ -100,9 +100,10 @@ def test_state_select_and_cat_round_trip(ms_model):
 
 @pytest.mark.parametrize("variant", ["nemotron_rnnt", "nemotron_tdt"])
 def test_stepping_only_the_rows_that_found_a_label_equals_masking_the_others(ms_model, audio_clips, variant):
-    """The CPU path gathers the rows that found a label for the prediction network; the GPU path steps
-    every row and masks. Same labels, frames and durations chunk after chunk, and the same carried state
-    up to float rounding (a matrix product over fewer rows may round differently)."""
+    """The CPU path (`_decode_on_host`) keeps the loop's control in numpy and runs the joint and the
+    prediction network on the rows that need them only; the GPU path steps every row and masks. Same
+    labels, frames and durations chunk after chunk, and the same carried state up to float rounding (a
+    matrix product over fewer rows may round differently)."""
     model = ms_model(variant)
     module = model.module
     encoded, lengths = encoder_outputs(model, audio_clips)
