@@ -76,7 +76,7 @@ class STT(stt.STT):
         self._opts.validate()
         self._streams: weakref.WeakSet[SpeechStream] = weakref.WeakSet()
         self._prewarm_task: asyncio.Task | None = None
-        self._base_url = base_url
+        self._base_url, self._api_key = base_url, api_key
         self._remote = remote_engine(base_url, api_key) if base_url else None
 
     @property
@@ -151,13 +151,18 @@ class STT(stt.STT):
             stream.update_options(latency_ms=latency_ms, language=language, interim_results=interim_results)
 
     async def aclose(self) -> None:
-        """Close this STT's streams. The shared engine stays up for the process's other sessions
-        (`monosemantic.close_shared_engines()` stops it)."""
+        """Close this STT's streams (and, in remote mode, its connections to the server). The STT stays
+        usable, in both modes: the shared engine stays up for the process's other sessions
+        (`monosemantic.close_shared_engines()` stops it), and a remote STT opens new connections for
+        later streams, as an STT held at module level and reused by the next session needs."""
         if self._prewarm_task is not None:
             self._prewarm_task.cancel()
         await asyncio.gather(*(s.aclose() for s in list(self._streams)), return_exceptions=True)
         if self._remote is not None:
-            await self._remote.aclose()
+            # A closed client refuses new streams (and a reopened one would leak its HTTP session), so
+            # later streams get a fresh client.
+            closing, self._remote = self._remote, remote_engine(self._base_url, self._api_key)
+            await closing.aclose()
 
     async def _recognize_impl(
         self,

@@ -68,6 +68,35 @@ def test_remote_recognize_equals_offline_transcription(server, ms_model, audio_c
     assert [str(w) for w in event.alternatives[0].words] == [w.text for w in expected.words]
 
 
+def test_a_remote_stt_serves_new_streams_after_aclose(server, ms_model, audio_clips, lk):
+    """An STT is often held at module level and reused by the next session after the previous one
+    closed it. In process that works (the shared engine stays up); remote, the closed client used to
+    refuse every later stream, through LiveKit's retries, as a connection error."""
+    from livekit import rtc
+
+    audio = audio_clips["jfk.wav"]
+    expected = ms_model("nemotron_rnnt").transcribe(audio, latency_ms=160)
+    pcm = lk.to_int16(audio)
+
+    async def main():
+        stt = lk_monosemantic.STT(base_url=f"ws://127.0.0.1:{server.port}", api_key="s3cret")
+        first = await stt.recognize(rtc.AudioFrame(pcm.tobytes(), 16000, 1, len(pcm)))
+        await stt.aclose()
+        try:
+            again = await stt.recognize(
+                rtc.AudioFrame(pcm.tobytes(), 16000, 1, len(pcm)),
+                conn_options=APIConnectOptions(max_retry=0, retry_interval=0.01, timeout=30),
+            )
+            streamed = await lk.drive(stt.stream(), audio, realtime_factor=4.0)
+        finally:
+            await stt.aclose()
+        return first, again, streamed
+
+    first, again, streamed = asyncio.run(main())
+    assert first.alternatives[0].text == again.alternatives[0].text == expected.text
+    assert " ".join(f.text for f in finals(streamed) if f.text)
+
+
 async def run_until_error(stt, conn_options, errors: list):
     """Iterate a stream until it fails, collecting the STT's error events into `errors`."""
     stt.on("error", errors.append)
