@@ -57,7 +57,10 @@ MONOSEMANTIC_TTFS_P99: float = 0.38
 DEFAULT_LATENCY_MS = 160
 """The voice-agent mode of Nemotron Speech streaming: 160 ms chunks."""
 
-_REOPEN_BACKOFF_SECONDS = 1.0  # after a failed open, audio frames do not retry (and report) more often
+# After a failed open, audio frames do not retry (and report) sooner than this; the wait doubles with each
+# failure in a row up to the cap, so a server down for minutes gives an ErrorFrame every 8 s, not every 1 s.
+_REOPEN_BACKOFF_SECONDS = 1.0
+_REOPEN_BACKOFF_MAX_SECONDS = 8.0
 
 
 class MonosemanticSTTService(STTService):
@@ -138,6 +141,7 @@ class MonosemanticSTTService(STTService):
         self._lock = asyncio.Lock()  # orders pushes against flushes and stream swaps
         self._in_utterance = False  # between VADUserStartedSpeaking and VADUserStoppedSpeaking
         self._retry_at = 0.0
+        self._open_failures = 0  # failed opens in a row (the reopen backoff doubles with each)
         self._aborted = False  # cancelled: push nothing more
         self._frame_audio: FrameAudio | None = None  # set at start, when the stream's rate is known
 
@@ -157,7 +161,7 @@ class MonosemanticSTTService(STTService):
         await super().start(frame)
         self._frame_audio = FrameAudio(self.sample_rate)
         self._aborted = False
-        self._retry_at = 0.0
+        self._retry_at, self._open_failures = 0.0, 0
         async with self._lock:
             await self._ensure_session()
 
@@ -267,17 +271,21 @@ class MonosemanticSTTService(STTService):
             return None
         try:
             self._session = await self._open_session()
+            self._open_failures = 0
         except Exception as e:
             self._session = None
-            self._retry_at = time.monotonic() + _REOPEN_BACKOFF_SECONDS
+            self._open_failures += 1
+            wait = min(_REOPEN_BACKOFF_MAX_SECONDS, _REOPEN_BACKOFF_SECONDS * 2 ** (self._open_failures - 1))
+            self._retry_at = time.monotonic() + wait
             # A checkpoint that cannot load, or a setting the model refuses, will fail the same way every
             # time: mark the service unusable (a settings update makes it usable again).
             # A server that refuses for good (a wrong key) is too; unreachable or full is not.
             permanent = isinstance(e, (ModelLoadError, MissingDependencyError, ValueError, AudioError)) or (
                 isinstance(e, StreamError) and getattr(e, "retryable", True) is False
             )
+            retry = "" if permanent else f"; audio is not transcribed until a stream opens (next try in {wait:g} s)"
             await self.push_error(
-                f"could not open a recognition stream: {e}", exception=e, force_treat_as_permanent=permanent
+                f"could not open a recognition stream: {e}{retry}", exception=e, force_treat_as_permanent=permanent
             )
         return self._session
 
@@ -437,7 +445,7 @@ class MonosemanticSTTService(STTService):
                 self._settings.model = changed.pop("model")
                 self._sync_model_name_to_metrics()
         if changed.keys() & {"model", "latency_ms"}:
-            self._retry_at = 0.0
+            self._retry_at, self._open_failures = 0.0, 0
             async with self._lock:
                 session = self._session
                 if session is not None and not self._in_utterance and self._needs_new_stream(session):

@@ -1,6 +1,7 @@
 """Remote mode: `MonosemanticSTTService(base_url=...)` against a real `monosemantic serve` app on loopback
 gives the same transcripts as in-process; a server that goes away is a non-fatal ErrorFrame and the
-service reconnects; a wrong key is a permanent error, not a retry loop."""
+service reconnects; a wrong key is a permanent error, not a retry loop; an unreachable server is retried
+with a doubling backoff."""
 
 from __future__ import annotations
 
@@ -85,3 +86,47 @@ def test_wrong_key_is_a_permanent_error_not_a_retry_loop(harness, model, speech)
     errors = h.errors()
     assert len(errors) == 1 and ("401" in errors[0].error or "unauthorized" in errors[0].error.lower())
     assert not stt.is_usable and h.finals() == []
+
+
+def test_an_unreachable_server_is_retried_with_a_doubling_backoff(harness, speech, monkeypatch):
+    """While the server stays down, each failed open is a non-fatal ErrorFrame. With a fixed 1 s reopen
+    backoff that was one every second for as long as audio came; the wait now doubles from 1 s up to
+    8 s. A fake clock for the service, advanced half a second per audio frame, makes the schedule exact:
+    opens at 0 (start), 1, 3, 7 and 15 s in 18 s of frames."""
+    import socket
+    import types
+
+    from pipecat_monosemantic import stt as stt_module
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clock = [1000.0]
+    monkeypatch.setattr(stt_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    tries = []
+    ensure = MonosemanticSTTService._ensure_session
+
+    async def counted(self):
+        session = await ensure(self)
+        tries.append(clock[0])
+        return session
+
+    monkeypatch.setattr(MonosemanticSTTService, "_ensure_session", counted)
+    frame = speech[0][:320]  # 20 ms
+
+    async def main():
+        stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{port}")
+        async with harness(stt, sample_rate=16000) as h:
+            await h.wait_for(lambda: len(tries) == 1)  # the open at start
+            for n in range(36):
+                clock[0] += 0.5
+                await h.audio(frame)
+                await h.wait_for(lambda: len(tries) == n + 2)
+            await h.end(timeout=30)
+            return stt, h
+
+    stt, h = asyncio.run(main())
+    errors = h.errors()
+    assert len(errors) == 5 and not any(e.fatal for e in errors)
+    assert [e.error.rsplit("next try in ", 1)[1] for e in errors] == ["1 s)", "2 s)", "4 s)", "8 s)", "8 s)"]
+    assert f"127.0.0.1:{port}" in errors[0].error and stt.is_usable
