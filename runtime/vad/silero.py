@@ -198,7 +198,8 @@ class SileroVAD(nn.Module):
         The package runs these layers as convolutions. Here each is one matrix product over the
         unfolded frames, in a time-major layout: a window has only 4 STFT frames, so oneDNN's per-call
         set-up (~250 us a convolution on CPU) outweighed the arithmetic about 2x at the few dozen
-        windows of a tick. The sums are reordered, so probabilities move by ~1e-7 from the package's."""
+        windows of a tick. The sums are reordered, so probabilities move by up to about 1e-6 from the
+        package's."""
         n = x.shape[0]
         # Right-only reflection padding is what the package model does (its STFT pads [0, 64]).
         x = F.pad(x, (0, CONTEXT), mode="reflect")  # [N, 640]
