@@ -98,6 +98,21 @@ def test_state_select_and_cat_round_trip(ms_model):
         assert torch.equal(getattr(joined, name), getattr(state, name))
 
 
+def decode_both_ways(module, part, lengths, states, durations, max_symbols):
+    """One chunk through the host loop and the masked loop, each from its own carried state (`states`
+    keyed by compact, updated): the same labels, frames and durations, and the same state up to float
+    rounding (a matrix product over fewer rows may round differently). Returns the chunk's labels."""
+    out = {}
+    for compact in (True, False):
+        out[compact], states[compact] = greedy._decode(
+            module.decoder, module.joint, part, lengths, states[compact], durations, max_symbols, compact
+        )
+    assert out[True] == out[False]
+    for a, b in zip(vars(states[True]).values(), vars(states[False]).values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    return out[True]
+
+
 @pytest.mark.parametrize("variant", ["nemotron_rnnt", "nemotron_tdt"])
 def test_stepping_only_the_rows_that_found_a_label_equals_masking_the_others(ms_model, audio_clips, variant):
     """The CPU path (`_decode_on_host`) keeps the loop's control in numpy and runs the joint and the
@@ -113,15 +128,8 @@ def test_stepping_only_the_rows_that_found_a_label_equals_masking_the_others(ms_
     for start in range(0, encoded.shape[1], 2):  # 2 frames: a 160 ms chunk
         part = encoded[:, start : start + 2]
         part_len = torch.clamp(lengths - start, min=0, max=part.shape[1])
-        out = {}
-        for compact in (True, False):
-            out[compact], states[compact] = greedy._decode(
-                module.decoder, module.joint, part, part_len, states[compact], *model.decoding_args, compact
-            )
-        assert out[True] == out[False]
-        for a, b in zip(vars(states[True]).values(), vars(states[False]).values()):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        emitted += sum(map(len, out[True].labels))
+        decoded = decode_both_ways(module, part, part_len, states, *model.decoding_args)
+        emitted += sum(map(len, decoded.labels))
     assert emitted > 50
 
 
@@ -152,15 +160,8 @@ def test_host_loop_equals_masked_loop_on_edge_cases(ms_model, variant, max_symbo
                 part = torch.randn(6, chunk, d, generator=gen)
                 lengths = torch.randint(0, chunk + 1, (6,), generator=gen)
                 lengths[0] = 0  # a row with nothing in this chunk
-                out = {}
-                for compact in (True, False):
-                    out[compact], states[compact] = greedy._decode(
-                        module.decoder, module.joint, part, lengths, states[compact], durations, max_symbols, compact
-                    )
-                assert out[True] == out[False]
-                for a, b in zip(vars(states[True]).values(), vars(states[False]).values()):
-                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-                emitted += sum(map(len, out[True].labels))
+                decoded = decode_both_ways(module, part, lengths, states, durations, max_symbols)
+                emitted += sum(map(len, decoded.labels))
     finally:
         with torch.no_grad():
             bias.copy_(saved)
