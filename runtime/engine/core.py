@@ -8,10 +8,12 @@ them into queue items).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,6 +32,18 @@ from .scheduler import Scheduler, StepRow, StreamRecord, TickPlan
 log = logging.getLogger("monosemantic.engine")
 
 SWEEP_SECONDS = 1.0  # how often the loop looks for streams nobody can receive events from
+
+# Cores whose loop thread runs. The thread is a daemon (it must not keep a process alive), and a daemon
+# thread still inside a torch op when the interpreter finalizes aborts the process ("terminate called
+# without an active exception", SIGABRT): so every running core is stopped at exit, also one its owner
+# never closed.
+_running: "weakref.WeakSet[EngineCore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_cores() -> None:
+    for core in list(_running):
+        core.stop()
 
 
 @dataclass
@@ -147,6 +161,7 @@ class EngineCore:
                 keep_freed_memory()
             self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
             self._thread.start()
+            _running.add(self)
 
     def stop(self) -> None:
         """Stop the loop; every open stream gets Error('closed') and is released."""
@@ -159,6 +174,7 @@ class EngineCore:
         with self._start_lock:
             if self._thread is not None:
                 self._thread.join()
+            _running.discard(self)
 
     # ---- stream operations (any thread) ------------------------------------------------------------
     def open(

@@ -384,6 +384,45 @@ def test_engine_shutdown_closes_streams_with_an_error(ms_model):
     assert isinstance(events[-1], monosemantic.Error) and events[-1].code == "closed"
 
 
+@pytest.mark.parametrize("facade", ["asyncio", "sync"])
+def test_a_process_exiting_with_its_engine_busy_and_open_exits_cleanly(nemo_checkpoint, facade):
+    """An engine its owner never closed, stepping when the interpreter exits: the loop is stopped at exit
+    rather than left inside a torch op, which aborted the process (SIGABRT, "terminate called without an
+    active exception")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    audio = Path(__file__).parents[1] / "data" / "jfk.wav"
+    code = f"""
+import asyncio, time
+import soundfile as sf
+import monosemantic
+model = monosemantic.load_model({str(nemo_checkpoint("nemotron_rnnt"))!r}, device="cpu")
+audio, _ = sf.read({str(audio)!r}, dtype="float32")
+config = monosemantic.EngineConfig(max_streams=8, vad=None)
+streams = []  # held: a stream dropped unclosed is closed by the engine, which would then be idle
+if {facade!r} == "asyncio":
+    async def main():
+        engine = monosemantic.Engine(model, config)
+        for _ in range(8):
+            streams.append(await engine.open_stream(latency_ms=80))
+            await streams[-1].push(audio)
+        await asyncio.sleep(0.05)
+    asyncio.run(main())
+else:
+    engine = monosemantic.SyncEngine(model, config)
+    for _ in range(8):
+        streams.append(engine.open_stream(latency_ms=80))
+        streams[-1].push(audio)
+    time.sleep(0.05)
+print("exiting")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "exiting" in done.stdout, done.stderr
+    assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr
+
+
 def test_sync_facade_from_threads(ms_model, audio_clips):
     import threading
 
