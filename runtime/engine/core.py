@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import os
 import threading
 import time
 import weakref
@@ -44,6 +45,37 @@ _running: "weakref.WeakSet[EngineCore]" = weakref.WeakSet()
 def _stop_running_cores() -> None:
     for core in list(_running):
         core.stop()
+
+
+FORKED = (
+    "this engine was started in the process this one was forked from, and its loop thread runs only there: "
+    "create the engine after the fork (get_engine() in this process builds a new one on the loaded model)"
+)
+
+
+def _orphan_running_cores() -> None:
+    """In a child forked while engines ran: their loop threads were not copied, so they are shut down
+    here (with fresh locks, which the fork may have copied held) rather than accept streams nobody would
+    ever step."""
+    if not _running:
+        return
+    for core in list(_running):
+        core._orphan()
+    _running.clear()
+    # GNU OpenMP's thread pool does not survive a fork either: the child's first multithreaded torch op (the
+    # new engine a child builds included) would wait forever for the parent's workers. One thread does not
+    # use the pool.
+    import torch
+
+    if torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        log.warning(
+            "forked while an engine ran: torch runs one intra-op thread in this process (its OpenMP pool "
+            "does not survive a fork); start processes with the 'spawn' or 'forkserver' method to keep them all"
+        )
+
+
+os.register_at_fork(after_in_child=_orphan_running_cores)
 
 
 @dataclass
@@ -129,6 +161,8 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()  # two event loops opening the first streams at once start one loop
         self._stopping = False
+        self._down = "the engine is shut down"  # the StreamError of an open after stop (or a fork)
+        self._gone = "the stream is closed"  # the StreamError of a call on a stream no longer open
         # Handles of streams whose front-door object was garbage-collected unclosed: the loop closes
         # them. A deque, because a finalizer may run in any thread at any point, including one holding
         # self.lock; appending takes no lock.
@@ -151,7 +185,7 @@ class EngineCore:
     def start(self) -> None:
         with self._start_lock:
             if self._stopping:  # also once started: entering a closed engine again is an error, not a no-op
-                raise StreamError("the engine is shut down")
+                raise StreamError(self._down)
             if self._thread is not None:
                 return
             self.runner.warmup(list(self.config.warmup_latencies))
@@ -176,6 +210,13 @@ class EngineCore:
                 self._thread.join()
             _running.discard(self)
 
+    def _orphan(self) -> None:
+        """This process is a fork of the one running the loop (see _orphan_running_cores)."""
+        self.lock, self._start_lock, self.wake = threading.Lock(), threading.Lock(), threading.Event()
+        self._thread, self._stopping = None, True
+        self.streams, self.pending_resets = {}, []
+        self._down = self._gone = FORKED
+
     # ---- stream operations (any thread) ------------------------------------------------------------
     def open(
         self,
@@ -191,7 +232,7 @@ class EngineCore:
         latency = int(latency)  # a numpy integer is a mode too; events and metrics carry a plain int
         with self.lock:
             if self._stopping:
-                raise StreamError("the engine is shut down")
+                raise StreamError(self._down)
             record = self.scheduler.admit(latency, self.shapes[latency])
             policy = None
             if self.config.vad is not None:
@@ -268,7 +309,7 @@ class EngineCore:
     def _live(self, handle: int) -> StreamState:
         state = self.streams.get(handle)
         if state is None or state.closed:
-            raise StreamError("the stream is closed")
+            raise StreamError(self._gone)
         return state
 
     # ---- the loop ----------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ model once (in the caller's thread, or a worker thread for `aget_engine`) and ke
 life of the process. `close_shared_engines()` frees them (tests, or a process that wants its GPU back);
 it also runs at interpreter exit. A shared engine that one of its users closed is replaced by a new one
 (on the same loaded model) at the next `get_engine` for its key; that user's streams had ended with it.
+So is one inherited by a forked child (multiprocessing's default on Linux before Python 3.14): the
+engine's loop thread runs only in the parent.
 
     engine = await monosemantic.aget_engine("nvidia/nemotron-speech-streaming-en-0.6b", device="auto")
     stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
@@ -105,3 +107,15 @@ def close_shared_engines() -> None:
 
 
 atexit.register(close_shared_engines)
+
+
+def _fresh_locks_after_fork() -> None:
+    """A fork copies these locks in whatever state another thread held them. The engines inherited are
+    shut down in the child (core._orphan_running_cores), so get_engine replaces each with a new one on
+    the model already loaded."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _key_locks.clear()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_after_fork)

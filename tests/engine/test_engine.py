@@ -423,6 +423,80 @@ print("exiting")
     assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr
 
 
+def test_a_child_forked_while_engines_run_gets_clear_errors_and_fresh_engines(nemo_checkpoint):
+    """A fork copies an engine but not its loop thread. In the child, the inherited engine refuses new
+    streams and the inherited streams' pushes and flushes with an error naming the fork (they used to be
+    accepted and never stepped: a hang), get_engine builds a new engine that transcribes as the parent's
+    did (torch's OpenMP pool, which does not survive the fork either, is not used there), and the parent
+    goes on unaffected."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    audio = Path(__file__).parents[1] / "data" / "jfk.wav"
+    code = f"""
+import asyncio, faulthandler, os
+import soundfile as sf
+import monosemantic
+from monosemantic import EngineConfig, Final, StreamError
+path = {str(nemo_checkpoint("nemotron_rnnt"))!r}
+audio, _ = sf.read({str(audio)!r}, dtype="float32")
+config = EngineConfig(max_streams=4, vad=None)
+
+def sync_final(engine):
+    s = engine.open_stream(latency_ms=160)
+    s.push(audio)
+    s.flush()
+    text = next(e.text for e in s.events(timeout=60) if isinstance(e, Final))
+    s.close()
+    return text
+
+def async_final(engine):
+    async def main():
+        s = await engine.open_stream(latency_ms=160)
+        await s.push(audio)
+        await s.flush()
+        async for e in s:
+            if isinstance(e, Final):
+                await s.close()
+                return e.text
+    return asyncio.run(main())
+
+sync = monosemantic.SyncEngine(monosemantic.load_model(path, device="cpu"), config)
+shared = monosemantic.get_engine(path, device="cpu", config=config)
+held = sync.open_stream(latency_ms=160)
+held.push(audio[:16000])
+want = sync_final(sync)
+assert async_final(shared) == want
+pid = os.fork()
+if pid == 0:
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang fails the child, with its traceback
+    try:
+        for name, call in [("open", sync.open_stream), ("push", lambda: held.push(audio[:320])), ("flush", held.flush)]:
+            try:
+                call()
+                print("child: no error from", name, flush=True)
+                os._exit(2)
+            except StreamError as e:
+                assert "forked" in str(e), e
+        fresh = monosemantic.get_engine(path, device="cpu", config=config)
+        assert fresh is not shared
+        got = async_final(fresh)
+        print("child final", got == want, flush=True)
+        os._exit(0 if got == want else 3)
+    except BaseException as e:
+        print("child:", type(e).__name__, e, flush=True)
+        os._exit(4)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+print("parent", sync_final(sync) == want, async_final(shared) == want)
+sync.close()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400)
+    assert "child final True" in done.stdout and "child exit 0" in done.stdout, done.stdout + done.stderr
+    assert "parent True True" in done.stdout, done.stdout + done.stderr
+
+
 def test_sync_facade_from_threads(ms_model, audio_clips):
     import threading
 
