@@ -163,6 +163,7 @@ class EngineCore:
         self._stopping = False
         self._down = "the engine is shut down"  # the StreamError of an open after stop (or a fork)
         self._gone = "the stream is closed"  # the StreamError of a call on a stream no longer open
+        self.orphaned = False  # this process is a fork of the one whose loop thread ran this core
         # Handles of streams whose front-door object was garbage-collected unclosed: the loop closes
         # them. A deque, because a finalizer may run in any thread at any point, including one holding
         # self.lock; appending takes no lock.
@@ -216,6 +217,7 @@ class EngineCore:
         self._thread, self._stopping = None, True
         self.streams, self.pending_resets = {}, []
         self._down = self._gone = FORKED
+        self.orphaned = True
 
     # ---- stream operations (any thread) ------------------------------------------------------------
     def open(
@@ -296,6 +298,12 @@ class EngineCore:
         with self.lock:
             state = self.streams.get(handle)
             return self.scheduler.buffered(state.record) / self.model.sample_rate if state else 0.0
+
+    def check_not_orphaned(self) -> None:
+        """Raise StreamError in a forked child, where nothing will ever emit this core's events (a
+        reader would wait forever)."""
+        if self.orphaned:
+            raise StreamError(FORKED)
 
     def check_open(self, handle: int) -> None:
         """Raise StreamError if the stream is closed."""

@@ -250,6 +250,7 @@ class EngineStream(_StreamBase):
         if self._ended:
             raise StopAsyncIteration
         self._check_loop()
+        self._core.check_not_orphaned()
         event = await self._events.get()
         if event is _END:
             self._ended = True
@@ -340,6 +341,7 @@ class SyncStream(_StreamBase):
     def get(self, timeout: float | None = None) -> Event | None:
         """The next event; None once the stream has ended (and at every call after). Raises queue.Empty
         after `timeout`."""
+        self._core.check_not_orphaned()  # before the queue, whose lock a fork may have copied held
         event = self._events.get(timeout=timeout)
         if event is _END:
             self._events.put(_END)  # stays last in the queue: for the next call, and any other thread

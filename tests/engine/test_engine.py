@@ -425,8 +425,8 @@ print("exiting")
 
 def test_a_child_forked_while_engines_run_gets_clear_errors_and_fresh_engines(nemo_checkpoint):
     """A fork copies an engine but not its loop thread. In the child, the inherited engine refuses new
-    streams and the inherited streams' pushes and flushes with an error naming the fork (they used to be
-    accepted and never stepped: a hang), get_engine builds a new engine that transcribes as the parent's
+    streams, and the inherited streams their pushes, flushes and reads, with an error naming the fork
+    (they used to be accepted and never stepped, and a read waited forever), get_engine builds a new engine that transcribes as the parent's
     did (torch's OpenMP pool, which does not survive the fork either, is not used there), and the parent
     goes on unaffected."""
     import subprocess
@@ -472,7 +472,8 @@ pid = os.fork()
 if pid == 0:
     faulthandler.dump_traceback_later(120, exit=True)  # a hang fails the child, with its traceback
     try:
-        for name, call in [("open", sync.open_stream), ("push", lambda: held.push(audio[:320])), ("flush", held.flush)]:
+        calls = [("open", sync.open_stream), ("push", lambda: held.push(audio[:320])), ("flush", held.flush), ("get", held.get)]
+        for name, call in calls:
             try:
                 call()
                 print("child: no error from", name, flush=True)
