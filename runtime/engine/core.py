@@ -8,13 +8,10 @@ them into queue items).
 
 from __future__ import annotations
 
-import atexit
 import gc
 import logging
-import os
 import threading
 import time
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,6 +23,7 @@ from ..errors import StreamError
 from ..events import Error, Event, Final, Partial, SpeechEnded, SpeechStarted, Usage
 from ..transcript import Token, Word
 from .config import EngineConfig
+from . import process
 from .malloc import keep_freed_memory
 from .runner import ModelRunner, RowResult, geometry
 from .scheduler import Scheduler, StepRow, StreamRecord, TickPlan
@@ -33,49 +31,6 @@ from .scheduler import Scheduler, StepRow, StreamRecord, TickPlan
 log = logging.getLogger("monosemantic.engine")
 
 SWEEP_SECONDS = 1.0  # how often the loop looks for streams nobody can receive events from
-
-# Cores whose loop thread runs. The thread is a daemon (it must not keep a process alive), and a daemon
-# thread still inside a torch op when the interpreter finalizes aborts the process ("terminate called
-# without an active exception", SIGABRT): so every running core is stopped at exit, also one its owner
-# never closed.
-_running: "weakref.WeakSet[EngineCore]" = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_running_cores() -> None:
-    for core in list(_running):
-        core.stop()
-
-
-FORKED = (
-    "this engine was started in the process this one was forked from, and its loop thread runs only there: "
-    "create the engine after the fork (get_engine() in this process builds a new one on the loaded model)"
-)
-
-
-def _orphan_running_cores() -> None:
-    """In a child forked while engines ran: their loop threads were not copied, so they are shut down
-    here (with fresh locks, which the fork may have copied held) rather than accept streams nobody would
-    ever step."""
-    if not _running:
-        return
-    for core in list(_running):
-        core._orphan()
-    _running.clear()
-    # GNU OpenMP's thread pool does not survive a fork either: the child's first multithreaded torch op (the
-    # new engine a child builds included) would wait forever for the parent's workers. One thread does not
-    # use the pool.
-    import torch
-
-    if torch.get_num_threads() > 1:
-        torch.set_num_threads(1)
-        log.warning(
-            "forked while an engine ran: torch runs one intra-op thread in this process (its OpenMP pool "
-            "does not survive a fork); start processes with the 'spawn' or 'forkserver' method to keep them all"
-        )
-
-
-os.register_at_fork(after_in_child=_orphan_running_cores)
 
 
 @dataclass
@@ -196,7 +151,7 @@ class EngineCore:
                 keep_freed_memory()
             self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
             self._thread.start()
-            _running.add(self)
+            process.started(self)
 
     def stop(self) -> None:
         """Stop the loop; every open stream gets Error('closed') and is released."""
@@ -209,14 +164,14 @@ class EngineCore:
         with self._start_lock:
             if self._thread is not None:
                 self._thread.join()
-            _running.discard(self)
+            process.stopped(self)
 
     def _orphan(self) -> None:
-        """This process is a fork of the one running the loop (see _orphan_running_cores)."""
+        """This process is a fork of the one running the loop (engine.process)."""
         self.lock, self._start_lock, self.wake = threading.Lock(), threading.Lock(), threading.Event()
         self._thread, self._stopping = None, True
         self.streams, self.pending_resets = {}, []
-        self._down = self._gone = FORKED
+        self._down = self._gone = process.FORKED
         self.orphaned = True
 
     # ---- stream operations (any thread) ------------------------------------------------------------
@@ -303,7 +258,7 @@ class EngineCore:
         """Raise StreamError in a forked child, where nothing will ever emit this core's events (a
         reader would wait forever)."""
         if self.orphaned:
-            raise StreamError(FORKED)
+            raise StreamError(process.FORKED)
 
     def check_open(self, handle: int) -> None:
         """Raise StreamError if the stream is closed."""

@@ -111,7 +111,7 @@ atexit.register(close_shared_engines)
 
 def _fresh_locks_after_fork() -> None:
     """A fork copies these locks in whatever state another thread held them. The engines inherited are
-    shut down in the child (core._orphan_running_cores), so get_engine replaces each with a new one on
+    shut down in the child (engine.process), so get_engine replaces each with a new one on
     the model already loaded."""
     global _registry_lock
     _registry_lock = threading.Lock()

@@ -1,0 +1,63 @@
+"""Running engines and their process: each is stopped at interpreter exit, and shut down in a child
+forked while it ran.
+
+- Exit: an engine's loop thread is a daemon (it must not keep a process alive), and a daemon thread still
+  inside a torch op when the interpreter finalizes aborts the process ("terminate called without an
+  active exception", SIGABRT). So every running engine is stopped at exit, also one its owner never
+  closed.
+- Fork: a child gets a copy of each engine but not its loop thread, and the engine's locks as they were
+  at the fork (perhaps held). The child's copies are shut down with fresh locks (EngineCore._orphan), so
+  they refuse streams with an error naming the fork instead of taking audio that nobody would step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import weakref
+
+log = logging.getLogger("monosemantic.engine")
+
+FORKED = (
+    "this engine was started in the process this one was forked from, and its loop thread runs only there: "
+    "create the engine after the fork (get_engine() in this process builds a new one on the loaded model)"
+)
+
+_running: weakref.WeakSet = weakref.WeakSet()  # EngineCores whose loop thread runs
+
+
+def started(core) -> None:
+    _running.add(core)
+
+
+def stopped(core) -> None:
+    _running.discard(core)
+
+
+@atexit.register
+def _stop_running() -> None:
+    for core in list(_running):
+        core.stop()
+
+
+def _orphan_running() -> None:
+    if not _running:
+        return
+    for core in list(_running):
+        core._orphan()
+    _running.clear()
+    # GNU OpenMP's thread pool does not survive a fork either: the child's first multithreaded torch op (the
+    # new engine a child builds included) would wait forever for the parent's workers. One thread does not
+    # use the pool.
+    import torch
+
+    if torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        log.warning(
+            "forked while an engine ran: torch runs one intra-op thread in this process (its OpenMP pool "
+            "does not survive a fork); start processes with the 'spawn' or 'forkserver' method to keep them all"
+        )
+
+
+os.register_at_fork(after_in_child=_orphan_running)
