@@ -298,11 +298,20 @@ class EngineCore:
                 elapsed = time.perf_counter() - started
                 self.stats = TickStats(len(plan.steps), sum(len(b.rows) for b in plan.steps), len(plan.vad), elapsed)
                 for hook in self.tick_hooks:
-                    hook(plan, elapsed)
+                    self._call_hook(hook, plan, elapsed)
             except Exception as exc:  # past the guarded model calls (a bug, a device failure in a reset)
                 # The loop must go on for everyone else: fail only the streams this tick touched.
                 log.exception("engine tick failed")
                 self._fail_tick(plan, {slot for slot, _ in resets}, exc)
+
+    def _call_hook(self, hook: Callable[[TickPlan, float], None], plan: TickPlan, elapsed: float) -> None:
+        """An observer's failure (metrics, a benchmark) is its own: it is logged and the observer removed,
+        and the tick's streams go on (they used to be failed with it, like a failed tick)."""
+        try:
+            hook(plan, elapsed)
+        except Exception:
+            log.exception("tick hook %r failed and was removed", hook)
+            self.remove_tick_hook(hook)
 
     def _plan_tick(self) -> tuple[list[tuple[int, bool]], TickPlan]:
         """The slot resets queued since the last tick, and this tick's plan."""

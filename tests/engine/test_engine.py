@@ -605,6 +605,39 @@ def test_every_tick_hook_runs_until_removed(ms_model, audio_clips):
     assert calls["metrics"] >= seen["metrics"] + 5 and calls["bench"] <= seen["bench"] + 1
 
 
+def test_a_failing_tick_hook_is_removed_and_the_streams_go_on(ms_model, audio_clips, caplog):
+    """An observer that raises (a metrics bug) is logged and removed; the tick's streams are not failed
+    with it, and the other observers keep seeing every tick."""
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"][:48000]
+    calls = {"broken": 0, "metrics": 0}
+
+    def broken(plan, elapsed):
+        calls["broken"] += 1
+        raise RuntimeError("metrics bug")
+
+    def metrics(plan, elapsed):
+        calls["metrics"] += 1
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=None)) as engine:
+            engine.core.add_tick_hook(broken)
+            engine.core.add_tick_hook(metrics)
+            stream = await engine.open_stream(latency_ms=160)
+            await stream.push(audio)
+            await stream.flush()
+            events, final = await collect_until_final(stream)
+            await stream.close()
+            return events, final, engine.core.tick_hooks
+
+    with caplog.at_level("ERROR", logger="monosemantic.engine"):
+        events, final, hooks = asyncio.run(main())
+    assert not [e for e in events if isinstance(e, monosemantic.Error)]
+    assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=160).token_ids
+    assert calls["broken"] == 1 and calls["metrics"] >= 5 and hooks == (metrics,)
+    assert "tick hook" in caplog.text and "metrics bug" in caplog.text
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_engine_start_keeps_freed_memory_on_cpu_unless_told_not_to(ms_model, monkeypatch, keep):
     from monosemantic.engine import core as core_module
