@@ -217,11 +217,10 @@ def _decode_on_host(prediction, joint, encoded, lengths, state, durations, max_s
             h = h.index_copy(1, index, h_new)
             c = c.index_copy(1, index, c_new)
             pred_out = pred_out.index_copy(0, index, joint.project_prediction(out))
-
-        if max_symbols is not None and len(found):
-            # A row that emitted max_symbols labels at the frame it is on moves past that frame.
-            force = found[(last_nb_count[found] >= max_symbols) & (last_nb_time[found] == time[found])]
-            time[force] += 1
+            if max_symbols is not None:
+                # A row that emitted max_symbols labels at the frame it is on moves past that frame.
+                force = found[(last_nb_count[found] >= max_symbols) & (last_nb_time[found] == time[found])]
+                time[force] += 1
         active = active[time[active] < lengths[active]]
 
     offsets = state.frame_offset.to("cpu").tolist()

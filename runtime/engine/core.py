@@ -116,8 +116,6 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()  # two event loops opening the first streams at once start one loop
         self._stopping = False
-        self._down = "the engine is shut down"  # the StreamError of an open after stop (or a fork)
-        self._gone = "the stream is closed"  # the StreamError of a call on a stream no longer open
         self.orphaned = False  # this process is a fork of the one whose loop thread ran this core
         # Handles of streams whose front-door object was garbage-collected unclosed: the loop closes
         # them. A deque, because a finalizer may run in any thread at any point, including one holding
@@ -141,7 +139,7 @@ class EngineCore:
     def start(self) -> None:
         with self._start_lock:
             if self._stopping:  # also once started: entering a closed engine again is an error, not a no-op
-                raise StreamError(self._down)
+                raise self._refusal("the engine is shut down")
             if self._thread is not None:
                 return
             self.runner.warmup(list(self.config.warmup_latencies))
@@ -171,8 +169,11 @@ class EngineCore:
         self.lock, self._start_lock, self.wake = threading.Lock(), threading.Lock(), threading.Event()
         self._thread, self._stopping = None, True
         self.streams, self.pending_resets = {}, []
-        self._down = self._gone = process.FORKED
         self.orphaned = True
+
+    def _refusal(self, message: str) -> StreamError:
+        """The error of a call the engine refuses: in a forked child, whatever the call, the fork's."""
+        return StreamError(process.FORKED if self.orphaned else message)
 
     # ---- stream operations (any thread) ------------------------------------------------------------
     def open(
@@ -189,7 +190,7 @@ class EngineCore:
         latency = int(latency)  # a numpy integer is a mode too; events and metrics carry a plain int
         with self.lock:
             if self._stopping:
-                raise StreamError(self._down)
+                raise self._refusal("the engine is shut down")
             record = self.scheduler.admit(latency, self.shapes[latency])
             policy = None
             if self.config.vad is not None:
@@ -272,7 +273,7 @@ class EngineCore:
     def _live(self, handle: int) -> StreamState:
         state = self.streams.get(handle)
         if state is None or state.closed:
-            raise StreamError(self._gone)
+            raise self._refusal("the stream is closed")
         return state
 
     # ---- the loop ----------------------------------------------------------------------------------
