@@ -12,12 +12,14 @@ import gc
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from .. import forking
 from ..asr import ASRModel
 from ..errors import StreamError
 from ..events import Error, Event, Final, Partial, SpeechEnded, SpeechStarted, Usage
@@ -142,12 +144,15 @@ class EngineCore:
                 raise self._refusal("the engine is shut down")
             if self._thread is not None:
                 return
+            forking.model_ran()
             self.runner.warmup(list(self.config.warmup_latencies))
             if self.config.freeze_gc:
                 gc.freeze()
             if self.config.keep_freed_memory and self.runner.device.type == "cpu":
                 keep_freed_memory()
-            self._thread = threading.Thread(target=self._loop, name="monosemantic-engine", daemon=True)
+            self._thread = threading.Thread(
+                target=_serve, args=(weakref.ref(self),), name="monosemantic-engine", daemon=True
+            )
             self._thread.start()
             process.started(self)
 
@@ -277,33 +282,34 @@ class EngineCore:
         return state
 
     # ---- the loop ----------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        next_sweep = 0.0
-        while not self._stopping:
-            while self.abandoned:
-                self.close(self.abandoned.popleft())
-            if time.monotonic() >= next_sweep:
-                self._close_unreachable()
-                next_sweep = time.monotonic() + SWEEP_SECONDS
-            resets, plan = self._plan_tick()
-            try:
-                if resets:
-                    self.runner.reset_utterance([slot for slot, _ in resets])
-                    self.runner.reset_vad([slot for slot, vad in resets if vad])
-                if plan.empty:
-                    self.wake.wait(0.05 if plan.wake_in is None else min(0.05, plan.wake_in))
-                    self.wake.clear()
-                    continue
-                started = time.perf_counter()
-                self._run(plan)
-                elapsed = time.perf_counter() - started
-                self.stats = TickStats(len(plan.steps), sum(len(b.rows) for b in plan.steps), len(plan.vad), elapsed)
-                for hook in self.tick_hooks:
-                    self._call_hook(hook, plan, elapsed)
-            except Exception as exc:  # past the guarded model calls (a bug, a device failure in a reset)
-                # The loop must go on for everyone else: fail only the streams this tick touched.
-                log.exception("engine tick failed")
-                self._fail_tick(plan, {slot for slot, _ in resets}, exc)
+    def _pass(self, next_sweep: float) -> float:
+        """One pass of the loop thread (_serve): a tick, or a short wait for work. Returns when the next
+        sweep for unreachable streams is due."""
+        while self.abandoned:
+            self.close(self.abandoned.popleft())
+        if time.monotonic() >= next_sweep:
+            self._close_unreachable()
+            next_sweep = time.monotonic() + SWEEP_SECONDS
+        resets, plan = self._plan_tick()
+        try:
+            if resets:
+                self.runner.reset_utterance([slot for slot, _ in resets])
+                self.runner.reset_vad([slot for slot, vad in resets if vad])
+            if plan.empty:
+                self.wake.wait(0.05 if plan.wake_in is None else min(0.05, plan.wake_in))
+                self.wake.clear()
+                return next_sweep
+            started = time.perf_counter()
+            self._run(plan)
+            elapsed = time.perf_counter() - started
+            self.stats = TickStats(len(plan.steps), sum(len(b.rows) for b in plan.steps), len(plan.vad), elapsed)
+            for hook in self.tick_hooks:
+                self._call_hook(hook, plan, elapsed)
+        except Exception as exc:  # past the guarded model calls (a bug, a device failure in a reset)
+            # The loop must go on for everyone else: fail only the streams this tick touched.
+            log.exception("engine tick failed")
+            self._fail_tick(plan, {slot for slot, _ in resets}, exc)
+        return next_sweep
 
     def _call_hook(self, hook: Callable[[TickPlan, float], None], plan: TickPlan, elapsed: float) -> None:
         """An observer's failure (metrics, a benchmark) is its own: it is logged and the observer removed,
@@ -447,3 +453,16 @@ class EngineCore:
         with self.lock:
             self.pending_resets.append((state.record.slot, False))
         state.emit(Final(text=transcript.text, tokens=tokens, words=words, start=utt_start, end=end))
+
+
+def _serve(ref: "weakref.ref[EngineCore]") -> None:
+    """The loop thread. It holds its core for one pass at a time, so an engine its owner dropped without
+    closing it (no Engine or stream object left to use it) is garbage-collected between two passes, and
+    the thread ends with it: its model, slots and thread are not held until the process exits."""
+    next_sweep = 0.0
+    while True:
+        core = ref()
+        if core is None or core._stopping:
+            return
+        next_sweep = core._pass(next_sweep)
+        del core  # the last reference may be this one: the core is then freed here, between passes

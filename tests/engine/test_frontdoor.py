@@ -134,6 +134,46 @@ def test_a_stream_dropped_without_close_gives_back_its_slot(ms_model, audio_clip
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("front", ["async", "sync"])
+def test_an_engine_dropped_without_closing_it_ends_its_thread_and_frees_its_model(ms_model, audio_clips, front):
+    """An engine its owner lost track of (no aclose or close, its streams dropped too, one mid-audio): the
+    loop thread, which used to hold the engine (and its model's slots) until the process exited, ends,
+    and the engine is freed. An engine that still has a stream object is kept: the stream may be used."""
+    import weakref
+
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"][:16000]
+    before = {t for t in threading.enumerate() if t.name == "monosemantic-engine"}
+
+    def loops():
+        return {t for t in threading.enumerate() if t.name == "monosemantic-engine"} - before
+
+    if front == "sync":
+        engine = SyncEngine(model, EngineConfig(max_streams=2, **QUIET))
+        stream = engine.open_stream()
+        stream.push(audio)
+    else:
+
+        async def open_one():
+            engine = Engine(model, EngineConfig(max_streams=2, **QUIET))
+            stream = await engine.open_stream()
+            await stream.push(audio)
+            return engine, stream
+
+        engine, stream = asyncio.run(open_one())
+    core = weakref.ref(engine.core)
+    assert len(loops()) == 1
+    del engine
+    gc.collect()
+    time.sleep(0.3)
+    assert core() is not None and len(loops()) == 1, "an engine whose stream is still held was stopped"
+    del stream
+    gc.collect()
+    assert wait_until(lambda: not loops()), "the dropped engine's loop thread still runs"
+    gc.collect()
+    assert core() is None, f"the dropped engine is still referenced by {gc.get_referrers(core())}"
+
+
 def test_a_stream_left_open_when_its_event_loop_ends_gives_back_its_slot(ms_model, audio_clips):
     """A shared engine outlives the event loops that use it: a loop that ended (say, torn down by an
     exception) with a stream still open and still referenced must not keep the slot forever."""
