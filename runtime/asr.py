@@ -8,6 +8,7 @@ import os
 import numpy as np
 import torch
 
+from . import forking
 from .audio import as_float32, check_rate, resample
 from .decoding.greedy import DecodedChunk, greedy_decode, initial_state
 from .decoding.tokenizer import Tokenizer
@@ -173,6 +174,7 @@ class ASRModel:
             resample(as_float32(a, name=f"audio[{i}]" if not single else "audio"), sample_rate, self.sample_rate)
             for i, a in enumerate(clips)
         ]
+        forking.model_ran()
         results: list[Transcript] = []
         for start in range(0, len(prepared), batch_size):
             results += self._transcribe_batch(prepared[start : start + batch_size], context)
@@ -184,6 +186,7 @@ class ASRModel:
 
         Cache-aware models: `latency_ms` is one of `latency_modes` (None: the checkpoint default).
         Full-context models: the interval at which partials are recomputed (None: 1000 ms)."""
+        forking.model_ran()
         if self.cache_aware:
             return CacheAwareStream(self, self.plan(self.context_for(latency_ms)), sample_rate)
         interval = FULL_CONTEXT_UPDATE_MS if latency_ms is None else latency_ms

@@ -8,16 +8,14 @@ forked while it ran.
 - Fork: a child gets a copy of each engine but not its loop thread, and the engine's locks as they were
   at the fork (perhaps held). The child's copies are shut down with fresh locks (EngineCore._orphan), so
   they refuse streams with an error naming the fork instead of taking audio that nobody would step.
+  (The child's torch threads are monosemantic.forking's part.)
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import weakref
-
-log = logging.getLogger("monosemantic.engine")
 
 FORKED = (
     "this engine was started in the process this one was forked from, and its loop thread runs only there: "
@@ -42,22 +40,9 @@ def _stop_running() -> None:
 
 
 def _orphan_running() -> None:
-    if not _running:
-        return
     for core in list(_running):
         core._orphan()
     _running.clear()
-    # GNU OpenMP's thread pool does not survive a fork either: the child's first multithreaded torch op (the
-    # new engine a child builds included) would wait forever for the parent's workers. One thread does not
-    # use the pool.
-    import torch
-
-    if torch.get_num_threads() > 1:
-        torch.set_num_threads(1)
-        log.warning(
-            "forked while an engine ran: torch runs one intra-op thread in this process (its OpenMP pool "
-            "does not survive a fork); start processes with the 'spawn' or 'forkserver' method to keep them all"
-        )
 
 
 os.register_at_fork(after_in_child=_orphan_running)
