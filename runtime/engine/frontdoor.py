@@ -213,7 +213,8 @@ class EngineStream(_StreamBase):
         raise the same timeout, without taking their own audio, while the engine still has no room)."""
         self._check_loop()
         async with self._lock:
-            await self._drain(taken=False)
+            if self._pending.size:  # an earlier push's audio, not yet written, goes first
+                await self._drain(taken=False)
             self._accept(pcm)
             await self._drain()
 
@@ -315,7 +316,8 @@ class SyncStream(_StreamBase):
     def push(self, pcm) -> None:
         """As EngineStream.push, blocking while the stream's buffer is full."""
         with self._lock:
-            self._drain(taken=False)
+            if self._pending.size:  # an earlier push's audio, not yet written, goes first
+                self._drain(taken=False)
             self._accept(pcm)
             self._drain()
 
