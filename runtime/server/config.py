@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -92,9 +93,13 @@ class ServerConfig:
             raise ValueError("max_frame_bytes must be at least 1024")
         if self.max_outgoing_messages < 1:
             raise ValueError("max_outgoing_messages must be at least 1")
-        for name in ("idle_timeout_seconds", "close_timeout_seconds", "final_timeout_seconds", "drain_timeout_seconds"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+        timeouts = ("idle_timeout_seconds", "close_timeout_seconds", "final_timeout_seconds", "drain_timeout_seconds")
+        for name in timeouts + (("heartbeat_seconds",) if self.heartbeat_seconds is not None else ()):
+            value = getattr(self, name)
+            # inf or nan would reach aiohttp and asyncio as timeouts: a traceback at shutdown, or an
+            # idle stream closed "after nan s".
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
