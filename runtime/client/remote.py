@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import numbers
 import os
 from urllib.parse import urlsplit, urlunsplit
@@ -252,8 +253,16 @@ class RemoteEngine:
         api_key: str | None = None,
         *,
         connect_timeout: float = 10.0,
+        heartbeat_seconds: float | None = 10.0,
         session: "aiohttp.ClientSession | None" = None,
     ):
+        """`heartbeat_seconds`: a connection that brings nothing for this long is pinged, and lost
+        (ConnectionLostError, which adapters retry) when no pong comes within half as long. Without it a
+        server that stopped answering while the connection stayed open (a frozen process, a network cut
+        that sent no reset) left pushes, flushes and reads waiting forever. None: no pings."""
+        _check_seconds("connect_timeout", connect_timeout)
+        if heartbeat_seconds is not None:
+            _check_seconds("heartbeat_seconds", heartbeat_seconds)
         self.url = stream_url(base_url)
         self.api_key = api_key if api_key is not None else os.environ.get("MONOSEMANTIC_API_KEY")
         if self.api_key is not None and (
@@ -263,6 +272,7 @@ class RemoteEngine:
             # ValueError about header characters.
             raise ValueError("api_key must be a string without control characters (it is sent in an HTTP header)")
         self.connect_timeout = connect_timeout
+        self.heartbeat_seconds = heartbeat_seconds
         self._session = session
         self._own_session = session is None
         self._streams: set[RemoteStream] = set()
@@ -302,7 +312,10 @@ class RemoteEngine:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
             ws = await asyncio.wait_for(
-                self._session.ws_connect(self.url, params=params, headers=headers, autoping=True, compress=0, max_msg_size=64 * 2**20),
+                self._session.ws_connect(
+                    self.url, params=params, headers=headers, autoping=True, heartbeat=self.heartbeat_seconds,
+                    compress=0, max_msg_size=64 * 2**20,
+                ),
                 self.connect_timeout,
             )
         except aiohttp.WSServerHandshakeError as exc:
@@ -346,6 +359,11 @@ class RemoteEngine:
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _check_seconds(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
 
 
 def _rejection(exc: "aiohttp.WSServerHandshakeError") -> ServerRejectedError:

@@ -441,3 +441,50 @@ def test_a_closed_remote_engine_opens_no_more_streams(server):
         assert engine._session is None
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_a_server_that_stops_answering_with_the_connection_open_is_a_lost_connection(reads):
+    """A frozen server (or a network cut that sent no reset) keeps the connection open and answers
+    nothing: pushes, flushes and reads used to wait forever. The heartbeat's unanswered ping ends the
+    stream with ConnectionLostError, which adapters retry. `reads`: the server still takes the audio (the
+    client pushes freely) or takes nothing (the client's pushes wait for the socket to drain)."""
+    async def frozen(request):
+        ws = web.WebSocketResponse(autoping=False)  # no pongs: pings are answered only by a live reader
+        await ws.prepare(request)
+        await ws.send_json(READY)
+        if reads:
+            async for _ in ws:  # takes audio and pings alike, answers nothing
+                pass
+        else:
+            await asyncio.sleep(60)
+        return ws
+
+    async def main():
+        async with fake_server(frozen) as url:
+            async with RemoteEngine(url, heartbeat_seconds=1.0) as engine:
+                stream = await engine.open_stream()
+                frame = np.zeros(16000, np.int16)  # 1 s: a stopped reader fills the socket buffers soon
+
+                async def push_until_lost():
+                    while True:
+                        await stream.push(frame)
+                        await asyncio.sleep(0.05)
+
+                with pytest.raises(ConnectionLostError) as pushed:
+                    await asyncio.wait_for(push_until_lost(), 20)
+                with pytest.raises(ConnectionLostError) as read:
+                    await asyncio.wait_for(anext(stream), 5)
+                with pytest.raises(ConnectionLostError):
+                    await stream.flush()
+                return pushed.value, read.value
+
+    pushed, read = asyncio.run(asyncio.wait_for(main(), 60))
+    assert pushed.retryable and read.retryable and "lost" in str(read)
+
+
+@pytest.mark.parametrize("kwargs", [{"heartbeat_seconds": 0}, {"heartbeat_seconds": float("inf")},
+                                    {"connect_timeout": float("nan")}, {"connect_timeout": None}])
+def test_remote_engine_timeouts_must_be_positive_finite_seconds(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        RemoteEngine("ws://127.0.0.1:1", **kwargs)
