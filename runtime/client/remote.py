@@ -139,6 +139,12 @@ class RemoteStream:
             await self._send_unsent()
             self._unsent = memoryview(data)
             await self._send_unsent()
+            # A send the socket takes at once never yields to the event loop: a caller pushing in a loop
+            # (a file transcribed faster than real time) would starve the reader of this very stream,
+            # which then neither read its events nor answered the server's close (a server ending the
+            # stream, at shutdown say, then had to cut the connection, and the final and the close were
+            # lost with it).
+            await asyncio.sleep(0)
 
     async def _send_unsent(self) -> None:
         while self._unsent.nbytes:

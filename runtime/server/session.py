@@ -71,6 +71,7 @@ class Session:
         self._closer: asyncio.Task | None = None
         self._sender: asyncio.Task | None = None
         self._pump: asyncio.Task | None = None
+        self._receiver: asyncio.Task | None = None  # the receive loop
         self._engine_wait_since: float | None = None  # a push or flush waiting for the engine since then
         self._peer_check: asyncio.TimerHandle | None = None
         self._peer_gone = False
@@ -83,8 +84,14 @@ class Session:
         self._pump = asyncio.create_task(self._pump_loop())
         self.log.info("stream opened", extra={"sample_rate": self.sample_rate, "latency_ms": self.stream.latency_ms})
         self._arm_peer_check()
+        self._receiver = asyncio.create_task(self._receive_loop())
         try:
-            await self._receive_loop()
+            try:
+                await asyncio.wait({self._receiver})
+            finally:  # this handler cancelled (the server stopping): the receiver goes with it
+                self._receiver.cancel()
+            if not self._receiver.cancelled():  # cancelled by _close, which is closing the connection
+                self._receiver.result()
         except Exception:
             self.log.exception("stream handler failed")
             self.end_reason = self.end_reason or "internal"
@@ -342,6 +349,18 @@ class Session:
                 return
             self.out.task_done()
 
+    async def _stop_receiving(self) -> None:
+        """End the receive loop before a closing handshake. aiohttp's close() with a receive waiting
+        hands that receive the close and cuts the connection at once, with the client's audio in flight
+        unread: the reset that follows makes the client's side discard what it had not read yet, the
+        last final and the close included. Without a receive waiting, close() reads (and drops) the
+        client's frames until its close frame, and the client reads everything we sent."""
+        receiver = self._receiver
+        if receiver is None or receiver.done() or receiver is asyncio.current_task():
+            return
+        receiver.cancel()
+        await asyncio.wait({receiver})
+
     def _start_close(self, reason: str, code: int, *, drain: bool) -> None:
         if self._closer is None:
             self._closer = asyncio.create_task(self._close(reason, code, drain))
@@ -358,6 +377,8 @@ class Session:
             # now, give the close frame a moment (a merely slow reader still learns why), then cut.
             timeout = min(timeout, 1.0)
             await self.stream.close()
+        if drain:
+            await self._stop_receiving()
         try:
             # drain=False: aiohttp's drain waiter is shared with the (blocked) sender; its cancellation
             # must not look like ours.

@@ -130,3 +130,52 @@ def test_audio_behind_backpressure_at_shutdown_is_reported_exactly(ms_model, aud
     assert closed["transcribed_until"] == until and f"{until:.3f} s" in closed["message"]
     assert len(dropped) == 1 and dropped[0]["fatal"] is False and dropped[0]["transcribed_until"] == until
     assert f"{until:.3f} s" in dropped[0]["message"] and "shutdown began" not in dropped[0]["message"]
+
+
+def test_a_client_still_sending_at_shutdown_receives_the_final_and_the_close(ms_model, audio_clips):
+    """A client pushing as fast as the server takes its audio (a file transcriber) when the shutdown
+    begins: it still receives the drain's final, `closed` and the 1001 close. The server used to close
+    the TCP connection right after its close frame with the client's audio unread, and the reset that
+    followed made the client's side discard the final and the close it had not read yet."""
+    from monosemantic.client import ConnectionLostError, RemoteEngine
+
+    model = ms_model("nemotron_rnnt")
+    chunk = (np.concatenate(list(audio_clips.values()))[:1600] * 32767).astype(np.int16)
+
+    async def one_run(running):
+        async with RemoteEngine(running.ws) as engine:
+            stream = await engine.open_stream(latency_ms=80)
+
+            async def read():
+                events = []
+                try:
+                    async for event in stream:
+                        events.append(event)
+                except ConnectionLostError as exc:
+                    events.append(exc)
+                return events
+
+            reader = asyncio.create_task(read())
+            shutdown = None
+            started = time.monotonic()
+            try:
+                while True:
+                    await stream.push(chunk)
+                    if shutdown is None and time.monotonic() - started > 1.0:
+                        shutdown = asyncio.create_task(asyncio.to_thread(running.__exit__, None, None, None))
+            except ConnectionLostError:
+                pass
+            events = await asyncio.wait_for(reader, 30)
+            await shutdown
+            return events
+
+    for _ in range(3):
+        running = RunningServer(model, max_streams=1).__enter__()
+        try:
+            events = asyncio.run(asyncio.wait_for(one_run(running), 60))
+        finally:
+            running.__exit__(None, None, None)
+        kinds = [type(e).__name__ + (f":{e.code}" if hasattr(e, "code") else "") for e in events]
+        assert not any(isinstance(e, ConnectionLostError) for e in events), (kinds[-4:], events[-1])
+        finals = [e for e in events if type(e).__name__ == "Final"]
+        assert len(finals) == 1 and kinds[-1] == "Error:closed", kinds
