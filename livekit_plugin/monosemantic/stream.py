@@ -75,6 +75,13 @@ class SpeechStream(stt.RecognizeStream):
         self._closing = False  # the run is ending: the engine stream is (being) closed
         self._aclosing = False
         self._first_push = True
+        # Wall-clock anchoring (see `_anchor`): samples pushed by the user (at the pushed rate), the wall
+        # time of their first sample as the first frame and as the latest frame put it, and the engine
+        # samples every run so far has taken from the input.
+        self._arrived = 0
+        self._first_t0: float | None = None
+        self._last_t0 = 0.0
+        self._consumed = 0
 
     # ---- public -----------------------------------------------------------------------------------------
     def push_frame(self, frame: rtc.AudioFrame) -> None:
@@ -82,6 +89,11 @@ class SpeechStream(stt.RecognizeStream):
         16 kHz) takes one channel, and read a stereo frame's interleaved samples as mono audio of twice
         the length."""
         super().push_frame(mono_frame(frame))
+        # accepted: its audio ends now (live input), so the stream's audio began `arrived` seconds ago
+        self._arrived += frame.samples_per_channel
+        self._last_t0 = time.time() - self._arrived / frame.sample_rate
+        if self._first_t0 is None:
+            self._first_t0 = self._last_t0
 
     def check_latency(self, latency_ms: int) -> None:
         """ValueError now, naming the modes, if the stream's engine is local and its model lacks this
@@ -195,15 +207,31 @@ class SpeechStream(stt.RecognizeStream):
             await self._es.close()
 
     async def _push(self, pcm: np.ndarray) -> None:
+        start, self._consumed = self._consumed, self._consumed + len(pcm)  # a later run starts after it
         async with self._lock:
             if self._held is not None:
                 self._held.append(pcm)
                 return
-            if self._first_push:  # anchor wall-clock times at the audio's start (base class convention)
-                self.start_time = time.time() - len(pcm) / SAMPLE_RATE
+            if self._first_push:  # wall-clock times of this run count from its first sample
+                self.start_time = self._anchor(start)
                 self._first_push = False
             await self._es.push(pcm)
             self._tracker.pushed += len(pcm)
+
+    def _anchor(self, start: int) -> float:
+        """Wall-clock time of this run's first sample (`start_time`, from which `TurnTracker` computes
+        `speech_start_time` / `speech_end_time`), at its first push to the engine.
+
+        Not the time of that push: audio that arrived while the engine loaded, or while a failed run was
+        retried, waits in the input channel, and the run starts on that backlog. Live input arrives in
+        real time, so the wall time of input position p is the latest frame's arrival less the audio
+        pushed since p; the run starts at the position every earlier run has consumed (a failed run's
+        audio is gone, but its samples still passed). Input faster than real time would put that in the
+        past: the first frame's arrival bounds it (times then run ahead of the clock, and the tracker
+        keeps them from the future). `start`: the engine samples taken from the input before this run's."""
+        if self._first_t0 is None:  # (no frame came through push_frame: the audio ends now)
+            return max(0.0, time.time() - (self._consumed - start) / SAMPLE_RATE)
+        return max(0.0, max(self._first_t0, self._last_t0) + start / SAMPLE_RATE)
 
     async def _flush(self, reason: FlushReason) -> None:
         async with self._lock:

@@ -1,0 +1,170 @@
+"""Wall-clock times of turns (START_OF_SPEECH.speech_start_time, END_OF_SPEECH.speech_end_time, which
+the session uses for endpointing with turn_detection="stt") when live audio arrives before the engine is
+ready: a model still loading, or frames backed up while a failed run is retried. The run then starts on
+a backlog, and its times must still be those of the audio, not of the moment the backlog reached the
+engine (they used to be late by the whole wait, for the whole stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from livekit.agents import APIConnectOptions
+from livekit.agents.stt import SpeechEventType as T
+
+import monosemantic
+from livekit.plugins import monosemantic as lk_monosemantic
+from livekit.plugins.monosemantic.turns import TurnTracker
+
+pytestmark = pytest.mark.timeout(300)
+
+# Reported vs true wall time. Pushes are paced by asyncio.sleep on a loaded machine, so a frame can
+# arrive a few tens of milliseconds late; the defect was the engine's whole wait (here 2 s; the times
+# were late by that, up to the moment each event was sent).
+TOLERANCE = 0.15
+WAIT = 2.0  # seconds the engine keeps the stream waiting while audio arrives
+
+
+@pytest.fixture
+def vad_samples(monkeypatch):
+    """The engine's VAD transitions as the stream's trackers see them: (kind, sample of the run's audio,
+    run's TurnTracker)."""
+    seen = []
+    handle = TurnTracker.handle
+
+    def recording(self, event):
+        if isinstance(event, (monosemantic.SpeechStarted, monosemantic.SpeechEnded)):
+            seen.append((type(event), self.clock.base + event.sample, self))
+        return handle(self, event)
+
+    monkeypatch.setattr(TurnTracker, "handle", recording)
+    return seen
+
+
+async def feed_live(stream, audio, lk) -> float:
+    """Push `audio` as 20 ms frames in real time, as a room's track does; returns the wall time of its
+    first sample (each frame is pushed when its audio has ended)."""
+    t0 = time.time()
+    pushed = 0
+    for frame in lk.frames(audio):
+        pushed += frame.samples_per_channel
+        await asyncio.sleep(max(0.0, t0 + pushed / 16000 - time.time()))
+        stream.push_frame(frame)
+    return t0
+
+
+def check_turn_times(events, vad, first_sample_of, t0):
+    """Each START/END at the wall time of its VAD sample: t0 + (run's first sample + sample) / 16000."""
+    starts = [e.speech_start_time for e in events if e.type == T.START_OF_SPEECH]
+    ends = [e.speech_end_time for e in events if e.type == T.END_OF_SPEECH]
+    onsets = [t0 + (first_sample_of(r) + s) / 16000 for k, s, r in vad if k is monosemantic.SpeechStarted]
+    offsets = [t0 + (first_sample_of(r) + s) / 16000 for k, s, r in vad if k is monosemantic.SpeechEnded]
+    # (the end of input may add a turn of text the VAD called silence, opened at its Final's start)
+    assert onsets and len(starts) >= len(onsets) and len(ends) >= len(offsets)
+    assert [s - t0 for s in starts[: len(onsets)]] == pytest.approx([o - t0 for o in onsets], abs=TOLERANCE)
+    # (an END for a turn the VAD had not closed yet is the end of the stream's audio)
+    assert [e - t0 for e in ends[: len(offsets)]] == pytest.approx([o - t0 for o in offsets], abs=TOLERANCE)
+
+
+def test_turn_times_follow_the_audio_when_the_model_loads_while_the_user_speaks(
+    checkpoint, audio_clips, lk, vad_samples
+):
+    """Audio arrives in real time while the engine is still being acquired (a cold model load)."""
+    silence = np.zeros(16000, np.float32)
+    audio = np.concatenate([silence, audio_clips["jfk.wav"][: 16000 * 3], silence])
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+        acquire = stt._engine
+
+        async def slow_acquire():
+            await asyncio.sleep(WAIT)
+            return await acquire()
+
+        stt._engine = slow_acquire
+        stream = stt.stream()
+        events = []
+        reader = lk.start_reader(stream, events)
+        t0 = await feed_live(stream, audio, lk)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return events, t0
+
+    events, t0 = asyncio.run(main())
+    assert vad_samples, "the VAD heard no speech"
+    check_turn_times(events, vad_samples, lambda run: 0, t0)
+    # the stream-relative times are those of the audio too (offset ~0: no session set one)
+    lk.check_invariants(events, len(audio) / 16000, offset=0.0)
+
+
+class _FailingStream:
+    """An engine stream that breaks (a lost connection) once `limit` samples have been pushed."""
+
+    def __init__(self, es, limit: int):
+        self._es, self._limit, self.pushed = es, limit, 0
+        self.vad = es.vad
+
+    async def push(self, pcm) -> None:
+        self.pushed += len(pcm)
+        if self.pushed > self._limit:
+            raise monosemantic.StreamError("connection lost")
+        await self._es.push(pcm)
+
+    async def flush(self) -> None:
+        await self._es.flush()
+
+    async def close(self) -> None:
+        await self._es.close()
+
+    def __aiter__(self):
+        return self._es.__aiter__()
+
+
+def test_turn_times_follow_the_audio_after_a_retry_on_a_backlog(checkpoint, audio_clips, lk, vad_samples):
+    """The first run fails after 0.5 s of audio; the retry waits for its engine while audio backs up,
+    then starts on that backlog, at the audio position where the failed run stopped."""
+    silence = np.zeros(16000, np.float32)
+    audio = np.concatenate([silence, audio_clips["jfk.wav"][: 16000 * 3], silence])
+    failing: list[_FailingStream] = []
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+        acquire = stt._engine
+        await acquire()  # loaded: the wait below is the retry's only
+
+        class BreakingEngine:
+            def __init__(self, engine):
+                self._engine = engine
+
+            async def open_stream(self, **kw):
+                failing.append(_FailingStream(await self._engine.open_stream(**kw), limit=8000))
+                return failing[-1]
+
+        async def flaky_acquire():
+            if not failing:
+                return BreakingEngine(await acquire())
+            await asyncio.sleep(WAIT)  # reconnecting while the user goes on speaking
+            return await acquire()
+
+        stt._engine = flaky_acquire
+        errors = []
+        stt.on("error", errors.append)
+        stream = stt.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.1))
+        events = []
+        reader = lk.start_reader(stream, events)
+        t0 = await feed_live(stream, audio, lk)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return events, errors, t0
+
+    events, errors, t0 = asyncio.run(main())
+    assert len(errors) == 1 and errors[0].recoverable
+    [broken] = failing
+    runs = []  # trackers in run order: the retry's audio starts where the failed run's pushes stopped
+    for _, _, run in vad_samples:
+        if run not in runs:
+            runs.append(run)
+    assert vad_samples and len(runs) == 1, "the speech lies in the retried run"
+    check_turn_times(events, vad_samples, lambda run: broken.pushed, t0)
