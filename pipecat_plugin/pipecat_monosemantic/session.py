@@ -34,6 +34,12 @@ class StreamSession:
         await self.stream.push(audio)
         self.unflushed = True
 
+    async def keepalive(self, silence: bytes) -> None:
+        """Send silence that keeps an idle connection open. It is not an utterance's audio: a flush does
+        not owe a Final for it alone (`unflushed` is left as it was), and if speech follows, the silence
+        is the start of that utterance, as the transport's own silence between turns is."""
+        await self.stream.push(silence)
+
     async def flush(self) -> bool:
         """End the utterance if audio was pushed since the last flush; True if a Final is now owed."""
         if not self.unflushed:

@@ -22,7 +22,8 @@ class MonosemanticSTTSettings(STTSettings):
     Parameters:
         model: Checkpoint to transcribe with: a Hugging Face repo id or a local `.nemo` path. A change
             loads (or reuses) the process's shared engine for it and takes effect at the next utterance
-            boundary, like `latency_ms`.
+            boundary, like `latency_ms`. In remote mode (`base_url=`) the server's model is fixed when
+            `monosemantic serve` starts: a change is refused with a non-fatal ErrorFrame.
         language: Reported on every transcription frame. The checkpoint decides what it recognises; this
             does not switch its language.
         latency_ms: Chunk size of the cache-aware encoder in milliseconds: one of the checkpoint's

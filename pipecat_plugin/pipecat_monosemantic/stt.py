@@ -36,6 +36,7 @@ from pipecat.services.stt_service import STTService
 from pipecat.transcriptions.language import Language
 from pipecat.utils.time import time_now_iso8601
 from pipecat.utils.tracing.service_decorators import traced_stt
+from pipecat.utils.types import NOT_GIVEN, is_given
 
 from monosemantic.errors import AudioError, MissingDependencyError, ModelLoadError, StreamError
 from monosemantic.events import Error, Final, Partial
@@ -61,6 +62,13 @@ DEFAULT_LATENCY_MS = 160
 # failure in a row up to the cap, so a server down for minutes gives an ErrorFrame every 8 s, not every 1 s.
 _REOPEN_BACKOFF_SECONDS = 1.0
 _REOPEN_BACKOFF_MAX_SECONDS = 8.0
+
+# Remote mode: a `monosemantic serve` connection that receives nothing for the server's idle timeout (60 s
+# by default) is closed. While the service is muted (STTMuteFrame, e.g. while the bot speaks) or no audio
+# comes, pipecat's keepalive task sends 100 ms of silence once no audio was sent for this long, checking
+# every `_REMOTE_KEEPALIVE_INTERVAL` seconds: silence goes 10-12 s after the last audio.
+REMOTE_KEEPALIVE_TIMEOUT = 10.0
+_REMOTE_KEEPALIVE_INTERVAL = 2.0
 
 
 class MonosemanticSTTService(STTService):
@@ -111,7 +119,10 @@ class MonosemanticSTTService(STTService):
                 `engine_config` are then the server's business and ignored. A lost connection is
                 reported as a non-fatal ErrorFrame and the next audio reconnects.
             api_key: The server's API key (default: the MONOSEMANTIC_API_KEY environment variable).
-            **kwargs: Passed to `STTService`.
+            **kwargs: Passed to `STTService`. Its `keepalive_timeout` and `keepalive_interval` apply in
+                remote mode only (default `REMOTE_KEEPALIVE_TIMEOUT` = 10 s and 2 s; None: no
+                keepalive): after that long without audio sent, silence keeps the connection open. An
+                in-process stream needs none, and gets none.
         """
         import monosemantic
 
@@ -129,6 +140,9 @@ class MonosemanticSTTService(STTService):
         )
         if settings is not None:
             defaults.apply_update(settings)
+        if base_url:
+            kwargs.setdefault("keepalive_timeout", REMOTE_KEEPALIVE_TIMEOUT)
+            kwargs.setdefault("keepalive_interval", _REMOTE_KEEPALIVE_INTERVAL)
         super().__init__(sample_rate=sample_rate, ttfs_p99_latency=ttfs_p99_latency, settings=defaults, **kwargs)
         self._device = device
         self._dtype = dtype
@@ -164,14 +178,18 @@ class MonosemanticSTTService(STTService):
         self._retry_at, self._open_failures = 0.0, 0
         async with self._lock:
             await self._ensure_session()
+        if self._remote is not None and self._keepalive_task is None:
+            self._create_keepalive_task()  # does nothing when keepalive_timeout is None
 
     async def stop(self, frame: EndFrame):
         """Transcribe what was pushed (flush), wait up to `stop_timeout` for it, then close."""
+        await self._cancel_keepalive_task()
         await self._drain()
         await super().stop(frame)
 
     async def cancel(self, frame: CancelFrame):
         """Close the engine streams at once; nothing more is pushed."""
+        await self._cancel_keepalive_task()
         await self._abort()
         await super().cancel(frame)
 
@@ -228,6 +246,30 @@ class MonosemanticSTTService(STTService):
                     # overloaded: this frame is not transcribed, and the next one goes to a working stream.
                     await self.push_error(f"audio frame not transcribed: {e}", exception=e)
         yield None
+
+    # ---- keepalive (remote mode) -----------------------------------------------------------------
+    def _is_keepalive_ready(self) -> bool:
+        """A connection to keep open: remote mode, and a stream open. Without one there is nothing to keep;
+        the keepalive never opens a stream (the next audio frame does)."""
+        session = self._session
+        return self._remote is not None and not self._aborted and session is not None and not session.closed
+
+    async def _send_keepalive(self, silence: bytes) -> None:
+        """Send `silence` (100 ms of zeros at the stream's rate, from pipecat's keepalive task) so the
+        server does not close a connection that no audio was sent on for `keepalive_timeout` seconds."""
+        async with self._lock:  # ordered with audio, flushes and stream swaps, as every push is
+            session = self._session
+            if not self._is_keepalive_ready() or session is None:
+                return
+            if time.monotonic() - self._last_audio_time < self._keepalive_timeout:
+                return  # audio came while this waited for the lock: the connection is not idle
+            await self._push_held_audio()  # audio received before the pause goes ahead of the silence
+            try:
+                await session.keepalive(silence)
+            except StreamError as e:
+                # The connection is lost: as for any lost connection, the stream's event task reports it
+                # (a non-fatal ErrorFrame) and drops the stream, and the next audio frame opens a new one.
+                logger.debug(f"{self}: keepalive not sent: {e}")
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
@@ -432,7 +474,16 @@ class MonosemanticSTTService(STTService):
     async def _update_settings(self, delta: STTSettings) -> dict[str, Any]:
         """Apply a settings delta. `language` and `interim_results` apply at once; `latency_ms` and
         `model` need a new engine stream, opened at once when no utterance is in progress and otherwise
-        when the current one ends (the utterance is finished in the mode it started in)."""
+        when the current one ends (the utterance is finished in the mode it started in). In remote mode
+        the server's model is fixed: a `model` change is refused (an ErrorFrame) and the rest applies."""
+        if self._remote is not None and is_given(delta.model) and delta.model != self._settings.model:
+            await self.push_error(
+                f"cannot switch to model {delta.model!r} in remote mode: the server transcribes with the "
+                f"model `monosemantic serve` was started with, fixed until it restarts; keeping "
+                f"{self._settings.model!r}"
+            )
+            delta = copy.copy(delta)  # the caller's delta is left as it was
+            delta.model = NOT_GIVEN
         changed = await super()._update_settings(delta)
         if "model" in changed:
             try:  # load the new model now, off the audio path, so the swap at the boundary is quick

@@ -1,14 +1,16 @@
 """Remote mode: `MonosemanticSTTService(base_url=...)` against a real `monosemantic serve` app on loopback
 gives the same transcripts as in-process; a server that goes away is a non-fatal ErrorFrame and the
 service reconnects; a wrong key is a permanent error, not a retry loop; an unreachable server is retried
-with a doubling backoff."""
+with a doubling backoff. While muted, silence keeps the connection open; a model change is refused
+(the server's model is fixed)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
-from pipecat.frames.frames import InterimTranscriptionFrame
+from pipecat.frames.frames import InterimTranscriptionFrame, STTMuteFrame, STTUpdateSettingsFrame
 
 from _support.server import RunningServer
 from pipecat_monosemantic import MonosemanticSTTService
@@ -130,3 +132,115 @@ def test_an_unreachable_server_is_retried_with_a_doubling_backoff(harness, speec
     assert len(errors) == 5 and not any(e.fatal for e in errors)
     assert [e.error.rsplit("next try in ", 1)[1] for e in errors] == ["1 s)", "2 s)", "4 s)", "8 s)", "8 s)"]
     assert f"127.0.0.1:{port}" in errors[0].error and stt.is_usable
+
+
+def test_a_muted_service_keeps_the_connection_open_with_silence(harness, model, speech):
+    """While muted (STTMuteFrame, as STTMuteFilter sends while the bot speaks) nothing reaches the server,
+    which closes a connection silent for its idle timeout. The service's keepalive sends silence once no
+    audio was sent for `keepalive_timeout` seconds, so the stream outlives a mute several idle timeouts
+    long, and the next utterance is transcribed on it with no ErrorFrame."""
+    expected = model.transcribe(speech[0], latency_ms=160).text
+
+    async def main(port):
+        stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{port}", keepalive_timeout=0.3, keepalive_interval=0.1)
+        async with harness(stt, sample_rate=16000) as h:
+            await h.say(speech[0])
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            stream = stt._session
+            await h.worker.queue_frame(STTMuteFrame(mute=True))
+            await h.audio(np.zeros(16000, dtype=np.int16), pace=1.0)  # 1 s of the transport's audio, muted
+            await asyncio.sleep(1.5)  # and 1.5 s of none: 2.5 s without audio sent, the idle timeout is 1 s
+            await h.worker.queue_frame(STTMuteFrame(mute=False))
+            await h.say(speech[1])
+            await h.wait_for(lambda: len(h.finals()) == 2)
+            assert stt._session is stream  # never closed, never reopened
+            await h.end()
+            return h
+
+    with RunningServer(model, idle_timeout_seconds=1.0) as server:
+        h = asyncio.run(main(server.port))
+    assert not h.errors()
+    first, second = h.finals()
+    # The second utterance starts with the keepalive silence (as with the silence between turns that a
+    # transport delivers), so only its presence is checked, not its text against offline.
+    assert first.text == expected and second.text
+
+
+def test_keepalive_is_on_in_remote_mode_only():
+    from pipecat_monosemantic.stt import REMOTE_KEEPALIVE_TIMEOUT
+
+    remote = MonosemanticSTTService(base_url="ws://127.0.0.1:1")
+    assert remote._keepalive_timeout == REMOTE_KEEPALIVE_TIMEOUT == 10.0 and remote._keepalive_interval == 2.0
+    assert MonosemanticSTTService(base_url="ws://127.0.0.1:1", keepalive_timeout=None)._keepalive_timeout is None
+    assert MonosemanticSTTService(model="local.nemo")._keepalive_timeout is None
+
+
+def test_losing_the_connection_while_muted_is_one_error_and_the_next_audio_reconnects(harness, model, speech):
+    """The keepalive neither reports a lost connection a second time nor reopens a stream: the event task
+    reports it, as any lost connection, and the first audio after the mute opens a new stream."""
+    expected = model.transcribe(speech[1], latency_ms=160).text
+    server = RunningServer(model, idle_timeout_seconds=1.0)
+
+    async def main():
+        stt = MonosemanticSTTService(
+            base_url=f"ws://127.0.0.1:{server.port}", keepalive_timeout=0.2, keepalive_interval=0.05
+        )
+        async with harness(stt, sample_rate=16000) as h:
+            await h.worker.queue_frame(STTMuteFrame(mute=True))
+            await asyncio.sleep(0.5)  # keepalives go out
+            await asyncio.to_thread(server.__exit__)  # the server goes away while the service is muted
+            await h.wait_for(lambda: h.errors())
+            await asyncio.sleep(0.5)  # keepalive checks find no stream: nothing is sent, nothing opened
+            assert stt._session is None
+            await asyncio.to_thread(server.restart)
+            await h.worker.queue_frame(STTMuteFrame(mute=False))
+            await h.say(speech[1])
+            await h.wait_for(lambda: any(f.text == expected for f in h.finals()))
+            await h.end()
+            return h
+
+    server.__enter__()
+    try:
+        h = asyncio.run(main())
+    finally:
+        server.__exit__()
+    (error,) = h.errors()
+    assert not error.fatal and "shutting down" in error.error
+
+
+def test_a_model_change_is_refused_in_remote_mode_and_the_rest_of_the_update_applies(harness, model, speech):
+    """The server transcribes with the model it was started with: a `model` update cannot take effect,
+    so it is refused with a non-fatal ErrorFrame instead of being accepted and silently ignored. The
+    stream is not reopened, the setting (and the metrics' model name) stay, the update's other fields
+    apply, and an update to the current model is no change at all."""
+    expected = [model.transcribe(pcm, latency_ms=160).text for pcm in speech[:2]]
+
+    async def main(port):
+        stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{port}")
+        async with harness(stt, sample_rate=16000) as h:
+            model_before = stt.settings.model
+            await h.say(speech[0])
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            stream = stt._session
+            Settings = MonosemanticSTTService.Settings
+            await h.worker.queue_frame(STTUpdateSettingsFrame(delta=Settings(model=model_before)))
+            delta = Settings(model="/elsewhere/other-model.nemo", interim_results=False)
+            await h.worker.queue_frame(STTUpdateSettingsFrame(delta=delta))
+            await h.wait_for(lambda: h.errors())
+            await h.wait_for(lambda: not stt.settings.interim_results)
+            assert stt.settings.model == model_before and stt._session is stream
+            assert delta.model == "/elsewhere/other-model.nemo"  # the frame's delta is not altered
+            interims_before = len(h.down.of(InterimTranscriptionFrame))
+            await h.say(speech[1])
+            await h.wait_for(lambda: len(h.finals()) == 2)
+            assert stt._session is stream and len(h.down.of(InterimTranscriptionFrame)) == interims_before
+            await h.end()
+            return stt, h, model_before
+
+    with RunningServer(model) as server:
+        stt, h, model_before = asyncio.run(main(server.port))
+    (error,) = h.errors()
+    assert not error.fatal and stt.is_usable
+    assert "/elsewhere/other-model.nemo" in error.error and "monosemantic serve" in error.error
+    assert f"keeping {model_before!r}" in error.error
+    assert [f.text for f in h.finals()] == expected
