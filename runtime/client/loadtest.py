@@ -196,7 +196,7 @@ def summarize(cfg: LoadtestConfig, reports: list[StreamReport]) -> dict:
         "finals": sum(r.finals for r in reports),
         "covered": sum(r.covered for r in reports),
         "all_audio_covered": all(r.complete for r in reports),
-        "errors": sum(len(r.errors) for r in reports),
+        "errors": sum(len(r.errors) + (r.open_error is not None) for r in reports),  # a refused open counts
         "error_samples": [e for r in reports for e in (r.errors + ([r.open_error] if r.open_error else []))][:10],
         "client_max_send_lag_ms": 1000.0 * max((r.max_send_lag_s for r in reports), default=0.0),
         "time_to_final_ms": percentiles(all_ttf),

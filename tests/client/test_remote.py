@@ -206,6 +206,17 @@ def test_loadtest_drift_compares_the_first_and_last_full_minutes():
     assert summarize(LoadtestConfig(url=cfg.url, duration_s=59.0), [report])["drift"] is None
 
 
+def test_loadtest_counts_a_refused_open_as_an_error():
+    """The summary said "errors 0" while listing the streams that could not open."""
+    from monosemantic.client.loadtest import StreamReport, format_summary
+
+    cfg = LoadtestConfig(url="ws://127.0.0.1:1", streams=2, duration_s=10.0)
+    refused = StreamReport(index=1, open_error="ServerCapacityError: the server refused the stream")
+    summary = summarize(cfg, [StreamReport(index=0, opened=True), refused])
+    assert summary["errors"] == 1 and summary["error_samples"] == [refused.open_error]
+    assert "errors 1," in format_summary(summary)
+
+
 def test_loadtest_bounds(server):
     with pytest.raises(ValueError, match="streams"):
         LoadtestConfig(url=server.http, streams=5000)
