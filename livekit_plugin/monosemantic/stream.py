@@ -149,7 +149,8 @@ class SpeechStream(stt.RecognizeStream):
         clock = Clock(offset=lambda: self.start_time_offset, anchor=lambda: self.start_time)
         # Turns follow the engine's voice activity, or the text where the engine (a server) runs no VAD.
         self._tracker = TurnTracker(
-            clock, language=self._opts.language, interim_results=self._opts.interim_results, vad=self._es.vad
+            clock, language=self._opts.language, interim_results=self._opts.interim_results, vad=self._es.vad,
+            chunk=self._chunk(),
         )
         self._held, self._first_push = None, True
         self._settled.set()
@@ -178,6 +179,10 @@ class SpeechStream(stt.RecognizeStream):
             raise as_api_error(exc, "opening a recognition stream failed") from exc
         self._latency, self._reopen_requested, self._reopen_when_idle = latency, False, True
         return es
+
+    def _chunk(self) -> int:
+        """Engine samples one step of the open engine stream transcribes: its latency mode's chunk."""
+        return self._latency * SAMPLE_RATE // 1000
 
     def _send(self, event: stt.SpeechEvent) -> None:
         if not self._event_ch.closed:
@@ -295,9 +300,7 @@ class SpeechStream(stt.RecognizeStream):
                 except APIError as exc:
                     self._reopen_failed(exc)
                 else:
-                    tracker = self._tracker
-                    tracker.clock.base += tracker.pushed
-                    tracker.pushed = tracker.utterance_start = 0
+                    self._tracker.rebase(self._chunk())
                     self._es = new
                     await old.close()
             for item in held:

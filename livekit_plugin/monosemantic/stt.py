@@ -7,7 +7,14 @@ import dataclasses
 import os
 import weakref
 
-from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr, stt
+from livekit.agents import (
+    DEFAULT_API_CONNECT_OPTIONS,
+    NOT_GIVEN,
+    APIConnectOptions,
+    APITimeoutError,
+    NotGivenOr,
+    stt,
+)
 from livekit.agents.types import TimedString
 from livekit.agents.utils import AudioBuffer, is_given, merge_frames
 
@@ -171,7 +178,15 @@ class STT(stt.STT):
         language: NotGivenOr[str] = NOT_GIVEN,
         conn_options: APIConnectOptions,
     ) -> stt.SpeechEvent:
-        """Transcribe a whole buffer: one stream of the shared engine, flushed once."""
+        """Transcribe a whole buffer: one stream of the shared engine, flushed once.
+
+        `conn_options.timeout` bounds the wait without progress, not the whole call: once the audio is
+        in, a stream that sends no event for that long (a server that accepted the stream, then hung
+        while its connection stays up, answering pings) fails with APITimeoutError, which the base class
+        retries. A healthy engine is never that quiet while it works (a Partial at every step that
+        finds words, a Usage every few seconds of audio), so a long buffer on a slow engine, local or
+        remote, is not cut for its length. Pushing the audio is bounded by the engine itself (a local
+        engine's push timeout, a remote connection's heartbeat)."""
         language = language if is_given(language) else self._opts.language
         frames = buffer if isinstance(buffer, list) else [buffer]
         frame = merge_frames(frames) if frames else None
@@ -185,7 +200,16 @@ class STT(stt.STT):
         try:
             await es.push(frame_pcm(frame))
             await es.flush()
-            async for event in es:
+            events = aiter(es)
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(events), conn_options.timeout)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise APITimeoutError(
+                        f"recognition timed out: the speech engine sent nothing for {conn_options.timeout:g} s",
+                    ) from None
                 if isinstance(event, monosemantic.Final):
                     return _final_event(language, event)
                 if isinstance(event, monosemantic.Error):

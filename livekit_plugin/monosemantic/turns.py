@@ -12,7 +12,9 @@ flush. LiveKit wants turns: START -> INTERIM* -> PREFLIGHT -> FINAL -> END, exac
 - A flush the framework asks for (manual_flush) always yields a FINAL, empty or not: the session waits
   for one after committing a turn. Inside a turn it does not end the turn (the VAD does that).
 - A non-empty Final outside any turn (text the model found in audio the VAD called silence) is not
-  dropped: it is delivered as its own START, FINAL, END.
+  dropped: it is delivered as its own START, FINAL, END (START at its first word).
+- Without the engine's VAD (`vad=False`) the text makes the turns: the first Partial with text opens a
+  turn, dated where that text begins (`_text_onset`), and the next Final closes it.
 - `close()` ends an open turn: every START gets its END, also on close and errors.
 """
 
@@ -62,9 +64,12 @@ class _Segment:
 
 
 class TurnTracker:
-    def __init__(self, clock: Clock, *, language: str, interim_results: bool, vad: bool = True):
+    def __init__(
+        self, clock: Clock, *, language: str, interim_results: bool, vad: bool = True, chunk: int = 0
+    ):
         self.clock = clock
         self.vad = vad  # without the engine's VAD, text opens a turn and every Final closes it
+        self.chunk = chunk  # engine samples one step of the engine stream transcribes (its latency mode)
         self.language = language
         self.interim_results = interim_results
         self.state: Literal["idle", "speaking", "ending"] = "idle"
@@ -89,10 +94,10 @@ class TurnTracker:
         if isinstance(event, monosemantic.SpeechEnded):
             return self._speech_ended(event.sample)
         if isinstance(event, monosemantic.Partial):
-            self.text = event.text
-            self.text_end = event.end
+            silent_until = self.text_end  # idle without VAD, no text yet: how far the audio had none
+            self.text, self.text_end = event.text, event.end
             if not self.vad and self.state == "idle" and event.text:
-                return self._open(self.utterance_start), False  # carries the INTERIM
+                return self._open(self._text_onset(silent_until, event.end)), False  # carries the INTERIM
             if self.state == "speaking" and self.interim_results and event.text:
                 return [self._transcript(stt.SpeechEventType.INTERIM_TRANSCRIPT, event.text, end=event.end)], False
             return [], False
@@ -113,6 +118,13 @@ class TurnTracker:
         end = self._speech_end if self._speech_end is not None else self.pushed
         return [self._end(max(end, self._speech_start))]
 
+    def rebase(self, chunk: int) -> None:
+        """The stream replaced its engine stream (latency `chunk` samples) at an idle boundary: the new
+        one counts samples from 0, after the `pushed` samples of the old one."""
+        self.clock.base += self.pushed
+        self.pushed = self.utterance_start = self.text_end = 0
+        self.chunk = chunk
+
     @property
     def idle(self) -> bool:
         """No turn open or held, no Final outstanding: a boundary where the engine stream may change."""
@@ -126,6 +138,22 @@ class TurnTracker:
         if self.state == "speaking":  # the engine pairs its transitions; tolerate a repeat
             return []
         return self._open(sample)
+
+    def _text_onset(self, silent_until: int, end: int) -> int:
+        """Without VAD, where the utterance's speech begins, as well as the events tell, at its first
+        text (a Partial transcribed up to `end`).
+
+        The engine sends a Partial only from a step that found tokens, so silence sends none: the
+        Partial before the first text is the previous utterance's (or its Final), which says nothing
+        about where this text lies; the utterance's start (the previous flush) may be minutes earlier.
+        Each step transcribes one chunk (`chunk`: the latency mode, e.g. 160 ms) and ends at the
+        Partial's `end`, so the first token lies in the last chunk before `end`: the turn starts at
+        `end - chunk`. Never before what is known to hold no text: the utterance's start, or the end of
+        a Partial of this utterance whose tokens made no text yet (`silent_until`). The estimate is
+        within a chunk of the first token; a token is emitted once the model has heard enough of its
+        sound, so the sound itself may begin a little earlier (the first word's start in the Final, a
+        frame or so earlier, is known only when the Final comes)."""
+        return max(self.utterance_start, silent_until, end - self.chunk)
 
     def _open(self, sample: int) -> list[stt.SpeechEvent]:
         self.state = "speaking"
@@ -170,8 +198,9 @@ class TurnTracker:
             return [event]  # inside a turn; or the framework's empty acknowledgement
         if not final.text:
             return []
-        # text outside any VAD turn: deliver it as a turn of its own rather than lose it
-        out = self._open(final.start)
+        # text outside any turn: deliver it as a turn of its own rather than lose it, starting at its
+        # first word (the Final's own start is the previous flush, possibly long before)
+        out = self._open(final.words[0].start if final.words else final.start)
         self.state = "idle"
         return [o for o in out if o.type != stt.SpeechEventType.INTERIM_TRANSCRIPT] + [event, self._end(final.end)]
 

@@ -5,11 +5,13 @@ LiveKit's API errors, retried only when a retry can help."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import numpy as np
 import pytest
-from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError
+from aiohttp import web
+from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError, APITimeoutError
 from livekit.agents.stt import SpeechEventType as T
 
 from _support.server import RunningServer
@@ -183,3 +185,58 @@ def test_a_connection_lost_at_a_vad_flush_is_a_retryable_connection_error(server
     errors = asyncio.run(main())
     assert isinstance(errors[0].error, APIConnectionError) and errors[0].error.retryable
     assert errors[0].recoverable  # retried on a new connection
+
+
+@contextlib.asynccontextmanager
+async def fake_server(handler):
+    """A WebSocket endpoint at /v1/stream run by `handler` on loopback."""
+    app = web.Application()
+    app.router.add_get("/v1/stream", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"ws://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+READY = {"type": "ready", "protocol": 1, "stream_id": "x", "latency_ms": 160, "sample_rate": 16000,
+         "model_sample_rate": 16000, "latency_modes": [160]}
+
+
+def test_recognize_against_a_server_that_never_answers_times_out_and_is_retried(lk):
+    """A server that opened the stream and then hung (a stuck engine) while its connection stays up,
+    answering pings: recognize() waited for the Final forever and LiveKit's retry never started. It now
+    fails after conn_options.timeout without any event, with the retryable APITimeoutError."""
+    connections = []
+
+    async def wedged(request):
+        ws = web.WebSocketResponse()  # autoping: the connection looks alive
+        await ws.prepare(request)
+        connections.append(ws)
+        await ws.send_json(READY)
+        async for msg in ws:  # takes the audio and the flush, answers nothing
+            if msg.type is web.WSMsgType.TEXT and msg.json()["type"] == "close":
+                break  # (so that the test's connections end at once)
+        return ws
+
+    async def main():
+        async with fake_server(wedged) as url:
+            stt = lk_monosemantic.STT(base_url=url)
+            errors = []
+            stt.on("error", errors.append)
+            frames = list(lk.frames(np.zeros(16000, np.float32)))
+            options = APIConnectOptions(max_retry=1, retry_interval=0.01, timeout=1.0)
+            try:
+                with pytest.raises(APIConnectionError) as info:
+                    await asyncio.wait_for(stt.recognize(frames, conn_options=options), 30)
+            finally:
+                await stt.aclose()
+            return info.value, errors
+
+    error, errors = asyncio.run(main())
+    assert len(connections) == 2  # the timeout was retried on a new connection
+    assert isinstance(error.__cause__, APITimeoutError)
+    assert [(type(e.error), e.recoverable) for e in errors] == [(APITimeoutError, True), (APITimeoutError, False)]

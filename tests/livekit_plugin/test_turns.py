@@ -121,3 +121,31 @@ def test_interim_results_off_sends_no_interims():
     t = TurnTracker(Clock(offset=lambda: 0.0, anchor=lambda: 0.0), language="en", interim_results=False)
     events = run(t, [SpeechStarted(0), Partial("a", "a"), SpeechEnded(4000), Final("a", start=0, end=5000)])
     assert [e.type for e in events] == [S, P, F, E]
+
+
+def test_without_vad_a_turn_after_a_pause_starts_where_its_text_begins():
+    """Without VAD the turn opens at the first Partial with text. It was dated at the utterance's start
+    (the previous flush), so after a pause LiveKit got a speech_start_time seconds (minutes) too early.
+    The engine sends no Partial in silence: the text lies in the chunk that ends at that Partial's
+    `end`, and not before a Partial of the utterance whose tokens made no text yet."""
+    chunk = 2560  # 160 ms
+    t = tracker(vad=False, chunk=chunk)
+    events = run(t, [Partial("hi", "hi", 0, 1440), "flush:framework", Final("hi", start=0, end=48000),
+                     # 5 s of silence: no events; then the step that finds text ends at 129920 (8.12 s)
+                     Partial("and", "and", 48000, 129920)])
+    assert [e.type for e in events] == [S, I, F, E, S, I]
+    assert events[0].speech_start_time == 1000.0  # max(0, 1440 - chunk)
+    assert events[4].speech_start_time == 1000.0 + (129920 - chunk) / 16000  # was 1000.0 + 3.0
+    assert events[5].alternatives[0].start_time == 2.0 + 48000 / 16000  # the INTERIM spans the utterance
+
+    t = tracker(vad=False, chunk=chunk)
+    events = run(t, [Partial("", "", 0, 128000), Partial("so", "so", 0, 129920)])
+    assert events[0].speech_start_time == 1000.0 + 128000 / 16000  # audio up to 128000 had no text
+
+
+def test_text_outside_any_turn_starts_at_its_first_word():
+    t = tracker()
+    events = run(t, [SpeechStarted(0), SpeechEnded(8000), Final("a", start=0, end=9000),
+                     "flush:framework", Final("uh", words=[Word("uh", 40000, 44000)], start=9000, end=48000)])
+    assert [e.type for e in events] == [S, F, E, S, F, E]
+    assert events[3].speech_start_time == 1000.0 + 40000 / 16000  # not the Final's start, 9000

@@ -61,7 +61,7 @@ def check_turn_times(events, vad, first_sample_of, t0):
     ends = [e.speech_end_time for e in events if e.type == T.END_OF_SPEECH]
     onsets = [t0 + (first_sample_of(r) + s) / 16000 for k, s, r in vad if k is monosemantic.SpeechStarted]
     offsets = [t0 + (first_sample_of(r) + s) / 16000 for k, s, r in vad if k is monosemantic.SpeechEnded]
-    # (the end of input may add a turn of text the VAD called silence, opened at its Final's start)
+    # (the end of input may add a turn of text the VAD called silence, opened at its Final's first word)
     assert onsets and len(starts) >= len(onsets) and len(ends) >= len(offsets)
     assert [s - t0 for s in starts[: len(onsets)]] == pytest.approx([o - t0 for o in onsets], abs=TOLERANCE)
     # (an END for a turn the VAD had not closed yet is the end of the stream's audio)
