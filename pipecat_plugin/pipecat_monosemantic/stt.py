@@ -63,6 +63,12 @@ DEFAULT_LATENCY_MS = 160
 _REOPEN_BACKOFF_SECONDS = 1.0
 _REOPEN_BACKOFF_MAX_SECONDS = 8.0
 
+# A stream opens in a background task (a remote server may take up to its connect timeout to answer, and
+# a reloading engine seconds), so frames never wait on it. The audio (and flushes) received meanwhile is
+# kept, up to this many seconds of it, and goes to the stream in order once it opens; audio beyond that is
+# not transcribed (one ErrorFrame says so), nor is the audio kept if the open fails (its ErrorFrame says so).
+_OPENING_BACKLOG_SECONDS = 10.0
+
 # Remote mode: a `monosemantic serve` connection that receives nothing for the server's idle timeout (60 s
 # by default) is closed. While the service is muted (STTMuteFrame, e.g. while the bot speaks) or no audio
 # comes, pipecat's keepalive task sends 100 ms of silence once no audio was sent for this long, checking
@@ -158,6 +164,12 @@ class MonosemanticSTTService(STTService):
         self._open_failures = 0  # failed opens in a row (the reopen backoff doubles with each)
         self._aborted = False  # cancelled: push nothing more
         self._frame_audio: FrameAudio | None = None  # set at start, when the stream's rate is known
+        self._opening: asyncio.Task | None = None  # a stream opening in the background
+        self._backlog: list[bytes | None] = []  # audio (None: a flush) received while it opens, in order
+        self._backlog_bytes = 0
+        self._backlog_overflowed = False  # audio beyond the backlog's bound was dropped (reported once)
+        self._loading: asyncio.Task | None = None  # a model update's engine loading in the background
+        self._pending_model: str | None = None  # the model it loads; `_settings.model` changes once loaded
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -178,6 +190,10 @@ class MonosemanticSTTService(STTService):
         self._retry_at, self._open_failures = 0.0, 0
         async with self._lock:
             await self._ensure_session()
+        if self._remote is None and self._opening is not None:
+            # In-process, the model loads now and audio frames wait behind the StartFrame (none dropped, however
+            # long the load). A server's connection does not hold up the pipeline: audio meanwhile is kept.
+            await asyncio.wait({self._opening})
         if self._remote is not None and self._keepalive_task is None:
             self._create_keepalive_task()  # does nothing when keepalive_timeout is None
 
@@ -223,9 +239,14 @@ class MonosemanticSTTService(STTService):
     async def _push_held_audio(self) -> None:
         """Push the audio the resampler still holds: a flush must cover every sample received before it."""
         tail = self._frame_audio.flush() if self._frame_audio is not None else b""
+        if not tail:
+            return
         session = self._session
-        if not tail or session is None or session.closed:
-            return  # no stream took the frames before it either; their loss was reported then
+        if session is None or session.closed:
+            if self._opening is not None:
+                self._record_stt_audio_usage(tail)
+                await self._keep(tail)  # the frames before it wait for the opening stream too
+            return  # else no stream took the frames before it either; their loss was reported then
         self._record_stt_audio_usage(tail)
         try:
             await session.push(tail)
@@ -233,7 +254,8 @@ class MonosemanticSTTService(STTService):
             await self.push_error(f"the end of the utterance was not transcribed: {e}", exception=e)
 
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
-        """Push the audio to the engine stream; transcripts arrive from the stream's event task."""
+        """Push the audio to the engine stream; transcripts arrive from the stream's event task. While a
+        stream opens (in the background) the audio is kept for it; with none opening it is not transcribed."""
         async with self._lock:
             session = await self._ensure_session()
             if session is not None:
@@ -245,7 +267,46 @@ class MonosemanticSTTService(STTService):
                     # The stream closed under us (its event task reports why and drops it) or the engine is
                     # overloaded: this frame is not transcribed, and the next one goes to a working stream.
                     await self.push_error(f"audio frame not transcribed: {e}", exception=e)
+            elif self._opening is not None:
+                await self._keep(audio)
         yield None
+
+    # ---- audio while a stream opens --------------------------------------------------------------
+    async def _keep(self, audio: bytes) -> None:
+        """Keep audio for the stream being opened (bounded: see `_OPENING_BACKLOG_SECONDS`)."""
+        if self._backlog_bytes + len(audio) > _OPENING_BACKLOG_SECONDS * self.sample_rate * 2:
+            if not self._backlog_overflowed:
+                self._backlog_overflowed = True
+                await self.push_error(
+                    f"audio not transcribed: no recognition stream is open yet and the "
+                    f"{_OPENING_BACKLOG_SECONDS:g} s of audio kept for it meanwhile are full"
+                )
+            return
+        self._backlog.append(audio)
+        self._backlog_bytes += len(audio)
+
+    def _backlog_unflushed(self) -> bool:
+        """Audio kept since the last flush kept (a flush of it would owe a Final)."""
+        return bool(self._backlog) and self._backlog[-1] is not None
+
+    def _drop_backlog(self) -> float:
+        """Forget the audio kept for an opening stream; the seconds of it."""
+        seconds = self._backlog_bytes / 2 / self.sample_rate if self.sample_rate else 0.0
+        self._backlog, self._backlog_bytes, self._backlog_overflowed = [], 0, False
+        return seconds
+
+    async def _replay_backlog(self, session: StreamSession) -> None:
+        """Send the opened stream what was kept for it, in order: audio and flushes."""
+        backlog = self._backlog
+        self._drop_backlog()
+        try:
+            for item in backlog:
+                if item is None:
+                    await session.flush()
+                else:
+                    await session.push(item)
+        except (AudioError, StreamError) as e:
+            await self.push_error(f"audio received while the stream opened was not transcribed: {e}", exception=e)
 
     # ---- keepalive (remote mode) -----------------------------------------------------------------
     def _is_keepalive_ready(self) -> bool:
@@ -284,6 +345,11 @@ class MonosemanticSTTService(STTService):
         async with self._lock:
             await self._push_held_audio()
             session = self._session
+            if (session is None or session.closed) and self._opening is not None:
+                if self._backlog_unflushed():  # the stream being opened flushes it when it has the audio
+                    self.request_finalize()
+                    self._backlog.append(None)
+                return
             if session is None or not session.unflushed:
                 return  # nothing pushed since the last flush: no transcript is coming
             self.request_finalize()
@@ -306,30 +372,56 @@ class MonosemanticSTTService(STTService):
         return session
 
     async def _ensure_session(self) -> StreamSession | None:
-        """The current stream, opening one if there is none (at most once per backoff after a failure)."""
+        """The current stream; with none, start opening one in the background (at most once per backoff
+        after a failure) and return None: the caller never waits on a connection or a model load."""
         if self._session is not None and not self._session.closed:
             return self._session
-        if self._aborted or time.monotonic() < self._retry_at:
+        if self._aborted or self._opening is not None or time.monotonic() < self._retry_at:
             return None
+        self._session = None
+        self._opening = self.create_task(self._open_in_background(), name="monosemantic_open")
+        return None
+
+    async def _open_in_background(self) -> None:
+        """Open the current stream; then hand it what was kept meanwhile, or report why it did not open."""
         try:
-            self._session = await self._open_session()
-            self._open_failures = 0
+            session = await self._open_session()
+        except asyncio.CancelledError:
+            raise
         except Exception as e:
-            self._session = None
-            self._open_failures += 1
-            wait = min(_REOPEN_BACKOFF_MAX_SECONDS, _REOPEN_BACKOFF_SECONDS * 2 ** (self._open_failures - 1))
-            self._retry_at = time.monotonic() + wait
-            # A checkpoint that cannot load, or a setting the model refuses, will fail the same way every
-            # time: mark the service unusable (a settings update makes it usable again).
-            # A server that refuses for good (a wrong key) is too; unreachable or full is not.
-            permanent = isinstance(e, (ModelLoadError, MissingDependencyError, ValueError, AudioError)) or (
-                isinstance(e, StreamError) and getattr(e, "retryable", True) is False
-            )
-            retry = "" if permanent else f"; audio is not transcribed until a stream opens (next try in {wait:g} s)"
-            await self.push_error(
-                f"could not open a recognition stream: {e}{retry}", exception=e, force_treat_as_permanent=permanent
-            )
-        return self._session
+            async with self._lock:
+                self._opening = None
+                lost = self._drop_backlog()
+                if not self._aborted:
+                    await self._open_failed(e, lost)
+            return
+        async with self._lock:
+            self._opening = None
+            if self._aborted or session.closed:
+                return  # _abort closes every session it knows, this one included
+            self._session = session
+            self._open_failures = 0
+            await self._replay_backlog(session)
+
+    async def _open_failed(self, e: Exception, lost_seconds: float) -> None:
+        self._session = None
+        self._open_failures += 1
+        wait = min(_REOPEN_BACKOFF_MAX_SECONDS, _REOPEN_BACKOFF_SECONDS * 2 ** (self._open_failures - 1))
+        self._retry_at = time.monotonic() + wait
+        # A checkpoint that cannot load, or a setting the model refuses, will fail the same way every
+        # time: mark the service unusable (a settings update makes it usable again).
+        # A server that refuses for good (a wrong key) is too; unreachable or full is not.
+        permanent = isinstance(e, (ModelLoadError, MissingDependencyError, ValueError, AudioError)) or (
+            isinstance(e, StreamError) and getattr(e, "retryable", True) is False
+        )
+        lost = f"; the {lost_seconds:.1f} s of audio received while it was opening were not transcribed"
+        lost = lost if lost_seconds else ""
+        retry = "" if permanent else f"; audio is not transcribed until a stream opens (next try in {wait:g} s)"
+        await self.push_error(
+            f"could not open a recognition stream: {e}{lost}{retry}",
+            exception=e,
+            force_treat_as_permanent=permanent,
+        )
 
     def _needs_new_stream(self, session: StreamSession) -> bool:
         return session.latency_ms != self._settings.latency_ms or session.model != self._settings.model
@@ -360,11 +452,28 @@ class MonosemanticSTTService(STTService):
         logger.debug(f"{self}: stream reopened (latency_ms={new.latency_ms}, model={new.model})")
 
     async def _drain(self) -> None:
-        """Flush every stream, wait for the Finals owed, close."""
+        """Flush every stream, wait for the Finals owed, close (waiting `stop_timeout` at most in all)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._stop_timeout
         async with self._lock:
             await self._push_held_audio()
-            self._session = None
             self._retry_at = float("inf")  # no audio after EndFrame; nothing reopens
+            opening, kept = self._opening, bool(self._backlog)
+        if opening is not None:
+            if kept:  # audio waits for this stream: give it the time allowed for transcripts in flight
+                await asyncio.wait({opening}, timeout=self._stop_timeout)
+            if not opening.done():
+                await self.cancel_task(opening, timeout=1.0)
+                async with self._lock:
+                    self._opening = None
+                    lost = self._drop_backlog()
+                if lost:
+                    await self.push_error(
+                        f"no recognition stream opened within {self._stop_timeout} s of the end of the "
+                        f"pipeline; the {lost:.1f} s of audio received meanwhile were not transcribed"
+                    )
+        async with self._lock:
+            self._session = None
             for session in list(self._sessions):
                 try:
                     await session.retire()
@@ -372,7 +481,7 @@ class MonosemanticSTTService(STTService):
                     await self.push_error(f"could not flush at stop: {e}", exception=e)
         tasks = [s.task for s in self._sessions if s.task is not None]
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self._stop_timeout)
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
             if pending:
                 await self.push_error(
                     f"the final transcript did not arrive within {self._stop_timeout} s of the end "
@@ -381,8 +490,14 @@ class MonosemanticSTTService(STTService):
         await self._abort()
 
     async def _abort(self) -> None:
-        """Close every stream now and stop reading events."""
+        """Close every stream now and stop reading events; stop opening one, or loading a model."""
         self._aborted = True
+        for task in (self._opening, self._loading):
+            if task is not None and task is not asyncio.current_task():
+                await self.cancel_task(task, timeout=1.0)  # a connection attempt is not waited for
+        self._opening = self._loading = None
+        self._pending_model = None
+        self._drop_backlog()
         self._session = None
         sessions, self._sessions = list(self._sessions), set()
         for session in sessions:
@@ -474,32 +589,63 @@ class MonosemanticSTTService(STTService):
     async def _update_settings(self, delta: STTSettings) -> dict[str, Any]:
         """Apply a settings delta. `language` and `interim_results` apply at once; `latency_ms` and
         `model` need a new engine stream, opened at once when no utterance is in progress and otherwise
-        when the current one ends (the utterance is finished in the mode it started in). In remote mode
-        the server's model is fixed: a `model` change is refused (an ErrorFrame) and the rest applies."""
-        if self._remote is not None and is_given(delta.model) and delta.model != self._settings.model:
-            await self.push_error(
-                f"cannot switch to model {delta.model!r} in remote mode: the server transcribes with the "
-                f"model `monosemantic serve` was started with, fixed until it restarts; keeping "
-                f"{self._settings.model!r}"
-            )
+        when the current one ends (the utterance is finished in the mode it started in). A new model
+        loads in the background first (`_load_model`): `settings.model` changes once it has loaded. In
+        remote mode the server's model is fixed: a `model` change is refused (an ErrorFrame) and the rest
+        applies."""
+        if is_given(delta.model):
+            model = delta.model
             delta = copy.copy(delta)  # the caller's delta is left as it was
-            delta.model = NOT_GIVEN
-        changed = await super()._update_settings(delta)
-        if "model" in changed:
-            try:  # load the new model now, off the audio path, so the swap at the boundary is quick
-                await self._engine_for(self._settings.model)
-            except Exception as e:
+            delta.model = NOT_GIVEN  # `_settings.model` is the model streams open with: not before it loads
+            if self._remote is not None and model != self._settings.model:
                 await self.push_error(
-                    f"cannot switch to model {self._settings.model!r}: {e}; keeping {changed['model']!r}",
-                    exception=e,
+                    f"cannot switch to model {model!r} in remote mode: the server transcribes with the "
+                    f"model `monosemantic serve` was started with, fixed until it restarts; keeping "
+                    f"{self._settings.model!r}"
                 )
-                self._settings.model = changed.pop("model")
-                self._sync_model_name_to_metrics()
-        if changed.keys() & {"model", "latency_ms"}:
+            elif self._remote is None and model != self._pending_model:
+                await self._stop_loading()  # the latest update wins
+                if model != self._settings.model:
+                    self._pending_model = model
+                    self._loading = self.create_task(self._load_model(model), name="monosemantic_load_model")
+        changed = await super()._update_settings(delta)
+        if "latency_ms" in changed:
             self._retry_at, self._open_failures = 0.0, 0
-            async with self._lock:
-                session = self._session
-                if session is not None and not self._in_utterance and self._needs_new_stream(session):
-                    await self._swap()
+            await self._swap_if_idle()
         self._warn_unhandled_updated_settings(changed.keys() - {"model", "language", "latency_ms", "interim_results"})
         return changed
+
+    async def _stop_loading(self) -> None:
+        task, self._loading, self._pending_model = self._loading, None, None
+        if task is not None:
+            await self.cancel_task(task, timeout=1.0)
+
+    async def _load_model(self, model: str) -> None:
+        """Load `model`'s engine off the frame path; once it has loaded, make it the setting, so the next
+        utterance boundary (or now, between utterances) switches to it without loading anything. If it
+        cannot load: one ErrorFrame naming it, and the current model stays."""
+        try:
+            await self._engine_for(model)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._loading = self._pending_model = None
+            await self.push_error(
+                f"cannot switch to model {model!r}: {e}; keeping {self._settings.model!r}", exception=e
+            )
+            return
+        self._loading = self._pending_model = None
+        self._settings.model = model
+        self._sync_model_name_to_metrics()
+        logger.info(f"{self}: model {model!r} loaded; streams switch to it at the next utterance boundary")
+        await self.set_usable(True)  # a model that loads may be what makes the service work again
+        self._retry_at, self._open_failures = 0.0, 0
+        await self._swap_if_idle()
+
+    async def _swap_if_idle(self) -> None:
+        """Open a stream with the current settings now if no utterance is in progress (else `_finalize`
+        does, at the utterance's end)."""
+        async with self._lock:
+            session = self._session
+            if session is not None and not self._in_utterance and self._needs_new_stream(session):
+                await self._swap()

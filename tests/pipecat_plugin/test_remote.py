@@ -119,11 +119,13 @@ def test_an_unreachable_server_is_retried_with_a_doubling_backoff(harness, speec
     async def main():
         stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{port}")
         async with harness(stt, sample_rate=16000) as h:
-            await h.wait_for(lambda: len(tries) == 1)  # the open at start
+            # Streams open in the background: each try is over (and its failure has set the next one's
+            # time on the fake clock) before the clock moves on.
+            await h.wait_for(lambda: len(tries) == 1 and stt._opening is None)  # the open at start
             for n in range(36):
                 clock[0] += 0.5
                 await h.audio(frame)
-                await h.wait_for(lambda: len(tries) == n + 2)
+                await h.wait_for(lambda: len(tries) == n + 2 and stt._opening is None)
             await h.end(timeout=30)
             return stt, h
 
@@ -244,3 +246,35 @@ def test_a_model_change_is_refused_in_remote_mode_and_the_rest_of_the_update_app
     assert "/elsewhere/other-model.nemo" in error.error and "monosemantic serve" in error.error
     assert f"keeping {model_before!r}" in error.error
     assert [f.text for f in h.finals()] == expected
+
+
+def test_a_server_that_never_answers_does_not_hold_up_the_pipeline(harness, speech):
+    """A host that accepts the TCP connection but never answers the WebSocket handshake (hung, or a
+    firewall's blackhole) makes a connection attempt last the client's whole connect timeout (10 s).
+    The stream opens in the background, so nothing waits for it: the pipeline starts, audio and VAD frames
+    pass downstream, and a CancelFrame ends the pipeline, all before that attempt ends (its failure would
+    be an ErrorFrame)."""
+    import socket
+
+    from pipecat.frames.frames import InputAudioRawFrame, VADUserStartedSpeakingFrame
+
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(16)  # the kernel completes the connections; nothing ever reads or answers
+        port = blackhole.getsockname()[1]
+
+        async def main():
+            stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{port}")
+            assert stt._remote.connect_timeout == 10.0
+            async with harness(stt, sample_rate=16000) as h:
+                assert not h.errors(), "the pipeline started only after the connection attempt failed"
+                await h.speech_starts()
+                await h.audio(speech[0][:3200])  # 10 frames of 20 ms
+                frames = lambda: len(h.down.of(InputAudioRawFrame)) == 10 and h.down.of(VADUserStartedSpeakingFrame)
+                await h.wait_for(frames, timeout=3.0)
+                assert not h.errors() and stt._opening is not None  # the attempt is still going on
+                await h.cancel(timeout=3.0)
+                return h
+
+        h = asyncio.run(main())
+    assert not h.errors() and h.finals() == []

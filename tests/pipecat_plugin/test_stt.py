@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 
 import numpy as np
@@ -300,6 +301,111 @@ def test_a_checkpoint_that_cannot_load_is_an_error_frame_not_a_hang(fresh_engine
     (error,) = h.errors()
     assert "missing.nemo" in error.error and not stt.is_usable
     assert h.finals() == []
+
+
+def test_a_model_that_cannot_load_is_one_error_and_the_old_model_stays(
+    fresh_engines, harness, ckpt, model, speech, tmp_path, monkeypatch
+):
+    """A model update arrives shortly before the utterance ends, and the model fails to load (after a
+    while, as a large checkpoint would). The utterance ends on the current model without waiting for the
+    load or trying it again: exactly one ErrorFrame, naming the model that failed, and the old model
+    stays for the next utterance."""
+    import threading
+
+    import monosemantic.engine.shared as shared
+
+    bad = tmp_path / "bad.nemo"
+    bad.write_bytes(b"not a checkpoint")
+    loading, utterance_done = threading.Event(), threading.Event()
+    load = shared.load_model
+
+    def slow_load(path, **kwargs):
+        if "bad" in str(path):
+            loading.set()
+            utterance_done.wait(5)  # a real checkpoint takes seconds to load: this one outlasts the utterance
+        return load(path, **kwargs)
+
+    monkeypatch.setattr(shared, "load_model", slow_load)
+    expected = [model.transcribe(pcm, latency_ms=160).text for pcm in speech[:2]]
+    current = os.fspath(ckpt)
+
+    async def main():
+        stt = service(ckpt)
+        async with harness(stt, sample_rate=16000) as h:
+            try:
+                await h.speech_starts()
+                await h.audio(speech[0])
+                delta = MonosemanticSTTService.Settings(model=os.fspath(bad))
+                await h.worker.queue_frame(STTUpdateSettingsFrame(delta=delta))
+                await h.wait_for(loading.is_set)  # settings frames and VAD frames take different paths
+                await h.speech_stops()
+                await h.wait_for(lambda: len(h.finals()) == 1, timeout=30)
+            finally:
+                utterance_done.set()
+            await h.wait_for(lambda: h.errors())
+            await h.say(speech[1])
+            await h.wait_for(lambda: len(h.finals()) == 2)
+            assert stt.settings.model == current and stt._session.model == current
+            await h.end()
+            return stt, h
+
+    stt, h = asyncio.run(main())
+    (error,) = h.errors()
+    assert not error.fatal and stt.is_usable
+    assert error.error.startswith(f"cannot switch to model {os.fspath(bad)!r}") and f"keeping {current!r}" in error.error
+    assert [f.text for f in h.finals()] == expected
+
+
+def test_a_model_switch_waits_for_the_load_and_never_holds_up_an_utterance(
+    fresh_engines, harness, ckpt, model, speech, tmp_path, monkeypatch
+):
+    """The new model loads in the background. An utterance that ends while it loads is finished on the
+    current model and its final comes at once; `settings.model` changes when the load is done, and the
+    stream switches then (between utterances), so the next utterance runs on the new model."""
+    import shutil
+    import threading
+
+    import monosemantic.engine.shared as shared
+
+    other = os.fspath(tmp_path / "other.nemo")
+    shutil.copy(ckpt, other)  # the same weights under another name: a second engine, the same transcripts
+    loading, loaded = threading.Event(), threading.Event()
+    load = shared.load_model
+
+    def gated_load(path, **kwargs):
+        if os.fspath(path) == other:
+            loading.set()
+            loaded.wait(60)  # the test lets the load finish when it has seen what happens meanwhile
+        return load(path, **kwargs)
+
+    monkeypatch.setattr(shared, "load_model", gated_load)
+    expected = [model.transcribe(pcm, latency_ms=160).text for pcm in speech[:2]]
+    current = os.fspath(ckpt)
+
+    async def main():
+        stt = service(ckpt)
+        async with harness(stt, sample_rate=16000) as h:
+            try:
+                await h.speech_starts()
+                await h.audio(speech[0])
+                await h.worker.queue_frame(STTUpdateSettingsFrame(delta=MonosemanticSTTService.Settings(model=other)))
+                await h.wait_for(loading.is_set)  # settings frames and VAD frames take different paths
+                await h.speech_stops()
+                await h.wait_for(lambda: len(h.finals()) == 1, timeout=20)  # while the new model still loads
+                assert stt.settings.model == current and stt._session.model == current
+            finally:
+                loaded.set()
+            await h.wait_for(lambda: stt._session is not None and stt._session.model == other)
+            assert stt.settings.model == other
+            await h.say(speech[1])
+            await h.wait_for(lambda: len(h.finals()) == 2)
+            await h.end()
+            return h
+
+    h = asyncio.run(main())
+    assert not h.errors()
+    assert [f.text for f in h.finals()] == expected
+    assert len({engine for engine in shared_engines().values()}) == 2
 
 
 def pcm16(samples: np.ndarray) -> np.ndarray:
