@@ -20,7 +20,7 @@ from monosemantic.client import ConnectionLostError, RemoteEngine, ServerRejecte
 from monosemantic.client.loadtest import LoadtestConfig, run_loadtest, summarize
 
 from _support.events import final_of
-from _support.server import RunningServer
+from _support.server import READY, RunningServer, fake_server
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
@@ -237,26 +237,6 @@ def test_loadtest_refuses_an_unwritable_json_path_before_running(tmp_path):
         assert len(done.stderr.strip().splitlines()) == 1 and f"--json {path}" in done.stderr
         assert done.stdout == ""  # refused before the run
     assert list(tmp_path.iterdir()) == []
-
-
-@contextlib.asynccontextmanager
-async def fake_server(handler):
-    """A WebSocket endpoint at /v1/stream run by `handler` on loopback: for the server misbehaviours a
-    real `monosemantic serve` does not commit on purpose (silence, a cut right after `close`)."""
-    app = web.Application()
-    app.router.add_get("/v1/stream", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"ws://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
-READY = {"type": "ready", "protocol": 1, "stream_id": "x", "latency_ms": 160, "sample_rate": 16000,
-         "model_sample_rate": 16000, "latency_modes": [160]}
 
 
 def test_a_server_that_upgrades_but_never_says_ready_is_a_typed_error():

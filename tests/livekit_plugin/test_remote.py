@@ -5,7 +5,6 @@ LiveKit's API errors, retried only when a retry can help."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 
 import numpy as np
@@ -14,7 +13,7 @@ from aiohttp import web
 from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError, APITimeoutError
 from livekit.agents.stt import SpeechEventType as T
 
-from _support.server import RunningServer
+from _support.server import READY, RunningServer, fake_server
 from livekit.plugins import monosemantic as lk_monosemantic
 
 pytestmark = pytest.mark.timeout(300)
@@ -185,25 +184,6 @@ def test_a_connection_lost_at_a_vad_flush_is_a_retryable_connection_error(server
     errors = asyncio.run(main())
     assert isinstance(errors[0].error, APIConnectionError) and errors[0].error.retryable
     assert errors[0].recoverable  # retried on a new connection
-
-
-@contextlib.asynccontextmanager
-async def fake_server(handler):
-    """A WebSocket endpoint at /v1/stream run by `handler` on loopback."""
-    app = web.Application()
-    app.router.add_get("/v1/stream", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"ws://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
-READY = {"type": "ready", "protocol": 1, "stream_id": "x", "latency_ms": 160, "sample_rate": 16000,
-         "model_sample_rate": 16000, "latency_modes": [160]}
 
 
 def test_recognize_against_a_server_that_never_answers_times_out_and_is_retried(lk):
