@@ -9,6 +9,10 @@ Input is resampled to 16 kHz by the base class (`sample_rate=16000`): the engine
 audio and its flushes cut at exact samples, while the one resampler (LiveKit's, continuous across our
 utterance flushes) never restarts mid-stream. Engine times are then plain sample counts of the pushed
 audio.
+
+On a remote engine a timer watches the run's progress: while the engine stream owes something (a flush's
+Final, or the end of a stream the plugin closed), `conn_options.timeout` without any event from it ends
+the wait (`SpeechStream._check_progress`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 import numpy as np
 from livekit import rtc
-from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, APIError, NotGivenOr, stt
+from livekit.agents import (
+    DEFAULT_API_CONNECT_OPTIONS,
+    NOT_GIVEN,
+    APIConnectOptions,
+    APIError,
+    APITimeoutError,
+    NotGivenOr,
+    stt,
+)
 from livekit.agents.utils import is_given
 
 import monosemantic
@@ -33,6 +45,8 @@ if TYPE_CHECKING:
     from .stt import STT
 
 _CLOSE_GRACE_SECONDS = 2.0  # how long aclose lets the run end its turn before cancelling it
+_CUT_GRACE_SECONDS = 1.0  # how long a hung server's connection may take to close before it is cut
+_cutting: set[asyncio.Task] = set()  # those closes, running on (a reference keeps each task alive)
 
 
 def frame_pcm(frame: rtc.AudioFrame) -> np.ndarray:
@@ -59,10 +73,14 @@ class SpeechStream(stt.RecognizeStream):
         opts: STTOptions,
         acquire: Callable[[], Awaitable[EngineLike]],
         conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+        remote: bool = False,
     ) -> None:
+        """`remote`: the engine is a server (`STT(base_url=...)`): a wait for what its stream owes is
+        bounded by `conn_options.timeout` without progress (`_check_progress`)."""
         super().__init__(stt=stt, conn_options=conn_options, sample_rate=SAMPLE_RATE)
         self._opts = opts
         self._acquire = acquire
+        self._remote = remote
         self._lock = asyncio.Lock()
         self._es: EngineStreamLike | None = None
         self._engine: EngineLike | None = None
@@ -82,6 +100,12 @@ class SpeechStream(stt.RecognizeStream):
         self._first_t0: float | None = None
         self._last_t0 = 0.0
         self._consumed = 0
+        # Progress of the run's engine stream (remote engines, `_check_progress`): loop time of its last
+        # event and of the moment it came to owe something, the timer of the next check, and a future
+        # the check resolves (with what was owed) when the stream hung.
+        self._last_event = self._owed_since = 0.0
+        self._watch: asyncio.TimerHandle | None = None
+        self._stalled: asyncio.Future[str] | None = None
 
     # ---- public -----------------------------------------------------------------------------------------
     def push_frame(self, frame: rtc.AudioFrame) -> None:
@@ -154,20 +178,31 @@ class SpeechStream(stt.RecognizeStream):
         )
         self._held, self._first_push = None, True
         self._settled.set()
+        self._stalled = stalled = asyncio.get_running_loop().create_future()
         input_task = asyncio.create_task(self._forward_input(), name="monosemantic.forward_input")
         events_task = asyncio.create_task(self._forward_events(), name="monosemantic.forward_events")
         tasks = [input_task, events_task]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*tasks, stalled], return_when=asyncio.FIRST_COMPLETED)
             if input_task.done():
                 input_task.result()  # its error, or it closed the engine stream: the events drain
-            await events_task  # ends with the engine stream (an engine error raises here)
+            if not events_task.done():
+                await asyncio.wait([events_task, stalled], return_when=asyncio.FIRST_COMPLETED)
+            if events_task.done():
+                events_task.result()  # ends with the engine stream (an engine error raises here)
+            else:
+                self._stalled_run(stalled.result())
         finally:
+            if self._watch is not None:
+                self._watch.cancel()
+                self._watch = None
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if self._es is not None:
                 await self._es.close()  # frees the engine slot, whatever ended the run
+                if stalled.done():
+                    self._cut(self._es)
             for event in self._tracker.close():
                 self._send(event)
 
@@ -179,6 +214,78 @@ class SpeechStream(stt.RecognizeStream):
             raise as_api_error(exc, "opening a recognition stream failed") from exc
         self._latency, self._reopen_requested, self._reopen_when_idle = latency, False, True
         return es
+
+    # ---- progress (remote engines) -----------------------------------------------------------------------
+    def _owe(self) -> None:
+        """The engine stream has come to owe something (a flush's Final with none owed before, or, closed
+        by the plugin, its end): on a remote engine, watch that it makes progress."""
+        if not self._remote:
+            return
+        loop = asyncio.get_running_loop()
+        self._owed_since = loop.time()
+        if self._watch is None:
+            self._watch = loop.call_later(self._conn_options.timeout, self._check_progress)
+
+    def _owing(self) -> str | None:
+        """What the engine stream owes: a flush's Final, the end of a stream we closed, or nothing."""
+        if self._tracker.pending:
+            return "final"
+        if self._closing and not self._aclosing:  # (aclose bounds its own wait)
+            return "end"
+        return None
+
+    def _check_progress(self) -> None:
+        """Whether the remote engine stream, owing something, sent no event at all for
+        `conn_options.timeout`: the run then ends (`_stalled_run`). Rearms itself while it is owed.
+
+        The bound is on time without progress, not on the time to a Final: a working server sends
+        events as it works (a Partial at each step that finds words, SpeechStarted/SpeechEnded, a Usage
+        every 5 s of audio by default), so a long backlog is not cut for its length. It catches a server
+        that accepted the stream and then hung while its connection stays up and answers pings (a stuck
+        engine behind a live server), which the client's heartbeat cannot see; the run waited for the
+        Final forever, and end_input() never returned. Nothing is bounded while nothing is owed: silence
+        between turns is normal, and a silent server sends nothing then.
+
+        Not for a local engine: a healthy one can be that quiet while a Final is owed. A flush can find
+        up to `max_buffered_seconds` (10 s) of audio not yet processed, and in silence the engine's only
+        events are a Usage per `usage_interval_seconds` (5 s) of audio: an engine that is slower than
+        half real time (an overloaded CPU, the GIL shared with the agent's own work) sends nothing for
+        more than the default 10 s while it works through it, and cutting it would lose that audio. A
+        retry would not help either: it opens its stream on the same shared engine in the same
+        process. A local engine that fails says so (an `Error` event for a failed step or a shutdown, a
+        push timeout when it stops taking audio)."""
+        self._watch = None
+        owed = self._owing()
+        if owed is None or self._stalled is None or self._stalled.done():
+            return
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - max(self._owed_since, self._last_event)
+        if quiet < self._conn_options.timeout:
+            self._watch = loop.call_later(self._conn_options.timeout - quiet, self._check_progress)
+            return
+        self._stalled.set_result(owed)
+
+    def _stalled_run(self, owed: str) -> None:
+        """The remote engine stream sent nothing for `conn_options.timeout` while it owed `owed`."""
+        seconds = self._conn_options.timeout
+        if owed == "final":
+            # Retryable: the base class starts a new run on a new connection, which takes the input not
+            # yet consumed; the audio this engine stream had was lost with it.
+            raise APITimeoutError(
+                f"recognition timed out: the speech server sent nothing for {seconds:g} s while a transcript was due"
+            )
+        # Closed at the end of the input with every Final in: only its end (a last Usage) is missing.
+        logger.warning("the speech server did not end the closed stream within %g s; ending without it", seconds)
+
+    @staticmethod
+    def _cut(es: EngineStreamLike) -> None:
+        """A hung server would hold the connection of a stream closed on it open: cut it, in the
+        background, if it does not close within a moment."""
+        wait_closed = getattr(es, "wait_closed", None)
+        if wait_closed is not None:
+            task = asyncio.ensure_future(wait_closed(_CUT_GRACE_SECONDS))
+            _cutting.add(task)
+            task.add_done_callback(_cutting.discard)
 
     def _chunk(self) -> int:
         """Engine samples one step of the open engine stream transcribes: its latency mode's chunk."""
@@ -210,6 +317,7 @@ class SpeechStream(stt.RecognizeStream):
         self._closing = True
         async with self._lock:
             await self._es.close()
+            self._owe()  # its end: the events drain, then stop
 
     async def _push(self, pcm: np.ndarray) -> None:
         start, self._consumed = self._consumed, self._consumed + len(pcm)  # a later run starts after it
@@ -248,6 +356,8 @@ class SpeechStream(stt.RecognizeStream):
                 self._held = []  # keep new audio back until this flush's Final: then reopen
 
     async def _flush_locked(self, reason: FlushReason) -> None:
+        if not self._tracker.pending:
+            self._owe()
         self._tracker.flushed(reason)  # before the call: its Final can only come after
         self._settled.clear()
         await self._es.flush()
@@ -263,9 +373,11 @@ class SpeechStream(stt.RecognizeStream):
                 raise as_api_error(exc, "receiving transcripts from the speech engine failed") from exc
 
     async def _receive_events(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             es = self._es
             async for event in es:
+                self._last_event = loop.time()  # progress (`_check_progress`)
                 if isinstance(event, monosemantic.Error):
                     if self._closing or es is not self._es:
                         continue

@@ -129,7 +129,9 @@ class STT(stt.STT):
         opts = dataclasses.replace(self._opts)
         if is_given(language):
             opts.language = language
-        stream = SpeechStream(stt=self, opts=opts, acquire=self._engine, conn_options=conn_options)
+        stream = SpeechStream(
+            stt=self, opts=opts, acquire=self._engine, conn_options=conn_options, remote=self._remote is not None
+        )
         self._streams.add(stream)
         return stream
 
@@ -180,13 +182,15 @@ class STT(stt.STT):
     ) -> stt.SpeechEvent:
         """Transcribe a whole buffer: one stream of the shared engine, flushed once.
 
-        `conn_options.timeout` bounds the wait without progress, not the whole call: once the audio is
-        in, a stream that sends no event for that long (a server that accepted the stream, then hung
-        while its connection stays up, answering pings) fails with APITimeoutError, which the base class
-        retries. A healthy engine is never that quiet while it works (a Partial at every step that
-        finds words, a Usage every few seconds of audio), so a long buffer on a slow engine, local or
-        remote, is not cut for its length. Pushing the audio is bounded by the engine itself (a local
-        engine's push timeout, a remote connection's heartbeat)."""
+        On a remote engine `conn_options.timeout` bounds the wait without progress, not the whole call:
+        once the audio is in, a stream that sends no event for that long (a server that accepted the
+        stream, then hung while its connection stays up, answering pings) fails with APITimeoutError,
+        which the base class retries. A working server is never that quiet while it works (a Partial at
+        every step that finds words, a Usage every few seconds of audio), so a long buffer is not cut for
+        its length. A local engine is not bounded, as in the stream (SpeechStream._check_progress): a
+        healthy one slower than half real time can be silent longer while it works through a buffer that
+        ends in silence, and a retry would land on the same engine. Pushing the audio is bounded by the
+        engine itself (a local engine's push timeout, a remote connection's heartbeat)."""
         language = language if is_given(language) else self._opts.language
         frames = buffer if isinstance(buffer, list) else [buffer]
         frame = merge_frames(frames) if frames else None
@@ -201,9 +205,10 @@ class STT(stt.STT):
             await es.push(frame_pcm(frame))
             await es.flush()
             events = aiter(es)
+            bound = conn_options.timeout if self._remote is not None else None
             while True:
                 try:
-                    event = await asyncio.wait_for(anext(events), conn_options.timeout)
+                    event = await asyncio.wait_for(anext(events), bound)
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:

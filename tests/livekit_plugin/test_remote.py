@@ -220,3 +220,121 @@ def test_recognize_against_a_server_that_never_answers_times_out_and_is_retried(
     assert len(connections) == 2  # the timeout was retried on a new connection
     assert isinstance(error.__cause__, APITimeoutError)
     assert [(type(e.error), e.recoverable) for e in errors] == [(APITimeoutError, True), (APITimeoutError, False)]
+
+
+def wedged_server(connections: list, answer_from: int | None = None):
+    """A server that accepts each stream and then hangs (a stuck engine behind a live server): it reads
+    the audio, flushes and `close` and answers nothing, while its connection stays up and answers pings.
+    From connection number `answer_from` (0-based) on, it answers every flush with a Final ("hello")
+    and ends the stream at `close`, as a healthy server does."""
+
+    async def handler(request):
+        ws = web.WebSocketResponse()  # autoping: the connection looks alive
+        await ws.prepare(request)
+        n = len(connections)
+        connections.append(ws)
+        await ws.send_json(READY)
+        healthy, received = answer_from is not None and n >= answer_from, 0
+        async for msg in ws:
+            if msg.type is web.WSMsgType.BINARY:
+                received += len(msg.data) // 2
+            elif healthy and msg.type is web.WSMsgType.TEXT:
+                kind = msg.json()["type"]
+                if kind == "flush":
+                    end = received / 16000
+                    await ws.send_json({"type": "final", "text": "hello", "start": 0.0, "end": end,
+                                        "words": [{"word": "hello", "start": 0.0, "end": end}]})
+                elif kind == "close":
+                    break
+        return ws
+
+    return handler
+
+
+def test_a_stream_whose_flush_gets_no_final_from_a_hung_server_times_out_and_is_retried(lk):
+    """The streaming side of the recognize() case above: after end_input() (the base class flushes) the
+    stream waited for a Final the hung server never sent, and end_input() never returned. A Final owed
+    with no event for conn_options.timeout now fails the run with the retryable APITimeoutError; the
+    retry finds the input ended and closes its stream (whose end, too, the hung server never sends)."""
+    connections: list = []
+
+    async def main():
+        async with fake_server(wedged_server(connections)) as url:
+            stt = lk_monosemantic.STT(base_url=url)
+            errors = []
+            stt.on("error", errors.append)
+            options = APIConnectOptions(max_retry=1, retry_interval=0.01, timeout=1.0)
+            stream = stt.stream(conn_options=options)
+            events = []
+            reader = lk.start_reader(stream, events)
+            try:
+                await lk.feed(stream, np.zeros(16000, np.float32))
+                stream.end_input()
+                await asyncio.wait_for(reader, 30)  # (waited forever)
+            finally:
+                await stream.aclose()
+                await stt.aclose()
+            return errors
+
+    errors = asyncio.run(main())
+    assert [(type(e.error), e.recoverable) for e in errors] == [(APITimeoutError, True)]
+    assert len(connections) == 2  # retried on a new connection
+
+
+def test_a_stream_goes_on_after_a_hung_flush_on_a_new_connection(lk):
+    """A framework flush the hung server never answers: the run fails, the retry opens a new connection
+    (a healthy one here) and the stream goes on with the audio pushed after it."""
+    connections: list = []
+
+    async def main():
+        async with fake_server(wedged_server(connections, answer_from=1)) as url:
+            stt = lk_monosemantic.STT(base_url=url)
+            errors = []
+            stt.on("error", errors.append)
+            stream = stt.stream(conn_options=APIConnectOptions(max_retry=1, retry_interval=0.01, timeout=1.0))
+            events = []
+            reader = lk.start_reader(stream, events)
+            try:
+                await lk.feed(stream, np.zeros(16000, np.float32))
+                stream.flush()  # as the session does when it commits a turn
+                await asyncio.wait_for(lk.wait_for(lambda: errors), 30)
+                await lk.feed(stream, np.zeros(16000, np.float32))
+                stream.end_input()
+                await asyncio.wait_for(reader, 30)
+            finally:
+                await stream.aclose()
+                await stt.aclose()
+            return events, errors
+
+    events, errors = asyncio.run(main())
+    assert [(type(e.error), e.recoverable) for e in errors] == [(APITimeoutError, True)]
+    assert len(connections) == 2
+    assert [e.alternatives[0].text for e in events if e.type == T.FINAL_TRANSCRIPT] == ["hello"]
+    lk.check_invariants([e for e in events if e.type != T.FINAL_TRANSCRIPT], 0.0)  # its START and END
+
+
+def test_a_stream_owing_no_final_is_not_timed_out_by_a_quiet_server(lk):
+    """Silence between turns is normal: with no flush sent, a server that sends nothing for longer
+    than conn_options.timeout is not a failure."""
+    connections: list = []
+
+    async def main():
+        async with fake_server(wedged_server(connections)) as url:
+            stt = lk_monosemantic.STT(base_url=url)
+            errors = []
+            stt.on("error", errors.append)
+            stream = stt.stream(conn_options=APIConnectOptions(max_retry=1, retry_interval=0.01, timeout=0.2))
+            events = []
+            reader = lk.start_reader(stream, events)
+            try:
+                await lk.feed(stream, np.zeros(16000, np.float32))
+                await asyncio.sleep(1.0)  # five times the timeout without an event
+                assert not reader.done()
+            finally:
+                await stream.aclose()
+                await stt.aclose()
+            await asyncio.gather(reader, return_exceptions=True)
+            return errors
+
+    errors = asyncio.run(main())
+    assert errors == [] and len(connections) == 1
