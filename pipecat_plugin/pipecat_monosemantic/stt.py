@@ -67,6 +67,7 @@ _REOPEN_BACKOFF_MAX_SECONDS = 8.0
 # a reloading engine seconds), so frames never wait on it. The audio (and flushes) received meanwhile is
 # kept, up to this many seconds of it, and goes to the stream in order once it opens; audio beyond that is
 # not transcribed (one ErrorFrame says so), nor is the audio kept if the open fails (its ErrorFrame says so).
+# A settings change's new stream opens the same way (`_swap`); if it fails, the old stream gets the audio.
 _OPENING_BACKLOG_SECONDS = 10.0
 
 # Remote mode: a `monosemantic serve` connection that receives nothing for the server's idle timeout (60 s
@@ -165,6 +166,7 @@ class MonosemanticSTTService(STTService):
         self._aborted = False  # cancelled: push nothing more
         self._frame_audio: FrameAudio | None = None  # set at start, when the stream's rate is known
         self._opening: asyncio.Task | None = None  # a stream opening in the background
+        self._swap_from: StreamSession | None = None  # the stream a settings change replaces, while it opens
         self._backlog: list[bytes | None] = []  # audio (None: a flush) received while it opens, in order
         self._backlog_bytes = 0
         self._backlog_overflowed = False  # audio beyond the backlog's bound was dropped (reported once)
@@ -350,10 +352,16 @@ class MonosemanticSTTService(STTService):
                     self.request_finalize()
                     self._backlog.append(None)
                 return
-            if session is None or not session.unflushed:
-                return  # nothing pushed since the last flush: no transcript is coming
-            self.request_finalize()
+            if session is None or session.closed:
+                return
             try:
+                if not session.unflushed:
+                    # Nothing pushed since the last flush (muted, say): no transcript is coming, but a
+                    # setting that waited for this utterance's end applies now, not an utterance later.
+                    if self._needs_new_stream(session):
+                        await self._swap()
+                    return
+                self.request_finalize()
                 if self._needs_new_stream(session):
                     await self._swap()
                 else:
@@ -382,26 +390,66 @@ class MonosemanticSTTService(STTService):
         self._opening = self.create_task(self._open_in_background(), name="monosemantic_open")
         return None
 
-    async def _open_in_background(self) -> None:
-        """Open the current stream; then hand it what was kept meanwhile, or report why it did not open."""
+    async def _open_in_background(self, after: StreamSession | None = None) -> None:
+        """Open a stream with the current settings; then hand it what was kept meanwhile, or report why it
+        did not open. `after`: the stream it replaces (a settings change, `_swap`), which the new stream
+        retires once open; if it cannot open, `after` carries on and gets the audio kept instead."""
+        tried = (self._settings.latency_ms, self._settings.model)  # what `_open_session` opens with
         try:
-            session = await self._open_session()
+            session, error = await self._open_session(after=after), None
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            async with self._lock:
-                self._opening = None
-                lost = self._drop_backlog()
-                if not self._aborted:
-                    await self._open_failed(e, lost)
-            return
+            session, error = None, e
         async with self._lock:
             self._opening = None
-            if self._aborted or session.closed:
-                return  # _abort closes every session it knows, this one included
-            self._session = session
-            self._open_failures = 0
-            await self._replay_backlog(session)
+            old, self._swap_from = self._swap_from, None
+            if self._aborted:
+                return  # _abort closes every session it knows, this one included, and drops the backlog
+            if session is not None and session.closed:
+                # Its event task ended it before it got any audio, and reported why.
+                session, error = None, StreamError("the stream closed as soon as it opened")
+            if session is None:
+                if old is None or old.closed:
+                    await self._open_failed(error, self._drop_backlog())
+                    return
+                await self._swap_failed(error, old, tried)
+                session = old
+            else:
+                self._session = session
+                self._open_failures = 0
+                await self._replay_backlog(session)
+            if old is not None and session is not old:
+                try:
+                    await old.retire()  # flushed when the swap began: it closes after its last Final
+                except Exception as e:
+                    logger.debug(f"{self}: retiring the replaced stream failed: {e}")
+                logger.debug(f"{self}: stream reopened (latency_ms={session.latency_ms}, model={session.model})")
+            # Settings that changed while it opened (it opened with those it read first) apply now if no
+            # utterance is in progress, as they would have with a stream open; else at the utterance's end.
+            if not self._in_utterance and self._needs_new_stream(session):
+                try:
+                    await self._swap()
+                except Exception as e:  # the flush failed: the stream is lost, its event task says so
+                    await self.push_error(f"could not switch streams: {e}", exception=e)
+
+    async def _swap_failed(self, e: Exception, old: StreamSession, tried: tuple) -> None:
+        """The stream for new settings could not open: the stream it was to replace carries on, with the
+        audio kept meanwhile (nothing lost, in order), and the settings it was opened with revert to that
+        stream's (a later update, received while it opened, stays and is tried next)."""
+        latency, model = tried
+        await self.push_error(
+            f"cannot apply latency_ms={latency}, model={model}: "
+            f"{e}; keeping latency_ms={old.latency_ms}, model={old.model}",
+            exception=e,
+        )
+        if self._settings.latency_ms == latency:
+            self._settings.latency_ms = old.latency_ms
+        if self._settings.model == model:
+            self._settings.model = old.model
+            self._sync_model_name_to_metrics()
+        self._session = old
+        await self._replay_backlog(old)
 
     async def _open_failed(self, e: Exception, lost_seconds: float) -> None:
         self._session = None
@@ -427,29 +475,21 @@ class MonosemanticSTTService(STTService):
         return session.latency_ms != self._settings.latency_ms or session.model != self._settings.model
 
     async def _swap(self) -> None:
-        """Open a stream with the current settings for the next utterance and retire the current one (it
-        finishes its utterance first). If the new stream cannot open, the settings go back to the old
-        stream's and it carries on."""
+        """Under the lock, at an utterance boundary: switch to a stream with the current settings. The
+        current stream is flushed (it finishes its utterance and delivers its Final first) and the new
+        one opens in the background, as any stream does: no frame waits for it, and audio (and flushes)
+        received meanwhile is kept for it and replayed in order once it opens. The old stream is then
+        retired (closed after its Final). If the new one cannot open, the old one carries on with the
+        audio kept (nothing is lost) and the settings go back to its own."""
         await self._push_held_audio()  # it belongs to the utterance the old stream finishes
         old = self._session
-        try:
-            new = await self._open_session(after=old)
-        except Exception as e:
-            if old is None:
-                raise
-            await self.push_error(
-                f"cannot apply latency_ms={self._settings.latency_ms}, model={self._settings.model}: "
-                f"{e}; keeping latency_ms={old.latency_ms}, model={old.model}",
-                exception=e,
-            )
-            self._settings.latency_ms, self._settings.model = old.latency_ms, old.model
-            self._sync_model_name_to_metrics()
-            await old.flush()
-            return
-        self._session = new
-        if old is not None:
-            await old.retire()
-        logger.debug(f"{self}: stream reopened (latency_ms={new.latency_ms}, model={new.model})")
+        if old is None or old.closed or self._opening is not None:
+            return  # the next stream to open, opens with the current settings
+        await old.flush()
+        if self._aborted:
+            return  # cancelled while flushing: _abort closes the old stream, and nothing opens
+        self._session, self._swap_from = None, old
+        self._opening = self.create_task(self._open_in_background(after=old), name="monosemantic_open")
 
     async def _drain(self) -> None:
         """Flush every stream, wait for the Finals owed, close (waiting `stop_timeout` at most in all)."""
@@ -465,7 +505,7 @@ class MonosemanticSTTService(STTService):
             if not opening.done():
                 await self.cancel_task(opening, timeout=1.0)
                 async with self._lock:
-                    self._opening = None
+                    self._opening = self._swap_from = None
                     lost = self._drop_backlog()
                 if lost:
                     await self.push_error(
@@ -479,10 +519,12 @@ class MonosemanticSTTService(STTService):
                     await session.retire()
                 except Exception as e:
                     await self.push_error(f"could not flush at stop: {e}", exception=e)
-        tasks = [s.task for s in self._sessions if s.task is not None]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
-            if pending:
+        sessions = [s for s in self._sessions if s.task is not None]
+        if sessions:
+            _, pending = await asyncio.wait([s.task for s in sessions], timeout=max(0.0, deadline - loop.time()))
+            # A stream that owes no Final (one replaced by a settings change, whose Final came before the
+            # wait for its successor used up the time) is merely closing: _abort ends it, nothing is lost.
+            if any(s.outstanding for s in sessions if s.task in pending):
                 await self.push_error(
                     f"the final transcript did not arrive within {self._stop_timeout} s of the end "
                     f"of the pipeline; closing without it"
@@ -495,7 +537,7 @@ class MonosemanticSTTService(STTService):
         for task in (self._opening, self._loading):
             if task is not None and task is not asyncio.current_task():
                 await self.cancel_task(task, timeout=1.0)  # a connection attempt is not waited for
-        self._opening = self._loading = None
+        self._opening = self._loading = self._swap_from = None
         self._pending_model = None
         self._drop_backlog()
         self._session = None
@@ -648,4 +690,7 @@ class MonosemanticSTTService(STTService):
         async with self._lock:
             session = self._session
             if session is not None and not self._in_utterance and self._needs_new_stream(session):
-                await self._swap()
+                try:
+                    await self._swap()
+                except Exception as e:  # the flush failed: the stream is lost, its event task says so
+                    await self.push_error(f"could not switch streams: {e}", exception=e)

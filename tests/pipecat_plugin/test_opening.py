@@ -1,0 +1,257 @@
+"""Streams open in the background, a settings change's new stream too: against a fake `monosemantic serve`
+endpoint on loopback whose handshakes the test holds back, nothing waits for an open, the audio and
+flushes received meanwhile reach the new stream (or, if it cannot open, the old one) in order, and a
+setting changed while a stream opened applies before the next utterance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from aiohttp import WSMsgType, web
+from pipecat.frames.frames import InputAudioRawFrame, STTUpdateSettingsFrame, VADUserStartedSpeakingFrame
+
+from _support.server import READY, fake_server
+from pipecat_monosemantic import MonosemanticSTTService
+
+pytestmark = pytest.mark.timeout(60)
+
+Settings = MonosemanticSTTService.Settings
+
+
+class Recorder:
+    """A WebSocket endpoint that records every connection (its `latency_ms`, then the byte count of each
+    audio message and each flush) and answers each flush with a Final whose text is "c<connection>:<bytes
+    of audio since the previous flush>". `hold[n]` (an asyncio.Event) holds the n-th connection's ready
+    message back until set (never set: a server that never answers); `refuse` holds connection numbers
+    refused with HTTP 400 once their hold is released."""
+
+    def __init__(self, hold: dict[int, asyncio.Event] | None = None, refuse: tuple[int, ...] = ()):
+        self.hold = hold or {}
+        self.refuse = refuse
+        self.connections: list[dict] = []
+
+    async def __call__(self, request):
+        n = len(self.connections)
+        conn = {"latency_ms": request.query.get("latency_ms"), "received": [], "closed": False}
+        self.connections.append(conn)
+        if n in self.hold:
+            await self.hold[n].wait()
+        if n in self.refuse:
+            return web.json_response({"error": "unknown latency mode"}, status=400)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({**READY, "latency_ms": int(conn["latency_ms"] or 160)})
+        pending = 0
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                conn["received"].append(len(msg.data))
+                pending += len(msg.data)
+            elif msg.type is WSMsgType.TEXT:
+                kind = json.loads(msg.data)["type"]
+                if kind == "flush":
+                    conn["received"].append("flush")
+                    await ws.send_json({"type": "final", "text": f"c{n}:{pending}", "words": [], "start": 0, "end": 0})
+                    pending = 0
+                elif kind == "close":
+                    conn["closed"] = True
+                    await ws.close()
+        return ws
+
+    def audio(self, n: int) -> int:
+        return sum(x for x in self.connections[n]["received"] if x != "flush")
+
+
+def pcm(seconds: float) -> np.ndarray:
+    return (np.arange(int(16000 * seconds)) % 200 + 1).astype(np.int16)
+
+
+def update(**fields) -> STTUpdateSettingsFrame:
+    return STTUpdateSettingsFrame(delta=Settings(**fields))
+
+
+def test_a_latency_change_whose_new_stream_never_answers_holds_up_nothing(harness):
+    """A latency change between utterances opens the new stream at once, in remote mode on a new
+    connection. It used to open on the frame path, holding the lock that every audio frame takes: a
+    server that never answered the handshake stalled audio, VAD frames and cancel for the client's
+    connect timeout (10 s). It opens in the background now."""
+    recorder = Recorder(hold={1: asyncio.Event()})  # the second connection is never answered
+
+    async def main():
+        async with fake_server(recorder) as url:
+            stt = MonosemanticSTTService(base_url=url)
+            async with harness(stt, sample_rate=16000) as h:
+                await h.say(pcm(0.5))
+                await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+                await h.worker.queue_frame(update(latency_ms=80))
+                await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
+                await h.speech_starts()
+                await h.audio(pcm(0.2))  # 10 frames of 20 ms
+                frames = lambda: len(h.down.of(InputAudioRawFrame)) == 25 + 10 and len(h.down.of(VADUserStartedSpeakingFrame)) == 2
+                await h.wait_for(frames, timeout=3.0)
+                assert stt._opening is not None and not h.errors()  # the attempt is still going on
+                await h.cancel(timeout=3.0)
+                return h
+
+    h = asyncio.run(main())
+    assert [f.text for f in h.finals()] == ["c0:16000"] and not h.errors()
+
+
+def test_audio_during_a_latency_changes_open_reaches_the_new_stream_in_order(harness):
+    """The utterance in progress when the change arrives finishes on the old stream; the next one's audio
+    and flush, received while the new stream opens, go to it once it opens, in order, and its Final
+    comes after the old stream's. The old stream is closed after its Final."""
+    release = asyncio.Event()
+    recorder = Recorder(hold={1: release})
+
+    async def main():
+        async with fake_server(recorder) as url:
+            stt = MonosemanticSTTService(base_url=url)
+            async with harness(stt, sample_rate=16000) as h:
+                await h.speech_starts()
+                await h.audio(pcm(0.4))
+                await h.worker.queue_frame(update(latency_ms=80))
+                await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
+                await h.audio(pcm(0.2))
+                await h.speech_stops()  # the old stream finishes this utterance; the new one opens
+                await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
+                await h.say(pcm(0.6))  # kept while the new stream opens
+                await h.speech_starts()
+                await h.audio(pcm(0.3))  # and this, not flushed yet
+                await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == 20 + 10 + 30 + 15, timeout=5)
+                assert [f.text for f in h.finals()] == ["c0:19200"]
+                release.set()
+                await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
+                assert stt._session.latency_ms == 80 and recorder.connections[0]["closed"]
+                await h.end(timeout=10)  # flushes the last 0.3 s
+                return h
+
+    h = asyncio.run(main())
+    assert recorder.connections[1]["latency_ms"] == "80"
+    assert [f.text for f in h.finals()] == ["c0:19200", "c1:19200", "c1:9600"]
+    assert recorder.connections[1]["received"] == [640] * 30 + ["flush"] + [640] * 15 + ["flush"]
+    assert not h.errors()
+
+
+def test_a_new_stream_that_cannot_open_leaves_the_old_one_the_audio_kept_for_it(harness):
+    """If the stream for new settings is refused after audio was kept for it, the old stream carries on
+    with that audio (nothing lost, in order), the setting goes back, and one ErrorFrame says so."""
+    release = asyncio.Event()
+    recorder = Recorder(hold={1: release}, refuse=(1,))
+
+    async def main():
+        async with fake_server(recorder) as url:
+            stt = MonosemanticSTTService(base_url=url)
+            async with harness(stt, sample_rate=16000) as h:
+                await h.say(pcm(0.5))
+                await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+                await h.worker.queue_frame(update(latency_ms=80))
+                await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
+                await h.say(pcm(0.6))  # kept while the new stream opens
+                await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == 25 + 30, timeout=5)
+                release.set()  # and now it is refused
+                await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
+                assert stt.settings.latency_ms == 160 and stt._session.latency_ms == 160
+                await h.end(timeout=10)
+                return h
+
+    h = asyncio.run(main())
+    assert [f.text for f in h.finals()] == ["c0:16000", "c0:19200"]
+    (error,) = h.errors()
+    assert "cannot apply latency_ms=80" in error.error and "keeping latency_ms=160" in error.error
+    assert not error.fatal
+
+
+def test_a_latency_change_while_the_stream_opens_applies_before_the_next_utterance(harness):
+    """A change that arrives while the service's stream is still opening (at start, or after a lost
+    connection) found no stream to replace, and the stream opened with the old setting; the next
+    utterance then ran in the old mode although it started after the change. The service now replaces
+    that stream at once when it opens between utterances."""
+    release = asyncio.Event()
+    recorder = Recorder(hold={0: release})
+
+    async def main():
+        async with fake_server(recorder) as url:
+            stt = MonosemanticSTTService(base_url=url)
+            async with harness(stt, sample_rate=16000) as h:
+                await h.wait_for(lambda: len(recorder.connections) == 1, timeout=5)
+                await h.worker.queue_frame(update(latency_ms=80))
+                await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
+                release.set()
+                await h.wait_for(lambda: stt._session is not None, timeout=5)
+                await h.say(pcm(0.5))
+                await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+                await h.end(timeout=10)
+                return h
+
+    h = asyncio.run(main())
+    assert [c["latency_ms"] for c in recorder.connections] == ["160", "80"]
+    assert [f.text for f in h.finals()] == ["c1:16000"] and not h.errors()
+
+
+def test_a_latency_change_during_an_utterance_without_audio_applies_at_its_end(harness):
+    """A change that arrives mid-utterance waits for the utterance's end. When no audio was pushed in
+    that utterance (the service muted, as while the bot speaks) there was nothing to flush, and the
+    stream was not replaced either: the next utterance ran in the old mode."""
+    from pipecat.frames.frames import STTMuteFrame
+
+    recorder = Recorder()
+
+    async def main():
+        async with fake_server(recorder) as url:
+            stt = MonosemanticSTTService(base_url=url)
+            async with harness(stt, sample_rate=16000) as h:
+                await h.wait_for(lambda: stt._session is not None, timeout=5)
+                await h.worker.queue_frame(STTMuteFrame(mute=True))
+                await h.speech_starts()
+                await h.audio(pcm(0.2))  # muted: not sent
+                await h.worker.queue_frame(update(latency_ms=80))
+                await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
+                await h.speech_stops()
+                await h.worker.queue_frame(STTMuteFrame(mute=False))
+                await h.wait_for(lambda: stt._session is not None and stt._session.latency_ms == 80, timeout=5)
+                await h.say(pcm(0.5))
+                await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+                await h.end(timeout=10)
+                return h
+
+    h = asyncio.run(main())
+    assert [c["latency_ms"] for c in recorder.connections] == ["160", "80"]
+    assert [f.text for f in h.finals()] == ["c1:16000"] and not h.errors()
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_end_frame_during_a_latency_changes_open(harness, answers):
+    """EndFrame while the new stream opens, with audio kept for it: the open is waited for within
+    `stop_timeout` and the kept audio transcribed on it; if it does not open in time, one ErrorFrame says
+    the kept audio was not transcribed, and the old stream still delivers its last Final."""
+    release = asyncio.Event()
+    recorder = Recorder(hold={1: release})
+
+    async def main():
+        async with fake_server(recorder) as url:
+            stt = MonosemanticSTTService(base_url=url, stop_timeout=1.0)
+            async with harness(stt, sample_rate=16000) as h:
+                await h.speech_starts()
+                await h.audio(pcm(0.4))
+                await h.worker.queue_frame(update(latency_ms=80))
+                await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
+                await h.speech_stops()
+                await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
+                await h.say(pcm(0.6))  # kept while the new stream opens
+                await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == 20 + 30, timeout=5)
+                if answers:
+                    asyncio.get_running_loop().call_later(0.3, release.set)
+                await h.end(timeout=10)
+                return stt, h
+
+    stt, h = asyncio.run(main())
+    assert not stt._sessions and stt._opening is None and stt._swap_from is None
+    if answers:
+        assert [f.text for f in h.finals()] == ["c0:12800", "c1:19200"] and not h.errors()
+    else:
+        assert [f.text for f in h.finals()] == ["c0:12800"]
+        (error,) = h.errors()
+        assert "no recognition stream opened within 1.0 s" in error.error and "0.6 s" in error.error
