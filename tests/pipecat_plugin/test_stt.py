@@ -533,3 +533,142 @@ def test_an_engine_config_of_the_wrong_type_is_refused_at_construction(ckpt, con
     message = f"engine_config must be a monosemantic.EngineConfig, got {type(config).__name__}"
     with pytest.raises(TypeError, match=message):
         MonosemanticSTTService(model=ckpt, device="cpu", engine_config=config)
+
+
+def frame_count(*pieces: np.ndarray) -> int:
+    """Audio frames `Harness.audio` makes of these pieces (20 ms = 320 samples at 16 kHz each)."""
+    return sum(-(-len(piece) // 320) for piece in pieces)
+
+
+def test_audio_during_a_slow_latency_switch_reaches_the_new_stream_in_order(
+    fresh_engines, harness, ckpt, model, speech, monkeypatch
+):
+    """In-process, a latency change's new stream opens in the background too. While it opens (held here
+    by the test), the utterance that was in progress finishes on the old stream and its final comes
+    without waiting; the next utterance (audio and end) and the start of the one after are kept, and
+    once the stream opens they go to it in order, followed by the rest of the audio: every utterance
+    after the change is transcribed in the new mode, exactly as offline, nothing lost."""
+    from pipecat.frames.frames import InputAudioRawFrame
+
+    first, second, third = speech
+    expected = [
+        model.transcribe(first, latency_ms=160).text,
+        model.transcribe(second, latency_ms=80).text,
+        model.transcribe(third, latency_ms=80).text,
+    ]
+    assert expected[1] != model.transcribe(second, latency_ms=160).text  # the modes are told apart
+    half = len(first) // 2 // 320 * 320
+    cut = len(third) // 3 // 320 * 320
+
+    async def main():
+        stt = service(ckpt)
+        async with harness(stt, sample_rate=16000) as h:
+            (engine,) = shared_engines().values()
+            opening, release = asyncio.Event(), asyncio.Event()
+            real_open = engine.open_stream
+
+            async def held_open(latency_ms=None, sample_rate=16000):
+                opening.set()
+                await release.wait()  # an engine busy elsewhere, say: the test decides when it answers
+                return await real_open(latency_ms=latency_ms, sample_rate=sample_rate)
+
+            monkeypatch.setattr(engine, "open_stream", held_open)
+            try:
+                await h.speech_starts()
+                await h.audio(first[:half])
+                await h.worker.queue_frame(STTUpdateSettingsFrame(delta=MonosemanticSTTService.Settings(latency_ms=80)))
+                await h.wait_for(lambda: stt.settings.latency_ms == 80)
+                await h.audio(first[half:])
+                await h.speech_stops()  # the old stream finishes this utterance; the new one starts opening
+                await h.wait_for(opening.is_set)
+                await h.say(second)  # kept while the new stream opens, its end too
+                await h.speech_starts()
+                await h.audio(third[:cut])  # and this, not ended yet
+                await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == frame_count(first, second, third[:cut]))
+                await h.wait_for(lambda: len(h.finals()) == 1)  # the old stream's final does not wait for the open
+                assert stt._opening is not None and stt._session is None
+                assert stt._backlog_bytes == 2 * (len(second) + cut) and stt._backlog.count(None) == 1
+            finally:
+                release.set()
+            await h.wait_for(lambda: stt._session is not None and stt._session.latency_ms == 80)
+            await h.audio(third[cut:])  # after the kept audio, on the new stream
+            await h.speech_stops()
+            await h.wait_for(lambda: len(h.finals()) == 3)
+            await h.end()
+            return stt, h, engine
+
+    stt, h, engine = asyncio.run(main())
+    check_utterances(h, expected)
+    assert not stt._backlog and engine.core.streams == {}
+
+
+def test_a_model_switch_whose_stream_cannot_open_keeps_the_old_stream_and_the_audio(
+    fresh_engines, harness, ckpt, model, speech, tmp_path, monkeypatch
+):
+    """The new model loads, but its engine refuses the stream (it is full: another user took its only
+    slot while the open was held up). The audio kept during the open goes to the old stream, in order,
+    then the rest: every utterance is transcribed on the old model, nothing lost; one non-fatal
+    ErrorFrame, and `settings.model` goes back to the model still in use."""
+    import shutil
+
+    from pipecat.frames.frames import InputAudioRawFrame
+
+    from monosemantic.engine.frontdoor import Engine
+    from monosemantic.errors import CapacityError
+
+    other = os.fspath(tmp_path / "other.nemo")
+    shutil.copy(ckpt, other)  # the same weights under another name: a second engine
+    current = os.fspath(ckpt)
+    first, second, third = speech
+    expected = [model.transcribe(pcm, latency_ms=160).text for pcm in speech]
+    cut = len(third) // 3 // 320 * 320
+
+    async def main():
+        stt = service(ckpt, engine_config=EngineConfig(vad=None, max_streams=1))
+        async with harness(stt, sample_rate=16000) as h:
+            (old_engine,) = shared_engines().values()
+            opening, release = asyncio.Event(), asyncio.Event()
+            real_open = Engine.open_stream
+
+            async def held_open(self, latency_ms=None, sample_rate=16000):
+                if self is not old_engine:
+                    opening.set()
+                    await release.wait()
+                return await real_open(self, latency_ms=latency_ms, sample_rate=sample_rate)
+
+            monkeypatch.setattr(Engine, "open_stream", held_open)
+            await h.say(first)
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            try:
+                await h.worker.queue_frame(STTUpdateSettingsFrame(delta=MonosemanticSTTService.Settings(model=other)))
+                await h.wait_for(opening.is_set)  # loaded; its stream opens between utterances
+                assert stt.settings.model == other
+                (new_engine,) = [e for e in shared_engines().values() if e is not old_engine]
+                blocker = await real_open(new_engine)  # the new engine's only slot is taken
+                await h.say(second)  # kept while the new stream opens
+                await h.speech_starts()
+                await h.audio(third[:cut])
+                await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == frame_count(first, second, third[:cut]))
+                assert stt._opening is not None and stt._backlog_bytes == 2 * (len(second) + cut)
+                assert len(h.finals()) == 1 and not h.errors()
+            finally:
+                release.set()
+            await h.wait_for(lambda: h.errors())
+            await h.wait_for(lambda: stt._session is not None and stt._opening is None)
+            assert stt._session.model == current and stt.settings.model == current
+            await h.audio(third[cut:])  # after the kept audio, on the old stream
+            await h.speech_stops()
+            await h.wait_for(lambda: len(h.finals()) == 3)
+            await blocker.close()
+            await h.end()
+            return stt, h, old_engine
+
+    stt, h, old_engine = asyncio.run(main())
+    (error,) = h.errors()
+    assert not error.fatal and stt.is_usable
+    assert error.error.startswith(f"cannot apply latency_ms=160, model={other}: ")
+    assert f"keeping latency_ms=160, model={current}" in error.error
+    assert isinstance(error.exception, CapacityError) and "maximum of 1 streams" in error.error
+    assert [g[-1].text for g in split_by_utterance(h.transcripts())] == expected
+    assert all(f.result.text == f.text for f in h.finals())
+    assert old_engine.core.streams == {}
