@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import numbers
 import os
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +26,7 @@ from ..errors import AudioError, StreamError, missing_dependency
 from ..event_queue import EventQueue
 from ..events import Error, Event, Final
 from ..server.protocol import STREAM_PATH, ProtocolError, message_to_event
+from ..validate import check_positive_seconds
 from .errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -266,9 +266,9 @@ class RemoteEngine:
         (ConnectionLostError, which adapters retry) when no pong comes within half as long. Without it a
         server that stopped answering while the connection stayed open (a frozen process, a network cut
         that sent no reset) left pushes, flushes and reads waiting forever. None: no pings."""
-        _check_seconds("connect_timeout", connect_timeout)
+        check_positive_seconds("connect_timeout", connect_timeout)
         if heartbeat_seconds is not None:
-            _check_seconds("heartbeat_seconds", heartbeat_seconds)
+            check_positive_seconds("heartbeat_seconds", heartbeat_seconds)
         self.url = stream_url(base_url)
         self.api_key = api_key if api_key is not None else os.environ.get("MONOSEMANTIC_API_KEY")
         if self.api_key is not None and (
@@ -365,11 +365,6 @@ class RemoteEngine:
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
-
-
-def _check_seconds(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
 
 
 def _rejection(exc: "aiohttp.WSServerHandshakeError") -> ServerRejectedError:

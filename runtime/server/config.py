@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from ..validate import check_positive_seconds
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,7 @@ class ServerConfig:
             raise ValueError("max_outgoing_messages must be at least 1")
         timeouts = ("idle_timeout_seconds", "close_timeout_seconds", "final_timeout_seconds", "drain_timeout_seconds")
         for name in timeouts + (("heartbeat_seconds",) if self.heartbeat_seconds is not None else ()):
-            value = getattr(self, name)
-            # inf or nan would reach aiohttp and asyncio as timeouts: a traceback at shutdown, or an
-            # idle stream closed "after nan s".
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
+            check_positive_seconds(name, getattr(self, name))
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 

@@ -1,0 +1,14 @@
+"""Checks of user-given numbers shared by configurations that cannot import each other's modules (the
+server's config imports nothing heavy; the client runs without the engine)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def check_positive_seconds(name: str, value) -> None:
+    """ValueError unless `value` is a positive finite number: inf or nan would reach aiohttp and asyncio
+    as timeouts (a traceback at shutdown, a stream closed "after nan s")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
