@@ -5,6 +5,12 @@ converts it and pushes it into the engine, and sends every event back: at 20 ms 
 messages a second per stream, on one thread, beside the engine's loop thread in the same process.
 
     python benchmarks/server_ingest.py --model /tmp/tiny.nemo --streams 32 --seconds 15 --frame-ms 20 100
+    python benchmarks/server_ingest.py --model /tmp/tiny.nemo --frame-ms 20 --coalesce both --repeat 3 [--vad]
+
+`--coalesce both` alternates clients that send every frame as a message with clients that gather frames
+up to the server's step points (client/coalesce.py): the CPU per stream-second of audio compares the two,
+and the partial and VAD-event lags (arrival minus when the audio was spoken) show whether gathering
+delayed anything. "us per frame" divides by client frames, however many messages carried them.
 
 Linux only (/proc). Use a small model with --no-vad (the default here) to keep the engine's share small;
 it is reported apart.
@@ -48,7 +54,7 @@ def wait_ready(port: int, server: subprocess.Popen, seconds: float = 300) -> Non
     sys.exit("the server did not become ready")
 
 
-def one_run(args, frame_ms: int, port: int) -> dict:
+def one_run(args, frame_ms: int, coalesce: bool, port: int) -> dict:
     cmd = [sys.executable, "-m", "monosemantic", "serve", "--model", args.model, "--device", "cpu",
            "--port", str(port), "--max-streams", str(max(args.streams, 1)), "--log-level", "warning"]
     server = subprocess.Popen(cmd + ([] if args.vad else ["--no-vad"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -59,7 +65,7 @@ def one_run(args, frame_ms: int, port: int) -> dict:
             subprocess.run(
                 [sys.executable, "-m", "monosemantic", "loadtest", "--url", f"ws://127.0.0.1:{port}",
                  "--streams", str(args.streams), "--duration", str(args.seconds), "--frame-ms", str(frame_ms),
-                 "--json", summary_file.name],
+                 "--json", summary_file.name] + ([] if coalesce else ["--no-coalesce"]),
                 check=True, stdout=subprocess.DEVNULL,
             )
             summary = json.load(open(summary_file.name))
@@ -67,11 +73,12 @@ def one_run(args, frame_ms: int, port: int) -> dict:
     finally:
         server.terminate()
         server.wait(60)
-    messages = summary["audio_sent_s"] * 1000 / frame_ms
+    frames = summary["audio_sent_s"] * 1000 / frame_ms  # client frames; coalesced, fewer messages carry them
     loop = after.get(server.pid, 0.0) - before.get(server.pid, 0.0)
     others = sum(v - before.get(t, 0.0) for t, v in after.items() if t != server.pid)
-    return {"frame_ms": frame_ms, "messages": messages, "audio_s": summary["audio_sent_s"],
-            "errors": summary["errors"], "loop_s": loop, "others_s": others}
+    return {"frame_ms": frame_ms, "coalesce": coalesce, "frames": frames, "audio_s": summary["audio_sent_s"],
+            "errors": summary["errors"], "loop_s": loop, "others_s": others,
+            "partial_lag": summary["partial_lag_ms"], "vad_lag": summary["vad_lag_ms"]}
 
 
 def main() -> None:
@@ -81,13 +88,22 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--frame-ms", type=int, nargs="+", default=[20, 100])
     p.add_argument("--vad", action="store_true", help="run the server's VAD (default: --no-vad)")
+    p.add_argument("--coalesce", choices=["on", "off", "both"], default="off",
+                   help="the client gathers frames up to the server's step points (loadtest's default), or not")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each setting, alternated")
     p.add_argument("--port", type=int, default=18777)
     args = p.parse_args()
-    print(f"{'frame':>6} {'messages':>9} {'errors':>6}   event loop: s CPU, us per message, ms per stream-second   other threads: s CPU")
-    for frame_ms in args.frame_ms:
-        r = one_run(args, frame_ms, args.port)
-        print(f"{frame_ms:>4}ms {r['messages']:>9.0f} {r['errors']:>6}   {r['loop_s']:6.2f} s {r['loop_s'] / r['messages'] * 1e6:7.1f} us "
-              f"{r['loop_s'] / r['audio_s'] * 1e3:7.2f} ms   {r['others_s']:6.2f} s")
+    settings = {"on": [True], "off": [False], "both": [False, True]}[args.coalesce]
+    print(f"{'frame':>6} {'coalesce':>8} {'frames':>7} {'errors':>6}   event loop: s CPU, us per frame, ms per stream-second"
+          f"   other threads: s CPU   partial lag p50/p95 ms   VAD event lag p50/p95 ms")
+    for _ in range(args.repeat):
+        for frame_ms in args.frame_ms:
+            for coalesce in settings:
+                r = one_run(args, frame_ms, coalesce, args.port)
+                pl, vl = r["partial_lag"], r["vad_lag"]
+                print(f"{frame_ms:>4}ms {'on' if coalesce else 'off':>8} {r['frames']:>7.0f} {r['errors']:>6}   {r['loop_s']:6.2f} s "
+                      f"{r['loop_s'] / r['frames'] * 1e6:7.1f} us {r['loop_s'] / r['audio_s'] * 1e3:7.2f} ms   {r['others_s']:6.2f} s"
+                      f"   {pl['p50']:6.1f} / {pl['p95']:6.1f}   {vl['p50']:6.1f} / {vl['p95']:6.1f}", flush=True)
 
 
 if __name__ == "__main__":

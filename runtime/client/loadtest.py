@@ -7,7 +7,10 @@ at the end of every clip, as a voice agent flushes at each end of turn. Measured
 - time-to-final: from sending `flush` to receiving its final. It contains any backlog the server has
   built up for the stream, so a server falling behind real time shows here first (this is the latency
   measure; docs/server.md explains why it is used rather than per-partial timing);
-- partials received, errors;
+- partials received, and their lag: from when the audio up to a partial's `end` had been sent (spoken)
+  to the partial's arrival; the same for speech_started/speech_ended (whose lag includes the VAD's
+  hysteresis);
+- errors;
 - coverage: every final must start where the previous one ended and end exactly at the number of
   samples sent before its flush: no audio lost.
 
@@ -43,6 +46,8 @@ class LoadtestConfig:
     """Stream starts are spread over this long, so frames do not arrive in lockstep."""
     final_timeout_s: float = 30.0
     """How long the end of the run waits for the last finals."""
+    coalesce: bool = True
+    """Gather frames up to the server's step points (RemoteEngine(coalesce=)); False: one message per frame."""
 
     def __post_init__(self):
         if not 1 <= self.streams <= MAX_STREAMS:
@@ -69,6 +74,8 @@ class StreamReport:
     max_send_lag_s: float = 0.0  # how far the client itself fell behind its real-time schedule
     ttf: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run of the flush, time-to-final s)
     partial_at: list[float] = field(default_factory=list)
+    partial_lag: list[float] = field(default_factory=list)  # s from when a partial's `end` was spoken to its arrival
+    vad_lag: list[float] = field(default_factory=list)  # the same for speech_started / speech_ended times
 
     @property
     def complete(self) -> bool:
@@ -76,7 +83,7 @@ class StreamReport:
 
 
 async def _one_stream(engine, cfg: LoadtestConfig, clips: list[np.ndarray], index: int, run_start: float) -> StreamReport:
-    from ..events import Error, Final, Partial
+    from ..events import Error, Final, Partial, SpeechEnded, SpeechStarted
 
     report = StreamReport(index)
     start = run_start + cfg.ramp_s * index / cfg.streams
@@ -89,6 +96,11 @@ async def _one_stream(engine, cfg: LoadtestConfig, clips: list[np.ndarray], inde
     report.opened = True
     pending: list[tuple[float, int]] = []  # (flush time, samples sent at the flush)
     previous_end = [0]
+    model_rate = stream.model_sample_rate
+
+    def spoken(sample: int) -> float:
+        """When the stream's audio up to model-rate `sample` had been spoken (sent on schedule)."""
+        return start + sample / model_rate
 
     async def receive() -> None:
         try:
@@ -97,6 +109,9 @@ async def _one_stream(engine, cfg: LoadtestConfig, clips: list[np.ndarray], inde
                 if isinstance(event, Partial):
                     report.partials += 1
                     report.partial_at.append(now - run_start)
+                    report.partial_lag.append(now - spoken(event.end))
+                elif isinstance(event, (SpeechStarted, SpeechEnded)):
+                    report.vad_lag.append(now - spoken(event.sample))
                 elif isinstance(event, Final):
                     report.finals += 1
                     if not pending:
@@ -124,7 +139,9 @@ async def _one_stream(engine, cfg: LoadtestConfig, clips: list[np.ndarray], inde
             clip_index = (clip_index + 1) % len(clips)
             for i in range(0, len(clip), frame):
                 piece = clip[i : i + frame]
-                due = start + report.samples_sent / RATE  # a frame goes out once its audio "has been spoken"
+                # A frame goes out once its audio "has been spoken", its last sample included (the lags
+                # above count from there).
+                due = start + (report.samples_sent + len(piece)) / RATE
                 delay = due - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -156,7 +173,7 @@ async def run_loadtest(cfg: LoadtestConfig, clips: list[np.ndarray]) -> list[Str
     from .remote import RemoteEngine
 
     clips = [np.clip(np.round(c * 32768.0), -32768, 32767).astype(np.int16) for c in clips]
-    async with RemoteEngine(cfg.url, cfg.api_key) as engine:
+    async with RemoteEngine(cfg.url, cfg.api_key, coalesce=cfg.coalesce) as engine:
         run_start = time.perf_counter() + 0.2
         overall = cfg.ramp_s + cfg.duration_s + 2 * cfg.final_timeout_s + 30.0  # bounded in time whatever happens
         return await asyncio.wait_for(
@@ -200,6 +217,9 @@ def summarize(cfg: LoadtestConfig, reports: list[StreamReport]) -> dict:
         "error_samples": [e for r in reports for e in (r.errors + ([r.open_error] if r.open_error else []))][:10],
         "client_max_send_lag_ms": 1000.0 * max((r.max_send_lag_s for r in reports), default=0.0),
         "time_to_final_ms": percentiles(all_ttf),
+        "coalesce": cfg.coalesce,
+        "partial_lag_ms": percentiles([t * 1000.0 for r in reports for t in r.partial_lag]),
+        "vad_lag_ms": percentiles([t * 1000.0 for r in reports for t in r.vad_lag]),
         "per_minute": per_minute,
         "drift": drift,
     }
@@ -208,7 +228,8 @@ def summarize(cfg: LoadtestConfig, reports: list[StreamReport]) -> dict:
 def format_summary(s: dict) -> str:
     lines = [
         f"# monosemantic loadtest: {s['streams']} streams x {s['duration_s']:g} s real-time audio -> {s['url']} "
-        f"(latency {s['latency_ms'] or 'server default'} ms, {s['frame_ms']} ms frames)",
+        f"(latency {s['latency_ms'] or 'server default'} ms, {s['frame_ms']} ms frames"
+        f"{'' if s.get('coalesce', True) else ', not coalesced'})",
         f"{'minute':>6} {'finals':>7} {'partials':>9}   time-to-final p50 / p95 / p99 (ms)",
     ]
     for m in s["per_minute"]:
@@ -220,6 +241,11 @@ def format_summary(s: dict) -> str:
         f"exact coverage {s['covered']}/{s['finals']} ({'all audio covered' if s['all_audio_covered'] else 'AUDIO NOT COVERED'}), "
         f"errors {s['errors']}, client max send lag {s['client_max_send_lag_ms']:.1f} ms",
     ]
+    for key, name in (("partial_lag_ms", "partial"), ("vad_lag_ms", "speech_started/ended")):
+        lag = s.get(key)
+        if lag and lag["p50"] == lag["p50"]:  # not NaN: some arrived
+            lines.append(f"{name} lag (arrival - when its time was spoken) p50 / p95 / p99: "
+                         f"{lag['p50']:.1f} / {lag['p95']:.1f} / {lag['p99']:.1f} ms")
     if s.get("drift"):
         d = s["drift"]
         change = lambda v: "n/a" if v is None else f"{100.0 * v:+.0f}%"  # noqa: E731
@@ -240,6 +266,8 @@ def add_parser(sub) -> None:
     p.add_argument("--latency-ms", type=int, default=None, help="latency mode to ask for (default: the server's)")
     p.add_argument("--audio", nargs="+", help="speech files or directories to loop (default: tests/data)")
     p.add_argument("--frame-ms", type=int, default=20)
+    p.add_argument("--no-coalesce", dest="coalesce", action="store_false",
+                   help="send every frame as its own message (default: gather frames up to the server's step points)")
     p.add_argument("--json", help="also write the summary to this file")
 
 
@@ -253,7 +281,7 @@ def run(args) -> int:
     except ImportError:
         raise missing_dependency("aiohttp", "server", "monosemantic loadtest") from None
     cfg = LoadtestConfig(url=args.url, streams=args.streams, duration_s=args.duration, api_key=args.api_key,
-                         latency_ms=args.latency_ms, frame_ms=args.frame_ms)
+                         latency_ms=args.latency_ms, frame_ms=args.frame_ms, coalesce=args.coalesce)
     if args.json:
         check_writable(args.json)  # before the run: a bad path must not cost its results
     clips = load_clips(args.audio, RATE)
@@ -261,5 +289,7 @@ def run(args) -> int:
     summary = summarize(cfg, reports)
     print(format_summary(summary), flush=True)
     if args.json:
-        write_json(args.json, {**summary, "streams_detail": [asdict(r) | {"ttf": None, "partial_at": None} for r in reports]})
+        write_json(args.json, {**summary, "streams_detail": [
+            asdict(r) | {"ttf": None, "partial_at": None, "partial_lag": None, "vad_lag": None} for r in reports
+        ]})
     return 0 if summary["all_audio_covered"] and summary["errors"] == 0 else 1

@@ -25,8 +25,9 @@ from ..audio import as_float32, check_rate, typed_view_as_array
 from ..errors import AudioError, StreamError, missing_dependency
 from ..event_queue import EventQueue
 from ..events import Error, Event, Final
-from ..server.protocol import STREAM_PATH, ProtocolError, message_to_event
+from ..server.protocol import STREAM_PATH, ProtocolError, message_to_event, timing_from_ready
 from ..validate import check_positive_seconds
+from .coalesce import MAX_HOLD_SECONDS, Coalescer
 from .errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -90,7 +91,7 @@ def stream_url(base_url: str) -> str:
 class RemoteStream:
     """One stream on a server; the same methods and events as monosemantic.EngineStream."""
 
-    def __init__(self, ws, ready: dict, engine: "RemoteEngine"):
+    def __init__(self, ws, ready: dict, engine: "RemoteEngine", coalesce: bool = True):
         self._ws = ws
         self._engine = engine
         self.stream_id: str = ready["stream_id"]
@@ -110,6 +111,14 @@ class RemoteStream:
         # Audio a push accepted and has not handed to the socket yet: a push cancelled while the server
         # holds it back leaves the rest here, to go first at the next push or flush (never dropped).
         self._unsent = memoryview(b"")
+        # Small pushes gathered until the server can use them (coalesce.py): audio accepted, not yet handed
+        # to the socket either, and when the oldest of it was pushed. Without the server's StepTiming
+        # (an older server) every push goes out as it comes.
+        timing = timing_from_ready(ready) if coalesce else None
+        self._coalescer = Coalescer(timing, self.sample_rate, self.model_sample_rate) if timing is not None else None
+        self._held = bytearray()
+        self._held_since = 0.0
+        self._last_push = float("-inf")
         self._reader = asyncio.create_task(self._read())
 
     # ---- sending -------------------------------------------------------------------------------------
@@ -137,14 +146,41 @@ class RemoteStream:
         self._check_open()
         async with self._lock:
             await self._send_unsent()
-            self._unsent = memoryview(data)
-            await self._send_unsent()
+            if self._hold(data):
+                await self._send_held()
             # A send the socket takes at once never yields to the event loop: a caller pushing in a loop
             # (a file transcribed faster than real time) would starve the reader of this very stream,
             # which then neither read its events nor answered the server's close (a server ending the
             # stream, at shutdown say, then had to cut the connection, and the final and the close were
             # lost with it).
             await asyncio.sleep(0)
+
+    def _hold(self, data: bytes) -> bool:
+        """Add a push's audio to the held audio; True when all of it must go now."""
+        coalescer = self._coalescer
+        if coalescer is None:
+            self._held += data
+            return True
+        now = asyncio.get_running_loop().time()
+        # A push after a pause (a producer that stopped, or a keepalive every few seconds) goes at once,
+        # and nothing waits for more audio longer than MAX_HOLD_SECONDS.
+        paused = now - self._last_push >= MAX_HOLD_SECONDS
+        self._last_push = now
+        if not self._held:
+            self._held_since = now
+        self._held += data
+        due = coalescer.add(len(data) // 2)
+        return due or paused or now - self._held_since >= MAX_HOLD_SECONDS or len(self._held) >= FRAME_BYTES
+
+    async def _send_held(self) -> None:
+        """Hand the held audio to the socket (after any unsent rest of an earlier send)."""
+        await self._send_unsent()
+        if self._held:
+            self._unsent = memoryview(bytes(self._held))
+            self._held.clear()
+            if self._coalescer is not None:
+                self._coalescer.mark_sent()
+            await self._send_unsent()
 
     async def _send_unsent(self) -> None:
         while self._unsent.nbytes:
@@ -158,9 +194,12 @@ class RemoteStream:
         """End the utterance: a Final follows, covering all audio pushed before this call."""
         self._check_open()
         async with self._lock:
-            await self._send_unsent()
+            await self._send_held()
             self._check_open()
             self._owed += 1  # before the send: the final may arrive before the send returns
+            if self._coalescer is not None:
+                # The frame reaches the transport before the send first waits: it is sent from here on.
+                self._coalescer.flushed()
             await self._send(self._ws.send_str, '{"type":"flush"}')
 
     async def close(self) -> None:
@@ -172,6 +211,7 @@ class RemoteStream:
         if self._closed:
             return
         self._closed = True
+        self._held.clear()  # audio after the last flush: dropped, as the server would drop it
         if self._gone is None and not self._ws.closed:
             try:
                 await self._ws.send_str('{"type":"close"}')
@@ -261,8 +301,12 @@ class RemoteEngine:
         connect_timeout: float = 10.0,
         heartbeat_seconds: float | None = 10.0,
         session: "aiohttp.ClientSession | None" = None,
+        coalesce: bool = True,
     ):
-        """`heartbeat_seconds`: a connection that brings nothing for this long is pinged, and lost
+        """`coalesce`: gather a stream's small pushes and send them at the points where the server can
+        use them (client/coalesce.py): the same results, at the same times, in several times fewer
+        messages for the server to handle. False: every push is one message (or more), as it comes.
+        `heartbeat_seconds`: a connection that brings nothing for this long is pinged, and lost
         (ConnectionLostError, which adapters retry) when no pong comes within half as long. Without it a
         server that stopped answering while the connection stayed open (a frozen process, a network cut
         that sent no reset) left pushes, flushes and reads waiting forever. None: no pings."""
@@ -279,6 +323,7 @@ class RemoteEngine:
             raise ValueError("api_key must be a string without control characters (it is sent in an HTTP header)")
         self.connect_timeout = connect_timeout
         self.heartbeat_seconds = heartbeat_seconds
+        self.coalesce = bool(coalesce)
         self._session = session
         self._own_session = session is None
         self._streams: set[RemoteStream] = set()
@@ -347,7 +392,7 @@ class RemoteEngine:
         if not isinstance(ready, dict) or ready.get("type") != "ready":
             await ws.close()
             raise ConnectionLostError(f"the server did not open the stream (first message: {msg.data!r})", ws.close_code)
-        stream = RemoteStream(ws, ready, self)
+        stream = RemoteStream(ws, ready, self, coalesce=self.coalesce)
         self._streams.add(stream)
         return stream
 

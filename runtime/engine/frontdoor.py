@@ -25,6 +25,7 @@ from ..event_queue import EventQueue, SyncEventQueue
 from ..events import Event
 from .config import EngineConfig
 from .core import EngineCore
+from .scheduler import StepTiming
 
 _END = None  # the core emits None after a stream's last event
 
@@ -63,6 +64,8 @@ class _StreamBase:
         self.vad: bool = core.config.vad is not None
         self.handle: int | None = None
         self.latency_ms: int | None = None
+        # When the stream's audio makes work (scheduler.StepTiming); the server tells its clients.
+        self.timing: StepTiming | None = None
 
     def _accept(self, pcm) -> None:
         """Convert and resample `pcm` into `_pending` (which must be empty). Invalid audio raises
@@ -144,6 +147,7 @@ class _StreamBase:
 
     def _register(self, record) -> None:
         self.handle, self.latency_ms = record.handle, record.latency_ms
+        self.timing = self._core.scheduler.geometry.step_timing(record.shape, self.vad)
         finalizer = weakref.finalize(self, self._core.abandon, record.handle)
         finalizer.atexit = False
 

@@ -39,9 +39,32 @@ class AudioGeometry:
         plus the sample before them that pre-emphasis needs."""
         return self.hop * (step_mel - 1) + self.n_fft + 1
 
+    def window_ready_at(self, shape: ModeShape, window: int) -> int:
+        """Samples from an utterance's start that its `window`-th encoder window needs: up to the analysis
+        span of the window's last feature frame. The one formula behind both when a window is ready and
+        the StepTiming a client is told."""
+        return self.hop * (shape.first_start + (window + 1) * shape.step_mel - 1) + self.reach
+
+    def step_timing(self, shape: ModeShape, vad: bool) -> "StepTiming":
+        first = self.window_ready_at(shape, 0)
+        return StepTiming(first, self.window_ready_at(shape, 1) - first, self.vad_window if vad else None)
+
     def valid_frames(self, samples: int) -> int:
         """NeMo's feature count for `samples` of audio."""
         return max(0, (samples + 2 * (self.n_fft // 2) - self.n_fft) // self.hop) if samples > 0 else 0
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """When a stream's audio makes work, in model-rate samples: its utterance's k-th encoder step can run
+    once `first + k * every` samples from the utterance's start (the last flush point) are written, and
+    its VAD judges windows of `vad_window` samples on a grid from the stream's first sample (None: no
+    VAD). A producer sending in small frames (a remote client) may gather its audio up to those points
+    without delaying any result."""
+
+    first: int
+    every: int
+    vad_window: int | None
 
 
 @dataclass(frozen=True)
@@ -197,9 +220,7 @@ class Scheduler:
         return record.flushes[0] if record.flushes else record.written
 
     def _full_window_ready(self, record: StreamRecord) -> bool:
-        g, shape = self.geometry, record.shape
-        last_frame = record.window_start() + shape.step_mel - 1
-        return record.utt_start + g.hop * last_frame + g.reach <= self._limit(record)
+        return record.utt_start + self.geometry.window_ready_at(record.shape, record.next_window) <= self._limit(record)
 
     def wrote(self, record: StreamRecord, samples: int) -> bool:
         """Count `samples` newly written; True if the stream now holds work (the loop should wake). A

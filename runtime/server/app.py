@@ -182,7 +182,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     try:
         ready = ready_message(
             stream_id, stream.latency_ms, params.sample_rate, state.model.sample_rate, state.model.latency_modes,
-            vad=stream.vad,
+            vad=stream.vad, timing=stream.timing,
         )
         await session.run(ready)
     finally:

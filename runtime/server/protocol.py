@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
+from ..engine.scheduler import StepTiming
 from ..events import Error, Event, Final, Partial, SpeechEnded, SpeechStarted, Usage
 from ..transcript import Token, Word
 
@@ -102,9 +103,12 @@ def check_audio(data: bytes) -> None:
 
 
 def ready_message(
-    stream_id: str, latency_ms: int, sample_rate: int, model_sample_rate: int, latency_modes, vad: bool
+    stream_id: str, latency_ms: int, sample_rate: int, model_sample_rate: int, latency_modes, vad: bool,
+    timing: StepTiming | None = None,
 ) -> dict:
-    return {
+    """`timing`: when the stream's audio makes work; sent as `steps` (and `vad_window` with VAD), so that
+    a client may gather small frames up to those points (docs/protocol.md)."""
+    message = {
         "type": "ready",
         "protocol": PROTOCOL_VERSION,
         "stream_id": stream_id,
@@ -114,6 +118,26 @@ def ready_message(
         "latency_modes": list(latency_modes),
         "vad": vad,
     }
+    if timing is not None:
+        message["steps"] = {"first": timing.first, "every": timing.every}
+        if timing.vad_window is not None:
+            message["vad_window"] = timing.vad_window
+    return message
+
+
+def timing_from_ready(ready: dict) -> StepTiming | None:
+    """The StepTiming a ready message carries; None when it carries none (a server before the field) or
+    a malformed one: the client then sends every push as it comes, as before."""
+    steps = ready.get("steps")
+    vad_window = ready.get("vad_window")
+    if not isinstance(steps, dict):
+        return None
+    first, every = steps.get("first"), steps.get("every")
+    if not all(type(v) is int and v > 0 for v in (first, every)):
+        return None
+    if vad_window is not None and not (type(vad_window) is int and vad_window > 0):
+        return None
+    return StepTiming(first, every, vad_window)
 
 
 def error_message(code: str, message: str, fatal: bool = False, **fields) -> dict:

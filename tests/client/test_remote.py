@@ -179,8 +179,9 @@ def test_rejections_carry_status_and_reason(server):
     assert err.status == 400 and err.reason == "bad_request" and not err.retryable and "160" in str(err)
 
 
-def test_loadtest_streams_in_real_time_and_covers_all_audio(server, audio_clips):
-    cfg = LoadtestConfig(url=server.http, streams=3, duration_s=6.0, latency_ms=160, ramp_s=0.3)
+@pytest.mark.parametrize("coalesce", [True, False], ids=["gathered", "every_frame"])
+def test_loadtest_streams_in_real_time_and_covers_all_audio(server, audio_clips, coalesce):
+    cfg = LoadtestConfig(url=server.http, streams=3, duration_s=6.0, latency_ms=160, ramp_s=0.3, coalesce=coalesce)
     clips = [audio_clips["61-70968-0000.flac"], audio_clips["jfk.wav"]]  # 4.0 s and 11 s: flushes mid-run and at the end
     reports = asyncio.run(run_loadtest(cfg, clips))
     summary = summarize(cfg, reports)
@@ -189,6 +190,11 @@ def test_loadtest_streams_in_real_time_and_covers_all_audio(server, audio_clips)
     assert summary["flushes"] == summary["finals"] == 5  # streams 0 and 2 start on the 4 s clip
     assert 0 < summary["time_to_final_ms"]["p50"] < 2000
     assert summary["per_minute"][0]["finals"] == 5
+    # Lags from when the audio was spoken: partials (their `end` lags the audio their step read, by
+    # less than a chunk) and the VAD's events (after its minimum silence) arrive within seconds.
+    assert summary["coalesce"] is coalesce
+    assert 0 < summary["partial_lag_ms"]["p50"] < 2000 and 0 < summary["vad_lag_ms"]["p50"] < 3000
+    assert sum(len(r.partial_lag) for r in reports) == sum(r.partials for r in reports)
 
 
 def test_loadtest_drift_compares_the_first_and_last_full_minutes():

@@ -267,3 +267,28 @@ def test_audio_written_while_a_stream_steps_does_not_start_its_next_windows_wait
     for row in plan.steps[0].rows:
         s.step_done(row)
     assert [row.handle for row in s.plan().steps[0].rows] == [a.handle]  # behind: runs at once
+
+
+@pytest.mark.parametrize("right", [0, 1, 6])
+def test_step_timing_names_the_samples_at_which_each_window_becomes_ready(right):
+    """The StepTiming a server tells its clients (so that they may gather audio up to its points) is
+    exact: with one sample less a window is not ready, at its point it is, in every utterance."""
+    s = make()
+    r = s.admit(160, shape(right))
+    timing = GEOMETRY.step_timing(r.shape, vad=False)
+    assert timing.vad_window is None and GEOMETRY.step_timing(r.shape, vad=True).vad_window == 512
+    for utterance in range(2):
+        start = r.utt_start
+        for k in range(4):
+            point = start + timing.first + k * timing.every
+            assert point == start + samples_for_windows(k, r.shape.step_mel)
+            r.written = point - 1
+            assert not s.has_work(r) and run(s).empty
+            r.written = point
+            assert s.has_work(r)
+            (row,) = run(s).steps[0].rows
+            assert row.window == r.shape.first_start + k * r.shape.step_mel
+        s.flush(r.handle)  # the next utterance's points count from here
+        while r.flushes:
+            run(s)
+        assert r.utt_start == r.written
