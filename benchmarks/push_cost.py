@@ -7,6 +7,11 @@ The engine's loop thread is not started (the streams only fill their buffers) an
 no-op, as in a loaded engine where a write rarely completes a window.
 
     python benchmarks/push_cost.py --model /tmp/reduced.nemo --streams 64 --frames 100
+    python benchmarks/push_cost.py --model /tmp/reduced.nemo --coalesce both --repeat 3 [--vad]
+
+`--coalesce both` alternates streams that write every push into the engine with streams that hold
+pushes up to the engine's next step (or VAD window) point (EngineConfig.coalesce_pushes), in this one
+process; `--vad` gives the streams VAD, whose 32 ms windows are points too.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ def frame_of(kind: str, samples: int) -> object:
     return pcm.tobytes() if kind == "bytes" else pcm if kind == "int16" else pcm.astype(np.float32) / 32768
 
 
-async def push_cost(model, kind: str, streams: int, frames: int, frame_ms: int, rounds: int) -> float:
+async def push_cost(model, kind: str, streams: int, frames: int, frame_ms: int, rounds: int,
+                    coalesce: bool = True, vad: bool = False) -> float:
     """Microseconds per push, the best of `rounds`."""
     config = EngineConfig(max_streams=streams, max_buffered_seconds=(rounds * frames + 1) * frame_ms / 1000 + 1,
-                          vad=None, freeze_gc=False, keep_freed_memory=False)
+                          freeze_gc=False, keep_freed_memory=False, coalesce_pushes=coalesce,
+                          **({} if vad else {"vad": None}))
     engine = Engine(model, config)
     engine.core._thread = threading.current_thread()  # counts as started: no loop thread runs
     engine.core.wake.set = lambda: None
@@ -54,11 +61,18 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=100, help="pushes per stream per round")
     p.add_argument("--frame-ms", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--coalesce", choices=["on", "off", "both"], default="on",
+                   help="hold pushes up to the engine's points (the default), write each, or alternate both")
+    p.add_argument("--vad", action="store_true", help="streams with VAD (its windows are points too)")
+    p.add_argument("--repeat", type=int, default=1, help="alternations of the settings")
     args = p.parse_args()
     model = load_model(args.model, device="cpu")
-    for kind in KINDS:
-        us = asyncio.run(push_cost(model, kind, args.streams, args.frames, args.frame_ms, args.rounds))
-        print(f"{kind:8s} {us:6.2f} us per push")
+    settings = {"on": [True], "off": [False], "both": [False, True]}[args.coalesce]
+    for _ in range(args.repeat):
+        for kind in KINDS:
+            for coalesce in settings:
+                us = asyncio.run(push_cost(model, kind, args.streams, args.frames, args.frame_ms, args.rounds, coalesce, args.vad))
+                print(f"{kind:8s} {'held' if coalesce else 'each':5s} {us:6.2f} us per push", flush=True)
 
 
 if __name__ == "__main__":

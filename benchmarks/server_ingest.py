@@ -8,7 +8,7 @@ messages a second per stream, on one thread, beside the engine's loop thread in 
     python benchmarks/server_ingest.py --model /tmp/tiny.nemo --frame-ms 20 --coalesce both --repeat 3 [--vad]
 
 `--coalesce both` alternates clients that send every frame as a message with clients that gather frames
-up to the server's step points (client/coalesce.py): the CPU per stream-second of audio compares the two,
+up to the server's step points (engine/coalesce.py): the CPU per stream-second of audio compares the two,
 and the partial and VAD-event lags (arrival minus when the audio was spoken) show whether gathering
 delayed anything. "us per frame" divides by client frames, however many messages carried them.
 

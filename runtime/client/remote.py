@@ -17,6 +17,7 @@ import asyncio
 import json
 import numbers
 import os
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -27,7 +28,7 @@ from ..event_queue import EventQueue
 from ..events import Error, Event, Final
 from ..server.protocol import STREAM_PATH, ProtocolError, message_to_event, timing_from_ready
 from ..validate import check_positive_seconds
-from .coalesce import MAX_HOLD_SECONDS, Coalescer
+from ..engine.coalesce import Coalescer
 from .errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -111,14 +112,12 @@ class RemoteStream:
         # Audio a push accepted and has not handed to the socket yet: a push cancelled while the server
         # holds it back leaves the rest here, to go first at the next push or flush (never dropped).
         self._unsent = memoryview(b"")
-        # Small pushes gathered until the server can use them (coalesce.py): audio accepted, not yet handed
-        # to the socket either, and when the oldest of it was pushed. Without the server's StepTiming
-        # (an older server) every push goes out as it comes.
+        # Small pushes gathered until the server can use them (engine/coalesce.py): audio accepted, not
+        # yet handed to the socket either. Without the server's StepTiming (an older server) every push
+        # goes out as it comes.
         timing = timing_from_ready(ready) if coalesce else None
         self._coalescer = Coalescer(timing, self.sample_rate, self.model_sample_rate) if timing is not None else None
         self._held = bytearray()
-        self._held_since = 0.0
-        self._last_push = float("-inf")
         self._reader = asyncio.create_task(self._read())
 
     # ---- sending -------------------------------------------------------------------------------------
@@ -161,16 +160,8 @@ class RemoteStream:
         if coalescer is None:
             self._held += data
             return True
-        now = asyncio.get_running_loop().time()
-        # A push after a pause (a producer that stopped, or a keepalive every few seconds) goes at once,
-        # and nothing waits for more audio longer than MAX_HOLD_SECONDS.
-        paused = now - self._last_push >= MAX_HOLD_SECONDS
-        self._last_push = now
-        if not self._held:
-            self._held_since = now
         self._held += data
-        due = coalescer.add(len(data) // 2)
-        return due or paused or now - self._held_since >= MAX_HOLD_SECONDS or len(self._held) >= FRAME_BYTES
+        return coalescer.add(len(data) // 2, time.monotonic()) or len(self._held) >= FRAME_BYTES
 
     async def _send_held(self) -> None:
         """Hand the held audio to the socket (after any unsent rest of an earlier send)."""
@@ -304,7 +295,7 @@ class RemoteEngine:
         coalesce: bool = True,
     ):
         """`coalesce`: gather a stream's small pushes and send them at the points where the server can
-        use them (client/coalesce.py): the same results, at the same times, in several times fewer
+        use them (engine/coalesce.py): the same results, at the same times, in several times fewer
         messages for the server to handle. False: every push is one message (or more), as it comes.
         `heartbeat_seconds`: a connection that brings nothing for this long is pinged, and lost
         (ConnectionLostError, which adapters retry) when no pong comes within half as long. Without it a

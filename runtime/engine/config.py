@@ -54,6 +54,16 @@ class EngineConfig:
     next speech the encoder restarts with fresh caches (the decoder keeps its context). Saves compute on
     mostly silent calls; transcripts then differ from offline transcription. None (default): exact."""
 
+    coalesce_pushes: bool = True
+    """Without VAD: hold a stream's pushes until they reach the next point at which the engine can use
+    them (an encoder window's end: `stream.timing`), and write them in one go there (engine/coalesce.py).
+    Every event comes as soon as without it; a 20 ms frame that reaches no point costs its conversion
+    only, not a write into the engine (the core's lock and bookkeeping, on the GIL the engine's loop
+    thread needs): 1.6x less per push at 160 ms (BENCHMARKS.md). A push after a pause of a second or more
+    writes at once. With VAD the end of every 32 ms VAD window is a point too, most pushes reach one, and
+    holding the others costs about what it saves, so streams with VAD write every push. False: every
+    push is written as it comes."""
+
     usage_interval_seconds: float = 5.0
     """A Usage event is sent after each this many seconds of a stream's processed audio, and at close."""
 
@@ -102,7 +112,7 @@ class EngineConfig:
             _integer("skip_silence_ms", self.skip_silence_ms, low=1)
             if self.vad is None:
                 raise ValueError("skip_silence_ms needs VAD enabled (vad=VADConfig(...))")
-        for name in ("cuda_graphs", "freeze_gc", "keep_freed_memory"):
+        for name in ("cuda_graphs", "freeze_gc", "keep_freed_memory", "coalesce_pushes"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         latencies = self.warmup_latencies

@@ -267,9 +267,10 @@ class EngineCore:
             raise StreamError(process.FORKED)
 
     def check_open(self, handle: int) -> None:
-        """Raise StreamError if the stream is closed."""
-        with self.lock:
-            self._live(handle)
+        """Raise StreamError if the stream is closed. Without the lock (a dict lookup and an attribute
+        read are atomic): a push that writes nothing yet (held, coalesce.py) must not wait for the loop
+        thread's planning; a close right after the check is seen by the write, as it was with the lock."""
+        self._live(handle)
 
     def abandon(self, handle: int) -> None:
         """Close the stream soon, from the loop (safe from finalizers: takes no lock)."""

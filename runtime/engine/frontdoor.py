@@ -25,6 +25,7 @@ from ..event_queue import EventQueue, SyncEventQueue
 from ..events import Event
 from .config import EngineConfig
 from .core import EngineCore
+from .coalesce import Coalescer
 from .scheduler import StepTiming
 
 _END = None  # the core emits None after a stream's last event
@@ -66,16 +67,47 @@ class _StreamBase:
         self.latency_ms: int | None = None
         # When the stream's audio makes work (scheduler.StepTiming); the server tells its clients.
         self.timing: StepTiming | None = None
+        # Pushes held until they reach one of those points (coalesce.py): model-rate audio accepted and
+        # not yet in `_pending`, all of it newer than what is there.
+        self._coalescer: Coalescer | None = None
+        self._held: list[np.ndarray] = []
 
-    def _accept(self, pcm) -> None:
-        """Convert and resample `pcm` into `_pending` (which must be empty). Invalid audio raises
-        AudioError here, before the resampler has seen any of it."""
+    def _accept(self, pcm) -> bool:
+        """Convert and resample `pcm`, then hold it, or move it with everything held into `_pending`
+        (which must be empty); True when there is audio to write now. Invalid audio raises AudioError
+        here, before the resampler has seen any of it."""
         self._core.check_open(self.handle)
-        self._pending = self._resampler.push(pcm_to_float32(pcm))
+        samples = self._resampler.push(pcm_to_float32(pcm))
+        coalescer = self._coalescer
+        if coalescer is not None:
+            if not coalescer.add(len(samples), time.monotonic()):
+                if len(samples):
+                    # The caller may reuse its array meanwhile: a float32 array at the model's rate comes
+                    # through unconverted (it, or a view of it), anything else as a new array.
+                    self._held.append(samples.copy() if samples is pcm or not samples.flags.owndata else samples)
+                return False
+            coalescer.mark_sent()
+            samples = self._with_held(samples)
+        self._pending = samples
+        return True
 
     def _accept_tail(self) -> None:
+        """The resampler's tail, after everything held, into `_pending` (which must be empty)."""
         self._core.check_open(self.handle)
-        self._pending = self._resampler.flush()
+        tail = self._resampler.flush()
+        if self._coalescer is not None:
+            self._coalescer.add(len(tail), time.monotonic())
+            self._coalescer.flushed()
+            tail = self._with_held(tail)
+        self._pending = tail
+
+    def _with_held(self, samples: np.ndarray) -> np.ndarray:
+        if not self._held:
+            return samples
+        self._held.append(samples)
+        joined = np.concatenate(self._held)
+        self._held.clear()
+        return joined
 
     def _keep_pending(self) -> None:
         """A push or flush is leaving with audio still pending (cancelled, timed out, interrupted): own a
@@ -148,6 +180,12 @@ class _StreamBase:
     def _register(self, record) -> None:
         self.handle, self.latency_ms = record.handle, record.latency_ms
         self.timing = self._core.scheduler.geometry.step_timing(record.shape, self.vad)
+        # With VAD, every 32 ms window's end is a point: most 20 ms pushes reach one, and holding the
+        # others saved less than it cost (benchmarks/push_cost.py --vad). A remote client still gathers
+        # there: a server's message costs far more than a push.
+        if self._core.config.coalesce_pushes and self.timing.vad_window is None:
+            rate = self._core.model.sample_rate  # counted after resampling: no shadow needed
+            self._coalescer = Coalescer(self.timing, rate, rate)
         finalizer = weakref.finalize(self, self._core.abandon, record.handle)
         finalizer.atexit = False
 
@@ -219,8 +257,8 @@ class EngineStream(_StreamBase):
         async with self._lock:
             if self._pending.size:  # an earlier push's audio, not yet written, goes first
                 await self._drain(taken=False)
-            self._accept(pcm)
-            await self._drain()
+            if self._accept(pcm):
+                await self._drain()
 
     async def _drain(self, taken: bool = True, call: str = "push") -> None:
         try:
@@ -322,8 +360,8 @@ class SyncStream(_StreamBase):
         with self._lock:
             if self._pending.size:  # an earlier push's audio, not yet written, goes first
                 self._drain(taken=False)
-            self._accept(pcm)
-            self._drain()
+            if self._accept(pcm):
+                self._drain()
 
     def _drain(self, taken: bool = True, call: str = "push") -> None:
         try:

@@ -1,6 +1,6 @@
-"""Remote streams gather small pushes up to the server's step points: never past a point (no result
-later), never a message between points (fewer messages), the same events as sending every push, and
-the model-rate counts behind the points equal to what the engine itself holds, resampled or not."""
+"""Remote streams gather small pushes up to the server's step points (engine/coalesce.py, whose points
+tests/engine/test_coalesce.py checks): the same events as sending every push, in fewer messages, and at
+rates the server resamples, model-rate counts equal to what the engine itself holds."""
 
 from __future__ import annotations
 
@@ -12,52 +12,11 @@ from aiohttp import web
 
 from monosemantic import Engine, EngineConfig, Final
 from monosemantic.client import RemoteEngine
-from monosemantic.client.coalesce import MAX_HOLD_SECONDS, Coalescer
-from monosemantic.engine.scheduler import StepTiming
+from monosemantic.engine.coalesce import MAX_HOLD_SECONDS, Coalescer
 
 from _support.server import READY, RunningServer, fake_server, pcm16
 
 pytestmark = pytest.mark.timeout(240)
-
-TIMING = StepTiming(first=1240, every=2560, vad_window=None)
-
-
-def points_between(timing: StepTiming, utterance_start: int, low: int, high: int) -> list[int]:
-    """Every point p with low < p <= high: step points of the utterance, and the VAD grid."""
-    found = [p for k in range(high // timing.every + 2)
-             if low < (p := utterance_start + timing.first + k * timing.every) <= high]
-    if timing.vad_window:
-        found += [p for p in range(timing.vad_window, high + 1, timing.vad_window) if p > low]
-    return sorted(set(found))
-
-
-@pytest.mark.parametrize("vad_window", [None, 512])
-def test_sends_exactly_at_the_pushes_that_reach_a_point(vad_window):
-    """Random push sizes and flushes at 16 kHz: a push is due exactly when the audio it completes
-    reaches a point the held audio had not; between points nothing goes (checked against an
-    independent enumeration of the points)."""
-    rng = np.random.default_rng(0)
-    timing = StepTiming(TIMING.first, TIMING.every, vad_window)
-    c = Coalescer(timing, 16000, 16000)
-    written = sent = utterance_start = 0
-    sends = 0
-    for i in range(3000):
-        if i % 400 == 399:
-            c.flushed()
-            sent = utterance_start = written
-            assert (c.sent, c.utterance_start) == (sent, utterance_start)
-            continue
-        n = int(rng.choice([1, 160, 320, 480, 1000, 3000]))
-        written += n
-        due = c.add(n)
-        assert c.written == written
-        assert due == bool(points_between(timing, utterance_start, sent, written)), (i, sent, written)
-        if due:
-            c.mark_sent()
-            sent = written
-            sends += 1
-    assert 0 < sends < 3000 - 7
-
 
 @pytest.mark.parametrize("rate", [8000, 44100, 48000])
 def test_counts_what_the_engine_holds_at_other_rates(ms_model, rate):
@@ -68,7 +27,7 @@ def test_counts_what_the_engine_holds_at_other_rates(ms_model, rate):
     rng = np.random.default_rng(rate)
 
     async def main():
-        async with Engine(model, EngineConfig(max_streams=1, vad=None, max_buffered_seconds=30.0)) as engine:
+        async with Engine(model, EngineConfig(max_streams=1, vad=None, max_buffered_seconds=30.0, coalesce_pushes=False)) as engine:
             stream = await engine.open_stream(latency_ms=160, sample_rate=rate)
             record = engine.core.scheduler.streams[stream.handle]
             c = Coalescer(stream.timing, rate, model.sample_rate)
@@ -80,7 +39,7 @@ def test_counts_what_the_engine_holds_at_other_rates(ms_model, rate):
                     continue
                 n = int(rng.integers(1, 2 * rate // 50))
                 await stream.push(rng.uniform(-0.3, 0.3, n).astype(np.float32))
-                c.add(n)
+                c.add(n, 0.0)
                 assert record.written == c.written, i
             await stream.close()
 
@@ -142,7 +101,11 @@ def test_same_events_in_fewer_messages(server, audio_clips, rate):
     plain, plain_sizes = asyncio.run(run(False))
     gathered, gathered_sizes = asyncio.run(run(True))
     assert sum(gathered_sizes) == sum(plain_sizes) == 2 * len(pcm)
-    assert gathered == plain
+    # Each kind's events are the same, in the same order. Across kinds the order is the engine's ticks':
+    # with audio pushed faster than real time, a VAD event may come before or after a partial of earlier
+    # audio depending on how the backlog was cut into ticks, with or without gathering.
+    kinds = lambda events: {k: [e for e in events if type(e) is k] for k in {type(e) for e in events}}  # noqa: E731
+    assert kinds(gathered) == kinds(plain)
     assert any(isinstance(e, Final) and e.text for e in gathered)
     ratio = len(gathered_sizes) / len(plain_sizes)
     assert ratio < (0.7 if server.config.vad else 0.25), ratio
