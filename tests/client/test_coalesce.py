@@ -14,6 +14,7 @@ from monosemantic import Engine, EngineConfig, Final
 from monosemantic.client import RemoteEngine
 from monosemantic.engine.coalesce import MAX_HOLD_SECONDS, Coalescer
 
+from _support.events import by_kind, utterances_in_frames
 from _support.server import READY, RunningServer, fake_server, pcm16
 
 pytestmark = pytest.mark.timeout(240)
@@ -86,26 +87,12 @@ def test_same_events_in_fewer_messages(server, audio_clips, rate):
             stream = await engine.open_stream(latency_ms=160, sample_rate=rate)
             assert (stream._coalescer is not None) == coalesce
             sizes = count_messages(stream)
-            for half in np.array_split(pcm, 2):
-                for i in range(0, len(half), frame):
-                    await stream.push(half[i : i + frame])
-                await stream.flush()
-            events = []
-            async for event in stream:
-                events.append(event)
-                if sum(isinstance(e, Final) for e in events) == 2:
-                    break
-            await stream.close()
-            return events, sizes
+            return await utterances_in_frames(stream, pcm, frame), sizes
 
     plain, plain_sizes = asyncio.run(run(False))
     gathered, gathered_sizes = asyncio.run(run(True))
     assert sum(gathered_sizes) == sum(plain_sizes) == 2 * len(pcm)
-    # Each kind's events are the same, in the same order. Across kinds the order is the engine's ticks':
-    # with audio pushed faster than real time, a VAD event may come before or after a partial of earlier
-    # audio depending on how the backlog was cut into ticks, with or without gathering.
-    kinds = lambda events: {k: [e for e in events if type(e) is k] for k in {type(e) for e in events}}  # noqa: E731
-    assert kinds(gathered) == kinds(plain)
+    assert by_kind(gathered) == by_kind(plain)
     assert any(isinstance(e, Final) and e.text for e in gathered)
     ratio = len(gathered_sizes) / len(plain_sizes)
     assert ratio < (0.7 if server.config.vad else 0.25), ratio

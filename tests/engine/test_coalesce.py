@@ -14,7 +14,7 @@ from monosemantic import Engine, EngineConfig, Final, SyncEngine
 from monosemantic.engine.coalesce import MAX_HOLD_SECONDS, Coalescer
 from monosemantic.engine.scheduler import StepTiming
 
-from _support.events import final_of
+from _support.events import by_kind, final_of, utterances_in_frames
 
 QUIET = dict(freeze_gc=False, keep_freed_memory=False)
 TIMING = StepTiming(first=1240, every=2560, vad_window=None)
@@ -102,24 +102,11 @@ def test_a_local_stream_gives_the_same_events_in_fewer_writes(model, audio_clips
         async with Engine(model, config) as engine:
             stream = await engine.open_stream(latency_ms=160)
             writes = count_writes(engine, monkeypatch)
-            for half in np.array_split(pcm, 2):
-                for i in range(0, len(half), 320):
-                    await stream.push(half[i : i + 320])
-                    if i % 6400 == 0:
-                        await asyncio.sleep(0.01)
-                await stream.flush()
-            events = []
-            async for event in stream:
-                events.append(event)
-                if sum(isinstance(e, Final) for e in events) == 2:
-                    break
-            await stream.close()
-            return events, writes
+            return await utterances_in_frames(stream, pcm, 320, breathe_every=6400), writes
 
     plain, plain_writes = asyncio.run(run(False))
     held, held_writes = asyncio.run(run(True))
-    kinds = lambda events: {k: [e for e in events if type(e) is k] for k in {type(e) for e in events}}  # noqa: E731
-    assert kinds(held) == kinds(plain)
+    assert by_kind(held) == by_kind(plain)
     assert sum(held_writes) == sum(plain_writes) == len(pcm)
     assert any(isinstance(e, Final) and e.text for e in held)
     ratio = len(held_writes) / len(plain_writes)
