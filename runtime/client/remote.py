@@ -156,12 +156,9 @@ class RemoteStream:
 
     def _hold(self, data: bytes) -> bool:
         """Add a push's audio to the held audio; True when all of it must go now."""
-        coalescer = self._coalescer
-        if coalescer is None:
-            self._held += data
-            return True
         self._held += data
-        return coalescer.add(len(data) // 2, time.monotonic()) or len(self._held) >= FRAME_BYTES
+        coalescer = self._coalescer
+        return coalescer is None or coalescer.add(len(data) // 2, time.monotonic()) or len(self._held) >= FRAME_BYTES
 
     async def _send_held(self) -> None:
         """Hand the held audio to the socket (after any unsent rest of an earlier send)."""

@@ -63,10 +63,10 @@ class Coalescer:
         self.sent = self.written
         self.next_point = self._point_after(self.sent)
 
-    def flushed(self) -> None:
-        """A flush went out: the server's resampler gave its tail, and the next utterance starts after it."""
-        if self._shadow is not None:
-            self.written += len(self._shadow.flush())
+    def flushed(self, tail: int = 0) -> None:
+        """A flush went out: the resampler gave its tail (`tail` model-rate samples, counted by a caller
+        that sees it; a remote stream's shadow gives its own), and the next utterance starts after it."""
+        self.written += tail if self._shadow is None else len(self._shadow.flush())
         self.sent = self.utterance_start = self.written
         self.next_point = self._point_after(self.sent)
 

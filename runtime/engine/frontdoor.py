@@ -96,8 +96,7 @@ class _StreamBase:
         self._core.check_open(self.handle)
         tail = self._resampler.flush()
         if self._coalescer is not None:
-            self._coalescer.add(len(tail), time.monotonic())
-            self._coalescer.flushed()
+            self._coalescer.flushed(len(tail))
             tail = self._with_held(tail)
         self._pending = tail
 

@@ -169,3 +169,22 @@ def test_a_sync_stream_holds_and_flushes_the_same_way(model, audio_clips):
         stream.close()
     assert final.end == len(audio)
     assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=160).token_ids
+
+
+def test_a_resampled_local_stream_counts_its_points_across_flushes(model):
+    """At 48 kHz the stream counts model-rate samples after its resampler, the tail of each flush
+    included: after a flush everything is written, and the count is the engine's own."""
+    rng = np.random.default_rng(1)
+
+    async def main():
+        async with Engine(model, EngineConfig(max_streams=1, vad=None, **QUIET)) as engine:
+            stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
+            record = engine.core.scheduler.streams[stream.handle]
+            for _ in range(3):
+                for _ in range(40):
+                    await stream.push(rng.integers(-3000, 3000, 960).astype(np.int16))
+                await stream.flush()
+                assert stream._coalescer.written == stream._coalescer.utterance_start == record.written
+            await stream.close()
+
+    asyncio.run(main())
