@@ -5,6 +5,7 @@ LiveKit's API errors, retried only when a retry can help."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import numpy as np
@@ -251,6 +252,25 @@ def wedged_server(connections: list, answer_from: int | None = None):
     return handler
 
 
+@contextlib.asynccontextmanager
+async def stream_on_a_wedged_server(lk, connections: list, timeout: float, answer_from: int | None = None):
+    """A plugin stream (one retry, `timeout` as conn_options.timeout) on `wedged_server`, read from the
+    start, with one second of audio pushed. Yields (stream, reader, events, errors); closes it all."""
+    async with fake_server(wedged_server(connections, answer_from)) as url:
+        stt = lk_monosemantic.STT(base_url=url)
+        errors, events = [], []
+        stt.on("error", errors.append)
+        stream = stt.stream(conn_options=APIConnectOptions(max_retry=1, retry_interval=0.01, timeout=timeout))
+        reader = lk.start_reader(stream, events)
+        try:
+            await lk.feed(stream, np.zeros(16000, np.float32))
+            yield stream, reader, events, errors
+        finally:
+            await stream.aclose()
+            await stt.aclose()
+            await asyncio.gather(reader, return_exceptions=True)
+
+
 def test_a_stream_whose_flush_gets_no_final_from_a_hung_server_times_out_and_is_retried(lk):
     """The streaming side of the recognize() case above: after end_input() (the base class flushes) the
     stream waited for a Final the hung server never sent, and end_input() never returned. A Final owed
@@ -259,22 +279,10 @@ def test_a_stream_whose_flush_gets_no_final_from_a_hung_server_times_out_and_is_
     connections: list = []
 
     async def main():
-        async with fake_server(wedged_server(connections)) as url:
-            stt = lk_monosemantic.STT(base_url=url)
-            errors = []
-            stt.on("error", errors.append)
-            options = APIConnectOptions(max_retry=1, retry_interval=0.01, timeout=1.0)
-            stream = stt.stream(conn_options=options)
-            events = []
-            reader = lk.start_reader(stream, events)
-            try:
-                await lk.feed(stream, np.zeros(16000, np.float32))
-                stream.end_input()
-                await asyncio.wait_for(reader, 30)  # (waited forever)
-            finally:
-                await stream.aclose()
-                await stt.aclose()
-            return errors
+        async with stream_on_a_wedged_server(lk, connections, timeout=1.0) as (stream, reader, _, errors):
+            stream.end_input()
+            await asyncio.wait_for(reader, 30)  # (waited forever)
+        return errors
 
     errors = asyncio.run(main())
     assert [(type(e.error), e.recoverable) for e in errors] == [(APITimeoutError, True)]
@@ -287,24 +295,13 @@ def test_a_stream_goes_on_after_a_hung_flush_on_a_new_connection(lk):
     connections: list = []
 
     async def main():
-        async with fake_server(wedged_server(connections, answer_from=1)) as url:
-            stt = lk_monosemantic.STT(base_url=url)
-            errors = []
-            stt.on("error", errors.append)
-            stream = stt.stream(conn_options=APIConnectOptions(max_retry=1, retry_interval=0.01, timeout=1.0))
-            events = []
-            reader = lk.start_reader(stream, events)
-            try:
-                await lk.feed(stream, np.zeros(16000, np.float32))
-                stream.flush()  # as the session does when it commits a turn
-                await asyncio.wait_for(lk.wait_for(lambda: errors), 30)
-                await lk.feed(stream, np.zeros(16000, np.float32))
-                stream.end_input()
-                await asyncio.wait_for(reader, 30)
-            finally:
-                await stream.aclose()
-                await stt.aclose()
-            return events, errors
+        async with stream_on_a_wedged_server(lk, connections, timeout=1.0, answer_from=1) as (stream, reader, events, errors):
+            stream.flush()  # as the session does when it commits a turn
+            await asyncio.wait_for(lk.wait_for(lambda: errors), 30)
+            await lk.feed(stream, np.zeros(16000, np.float32))
+            stream.end_input()
+            await asyncio.wait_for(reader, 30)
+        return events, errors
 
     events, errors = asyncio.run(main())
     assert [(type(e.error), e.recoverable) for e in errors] == [(APITimeoutError, True)]
@@ -319,22 +316,10 @@ def test_a_stream_owing_no_final_is_not_timed_out_by_a_quiet_server(lk):
     connections: list = []
 
     async def main():
-        async with fake_server(wedged_server(connections)) as url:
-            stt = lk_monosemantic.STT(base_url=url)
-            errors = []
-            stt.on("error", errors.append)
-            stream = stt.stream(conn_options=APIConnectOptions(max_retry=1, retry_interval=0.01, timeout=0.2))
-            events = []
-            reader = lk.start_reader(stream, events)
-            try:
-                await lk.feed(stream, np.zeros(16000, np.float32))
-                await asyncio.sleep(1.0)  # five times the timeout without an event
-                assert not reader.done()
-            finally:
-                await stream.aclose()
-                await stt.aclose()
-            await asyncio.gather(reader, return_exceptions=True)
-            return errors
+        async with stream_on_a_wedged_server(lk, connections, timeout=0.2) as (_, reader, _, errors):
+            await asyncio.sleep(1.0)  # five times the timeout without an event
+            assert not reader.done()
+        return errors
 
     errors = asyncio.run(main())
     assert errors == [] and len(connections) == 1

@@ -6,6 +6,7 @@ setting changed while a stream opened applies before the next utterance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import numpy as np
@@ -72,6 +73,42 @@ def update(**fields) -> STTUpdateSettingsFrame:
     return STTUpdateSettingsFrame(delta=Settings(**fields))
 
 
+@contextlib.asynccontextmanager
+async def remote_service(harness, recorder: Recorder, **kwargs):
+    """A remote MonosemanticSTTService against `recorder` on loopback, in the pipeline harness."""
+    async with fake_server(recorder) as url:
+        stt = MonosemanticSTTService(base_url=url, **kwargs)
+        async with harness(stt, sample_rate=16000) as h:
+            yield stt, h
+
+
+async def change_latency_after_an_utterance(h, recorder: Recorder) -> None:
+    """One utterance of 0.5 s and its Final, then latency 80: the new stream's connection is made."""
+    await h.say(pcm(0.5))
+    await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+    await h.worker.queue_frame(update(latency_ms=80))
+    await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
+
+
+async def change_latency_in_an_utterance(h, stt, recorder: Recorder, more: float = 0.0) -> None:
+    """Speech of 0.4 s, latency 80 (taken), `more` seconds of speech, the speech stops: the utterance
+    finishes on the old stream and the new stream's connection is made."""
+    await h.speech_starts()
+    await h.audio(pcm(0.4))
+    await h.worker.queue_frame(update(latency_ms=80))
+    await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
+    if more:
+        await h.audio(pcm(more))
+    await h.speech_stops()  # the old stream finishes this utterance; the new one opens
+    await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
+
+
+def check_the_utterance_ran_in_the_new_mode(recorder: Recorder, h) -> None:
+    """The one utterance of 0.5 s went to a second stream, opened in the 80 ms mode, without errors."""
+    assert [c["latency_ms"] for c in recorder.connections] == ["160", "80"]
+    assert [f.text for f in h.finals()] == ["c1:16000"] and not h.errors()
+
+
 def test_a_latency_change_whose_new_stream_never_answers_holds_up_nothing(harness):
     """A latency change between utterances opens the new stream at once, in remote mode on a new
     connection. It used to open on the frame path, holding the lock that every audio frame takes: a
@@ -80,20 +117,15 @@ def test_a_latency_change_whose_new_stream_never_answers_holds_up_nothing(harnes
     recorder = Recorder(hold={1: asyncio.Event()})  # the second connection is never answered
 
     async def main():
-        async with fake_server(recorder) as url:
-            stt = MonosemanticSTTService(base_url=url)
-            async with harness(stt, sample_rate=16000) as h:
-                await h.say(pcm(0.5))
-                await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
-                await h.worker.queue_frame(update(latency_ms=80))
-                await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
-                await h.speech_starts()
-                await h.audio(pcm(0.2))  # 10 frames of 20 ms
-                frames = lambda: len(h.down.of(InputAudioRawFrame)) == 25 + 10 and len(h.down.of(VADUserStartedSpeakingFrame)) == 2
-                await h.wait_for(frames, timeout=3.0)
-                assert stt._opening is not None and not h.errors()  # the attempt is still going on
-                await h.cancel(timeout=3.0)
-                return h
+        async with remote_service(harness, recorder) as (stt, h):
+            await change_latency_after_an_utterance(h, recorder)
+            await h.speech_starts()
+            await h.audio(pcm(0.2))  # 10 frames of 20 ms
+            frames = lambda: len(h.down.of(InputAudioRawFrame)) == 25 + 10 and len(h.down.of(VADUserStartedSpeakingFrame)) == 2
+            await h.wait_for(frames, timeout=3.0)
+            assert stt._opening is not None and not h.errors()  # the attempt is still going on
+            await h.cancel(timeout=3.0)
+            return h
 
     h = asyncio.run(main())
     assert [f.text for f in h.finals()] == ["c0:16000"] and not h.errors()
@@ -107,26 +139,18 @@ def test_audio_during_a_latency_changes_open_reaches_the_new_stream_in_order(har
     recorder = Recorder(hold={1: release})
 
     async def main():
-        async with fake_server(recorder) as url:
-            stt = MonosemanticSTTService(base_url=url)
-            async with harness(stt, sample_rate=16000) as h:
-                await h.speech_starts()
-                await h.audio(pcm(0.4))
-                await h.worker.queue_frame(update(latency_ms=80))
-                await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
-                await h.audio(pcm(0.2))
-                await h.speech_stops()  # the old stream finishes this utterance; the new one opens
-                await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
-                await h.say(pcm(0.6))  # kept while the new stream opens
-                await h.speech_starts()
-                await h.audio(pcm(0.3))  # and this, not flushed yet
-                await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == 20 + 10 + 30 + 15, timeout=5)
-                assert [f.text for f in h.finals()] == ["c0:19200"]
-                release.set()
-                await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
-                assert stt._session.latency_ms == 80 and recorder.connections[0]["closed"]
-                await h.end(timeout=10)  # flushes the last 0.3 s
-                return h
+        async with remote_service(harness, recorder) as (stt, h):
+            await change_latency_in_an_utterance(h, stt, recorder, more=0.2)
+            await h.say(pcm(0.6))  # kept while the new stream opens
+            await h.speech_starts()
+            await h.audio(pcm(0.3))  # and this, not flushed yet
+            await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == 20 + 10 + 30 + 15, timeout=5)
+            assert [f.text for f in h.finals()] == ["c0:19200"]
+            release.set()
+            await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
+            assert stt._session.latency_ms == 80 and recorder.connections[0]["closed"]
+            await h.end(timeout=10)  # flushes the last 0.3 s
+            return h
 
     h = asyncio.run(main())
     assert recorder.connections[1]["latency_ms"] == "80"
@@ -142,20 +166,15 @@ def test_a_new_stream_that_cannot_open_leaves_the_old_one_the_audio_kept_for_it(
     recorder = Recorder(hold={1: release}, refuse=(1,))
 
     async def main():
-        async with fake_server(recorder) as url:
-            stt = MonosemanticSTTService(base_url=url)
-            async with harness(stt, sample_rate=16000) as h:
-                await h.say(pcm(0.5))
-                await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
-                await h.worker.queue_frame(update(latency_ms=80))
-                await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
-                await h.say(pcm(0.6))  # kept while the new stream opens
-                await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == 25 + 30, timeout=5)
-                release.set()  # and now it is refused
-                await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
-                assert stt.settings.latency_ms == 160 and stt._session.latency_ms == 160
-                await h.end(timeout=10)
-                return h
+        async with remote_service(harness, recorder) as (stt, h):
+            await change_latency_after_an_utterance(h, recorder)
+            await h.say(pcm(0.6))  # kept while the new stream opens
+            await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == 25 + 30, timeout=5)
+            release.set()  # and now it is refused
+            await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
+            assert stt.settings.latency_ms == 160 and stt._session.latency_ms == 160
+            await h.end(timeout=10)
+            return h
 
     h = asyncio.run(main())
     assert [f.text for f in h.finals()] == ["c0:16000", "c0:19200"]
@@ -173,22 +192,18 @@ def test_a_latency_change_while_the_stream_opens_applies_before_the_next_utteran
     recorder = Recorder(hold={0: release})
 
     async def main():
-        async with fake_server(recorder) as url:
-            stt = MonosemanticSTTService(base_url=url)
-            async with harness(stt, sample_rate=16000) as h:
-                await h.wait_for(lambda: len(recorder.connections) == 1, timeout=5)
-                await h.worker.queue_frame(update(latency_ms=80))
-                await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
-                release.set()
-                await h.wait_for(lambda: stt._session is not None, timeout=5)
-                await h.say(pcm(0.5))
-                await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
-                await h.end(timeout=10)
-                return h
+        async with remote_service(harness, recorder) as (stt, h):
+            await h.wait_for(lambda: len(recorder.connections) == 1, timeout=5)
+            await h.worker.queue_frame(update(latency_ms=80))
+            await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
+            release.set()
+            await h.wait_for(lambda: stt._session is not None, timeout=5)
+            await h.say(pcm(0.5))
+            await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+            await h.end(timeout=10)
+            return h
 
-    h = asyncio.run(main())
-    assert [c["latency_ms"] for c in recorder.connections] == ["160", "80"]
-    assert [f.text for f in h.finals()] == ["c1:16000"] and not h.errors()
+    check_the_utterance_ran_in_the_new_mode(recorder, asyncio.run(main()))
 
 
 def test_a_latency_change_during_an_utterance_without_audio_applies_at_its_end(harness):
@@ -200,26 +215,22 @@ def test_a_latency_change_during_an_utterance_without_audio_applies_at_its_end(h
     recorder = Recorder()
 
     async def main():
-        async with fake_server(recorder) as url:
-            stt = MonosemanticSTTService(base_url=url)
-            async with harness(stt, sample_rate=16000) as h:
-                await h.wait_for(lambda: stt._session is not None, timeout=5)
-                await h.worker.queue_frame(STTMuteFrame(mute=True))
-                await h.speech_starts()
-                await h.audio(pcm(0.2))  # muted: not sent
-                await h.worker.queue_frame(update(latency_ms=80))
-                await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
-                await h.speech_stops()
-                await h.worker.queue_frame(STTMuteFrame(mute=False))
-                await h.wait_for(lambda: stt._session is not None and stt._session.latency_ms == 80, timeout=5)
-                await h.say(pcm(0.5))
-                await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
-                await h.end(timeout=10)
-                return h
+        async with remote_service(harness, recorder) as (stt, h):
+            await h.wait_for(lambda: stt._session is not None, timeout=5)
+            await h.worker.queue_frame(STTMuteFrame(mute=True))
+            await h.speech_starts()
+            await h.audio(pcm(0.2))  # muted: not sent
+            await h.worker.queue_frame(update(latency_ms=80))
+            await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
+            await h.speech_stops()
+            await h.worker.queue_frame(STTMuteFrame(mute=False))
+            await h.wait_for(lambda: stt._session is not None and stt._session.latency_ms == 80, timeout=5)
+            await h.say(pcm(0.5))
+            await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+            await h.end(timeout=10)
+            return h
 
-    h = asyncio.run(main())
-    assert [c["latency_ms"] for c in recorder.connections] == ["160", "80"]
-    assert [f.text for f in h.finals()] == ["c1:16000"] and not h.errors()
+    check_the_utterance_ran_in_the_new_mode(recorder, asyncio.run(main()))
 
 
 @pytest.mark.parametrize("answers", [True, False])
@@ -231,21 +242,14 @@ def test_end_frame_during_a_latency_changes_open(harness, answers):
     recorder = Recorder(hold={1: release})
 
     async def main():
-        async with fake_server(recorder) as url:
-            stt = MonosemanticSTTService(base_url=url, stop_timeout=1.0)
-            async with harness(stt, sample_rate=16000) as h:
-                await h.speech_starts()
-                await h.audio(pcm(0.4))
-                await h.worker.queue_frame(update(latency_ms=80))
-                await h.wait_for(lambda: stt.settings.latency_ms == 80, timeout=5)
-                await h.speech_stops()
-                await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
-                await h.say(pcm(0.6))  # kept while the new stream opens
-                await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == 20 + 30, timeout=5)
-                if answers:
-                    asyncio.get_running_loop().call_later(0.3, release.set)
-                await h.end(timeout=10)
-                return stt, h
+        async with remote_service(harness, recorder, stop_timeout=1.0) as (stt, h):
+            await change_latency_in_an_utterance(h, stt, recorder)
+            await h.say(pcm(0.6))  # kept while the new stream opens
+            await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == 20 + 30, timeout=5)
+            if answers:
+                asyncio.get_running_loop().call_later(0.3, release.set)
+            await h.end(timeout=10)
+            return stt, h
 
     stt, h = asyncio.run(main())
     assert not stt._sessions and stt._opening is None and stt._swap_from is None

@@ -61,11 +61,8 @@ def test_server_going_away_is_a_non_fatal_error_and_the_service_reconnects(harne
             await h.end()
             return h
 
-    server.__enter__()
-    try:
+    with server:  # (its __exit__ after one inside the test is a no-op)
         h = asyncio.run(main())
-    finally:
-        server.__exit__()
     (error,) = h.errors()
     assert not error.fatal and "shutting down" in error.error
     # A server shutting down drains its streams: the interrupted utterance still gets its final (no
@@ -201,11 +198,8 @@ def test_losing_the_connection_while_muted_is_one_error_and_the_next_audio_recon
             await h.end()
             return h
 
-    server.__enter__()
-    try:
+    with server:  # (its __exit__ after one inside the test is a no-op)
         h = asyncio.run(main())
-    finally:
-        server.__exit__()
     (error,) = h.errors()
     assert not error.fatal and "shutting down" in error.error
 

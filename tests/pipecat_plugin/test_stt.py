@@ -303,6 +303,36 @@ def test_a_checkpoint_that_cannot_load_is_an_error_frame_not_a_hang(fresh_engine
     assert h.finals() == []
 
 
+def gate_model_load(monkeypatch, path: str, wait_s: float):
+    """Loads of the checkpoint at `path` start, then wait until the returned `release` event is set (at
+    most `wait_s`), as a large checkpoint takes seconds to load. Returns (loading, release) events."""
+    import threading
+
+    import monosemantic.engine.shared as shared
+
+    loading, release = threading.Event(), threading.Event()
+    load = shared.load_model
+
+    def gated_load(p, **kwargs):
+        if os.fspath(p) == path:
+            loading.set()
+            release.wait(wait_s)
+        return load(p, **kwargs)
+
+    monkeypatch.setattr(shared, "load_model", gated_load)
+    return loading, release
+
+
+async def switch_model_in_an_utterance(h, path: str, loading, audio) -> None:
+    """Speech starts, its audio, a model update to `path` (once its load has begun), then the speech
+    stops: the utterance ends while the new model still loads."""
+    await h.speech_starts()
+    await h.audio(audio)
+    await h.worker.queue_frame(STTUpdateSettingsFrame(delta=MonosemanticSTTService.Settings(model=path)))
+    await h.wait_for(loading.is_set)  # settings frames and VAD frames take different paths
+    await h.speech_stops()
+
+
 def test_a_model_that_cannot_load_is_one_error_and_the_old_model_stays(
     fresh_engines, harness, ckpt, model, speech, tmp_path, monkeypatch
 ):
@@ -310,22 +340,10 @@ def test_a_model_that_cannot_load_is_one_error_and_the_old_model_stays(
     while, as a large checkpoint would). The utterance ends on the current model without waiting for the
     load or trying it again: exactly one ErrorFrame, naming the model that failed, and the old model
     stays for the next utterance."""
-    import threading
-
-    import monosemantic.engine.shared as shared
-
     bad = tmp_path / "bad.nemo"
     bad.write_bytes(b"not a checkpoint")
-    loading, utterance_done = threading.Event(), threading.Event()
-    load = shared.load_model
-
-    def slow_load(path, **kwargs):
-        if "bad" in str(path):
-            loading.set()
-            utterance_done.wait(5)  # a real checkpoint takes seconds to load: this one outlasts the utterance
-        return load(path, **kwargs)
-
-    monkeypatch.setattr(shared, "load_model", slow_load)
+    # The failing load outlasts the utterance (released when the utterance is done).
+    loading, utterance_done = gate_model_load(monkeypatch, os.fspath(bad), 5)
     expected = [model.transcribe(pcm, latency_ms=160).text for pcm in speech[:2]]
     current = os.fspath(ckpt)
 
@@ -333,12 +351,7 @@ def test_a_model_that_cannot_load_is_one_error_and_the_old_model_stays(
         stt = service(ckpt)
         async with harness(stt, sample_rate=16000) as h:
             try:
-                await h.speech_starts()
-                await h.audio(speech[0])
-                delta = MonosemanticSTTService.Settings(model=os.fspath(bad))
-                await h.worker.queue_frame(STTUpdateSettingsFrame(delta=delta))
-                await h.wait_for(loading.is_set)  # settings frames and VAD frames take different paths
-                await h.speech_stops()
+                await switch_model_in_an_utterance(h, os.fspath(bad), loading, speech[0])
                 await h.wait_for(lambda: len(h.finals()) == 1, timeout=30)
             finally:
                 utterance_done.set()
@@ -363,22 +376,11 @@ def test_a_model_switch_waits_for_the_load_and_never_holds_up_an_utterance(
     current model and its final comes at once; `settings.model` changes when the load is done, and the
     stream switches then (between utterances), so the next utterance runs on the new model."""
     import shutil
-    import threading
-
-    import monosemantic.engine.shared as shared
 
     other = os.fspath(tmp_path / "other.nemo")
     shutil.copy(ckpt, other)  # the same weights under another name: a second engine, the same transcripts
-    loading, loaded = threading.Event(), threading.Event()
-    load = shared.load_model
-
-    def gated_load(path, **kwargs):
-        if os.fspath(path) == other:
-            loading.set()
-            loaded.wait(60)  # the test lets the load finish when it has seen what happens meanwhile
-        return load(path, **kwargs)
-
-    monkeypatch.setattr(shared, "load_model", gated_load)
+    # The test lets the load finish when it has seen what happens meanwhile.
+    loading, loaded = gate_model_load(monkeypatch, other, 60)
     expected = [model.transcribe(pcm, latency_ms=160).text for pcm in speech[:2]]
     current = os.fspath(ckpt)
 
@@ -386,11 +388,7 @@ def test_a_model_switch_waits_for_the_load_and_never_holds_up_an_utterance(
         stt = service(ckpt)
         async with harness(stt, sample_rate=16000) as h:
             try:
-                await h.speech_starts()
-                await h.audio(speech[0])
-                await h.worker.queue_frame(STTUpdateSettingsFrame(delta=MonosemanticSTTService.Settings(model=other)))
-                await h.wait_for(loading.is_set)  # settings frames and VAD frames take different paths
-                await h.speech_stops()
+                await switch_model_in_an_utterance(h, other, loading, speech[0])
                 await h.wait_for(lambda: len(h.finals()) == 1, timeout=20)  # while the new model still loads
                 assert stt.settings.model == current and stt._session.model == current
             finally:
