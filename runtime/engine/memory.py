@@ -58,12 +58,23 @@ def available_device_memory(device) -> int | None:
     return torch.cuda.mem_get_info(device)[0]
 
 
+def device_name(device) -> str:
+    """The device as a message names it: a model on plain 'cuda' runs on the current GPU, and on a
+    machine of several GPUs the user needs to know which one is full."""
+    if device.type == "cuda" and device.index is None:
+        import torch
+
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def check_slots_fit(slots: int, per_slot: SlotBytes, device, host_available: int | None, device_available: int | None) -> None:
     """Raise CapacityError if `slots` slots of state cannot fit in the memory available: on CPU device
     and host state share the host's memory."""
     if device.type == "cpu":
         needs = [("host memory", slots * per_slot.total(), host_available)]
     else:
+        device = device_name(device)
         needs = [(f"{device} memory", slots * per_slot.device, device_available), ("host memory", slots * per_slot.host, host_available)]
     for where, need, have in needs:
         if have is not None and need > have:

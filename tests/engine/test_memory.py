@@ -88,6 +88,15 @@ def test_gpu_state_is_checked_against_the_device_and_the_ring_against_the_host()
         check_slots_fit(100, per_slot, gpu, host_available=50 << 20, device_available=10**12)
 
 
+def test_a_model_on_plain_cuda_is_named_by_its_current_gpu(monkeypatch):
+    # load_model(device="cuda") leaves the index unset; on a machine of several GPUs the message must
+    # say which one is full (the H100 run found "of cuda memory").
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    per_slot = SlotBytes(device=10 << 20, host=1 << 20)
+    with pytest.raises(CapacityError, match=r"of cuda:1 memory .* state on cuda:1,"):
+        check_slots_fit(100, per_slot, torch.device("cuda"), host_available=None, device_available=1 << 20)
+
+
 def test_available_host_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
