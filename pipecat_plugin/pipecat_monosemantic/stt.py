@@ -244,12 +244,13 @@ class MonosemanticSTTService(STTService):
         if not tail:
             return
         session = self._session
-        if session is None or session.closed:
-            if self._opening is not None:
-                self._record_stt_audio_usage(tail)
-                await self._keep(tail)  # the frames before it wait for the opening stream too
-            return  # else no stream took the frames before it either; their loss was reported then
+        open_now = session is not None and not session.closed
+        if not open_now and self._opening is None:
+            return  # no stream took the frames before it either; their loss was reported then
         self._record_stt_audio_usage(tail)
+        if not open_now:
+            await self._keep(tail)  # the frames before it wait for the opening stream too
+            return
         try:
             await session.push(tail)
         except (AudioError, StreamError) as e:
