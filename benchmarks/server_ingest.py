@@ -28,6 +28,17 @@ import time
 import urllib.request
 
 
+BUSY_SERVER = """
+import sys, threading
+sys.path.insert(0, {here!r})
+from gil_contention import busy
+threading.Thread(target=busy, args=(float(sys.argv[1]), threading.Event()), daemon=True).start()
+from monosemantic.cli import main
+sys.argv[1:2] = []
+main()
+""".format(here=os.path.dirname(os.path.abspath(__file__)))
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of `pid`."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -60,7 +71,13 @@ def one_run(args, frame_ms: int, coalesce: bool, port: int) -> dict:
            "--log-level", "warning"]
     cmd += ["--max-batch", str(args.max_batch)] if args.max_batch else []
     cmd += ["--latency-ms", str(args.latency_ms)] if args.latency_ms else []
-    server = subprocess.Popen(cmd + ([] if args.vad else ["--no-vad"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd += [] if args.vad else ["--no-vad"]
+    if args.busy:
+        # The same server with a thread beside its loops that runs Python for that share of every 10 ms,
+        # as a GPU engine's loop thread does between kernel launches (on a CPU it mostly waits in torch
+        # ops, without the GIL).
+        cmd[1:3] = ["-c", BUSY_SERVER, str(args.busy)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(port, server)
         before = thread_cpu(server.pid)
@@ -100,6 +117,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-batch", type=int, default=0, help="the server's --max-batch (default: its own)")
     p.add_argument("--latency-ms", type=int, default=0, help="the server's latency mode (default: the checkpoint's)")
+    p.add_argument("--busy", type=float, default=0.0,
+                   help="a thread in the server process runs Python for this share of every 10 ms (0-1)")
     args = p.parse_args()
     settings = {"on": [True], "off": [False], "both": [False, True]}[args.coalesce]
     print(f"{'frame':>6} {'coalesce':>8} {'frames':>7} {'errors':>6}   event loop: s CPU, us per frame, ms per stream-second"
