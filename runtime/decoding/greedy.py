@@ -77,37 +77,33 @@ class DecodedChunk:
 
 
 class _Store:
-    """Growable [B, N] result buffers written with masks, read back once at the end of the chunk."""
+    """Growable [B, N] result buffers, read back once at the end of the chunk."""
 
     def __init__(self, batch: int, capacity: int, device, bounded: bool):
         """bounded: `capacity` is known to hold every label of the chunk, so `add` never checks (the
         check reads the counts back from the device: a sync per decoding step)."""
         self.bounded = bounded
-        self.labels = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.frames = torch.zeros_like(self.labels)
-        self.durations = torch.zeros_like(self.labels)
+        self.found = torch.zeros(batch, capacity, 3, dtype=torch.long, device=device)  # label, frame, duration
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
         self.rows = torch.arange(batch, device=device)
 
     def add(self, mask: torch.Tensor, labels, frames, durations):
-        if not self.bounded and int(self.count.max()) + 1 >= self.labels.shape[1]:
-            grow = lambda t: torch.cat((t, torch.zeros_like(t)), dim=1)  # noqa: E731
-            self.labels, self.frames, self.durations = map(grow, (self.labels, self.frames, self.durations))
-        idx = self.count
-        self.labels[self.rows, idx] = torch.where(mask, labels, self.labels[self.rows, idx])
-        self.frames[self.rows, idx] = torch.where(mask, frames, self.frames[self.rows, idx])
-        self.durations[self.rows, idx] = torch.where(mask, durations, self.durations[self.rows, idx])
+        if not self.bounded and int(self.count.max()) + 1 >= self.found.shape[1]:
+            self.found = torch.cat((self.found, torch.zeros_like(self.found)), dim=1)
+        # Every row writes at its count, and only the rows in `mask` count it: another row's write is
+        # overwritten by its next label, or lies past its count. Three kernels, where a masked write of
+        # each buffer took ten.
+        self.found[self.rows, self.count] = torch.stack((labels, frames, durations), dim=1)
         self.count += mask
 
     def to_lists(self, offsets: torch.Tensor) -> DecodedChunk:
         count = self.count.tolist()
-        labels = self.labels.tolist()
-        frames = (self.frames + offsets[:, None]).tolist()
-        durations = self.durations.tolist()
+        found = self.found.cpu().numpy()  # [B, N, 3], one copy from the device
+        frames = found[:, :, 1] + offsets.cpu().numpy()[:, None]
         return DecodedChunk(
-            labels=[row[:n] for row, n in zip(labels, count)],
-            frames=[row[:n] for row, n in zip(frames, count)],
-            durations=[row[:n] for row, n in zip(durations, count)],
+            labels=[row[:n] for row, n in zip(found[:, :, 0].tolist(), count)],
+            frames=[row[:n] for row, n in zip(frames.tolist(), count)],
+            durations=[row[:n] for row, n in zip(found[:, :, 2].tolist(), count)],
         )
 
 
