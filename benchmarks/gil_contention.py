@@ -8,6 +8,7 @@ process"). Steps run in steady state as in engine_step.py; the busy thread compu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -27,6 +28,21 @@ def busy(share: float, stop: threading.Event) -> None:
             sum(i * i for i in range(200))  # Python bytecode: holds the GIL between switches
         if share < 1:
             time.sleep((1 - share) * PERIOD)
+
+
+@contextlib.contextmanager
+def busy_neighbour(share: float):
+    """A thread running `busy(share)` for the duration of the block (none for a share of 0)."""
+    stop = threading.Event()
+    neighbour = threading.Thread(target=busy, args=(share, stop), daemon=True) if share > 0 else None
+    if neighbour is not None:
+        neighbour.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if neighbour is not None:
+            neighbour.join()
 
 
 def main() -> None:
@@ -60,16 +76,8 @@ def main() -> None:
         for interval in args.switch_interval:
             sys.setswitchinterval(interval)
             for share in args.shares:
-                stop = threading.Event()
-                neighbour = threading.Thread(target=busy, args=(share, stop)) if share > 0 else None
-                if neighbour is not None:
-                    neighbour.start()
-                try:
+                with busy_neighbour(share):
                     times = [step_ms(batch) for batch in args.batch]
-                finally:
-                    stop.set()
-                    if neighbour is not None:
-                        neighbour.join()
                 cells = "  ".join(f"batch {b} {t:8.1f}" for b, t in zip(args.batch, times))
                 print(f"switch {interval * 1000:5.2f} ms  busy {share:4.0%}  {cells}", flush=True)
 

@@ -26,7 +26,7 @@ import threading
 import time
 
 import numpy as np
-from gil_contention import busy
+from gil_contention import busy_neighbour
 
 from monosemantic import Engine, EngineConfig, load_model
 
@@ -49,22 +49,14 @@ async def push_cost(model, kind: str, streams: int, frames: int, frame_ms: int, 
     engine.core.wake.set = lambda: None
     opened = [await engine.open_stream() for _ in range(streams)]
     data = frame_of(kind, model.sample_rate * frame_ms // 1000)
-    stop = threading.Event()
-    neighbour = threading.Thread(target=busy, args=(busy_share, stop), daemon=True)
-    if busy_share > 0:
-        neighbour.start()
     times = []
-    try:
+    with busy_neighbour(busy_share):
         for _ in range(rounds):
             start = time.perf_counter()
             for _ in range(frames):
                 for stream in opened:
                     await stream.push(data)
             times.append((time.perf_counter() - start) / (streams * frames) * 1e6)
-    finally:
-        stop.set()
-        if busy_share > 0:
-            neighbour.join()
     return min(times), sum(times) / len(times)
 
 

@@ -29,13 +29,13 @@ import urllib.request
 
 
 BUSY_SERVER = """
-import sys, threading
+import sys
 sys.path.insert(0, {here!r})
-from gil_contention import busy
-threading.Thread(target=busy, args=(float(sys.argv[1]), threading.Event()), daemon=True).start()
+from gil_contention import busy_neighbour
 from monosemantic.cli import main
-sys.argv[1:2] = []
-main()
+share = float(sys.argv.pop(1))
+with busy_neighbour(share):
+    main()
 """.format(here=os.path.dirname(os.path.abspath(__file__)))
 
 
