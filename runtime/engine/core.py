@@ -210,22 +210,25 @@ class EngineCore:
     def write(self, handle: int, samples: np.ndarray) -> int:
         """Append model-rate float32 samples, as many as the stream's buffer has room for; returns how
         many (the caller waits for on_space before writing the rest)."""
+        n = len(samples)
         with self.lock:
             state = self._live(handle)
             record = state.record
             room = self.capacity - self.scheduler.buffered(record)
-            if room < len(samples):
+            if room < n:
                 state.waiting_for_space = True
-                samples = samples[: max(0, room)]
-            if not len(samples):
+                n = max(0, room)
+                samples = samples[:n]
+            if not n:
                 return 0
             self.runner.write(record.slot, record.written, samples)
             # Wake the loop only when this write gave the stream work; otherwise every 20 ms frame of
             # every stream would re-plan all streams (quadratic in the number of streams).
-            work = self.scheduler.wrote(record, len(samples))
-        if work:
+            work = self.scheduler.wrote(record, n)
+        # Already set: the loop clears it before it plans, so the plan after that sees this write.
+        if work and not self.wake.is_set():
             self.wake.set()
-        return len(samples)
+        return n
 
     def flush(self, handle: int) -> None:
         with self.lock:
@@ -384,16 +387,20 @@ class EngineCore:
 
     def _apply_vad(self, rows, probs) -> None:
         progressed = []
+        scheduler = self.scheduler
+        # Where speech was last heard matters only to skip_silence: without it, no pass over the windows.
+        heard = scheduler.skip_silence is not None
+        width, threshold = scheduler.geometry.vad_window, self.config.vad.threshold
         with self.lock:
             for row, row_probs in zip(rows, probs):
-                record = self.scheduler.vad_done(row)
+                record = scheduler.vad_done(row)
                 state = self.streams.get(row.handle)
                 if record is None or state is None:
                     continue
-                width = self.scheduler.geometry.vad_window
-                for i, prob in enumerate(row_probs):
-                    if prob >= self.config.vad.threshold:
-                        self.scheduler.heard_voice(record, row.start + (i + 1) * width)
+                if heard:
+                    for i, prob in enumerate(row_probs):
+                        if prob >= threshold:
+                            scheduler.heard_voice(record, row.start + (i + 1) * width)
                 progressed.append((state, row_probs))
         for state, row_probs in progressed:
             with state.guard:

@@ -35,10 +35,12 @@ def pcm_to_float32(pcm) -> np.ndarray:
     """int16 little-endian bytes, an int16/int32/float array or tensor -> validated float32 samples."""
     pcm = typed_view_as_array(pcm)  # int8 ("b") is then refused as an ndarray is
     if isinstance(pcm, (bytes, bytearray, memoryview)):
-        data = bytes(pcm)
+        data = pcm if type(pcm) is bytes else bytes(pcm)  # a copy of what the caller may still change
         if len(data) % 2:
             raise AudioError(f"PCM bytes must be 16-bit samples: got an odd byte count ({len(data)})")
-        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+        samples = np.frombuffer(data, dtype="<i2").astype(np.float32)
+        samples *= 1 / 32768  # a power of two: the same values as dividing, without a second array
+        return samples
     return as_float32(pcm)
 
 
@@ -114,6 +116,21 @@ class _StreamBase:
         caller may reuse or change before the next push writes it."""
         if self._pending.size:
             self._pending = self._pending.copy()
+
+    def _write_at_once(self) -> bool:
+        """One write of all the pending audio, the common case (the buffer has room): True if it all
+        went. Otherwise what went is taken off, and `_drain` writes the rest as room comes (it tries
+        again before it waits, so no room signal is missed)."""
+        pending = self._pending
+        if pending.size > self._piece:
+            return False
+        try:
+            written = self._core.write(self.handle, pending)
+        except BaseException:
+            self._keep_pending()
+            raise
+        self._pending = _NOTHING if written == pending.size else pending[written:]
+        return not self._pending.size
 
     def _drain_waits(self, before_write=None, taken: bool = True, call: str = "push"):
         """Write the pending audio as the stream's buffer makes room; yields the seconds left to wait
@@ -256,7 +273,7 @@ class EngineStream(_StreamBase):
         async with self._lock:
             if self._pending.size:  # an earlier push's audio, not yet written, goes first
                 await self._drain(taken=False)
-            if self._accept(pcm):
+            if self._accept(pcm) and not self._write_at_once():
                 await self._drain()
 
     async def _drain(self, taken: bool = True, call: str = "push") -> None:
@@ -359,7 +376,7 @@ class SyncStream(_StreamBase):
         with self._lock:
             if self._pending.size:  # an earlier push's audio, not yet written, goes first
                 self._drain(taken=False)
-            if self._accept(pcm):
+            if self._accept(pcm) and not self._write_at_once():
                 self._drain()
 
     def _drain(self, taken: bool = True, call: str = "push") -> None:

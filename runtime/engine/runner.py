@@ -20,8 +20,9 @@ from ..decoding.greedy import DecoderState, greedy_decode, initial_state
 from ..streaming.cuda_graph import SlotGraphedEncoderStep, bucket_sizes
 from ..streaming.slot_cache import SlotCache, slot_encoder_step
 from ..streaming.plan import ChunkPlan
+from ..streaming.shape import ModeShape
 from .memory import SlotBytes, available_device_memory, available_host_memory, check_slots_fit
-from .scheduler import MAX_VAD_WINDOWS, AudioGeometry, StepBatch, VADRow
+from .scheduler import MAX_VAD_WINDOWS, AudioGeometry, StepBatch, StepRow, VADRow
 
 
 @dataclass
@@ -101,6 +102,9 @@ class ModelRunner:
         """Store samples at absolute stream position `position` in the slot's ring."""
         cap = self.ring_samples
         start = position % cap
+        if self.mirror <= start <= cap - len(samples):  # most writes: inside the ring, clear of the mirror
+            self.ring[slot, start : start + len(samples)] = samples
+            return
         first = min(len(samples), cap - start)
         self._store(slot, start, samples[:first])
         if first < len(samples):
@@ -186,13 +190,8 @@ class ModelRunner:
         self.decoder.write_rows(index, state)
         results = []
         for i, row in enumerate(rows):
-            consumed = shape.step_mel if row.hi > shape.step_mel else max(0, row.hi - 1)
-            # Audio this row moved past, for Usage: the window starts before the utterance on its first
-            # step and its last step reaches past the flush point, so clamp to the utterance's audio.
-            begin = row.utt_start + g.hop * row.window
-            reached = max(min(begin + consumed * g.hop, row.end), row.utt_start)
-            moved = reached - max(begin, row.utt_start)
-            results.append(RowResult(decoded.labels[i], decoded.frames[i], decoded.durations[i], max(0, moved), reached))
+            moved, reached = row_span(row, shape, g)
+            results.append(RowResult(decoded.labels[i], decoded.frames[i], decoded.durations[i], moved, reached))
         return results
 
     def _encode(self, latency_ms: int, plan: ChunkPlan, mel: torch.Tensor, index: torch.Tensor, lo, hi):
@@ -234,6 +233,16 @@ class ModelRunner:
         probs, state = self.vad_model.forward_windows(torch.from_numpy(audio).to(self.device), counts, self.vad_state.select(index))
         self.vad_state.assign_(index, state)
         return [row[:n] for row, n in zip(probs.tolist(), counts.tolist())]
+
+
+def row_span(row: StepRow, shape: ModeShape, g: AudioGeometry) -> tuple[int, int]:
+    """(samples the row's step moved past, stream sample the utterance is transcribed up to after it).
+    For Usage: the window starts before the utterance on its first step and its last step reaches past
+    the flush point, so both are clamped to the utterance's audio."""
+    consumed = shape.step_mel if row.hi > shape.step_mel else max(0, row.hi - 1)
+    begin = row.utt_start + g.hop * row.window
+    reached = max(min(begin + consumed * g.hop, row.end), row.utt_start)
+    return max(0, reached - max(begin, row.utt_start)), reached
 
 
 def state_bytes(state) -> int:

@@ -67,7 +67,11 @@ class StepTiming:
     vad_window: int | None
 
 
-@dataclass(frozen=True)
+# The rows below are made for every stream every tick (a thousand a tick at a thousand streams): plain
+# slotted dataclasses, built 4x faster than frozen ones (0.3 against 1.3 us), and never changed once made.
+
+
+@dataclass(slots=True)
 class StepRow:
     """One stream's window in an encoder step."""
 
@@ -91,7 +95,7 @@ class StepBatch:
     rows: tuple[StepRow, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class VADRow:
     """Consecutive VAD windows of one stream, judged in order."""
 
@@ -107,7 +111,7 @@ VAD_BATCH = 2  # windows a stream may have waiting before a VAD call runs on its
 VAD_WAIT = 0.064  # seconds: then the loop wakes to run it
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FinalRow:
     """An utterance that ends without a step (nothing left to encode): send its Final now."""
 
@@ -133,7 +137,7 @@ class TickPlan:
         return not (self.steps or self.vad or self.finals)
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamRecord:
     handle: int
     slot: int
@@ -149,6 +153,10 @@ class StreamRecord:
     skipped_frames: int = 0  # encoder frames skipped since the encoder last ran (skip_silence only)
     ready_since: float | None = None  # clock time the next window became ready (for batch_wait)
     stepping: bool = False  # a window is planned and not yet done: next_window is not yet advanced
+    # Derived from utt_start and next_window (Scheduler._place), kept so that every push and every tick
+    # compares integers instead of recomputing them:
+    ready_at: int = 0  # absolute sample count at which the next window is complete
+    asr_from: int = 0  # first absolute sample the next window's step reads
 
     def window_start(self) -> int:
         return self.shape.first_start + self.next_window * self.shape.step_mel
@@ -179,6 +187,7 @@ class Scheduler:
         self.generations = [0] * max_streams
         self.streams: dict[int, StreamRecord] = {}
         self._next_handle = 1
+        self._modes: dict[int, int] = {}  # open streams per latency mode
         self._rotation = 0  # where this tick's scan starts, so no stream is always served last
 
     # ---- admission ---------------------------------------------------------------------------------
@@ -191,14 +200,21 @@ class Scheduler:
         slot = self.free_slots.popleft()
         self.generations[slot] += 1
         record = StreamRecord(self._next_handle, slot, self.generations[slot], latency_ms, shape)
+        self._place(record)
         self._next_handle += 1
         self.streams[record.handle] = record
+        self._modes[latency_ms] = self._modes.get(latency_ms, 0) + 1
         return record
 
     def release(self, handle: int) -> StreamRecord | None:
         record = self.streams.pop(handle, None)
         if record is not None:
             self.free_slots.append(record.slot)
+            left = self._modes[record.latency_ms] - 1
+            if left:
+                self._modes[record.latency_ms] = left
+            else:
+                del self._modes[record.latency_ms]
         return record
 
     def current(self, handle: int, generation: int) -> StreamRecord | None:
@@ -207,10 +223,14 @@ class Scheduler:
         return record if record is not None and record.generation == generation else None
 
     # ---- positions ---------------------------------------------------------------------------------
+    def _place(self, record: StreamRecord) -> None:
+        """Recompute the record's derived positions: after every change of utt_start or next_window."""
+        record.ready_at = record.utt_start + self.geometry.window_ready_at(record.shape, record.next_window)
+        record.asr_from = self.geometry.step_first(record.utt_start, record.window_start())
+
     def earliest_needed(self, record: StreamRecord) -> int:
         """First absolute sample still to be read: older audio may be overwritten."""
-        asr = self.geometry.step_first(record.utt_start, record.window_start())
-        return min(asr, record.vad_pos) if self.vad else asr
+        return min(record.asr_from, record.vad_pos) if self.vad else record.asr_from
 
     def buffered(self, record: StreamRecord) -> int:
         """Samples written but not yet read by every consumer."""
@@ -220,21 +240,23 @@ class Scheduler:
         return record.flushes[0] if record.flushes else record.written
 
     def _full_window_ready(self, record: StreamRecord) -> bool:
-        return record.utt_start + self.geometry.window_ready_at(record.shape, record.next_window) <= self._limit(record)
+        return record.ready_at <= (record.flushes[0] if record.flushes else record.written)
 
     def wrote(self, record: StreamRecord, samples: int) -> bool:
         """Count `samples` newly written; True if the stream now holds work (the loop should wake). A
         window completed by this write is ready from now: waiting for a fuller batch counts from here."""
         record.written += samples
+        full = self._full_window_ready(record)
         # While a step of the stream runs, next_window still names the window in it: wait for step_done.
-        if record.ready_since is None and not record.stepping and self._full_window_ready(record):
+        if full and record.ready_since is None and not record.stepping:
             record.ready_since = self.clock()
-        return self.has_work(record)
+        return full or self._vad_batch(record)
 
     def has_work(self, record: StreamRecord) -> bool:
         """Whether the stream now holds something to run: a full window, or a VAD batch."""
-        if self._full_window_ready(record):
-            return True
+        return self._full_window_ready(record) or self._vad_batch(record)
+
+    def _vad_batch(self, record: StreamRecord) -> bool:
         return self.vad and record.written - record.vad_pos >= VAD_BATCH * self.geometry.vad_window
 
     # ---- planning ----------------------------------------------------------------------------------
@@ -274,32 +296,48 @@ class Scheduler:
         if records:
             self._rotation = (self._rotation + 1) % len(records)
             records = records[self._rotation :] + records[: self._rotation]
-        held, wake_in = self._held_modes(records)
+        # With no wait in any mode (the default), no window is held: skip the pass over every stream.
+        waits = any(self.batch_wait(mode) > 0 for mode in self._modes)
+        held, wake_in = self._held_modes(records) if waits else (set(), None)
         vad_first = False  # some stream's window waits for the VAD's judgement (skip_silence)
+        vad_width = self.geometry.vad_window if self.vad else 0
+        vad_due = False  # some stream has VAD_BATCH windows waiting
         for record in records:
-            rows = by_mode.setdefault(record.latency_ms, [])
-            if record.latency_ms not in held and len(rows) < self.max_batch:
-                row = self._plan_step(record, finals, skipped)
-                if row is not None:
-                    record.ready_since = None
-                    record.stepping = True
-                    rows.append(row)
-                # _awaits_vad first: without skip_silence it is False at once, keeping this off the
-                # common path's cost.
-                if row is None and self._awaits_vad(record) and self._full_window_ready(record):
-                    vad_first = True
-            pending = (record.written - record.vad_pos) // self.geometry.vad_window if self.vad else 0
-            if pending > 0:
-                count = min(pending, MAX_VAD_WINDOWS)
-                vad_rows.append(VADRow(record.handle, record.slot, record.generation, record.vad_pos, count))
+            # Most streams, most ticks, hold no window: only their VAD windows are looked at.
+            if (record.flushes or record.ready_at <= record.written) and self._plan_record(
+                record, by_mode, held, finals, skipped
+            ):
+                vad_first = True
+            if vad_width:
+                pending = (record.written - record.vad_pos) // vad_width
+                if pending > 0:
+                    count = min(pending, MAX_VAD_WINDOWS)
+                    vad_due = vad_due or count >= VAD_BATCH
+                    vad_rows.append(VADRow(record.handle, record.slot, record.generation, record.vad_pos, count))
         steps = tuple(StepBatch(ms, tuple(rows)) for ms, rows in by_mode.items() if rows)
         # A VAD call has a fixed cost too: run it with a step, or once a stream has VAD_BATCH windows
         # waiting (or the encoder waits for the VAD), not for every new 32 ms window.
-        if vad_rows and not steps and not finals and not vad_first and max(r.windows for r in vad_rows) < VAD_BATCH:
+        if vad_rows and not steps and not finals and not vad_first and not vad_due:
             if not (self.skip_silence is not None and held):
                 vad_rows = []
                 wake_in = VAD_WAIT if wake_in is None else min(wake_in, VAD_WAIT)
         return TickPlan(steps=steps, vad=tuple(vad_rows), finals=tuple(finals), wake_in=wake_in, skipped=tuple(skipped))
+
+    def _plan_record(self, record: StreamRecord, by_mode: dict[int, list[StepRow]], held: set[int],
+                     finals: list[FinalRow], skipped: list[int]) -> bool:
+        """Plan the stream's next window (or its Final) into `by_mode` unless its mode is held or its step
+        is full; True when its full window waits for the VAD's judgement instead (skip_silence)."""
+        rows = by_mode.setdefault(record.latency_ms, [])
+        if record.latency_ms in held or len(rows) >= self.max_batch:
+            return False
+        row = self._plan_step(record, finals, skipped)
+        if row is not None:
+            record.ready_since = None
+            record.stepping = True
+            rows.append(row)
+            return False
+        # _awaits_vad first: without skip_silence it is False at once, keeping this off the common path.
+        return self._awaits_vad(record) and self._full_window_ready(record)
 
     def _plan_step(self, record: StreamRecord, finals: list[FinalRow], skipped: list[int]) -> StepRow | None:
         shape = record.shape
@@ -311,6 +349,7 @@ class Scheduler:
                 return None
             if self._skippable(record):
                 record.next_window += 1
+                self._place(record)
                 record.skipped_frames += shape.chunk_frames
                 skipped.append(record.handle)
                 return None
@@ -366,6 +405,7 @@ class Scheduler:
             return None
         record.stepping = False
         record.next_window += 1
+        self._place(record)
         if row.final:
             self._end_utterance(record)
         if self._full_window_ready(record):
@@ -388,6 +428,7 @@ class Scheduler:
         record.utt_start = record.flushes.popleft()
         record.next_window = 0
         record.skipped_frames = 0
+        self._place(record)
 
     def flush(self, handle: int) -> None:
         record = self.streams[handle]
