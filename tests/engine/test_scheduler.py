@@ -292,3 +292,37 @@ def test_step_timing_names_the_samples_at_which_each_window_becomes_ready(right)
         while r.flushes:
             run(s)
         assert r.utt_start == r.written
+
+
+@pytest.mark.parametrize("skip_silence", [None, 1600])
+def test_positions_kept_per_stream_follow_every_change_of_its_window(skip_silence):
+    """The scheduler keeps each stream's next-window point and first read position instead of computing
+    them at every push and plan: through random writes, flushes, skipped silence and ticks they must
+    equal the formulas they stand for."""
+    import random
+
+    rng = random.Random(0)
+    s = Scheduler(4, 2, GEOMETRY, vad=True, skip_silence=skip_silence)
+    records = [s.admit(ms, shape(right)) for ms, right in ((160, 1), (80, 0), (160, 1))]
+    for _ in range(600):
+        r = rng.choice(records)
+        action = rng.random()
+        if action < 0.6:
+            s.wrote(r, rng.choice([320, 512, 1600, 4000]))
+        elif action < 0.7:
+            s.flush(r.handle)
+        elif action < 0.8 and skip_silence is not None:
+            s.heard_voice(r, r.written)
+        else:
+            plan = s.plan()
+            for batch in plan.steps:
+                for row in batch.rows:
+                    s.step_done(row)
+            for row in plan.vad:
+                s.vad_done(row)
+        for x in records:
+            assert x.ready_at == x.utt_start + GEOMETRY.window_ready_at(x.shape, x.next_window)
+            assert x.asr_from == GEOMETRY.step_first(x.utt_start, x.window_start())
+            assert s.has_work(x) == (
+                x.ready_at <= (x.flushes[0] if x.flushes else x.written) or x.written - x.vad_pos >= 1024
+            )
