@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Generator
 
@@ -129,7 +130,8 @@ def machine_facts() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    facts = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    facts = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3)}
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name()
     return facts
@@ -158,6 +160,8 @@ def check_args(args) -> None:
         raise ValueError(f"--search-within must be a percentage in 0..100, got {args.search_within:g}")
     if args.seed < 0:
         raise ValueError(f"--seed must be 0 or more, got {args.seed}")
+    if args.switch_interval_ms is not None and not (math.isfinite(args.switch_interval_ms) and 0 < args.switch_interval_ms <= 1000):
+        raise ValueError(f"--switch-interval-ms must be more than 0 and at most 1000, got {args.switch_interval_ms:g}")
     if args.json:
         check_writable(args.json)
 
@@ -169,6 +173,8 @@ def run(args) -> int:
     from .engine_bench import EngineTrials
 
     check_args(args)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)  # process-wide: both systems run under it
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     latency = args.latency_ms if args.latency_ms is not None else model.default_latency_ms
     model.context_for(latency)
@@ -283,4 +289,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--frame-ms", type=int, default=20, help="client frame size (20 ms as WebRTC; more for very many streams)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--switch-interval-ms", type=float, default=None,
+        help="Python's thread switch interval for the run (sys.setswitchinterval; default: Python's 5 ms). How "
+        "long the engine's loop thread may wait for the GIL when it comes back from the device while the "
+        "client's pushes run (benchmarks/gil_contention.py --device-loop)",
+    )
     p.add_argument("--json", help="write all runs to this file")

@@ -108,6 +108,8 @@ def checkpoint(nemo_checkpoint):
         (["--latency-ms", "0"], "--latency-ms"),  # silently ran the default mode
         (["--latency-ms", "-160"], "--latency-ms"),
         (["--batch-wait-ms", "nan"], "--batch-wait-ms"),
+        (["--switch-interval-ms", "0"], "--switch-interval-ms"),  # Python refuses it with a traceback
+        (["--switch-interval-ms", "nan"], "--switch-interval-ms"),
         (["--find-max", "--search-within", "-5"], "--search-within"),
         (["--find-max", "--search-within", "nan"], "--search-within"),
         (["--json", "/nonexistent_dir/out.json"], "--json /nonexistent_dir/out.json"),
@@ -133,4 +135,15 @@ def test_json_that_is_a_directory_is_refused_and_a_good_path_is_written(checkpoi
 
     machine = json.loads(out.read_text())["machine"]  # what a figure needs beside it
     assert machine["torch"] == torch.__version__ and machine["threads"] >= 1 and machine["cores"] >= 1
+    assert machine["switch_interval_ms"] == 5.0  # Python's default, unless --switch-interval-ms
     assert f"torch {torch.__version__}" in done.stdout
+
+
+def test_switch_interval_applies_to_the_run_and_is_recorded(checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_bench(checkpoint, "--switch-interval-ms", "0.5", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+
+    assert json.loads(out.read_text())["machine"]["switch_interval_ms"] == 0.5
+    assert "switch_interval_ms 0.5" in done.stdout
