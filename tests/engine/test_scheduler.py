@@ -314,12 +314,7 @@ def test_positions_kept_per_stream_follow_every_change_of_its_window(skip_silenc
         elif action < 0.8 and skip_silence is not None:
             s.heard_voice(r, r.written)
         else:
-            plan = s.plan()
-            for batch in plan.steps:
-                for row in batch.rows:
-                    s.step_done(row)
-            for row in plan.vad:
-                s.vad_done(row)
+            run(s)
         for x in records:
             assert x.ready_at == x.utt_start + GEOMETRY.window_ready_at(x.shape, x.next_window)
             assert x.asr_from == GEOMETRY.step_first(x.utt_start, x.window_start())
