@@ -240,7 +240,7 @@ class Scheduler:
         return record.flushes[0] if record.flushes else record.written
 
     def _full_window_ready(self, record: StreamRecord) -> bool:
-        return record.ready_at <= (record.flushes[0] if record.flushes else record.written)
+        return record.ready_at <= self._limit(record)
 
     def wrote(self, record: StreamRecord, samples: int) -> bool:
         """Count `samples` newly written; True if the stream now holds work (the loop should wake). A
@@ -405,9 +405,10 @@ class Scheduler:
             return None
         record.stepping = False
         record.next_window += 1
-        self._place(record)
         if row.final:
-            self._end_utterance(record)
+            self._end_utterance(record)  # the next utterance's first window (placed there)
+        else:
+            self._place(record)
         if self._full_window_ready(record):
             # Its audio came while the step ran: the stream is behind and its next window waits no more.
             record.ready_since = float("-inf")
