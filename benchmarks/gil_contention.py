@@ -28,11 +28,16 @@ from monosemantic.engine.config import EngineConfig
 PERIOD = 0.010  # seconds: the busy thread computes for `share` of each period, then sleeps
 
 
+def python_for(us: float) -> None:
+    """Run Python bytecode (holding the GIL between switches) for `us` microseconds."""
+    end = time.perf_counter() + us * 1e-6
+    while time.perf_counter() < end:
+        pass
+
+
 def busy(share: float, stop: threading.Event, period: float = PERIOD) -> None:
     while not stop.is_set():
-        start = time.perf_counter()
-        while time.perf_counter() - start < share * period:
-            sum(i * i for i in range(200))  # Python bytecode: holds the GIL between switches
+        python_for(share * period * 1e6)
         if share < 1:
             time.sleep((1 - share) * period)
 
@@ -51,12 +56,6 @@ def busy_neighbour(share: float, period: float = PERIOD):
         stop.set()
         if neighbour is not None:
             neighbour.join()
-
-
-def python_for(us: float) -> None:
-    end = time.perf_counter() + us * 1e-6
-    while time.perf_counter() < end:
-        pass
 
 
 def device_tick(syncs: int, python_us: float, wait_us: float) -> None:
