@@ -71,7 +71,8 @@ class ServerState:
             self.engine = engine
             await self._warm_up()
             self.ready = True
-            log.info("ready: %s, %d streams", self.model, self.config.max_streams)
+            log.info("ready: %s, %d streams, thread switch interval %g ms", self.model, self.config.max_streams,
+                     sys.getswitchinterval() * 1000)
         except Exception as exc:
             log.error("start-up failed: %s", exc)
             self.failed = exc
@@ -250,6 +251,16 @@ async def wait_ready(app: web.Application, timeout: float = 300.0) -> None:
 
 async def serve(config: ServerConfig, model=None) -> int:
     """Run until SIGTERM/SIGINT, then drain and return 0 (what `monosemantic serve` runs)."""
+    previous = sys.getswitchinterval()
+    if config.switch_interval_ms is not None:
+        sys.setswitchinterval(config.switch_interval_ms / 1000)
+    try:
+        return await _serve(config, model)
+    finally:
+        sys.setswitchinterval(previous)
+
+
+async def _serve(config: ServerConfig, model) -> int:
     app = create_app(config, model)
     state = app[STATE]
     runner = web.AppRunner(

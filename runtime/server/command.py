@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-buffered-seconds", type=float, default=d.max_buffered_seconds, help="unprocessed audio per stream before backpressure")
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_seconds, help="close connections silent for this many seconds")
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_seconds, help="on SIGTERM, time given to open streams for their finals")
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="Python's thread switch interval while serving (default: Python's 5 ms; docs/server.md)")
     p.add_argument("--usage-interval", type=float, default=d.usage_interval_seconds, help="seconds of processed audio between usage messages")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     p.add_argument("--log-level", default="info")
@@ -65,5 +67,6 @@ def run(args) -> int:
         idle_timeout_seconds=args.idle_timeout,
         drain_timeout_seconds=args.drain_timeout,
         usage_interval_seconds=args.usage_interval,
+        switch_interval_ms=args.switch_interval_ms,
     )
     return asyncio.run(serve(config))

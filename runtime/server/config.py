@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..validate import check_positive_seconds
@@ -87,6 +88,15 @@ class ServerConfig:
     usage_interval_seconds: float = 5.0
     """A usage message follows every this many seconds of a stream's processed audio (and one at close)."""
 
+    switch_interval_ms: float | None = None
+    """Python's thread switch interval while `serve` runs (`sys.setswitchinterval`; None: Python's 5 ms).
+    The event loop (every message and event) and the engine's loop thread share one interpreter, and a
+    thread that let go of the GIL (a socket call, a numpy copy) waits up to this long to get it back from
+    one running Python. With a thread busy in Python half the time beside it, 0.5 ms took a CPU server's
+    partial lag p95 from 151 to 106-111 ms (BENCHMARKS.md, nineteenth session); on a GPU, where the
+    engine's loop runs Python between launches, it is not measured yet. Process-wide: `serve` sets it for
+    its run and puts the old value back."""
+
     def __post_init__(self):
         if self.max_streams < 1:
             raise ValueError("max_streams must be at least 1")
@@ -99,6 +109,11 @@ class ServerConfig:
             check_positive_seconds(name, getattr(self, name))
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.switch_interval_ms is not None and not (
+            isinstance(self.switch_interval_ms, (int, float)) and not isinstance(self.switch_interval_ms, bool)
+            and math.isfinite(self.switch_interval_ms) and 0 < self.switch_interval_ms <= 1000
+        ):
+            raise ValueError(f"switch_interval_ms must be more than 0 and at most 1000 (ms), got {self.switch_interval_ms!r}")
 
     def engine_config(self, model):
         """The EngineConfig this server runs its engine with."""

@@ -23,3 +23,33 @@ def test_a_timeout_must_be_a_positive_finite_number(name, value):
 def test_heartbeat_may_be_off_and_finite_timeouts_are_kept():
     config = ServerConfig(heartbeat_seconds=None, drain_timeout_seconds=0.5, idle_timeout_seconds=600)
     assert config.heartbeat_seconds is None and config.drain_timeout_seconds == 0.5
+
+
+@pytest.mark.parametrize("value", [0, -0.5, math.nan, math.inf, 1001, "0.5", True])
+def test_the_switch_interval_must_be_a_positive_finite_number_of_ms(value):
+    with pytest.raises(ValueError, match="switch_interval_ms"):
+        ServerConfig(switch_interval_ms=value)
+
+
+def test_serve_refuses_a_bad_switch_interval_in_one_line_before_loading(capsys):
+    from monosemantic.cli import main
+
+    assert main(["serve", "--model", "/nonexistent.nemo", "--switch-interval-ms", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "switch_interval_ms must be more than 0" in err
+
+
+def test_serve_puts_the_switch_interval_back_when_it_returns():
+    import asyncio
+    import sys
+
+    from monosemantic.errors import MonosemanticError
+    from monosemantic.server.app import serve
+
+    before = sys.getswitchinterval()
+    # No such address: serve fails to listen after it set the interval (the subprocess test in
+    # test_shutdown.py checks that the interval is in force while serving).
+    config = ServerConfig(model="/nonexistent.nemo", host="256.0.0.1", switch_interval_ms=0.25)
+    with pytest.raises(MonosemanticError, match="cannot listen"):
+        asyncio.run(serve(config))
+    assert sys.getswitchinterval() == before

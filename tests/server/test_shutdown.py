@@ -31,7 +31,7 @@ def test_sigterm_mid_stream_delivers_the_final_and_exits_0(nemo_checkpoint, ms_m
     want = ms_model("nemotron_rnnt").transcribe(sent, latency_ms=160).text
     proc = subprocess.Popen(
         [sys.executable, "-m", "monosemantic", "serve", "--model", str(nemo_checkpoint("nemotron_rnnt")), "--device", "cpu",
-         "--port", "0", "--max-streams", "2", "--log-format", "json"],
+         "--port", "0", "--max-streams", "2", "--log-format", "json", "--switch-interval-ms", "0.5"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -68,6 +68,8 @@ def test_sigterm_mid_stream_delivers_the_final_and_exits_0(nemo_checkpoint, ms_m
     assert code == 1001
     logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
     assert any(entry.get("stream_id") and entry["message"] == "stream closed" and entry["reason"] == "shutdown" for entry in logs)
+    # --switch-interval-ms reached the interpreter that served (the ready line reads it back from sys)
+    assert any(entry["message"].startswith("ready: ") and entry["message"].endswith("thread switch interval 0.5 ms") for entry in logs)
 
 
 def test_audio_behind_backpressure_at_shutdown_is_reported_exactly(ms_model, audio_clips):
