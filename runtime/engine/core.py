@@ -366,7 +366,9 @@ class EngineCore:
             with self.lock:
                 state = self.streams.get(row.handle)
             if state is not None and state.record.generation == row.generation:
-                self._finish_utterance(state, row.utt_start, row.end)
+                with state.guard:
+                    if not state.closed:  # closed since it was planned: no event after the end
+                        self._finish_utterance(state, row.utt_start, row.end)
 
     def _signal_space(self, states) -> None:
         """Wake the writers that found their buffer full, now that the engine has consumed audio."""

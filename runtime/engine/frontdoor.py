@@ -22,7 +22,7 @@ from ..asr import ASRModel
 from ..audio import StreamResampler, as_float32, typed_view_as_array
 from ..errors import AudioError, PushTimeoutError, StreamError
 from ..event_queue import EventQueue, SyncEventQueue
-from ..events import Event
+from ..events import Error, Event
 from .config import EngineConfig
 from .core import EngineCore
 from .coalesce import Coalescer
@@ -116,6 +116,31 @@ class _StreamBase:
         caller may reuse or change before the next push writes it."""
         if self._pending.size:
             self._pending = self._pending.copy()
+
+    def _accept_late(self, pcm) -> None:
+        """A push is leaving (cancelled, interrupted) while it waited for room for an earlier push's audio,
+        before it took its own. Take its audio now, behind the earlier audio, so that a push cancelled in
+        its turn has always accepted its audio: the caller cannot tell this case from a push cancelled
+        while writing its own audio, which is kept. (A push cancelled before its turn, while another push
+        or flush of the stream ran, has taken nothing: taking it then would put it ahead of that call's
+        audio, or inside the utterance that flush ends.) Pending audio is bounded: past a
+        whole buffer of it (pushes cancelled over and over while the engine has no room) the stream is
+        refused with Error('overloaded') rather than growing without limit or dropping audio in silence."""
+        pending, self._pending = self._pending, _NOTHING
+        try:
+            if self._accept(pcm):
+                pending = np.concatenate((pending, self._pending))  # a copy: the caller may reuse its array
+        except (AudioError, StreamError):  # audio never acceptable, or a stream already ended
+            pass
+        finally:
+            self._pending = pending
+        if pending.size > self._core.capacity:
+            self._core.close(self.handle, Error(
+                "overloaded",
+                f"{pending.size / self._core.model.sample_rate:.1f} s of audio from pushes cancelled while the engine "
+                f"had no room for them waited, more than the stream's buffer holds: the stream was closed (the "
+                f"engine is overloaded; await pushes, or cancel them less often)",
+            ))
 
     def _write_at_once(self) -> bool:
         """One write of all the pending audio, the common case (the buffer has room): True if it all
@@ -212,23 +237,34 @@ class _Mailbox:
     wake-up) per event of every stream."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        # Weakly: the engine keeps a mailbox per loop (keyed weakly by the loop), and a strong reference
+        # here would keep every loop that ever opened a stream (each asyncio.run of a shared engine's
+        # user) alive for the engine's life.
+        self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._items: list = []
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop()
 
     def post(self, callback, arg) -> None:  # engine thread
         with self._lock:
             first = not self._items
             self._items.append((callback, arg))
         if first:
+            loop = self._loop()
             try:
-                self.loop.call_soon_threadsafe(self._deliver)
+                if loop is None:
+                    raise RuntimeError("the loop is gone")
+                loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:  # the loop was closed with streams still open: nobody is listening
                 with self._lock:
                     self._items.clear()
 
     def is_open(self) -> bool:  # engine thread: the core closes a stream once its loop has closed
-        return not self.loop.is_closed()
+        loop = self._loop()
+        return loop is not None and not loop.is_closed()
 
     def _deliver(self) -> None:  # the asyncio loop
         with self._lock:
@@ -268,11 +304,17 @@ class EngineStream(_StreamBase):
         producer faster than real time); raises StreamError if the stream is closed or the wait exceeds
         `push_timeout_seconds`, AudioError for invalid audio (the stream stays usable). Audio of a push
         that timed out or was cancelled is not dropped: it goes first at the next push or flush (which
-        raise the same timeout, without taking their own audio, while the engine still has no room)."""
+        raise the same timeout, without taking their own audio, while the engine still has no room). A
+        push cancelled in its turn has always taken its audio, also while it waited for an earlier push's;
+        one cancelled before its turn (another push or flush of this stream still running) has not."""
         self._check_loop()
         async with self._lock:
             if self._pending.size:  # an earlier push's audio, not yet written, goes first
-                await self._drain(taken=False)
+                try:
+                    await self._drain(taken=False)
+                except asyncio.CancelledError:
+                    self._accept_late(pcm)
+                    raise
             if self._accept(pcm) and not self._write_at_once():
                 await self._drain()
 
@@ -313,6 +355,7 @@ class EngineStream(_StreamBase):
         event = await self._events.get()
         if event is _END:
             self._ended = True
+            self._events.put_nowait(_END)  # stays last in the queue: another task reading the stream ends too
             raise StopAsyncIteration
         return event
 
@@ -375,7 +418,13 @@ class SyncStream(_StreamBase):
         """As EngineStream.push, blocking while the stream's buffer is full."""
         with self._lock:
             if self._pending.size:  # an earlier push's audio, not yet written, goes first
-                self._drain(taken=False)
+                try:
+                    self._drain(taken=False)
+                except StreamError:  # a timeout says the audio was not taken; a closed stream takes none
+                    raise
+                except BaseException:  # interrupted (KeyboardInterrupt, say) before taking its audio
+                    self._accept_late(pcm)
+                    raise
             if self._accept(pcm) and not self._write_at_once():
                 self._drain()
 

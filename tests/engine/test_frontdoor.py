@@ -469,3 +469,302 @@ def test_no_event_follows_the_end_when_close_races_the_engine_thread(ms_model, a
             events.append(event)
         assert [stream.get(timeout=0.2) for _ in range(3)] == [None, None, None]
         assert all(not isinstance(e, Final) for e in events)
+
+
+def test_two_tasks_reading_one_stream_both_see_the_end_on_close(ms_model):
+    """Events end after close, for every reader: a second task waiting in `async for` when the first
+    took the end of events ends too (it used to wait forever; SyncStream re-queues its end the same way)."""
+    model = ms_model("nemotron_rnnt")
+
+    async def main():
+        async with Engine(model, EngineConfig(**QUIET)) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+
+            async def read():
+                return [event async for event in stream]
+
+            readers = [asyncio.create_task(read()) for _ in range(2)]
+            await asyncio.sleep(0.1)  # both wait for an event
+            await stream.close()
+            done, pending = await asyncio.wait(readers, timeout=3)
+            for task in pending:
+                task.cancel()
+            return len(done), len(pending)
+
+    done, pending = asyncio.run(main())
+    assert pending == 0, "a reader of a closed stream waits forever for its end"
+
+
+def test_sync_no_final_after_the_end_when_close_races_an_empty_flush(ms_model, monkeypatch):
+    """An utterance ending with no step left (here: a flush with no audio) sends its Final from the
+    loop's `finals` path. close() from another thread while that Final is being made: the Final comes
+    before the end of events or not at all, never after get() returned None (that path did not hold the
+    stream's guard or check that it was closed)."""
+    model = ms_model("nemotron_rnnt")
+    inside, go_on = threading.Event(), threading.Event()
+    make = model.make_transcript
+
+    def held(*args, **kwargs):
+        inside.set()
+        go_on.wait(10)
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(model, "make_transcript", held)
+    with SyncEngine(model, EngineConfig(**QUIET)) as engine:
+        stream = engine.open_stream(latency_ms=160)
+        stream.flush()  # nothing pushed: a Final with nothing to encode
+        assert inside.wait(30)
+        closer = threading.Thread(target=stream.close)
+        closer.start()
+        closer.join(10)
+        go_on.set()
+        time.sleep(0.5)  # the engine thread sends what it was about to
+        events = []
+        while (event := stream.get(timeout=5)) is not None:
+            events.append(event)
+        after = [stream.get(timeout=0.2) for _ in range(3)]
+    assert after == [None, None, None], f"events after the end: {after}"
+
+
+def _pieces(n: int, rng, low: int, high: int) -> list[tuple[int, int]]:
+    out, i = [], 0
+    while i < n:
+        k = int(rng.integers(low, high)) | 1  # odd sizes
+        out.append((i, min(n, i + k)))
+        i += k
+    return out
+
+
+@pytest.mark.parametrize("rate,vad", [(8000, False), (44100, False), (48000, False), (44100, True)])
+def test_cancelled_pushes_and_flushes_at_resampled_rates_lose_nothing(ms_model, audio_clips, rate, vad):
+    """Odd-sized pushes into a throttled stream at a resampled rate, each under a tiny wait_for timeout,
+    and flushes retried until they go through: every Final covers exactly its utterance's audio (the
+    streaming resampler's count) and transcribes it as the single-stream reference does."""
+    from monosemantic.audio import StreamResampler
+
+    model = ms_model("nemotron_rnnt")
+    audio = resample(audio_clips["jfk.wav"], 16000, rate)
+    parts = [audio[: len(audio) // 3], audio[len(audio) // 3 :]]
+    rng = np.random.default_rng(rate)
+    plans = [_pieces(len(p), rng, 1, rate // 2) for p in parts]
+
+    async def main():
+        quiet = dict(QUIET, vad=monosemantic.VADConfig()) if vad else QUIET
+        config = EngineConfig(max_buffered_seconds=1.0, **quiet)
+        async with Engine(model, config) as engine:
+            stream = await engine.open_stream(latency_ms=160, sample_rate=rate)
+            cancelled = 0
+            for part, plan in zip(parts, plans):
+                for a, b in plan:
+                    try:
+                        await asyncio.wait_for(stream.push(part[a:b]), float(rng.uniform(0.0005, 0.02)))
+                    except asyncio.TimeoutError:
+                        cancelled += 1
+                        # Its own audio was accepted (cancelled while writing it): write the rest now, so
+                        # that no later push is cancelled before it takes its own (a separate test).
+                        await stream.push(part[:0])
+                while True:
+                    try:
+                        await asyncio.wait_for(stream.flush(), float(rng.uniform(0.0005, 0.02)))
+                        break
+                    except asyncio.TimeoutError:
+                        cancelled += 1
+            finals = [await final_of(stream), await final_of(stream)]
+            await stream.close()
+            return finals, cancelled
+
+    finals, cancelled = asyncio.run(main())
+    assert cancelled > 0
+    reference = model.new_stream(latency_ms=160, sample_rate=rate)
+    start = 0
+    for final, part, plan in zip(finals, parts, plans):
+        counter = StreamResampler(rate, 16000)
+        n = sum(len(counter.push(part[a:b])) for a, b in plan) + len(counter.flush())
+        for a, b in plan:
+            reference.feed(part[a:b])
+        expected = reference.finalize()
+        assert (final.start, final.end) == (start, start + n)
+        assert [t.id for t in final.tokens] == expected.token_ids
+        start += n
+
+
+def test_a_push_cancelled_behind_an_earlier_cancelled_push_loses_no_audio(ms_model, audio_clips, monkeypatch):
+    """Two pushes, each cancelled by asyncio.wait_for while the engine has no room: the caller sees the
+    same TimeoutError for both and has no `accepted` flag to tell them apart, so neither's audio may be
+    lost. The second is cancelled while still writing the first one's rest, before it took its own
+    audio; it takes it then (it used to vanish from the Final)."""
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+    first, second = audio[:32000], audio[32000:48000]
+
+    async def main():
+        async with Engine(model, EngineConfig(**QUIET)) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            write = engine.core.write
+            monkeypatch.setattr(engine.core, "write", lambda handle, samples: 0)  # a full buffer
+            for pcm in (first, second):
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(stream.push(pcm), 0.2)
+            monkeypatch.setattr(engine.core, "write", write)
+            await stream.flush()
+            return await final_of(stream)
+
+    final = asyncio.run(main())
+    assert final.end == len(first) + len(second), "a cancelled push's audio was silently dropped"
+
+
+def test_pushes_cancelled_over_and_over_end_the_stream_instead_of_piling_up(ms_model, audio_clips, monkeypatch):
+    """Each push cancelled while an earlier push's audio waits for room takes its audio behind it; past a
+    whole buffer of such audio the stream ends with Error('overloaded') (memory stays bounded, and
+    nothing is dropped in silence), and the next push says the stream is closed."""
+    model = ms_model("nemotron_rnnt")
+    half = audio_clips["jfk.wav"][:8000]
+
+    async def main():
+        async with Engine(model, EngineConfig(max_buffered_seconds=1.0, **QUIET)) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            # A full buffer: no room, though a closed stream is still refused, as core.write does.
+            monkeypatch.setattr(engine.core, "write", lambda handle, samples: engine.core.check_open(handle) or 0)
+            cancelled = 0
+            while True:
+                try:
+                    await asyncio.wait_for(stream.push(half), 0.02)
+                except asyncio.TimeoutError:
+                    cancelled += 1
+                    assert cancelled < 100 and stream._pending.size <= engine.core.capacity + len(half)
+                    continue
+                except monosemantic.StreamError as exc:
+                    refused = exc
+                    break
+            events = [event async for event in stream]
+            return cancelled, refused, events, engine.core.capacity
+
+    cancelled, refused, events, capacity = asyncio.run(main())
+    assert cancelled == capacity // 8000 + 1  # every cancelled push took its audio until it was too much
+    assert "closed" in str(refused)
+    assert [(e.code, "overloaded" in e.message) for e in events if isinstance(e, monosemantic.Error)] == [("overloaded", True)]
+
+
+def test_an_engine_does_not_keep_the_event_loops_that_used_it(ms_model):
+    """A shared engine outlives the event loops that use it (one asyncio.run per session, say). Its
+    mailboxes are kept in a WeakKeyDictionary keyed by loop, and a mailbox holds its loop weakly: a
+    strong reference kept every loop that ever opened a stream alive while the engine lived."""
+    import gc
+    import weakref
+
+    model = ms_model("nemotron_rnnt")
+    engine = Engine(model, EngineConfig(**QUIET))
+    loops = []
+
+    async def session():
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        stream = await engine.open_stream(latency_ms=160)
+        await stream.close()
+
+    try:
+        for _ in range(3):
+            asyncio.run(session())
+        gc.collect()
+        assert [loop() for loop in loops] == [None, None, None], "closed event loops are kept alive"
+        assert len(engine._mailboxes) == 0
+    finally:
+        engine.core.stop()
+
+
+def test_callers_buffers_changed_after_a_push_do_not_change_the_audio(ms_model, audio_clips):
+    """Torch tensors and float memoryviews of a bytearray are read without a copy; the pushes held
+    for coalescing must still own their audio when the caller changes its buffer afterwards."""
+    import torch
+
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"][:48000]
+    expected = model.transcribe(audio, latency_ms=160).token_ids
+
+    async def main():
+        finals = []
+        async with Engine(model, EngineConfig(**QUIET)) as engine:
+            for pcm in (torch.from_numpy(audio.copy()), memoryview(bytearray(audio.tobytes())).cast("f")):
+                stream = await engine.open_stream(latency_ms=160)
+                for a in range(0, len(audio), 333):
+                    await stream.push(pcm[a : a + 333])
+                if isinstance(pcm, memoryview):
+                    pcm.obj[:] = bytes(len(pcm.obj))
+                else:
+                    pcm.zero_()
+                await stream.flush()
+                finals.append(await final_of(stream))
+                await stream.close()
+        return finals
+
+    for final in asyncio.run(main()):
+        assert final.end == len(audio) and [t.id for t in final.tokens] == expected
+
+
+def test_aclose_while_pushes_and_a_flush_wait_for_room_ends_them_with_stream_errors(ms_model, audio_clips):
+    model = ms_model("nemotron_rnnt")
+    audio = np.tile(audio_clips["jfk.wav"], 3)
+
+    async def main():
+        engine = Engine(model, EngineConfig(max_buffered_seconds=1.0, **QUIET))
+        one = await engine.open_stream(latency_ms=160)
+        two = await engine.open_stream(latency_ms=160, sample_rate=48000)
+        calls = [asyncio.create_task(one.push(audio)), asyncio.create_task(two.push(resample(audio, 16000, 48000))),
+                 asyncio.create_task(two.flush())]
+        await asyncio.sleep(0.3)
+        assert not any(call.done() for call in calls)
+        await asyncio.wait_for(engine.aclose(), 10)
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+
+        async def events(stream):
+            return [event async for event in stream]
+
+        ends = await asyncio.wait_for(asyncio.gather(events(one), events(two)), 5)
+        return results, ends
+
+    results, ends = asyncio.run(main())
+    assert all(isinstance(r, monosemantic.StreamError) for r in results), results
+    assert all(isinstance(e[-1], monosemantic.Error) and e[-1].code == "closed" for e in ends)
+
+
+def test_sync_stream_closed_while_threads_push_flush_and_read(ms_model, audio_clips):
+    model = ms_model("nemotron_rnnt")
+    audio = resample(np.tile(audio_clips["jfk.wav"], 3), 16000, 44100)
+    outcomes = []
+    with SyncEngine(model, EngineConfig(max_buffered_seconds=1.0, max_streams=2, **QUIET)) as engine:
+        stream = engine.open_stream(latency_ms=160, sample_rate=44100)
+
+        def guarded(work):
+            try:
+                work()
+            except monosemantic.StreamError:
+                outcomes.append("closed")
+            except Exception as e:  # anything else is a failure
+                outcomes.append(e)
+
+        def push(offset):
+            for i in range(offset, len(audio), 4 * 4410):
+                stream.push(audio[i : i + 4410])
+
+        def flush():
+            for _ in range(5):
+                stream.flush()
+                time.sleep(0.05)
+
+        def read():
+            while stream.get(timeout=20) is not None:
+                pass
+            outcomes.append("end")
+
+        threads = [threading.Thread(target=guarded, args=(lambda k=k: push(k * 4410),)) for k in range(4)]
+        threads += [threading.Thread(target=guarded, args=(flush,))]
+        threads += [threading.Thread(target=read) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        stream.close()
+        for t in threads:
+            t.join(15)
+        assert not any(t.is_alive() for t in threads)
+        engine.open_stream(), engine.open_stream()  # both slots free
+    assert all(o in ("closed", "end") for o in outcomes), outcomes
+    assert outcomes.count("end") == 2
