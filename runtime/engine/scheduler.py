@@ -11,6 +11,7 @@ behind catches up one window per tick while the ticks run back to back.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -188,7 +189,10 @@ class Scheduler:
         self.streams: dict[int, StreamRecord] = {}
         self._next_handle = 1
         self._modes: dict[int, int] = {}  # open streams per latency mode
-        self._rotation = 0  # where this tick's scan starts, so no stream is always served last
+        # The handle this tick's scan started at; the next starts at the stream opened after it, so no
+        # stream is always served last. (A position in the list of open streams would not do: as streams
+        # open and close the list shifts, and a stream can be skipped by every rotation.)
+        self._scan_from = 0
 
     # ---- admission ---------------------------------------------------------------------------------
     def admit(self, latency_ms: int, shape: ModeShape) -> StreamRecord:
@@ -270,8 +274,8 @@ class Scheduler:
             mode = record.latency_ms
             active[mode] = active.get(mode, 0) + 1
             full = self._full_window_ready(record)
-            if record.flushes and not full:
-                urgent.add(mode)  # an utterance's last step waits for nothing
+            if record.flushes:
+                urgent.add(mode)  # an ending utterance's steps wait for nothing, its full windows included
             if full and not self._awaits_vad(record):
                 ready.setdefault(mode, []).append(record)
                 if record.ready_since is None:
@@ -294,8 +298,11 @@ class Scheduler:
         skipped: list[int] = []
         records = list(self.streams.values())
         if records:
-            self._rotation = (self._rotation + 1) % len(records)
-            records = records[self._rotation :] + records[: self._rotation]
+            # Handles only grow and streams are kept in the order they opened: the keys are sorted.
+            start = bisect.bisect_right(list(self.streams), self._scan_from)
+            start = 0 if start == len(records) else start
+            self._scan_from = records[start].handle
+            records = records[start:] + records[:start]
         # With no wait in any mode (the default), no window is held: skip the pass over every stream.
         waits = any(self.batch_wait(mode) > 0 for mode in self._modes)
         held, wake_in = self._held_modes(records) if waits else (set(), None)
