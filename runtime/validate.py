@@ -7,8 +7,19 @@ import math
 import numbers
 
 
+def finite_real(value) -> bool:
+    """A real number, not a bool, and finite. An int too large for a float counts as not finite (math's
+    checks raise OverflowError on it, which names no setting)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_positive_seconds(name: str, value) -> None:
     """ValueError unless `value` is a positive finite number: inf or nan would reach aiohttp and asyncio
     as timeouts (a traceback at shutdown, a stream closed "after nan s")."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+    if not (finite_real(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")

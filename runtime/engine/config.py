@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 
+from ..validate import finite_real
 from ..vad.policy import VADConfig
 
 
@@ -131,7 +131,7 @@ def _integer(name: str, value, low: int) -> None:
 
 
 def _finite(name: str, value, high: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not finite_real(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be at most {high:g} (one day), got {value!r}")

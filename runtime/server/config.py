@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from ..validate import check_positive_seconds
+from ..validate import check_positive_seconds, finite_real
 
 
 @dataclass(frozen=True)
@@ -110,8 +109,7 @@ class ServerConfig:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.switch_interval_ms is not None and not (
-            isinstance(self.switch_interval_ms, (int, float)) and not isinstance(self.switch_interval_ms, bool)
-            and math.isfinite(self.switch_interval_ms) and 0 < self.switch_interval_ms <= 1000
+            finite_real(self.switch_interval_ms) and 0 < self.switch_interval_ms <= 1000
         ):
             raise ValueError(f"switch_interval_ms must be more than 0 and at most 1000 (ms), got {self.switch_interval_ms!r}")
 

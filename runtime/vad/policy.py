@@ -22,12 +22,11 @@ No torch here: the engine's scheduler side can use it without the model.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
 from ..errors import StreamError
+from ..validate import finite_real
 
 SAMPLE_RATE = 16000  # the Silero 16 kHz model's rate; positions are integer samples at this rate
 WINDOW = 512  # samples per probability (one Silero window); equals monosemantic.vad.silero.WINDOW
@@ -58,7 +57,7 @@ class VADConfig:
             value = getattr(self, name)
             if value is None and name == "neg_threshold":
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            if not finite_real(value):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from monosemantic import EngineConfig
+from monosemantic import EngineConfig, VADConfig
 
 
 @pytest.mark.parametrize(
@@ -61,3 +61,21 @@ def test_good_settings_are_kept():
     assert EngineConfig(batch_wait_ms=0).batch_wait_ms == 0
     assert EngineConfig(warmup_latencies=[160, 80]).warmup_latencies == (160, 80)  # a list is kept as a tuple
     assert EngineConfig(max_streams=np.int64(4)).max_streams == 4
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: EngineConfig(batch_wait_ms=10**400),
+        lambda: EngineConfig(max_buffered_seconds=10**400),
+        lambda: EngineConfig(push_timeout_seconds=10**400),
+        lambda: EngineConfig(usage_interval_seconds=10**400),
+        lambda: VADConfig(threshold=10**400),
+    ],
+    ids=["batch_wait_ms", "max_buffered_seconds", "push_timeout_seconds", "usage_interval_seconds", "vad.threshold"],
+)
+def test_an_integer_too_large_for_a_float_is_a_clear_value_error(make):
+    """A Python int past float range is a number (numbers.Real) that math.isfinite cannot convert: it is
+    refused with the ValueError naming the field (it was an OverflowError naming none)."""
+    with pytest.raises(ValueError, match="must be"):
+        make()
