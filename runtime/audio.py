@@ -142,4 +142,7 @@ def load_audio_file(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
         raise AudioError(f"{text}: the file holds no audio samples")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     mono = as_float32(mono, name=text)
-    return resample(mono, int(rate), sample_rate)
+    out = resample(mono, int(rate), sample_rate)
+    if not len(out):  # a sample or two at a higher rate: nothing is left to transcribe (or to loop over)
+        raise AudioError(f"{text}: its {data.shape[0]} samples at {rate} Hz make no samples at {sample_rate} Hz")
+    return out

@@ -173,6 +173,8 @@ def run(args) -> int:
     from .engine_bench import EngineTrials
 
     check_args(args)
+    # Resolved before anything runs: an unusable source is refused before the engine's first trial.
+    nemo_file = _nemo_path(args.model) if args.baseline == "nemo" else None
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)  # process-wide: both systems run under it
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -218,7 +220,7 @@ def run(args) -> int:
     def nemo(n: int) -> BenchResult:
         from .nemo_baseline import run_nemo
 
-        return run_nemo(_nemo_path(args.model), make_workload(clips, n, args.seconds, seed=args.seed), latency, device=str(model.device))
+        return run_nemo(nemo_file, make_workload(clips, n, args.seconds, seed=args.seed), latency, device=str(model.device))
 
     try:
         systems = [("monosemantic", ours)] + ([("nemo", nemo)] if args.baseline == "nemo" else [])

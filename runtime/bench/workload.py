@@ -51,6 +51,8 @@ def make_workload(clips: list[np.ndarray], streams: int, seconds: float, seed: i
         raise ValueError(f"the workload needs a finite, positive number of seconds per stream, got {seconds!r}")
     if streams < 1:
         raise ValueError(f"the workload needs at least one stream, got {streams}")
+    if not any(len(clip) for clip in clips):  # the loop below would never advance
+        raise ValueError("the workload needs audio: every clip is empty")
     rng = np.random.default_rng(seed)
     plans = []
     for index in range(streams):

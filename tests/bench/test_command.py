@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from monosemantic.bench.command import find_max_interleaved, find_max_streams
@@ -147,3 +148,46 @@ def test_switch_interval_applies_to_the_run_and_is_recorded(checkpoint, tmp_path
 
     assert json.loads(out.read_text())["machine"]["switch_interval_ms"] == 0.5
     assert "switch_interval_ms 0.5" in done.stdout
+
+
+def test_audio_that_resamples_to_no_samples_is_refused_not_looped_forever(checkpoint, tmp_path):
+    """A 1-sample 48 kHz wav comes out of the resampler as 0 samples at 16 kHz: refused in one line (it
+    passed load_audio_file's emptiness check, made before resampling, and make_workload then looped
+    forever adding empty utterances, its memory growing about 60 MB/s)."""
+    import soundfile
+
+    clip = tmp_path / "click.wav"
+    soundfile.write(clip, np.full(1, 0.1, dtype=np.float32), 48000)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "monosemantic", "bench", "--model", str(checkpoint), "--device", "cpu",
+             "--seconds", "1", "--streams", "1", "--no-vad", "--audio", str(clip)],
+            capture_output=True, text=True, cwd=ROOT, timeout=20,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("bench hung building its workload from a clip of 0 samples at the model's rate")
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_baseline_nemo_with_a_checkpoint_directory_is_refused_before_any_run(checkpoint, tmp_path):
+    """`--baseline nemo` cannot use an extracted checkpoint directory (_nemo_path): refused before any
+    run, as every other unusable argument is (it was found only when the first NeMo trial started, after
+    the engine's trial of the same count had run in full)."""
+    import tarfile
+
+    import soundfile
+
+    extracted = tmp_path / "checkpoint"
+    with tarfile.open(checkpoint) as tar:
+        tar.extractall(extracted)
+    clip = tmp_path / "short.wav"
+    soundfile.write(clip, (np.random.default_rng(0).standard_normal(8000) * 0.1).astype(np.float32), 16000)
+    done = subprocess.run(
+        [sys.executable, "-m", "monosemantic", "bench", "--model", str(extracted), "--device", "cpu",
+         "--seconds", "0.5", "--streams", "1", "--no-vad", "--audio", str(clip), "--baseline", "nemo"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "--baseline nemo" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "streams=" not in done.stdout, "an engine trial ran before the argument was refused:\n" + done.stdout
