@@ -140,11 +140,20 @@ class RemoteStream:
         """Send audio (int16 bytes, int16 or float numpy at the stream's sample rate). AudioError for
         invalid audio (the stream stays usable); ConnectionLostError when the connection is gone. Waits
         while the server applies backpressure; if cancelled then, the audio not yet sent goes first at
-        the stream's next push or flush."""
+        the stream's next push or flush (also a push cancelled while an earlier push's audio waited:
+        it takes its own behind it). One cancelled before its turn, while another push or flush of the
+        stream ran, has taken nothing."""
         data = to_pcm16(pcm)
         self._check_open()
         async with self._lock:
-            await self._send_unsent()
+            try:
+                await self._send_unsent()
+            except asyncio.CancelledError:
+                # Cancelled while an earlier push's rest waited for the socket, before this push held its
+                # own audio: hold it now, behind that rest (it goes at the next push or flush), so that a
+                # push cancelled in its turn has always taken its audio, as one cancelled mid-send has.
+                self._hold(data)
+                raise
             if self._hold(data):
                 await self._send_held()
             # A send the socket takes at once never yields to the event loop: a caller pushing in a loop

@@ -372,6 +372,24 @@ def test_a_cancelled_push_sends_its_unsent_audio_first_at_the_next_flush(throttl
     assert final.start == 0 and final.end == len(audio)
 
 
+def test_a_push_cancelled_behind_a_cancelled_push_takes_its_audio_too(throttling_server, audio_clips):
+    """As a local stream's: a second push, cancelled while the first's unsent rest still waited for the
+    socket (before it held its own audio), lost its audio from the Final in silence."""
+    audio = np.tile(audio_clips["jfk.wav"], 12)
+    second = audio_clips["jfk.wav"][:16000]
+
+    async def cancel_twice_then_flush(stream, push):
+        push.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await push
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(stream.push(second), 0.05)
+        await stream.flush()
+
+    final = asyncio.run(throttled(throttling_server, audio, cancel_twice_then_flush))
+    assert final.start == 0 and final.end == len(audio) + len(second)
+
+
 def test_a_flush_during_a_throttled_push_covers_that_push(throttling_server, audio_clips):
     """Pushes and flushes of a stream run one at a time, in call order, as a local stream's: the flush was
     sent between the push's frames, ending the utterance in the middle of its audio."""
