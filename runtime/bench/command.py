@@ -20,6 +20,9 @@ from .workload import make_workload
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 MAX_SECONDS = 3600.0  # audio per stream: the workload is built in memory before the run
+MAX_BATCH_WAIT_MS = 86_400_000.0  # one day, as EngineConfig bounds its durations
+DEFAULT_STREAMS = 8
+DEFAULT_SEARCH_WITHIN = 5.0  # percent
 
 
 def load_clips(paths: list[str] | None, sample_rate: int) -> list[np.ndarray]:
@@ -145,6 +148,12 @@ def check_args(args) -> None:
         raise ValueError(f"--max-streams must be at least 1, got {args.max_streams}")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.streams is None:  # the default start, within a smaller --max-streams
+        args.streams = [min(DEFAULT_STREAMS, args.max_streams)]
+    if not args.find_max and (args.load_curve or args.search_within is not None):
+        raise ValueError("--load-curve and --search-within belong to --find-max's search: add --find-max")
+    if args.search_within is None:
+        args.search_within = DEFAULT_SEARCH_WITHIN
     for n in args.streams:
         if not 1 <= n <= args.max_streams:
             raise ValueError(f"--streams must be in 1..{args.max_streams} (--max-streams), got {n}")
@@ -154,8 +163,8 @@ def check_args(args) -> None:
         raise ValueError(f"--frame-ms must be in 1..1000, got {args.frame_ms}")
     if args.latency_ms is not None and args.latency_ms < 1:
         raise ValueError(f"--latency-ms must be a positive number of milliseconds, got {args.latency_ms}")
-    if not (math.isfinite(args.batch_wait_ms) and args.batch_wait_ms >= 0):
-        raise ValueError(f"--batch-wait-ms must be 0 or more, got {args.batch_wait_ms:g}")
+    if not (math.isfinite(args.batch_wait_ms) and 0 <= args.batch_wait_ms <= MAX_BATCH_WAIT_MS):
+        raise ValueError(f"--batch-wait-ms must be 0 or more and at most {MAX_BATCH_WAIT_MS:.0f} (one day), got {args.batch_wait_ms:g}")
     if not (math.isfinite(args.search_within) and 0 <= args.search_within <= 100):
         raise ValueError(f"--search-within must be a percentage in 0..100, got {args.search_within:g}")
     if args.seed < 0:
@@ -270,13 +279,14 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--latency-ms", type=int, default=None, help="streaming latency mode (default: the checkpoint's)")
-    p.add_argument("--streams", type=int, nargs="+", default=[8], help="stream counts to run (with --find-max: the first to try)")
+    p.add_argument("--streams", type=int, nargs="+", default=None,
+                   help=f"stream counts to run (with --find-max: the first to try; default {DEFAULT_STREAMS}, or --max-streams if less)")
     p.add_argument("--seconds", type=float, default=20.0, help=f"audio per stream (real time; at most {MAX_SECONDS:.0f})")
     p.add_argument("--find-max", action="store_true", help="search the most streams sustained in real time (p95 chunk latency < chunk)")
     p.add_argument(
-        "--search-within", type=float, default=5.0,
-        help="with --find-max: bisect until the first count that failed is at most this many percent (or one "
-        "stream) above the maximum (default 5; before 2026-11-24 the search stopped at 12.5)",
+        "--search-within", type=float, default=None,
+        help=f"with --find-max: bisect until the first count that failed is at most this many percent (or one "
+        f"stream) above the maximum (default {DEFAULT_SEARCH_WITHIN:g}; before 2026-11-24 the search stopped at 12.5)",
     )
     p.add_argument("--load-curve", action="store_true", help="with --find-max: then run at 10/50/90%% of the maximum and report drift")
     p.add_argument("--max-streams", type=int, default=1024, help="upper bound of the search and engine slots")

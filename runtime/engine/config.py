@@ -97,7 +97,7 @@ class EngineConfig:
         if self.max_buffered_seconds < 1.0:
             raise ValueError(f"max_buffered_seconds must be at least 1 second, got {self.max_buffered_seconds}")
         if self.batch_wait_ms is not None:
-            _finite("batch_wait_ms", self.batch_wait_ms)
+            _finite("batch_wait_ms", self.batch_wait_ms, high=MAX_SECONDS * 1000)
             if self.batch_wait_ms < 0:
                 raise ValueError(f"batch_wait_ms must be 0 or more (or None), got {self.batch_wait_ms}")
         if self.default_latency_ms is not None:

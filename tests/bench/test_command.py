@@ -114,6 +114,9 @@ def checkpoint(nemo_checkpoint):
         (["--find-max", "--search-within", "-5"], "--search-within"),
         (["--find-max", "--search-within", "nan"], "--search-within"),
         (["--json", "/nonexistent_dir/out.json"], "--json /nonexistent_dir/out.json"),
+        (["--batch-wait-ms", "1e12"], "--batch-wait-ms"),
+        (["--load-curve"], "add --find-max"),  # was ignored without the search
+        (["--search-within", "10"], "add --find-max"),
     ],
 )
 def test_bad_arguments_get_one_line_errors_before_any_run(checkpoint, args, needle):
@@ -121,6 +124,22 @@ def test_bad_arguments_get_one_line_errors_before_any_run(checkpoint, args, need
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stdout == ""  # refused before the model loaded: nothing ran
+
+
+def test_the_default_first_count_stays_within_max_streams():
+    """--find-max --max-streams 4 without --streams starts at 4 (it was refused for the default 8, which
+    the user never typed); an explicit --streams is still checked against the bound."""
+    from monosemantic.bench.command import check_args
+    from monosemantic.cli import _parser
+
+    args = _parser().parse_args(["bench", "--find-max", "--max-streams", "4"])
+    check_args(args)
+    assert args.streams == [4] and args.search_within == 5.0
+    args = _parser().parse_args(["bench"])
+    check_args(args)
+    assert args.streams == [8]
+    with pytest.raises(ValueError, match="--streams must be in 1..4"):
+        check_args(_parser().parse_args(["bench", "--streams", "8", "--max-streams", "4"]))
 
 
 def test_json_that_is_a_directory_is_refused_and_a_good_path_is_written(checkpoint, tmp_path):
