@@ -329,9 +329,14 @@ class EngineCore:
         with self.lock:
             resets, self.pending_resets = self.pending_resets, []
             plan = self.scheduler.plan()
-            skipped = [self.streams[h] for h in plan.skipped if h in self.streams]
+            skipped = [(self.streams[h], n) for h, n in zip(plan.skipped, plan.skipped_samples) if h in self.streams]
+        for state, samples in skipped:
+            # Skipped silence is audio processed too: Usage counts it as it goes, as it counts steps.
+            with state.guard:
+                if not state.closed:
+                    self._count_usage(state, samples)
         # Windows skipped as silence freed buffer room with no step result to say so.
-        self._signal_space(skipped)
+        self._signal_space(state for state, _ in skipped)
         return resets, plan
 
     def _close_unreachable(self) -> None:
@@ -435,13 +440,17 @@ class EngineCore:
             state.durations += result.durations
             state.text = text = self.model.tokenizer.extend(state.text, state.labels, known)
             state.emit(Partial(text=text, stable_text=text, start=row.utt_start, end=result.end))
-        state.unreported_samples += result.samples
-        state.utterance_counted += result.samples
+        self._count_usage(state, result.samples)
+        if row.final:
+            self._finish_utterance(state, row.utt_start, row.end)
+
+    def _count_usage(self, state: StreamState, samples: int) -> None:
+        """`samples` of the utterance processed (under state.guard): a Usage once enough are unreported."""
+        state.unreported_samples += samples
+        state.utterance_counted += samples
         if state.unreported_samples >= self.usage_samples:
             state.emit(Usage(state.unreported_samples / self.model.sample_rate))
             state.unreported_samples = 0
-        if row.final:
-            self._finish_utterance(state, row.utt_start, row.end)
 
     def _finish_utterance(self, state: StreamState, utt_start: int, end: int) -> None:
         """Send the utterance's Final (times in stream samples) and start the next utterance."""
@@ -454,9 +463,9 @@ class EngineCore:
         tokens = [Token(t.id, t.text, clamp(t.start), clamp(t.end)) for t in transcript.tokens]
         words = [Word(w.text, clamp(w.start), clamp(w.end)) for w in transcript.words]
         state.labels, state.frames, state.durations, state.text = [], [], [], ""
-        # Steps count the audio they move past; what no step covered (the part of the last feature frame
-        # past the hop grid, silence skipped by skip_silence) is counted here: every utterance's audio
-        # is reported in full.
+        # Steps and skipped windows count the audio they move past; what neither covered (the part of the
+        # last feature frame past the hop grid) is counted here: every utterance's audio is reported in
+        # full.
         state.unreported_samples += max(0, end - utt_start - state.utterance_counted)
         state.utterance_counted = 0
         # Reset with the tick's other ends, in one batched call before the next plan runs any step.

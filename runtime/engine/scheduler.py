@@ -130,8 +130,9 @@ class TickPlan:
     finals: tuple[FinalRow, ...] = ()
     wake_in: float | None = None  # seconds until a held batch must run (None: nothing held)
     # Streams whose windows the plan skipped as silence (skip_silence): their audio was consumed without a
-    # step, so a writer waiting for room in their buffer must be told.
+    # step, so a writer waiting for room in their buffer must be told, and Usage must count it.
     skipped: tuple[int, ...] = ()
+    skipped_samples: tuple[int, ...] = ()  # per entry of `skipped`: the utterance's samples its window moved past
 
     @property
     def empty(self) -> bool:
@@ -153,6 +154,7 @@ class StreamRecord:
     last_voice: int = 0  # absolute sample where the VAD last heard speech end (skip_silence only)
     skipped_frames: int = 0  # encoder frames skipped since the encoder last ran (skip_silence only)
     ready_since: float | None = None  # clock time the next window became ready (for batch_wait)
+    vad_since: float | None = None  # clock time a plan first found VAD windows waiting (VAD_WAIT counts from it)
     stepping: bool = False  # a window is planned and not yet done: next_window is not yet advanced
     # Derived from utt_start and next_window (Scheduler._place), kept so that every push and every tick
     # compares integers instead of recomputing them:
@@ -295,7 +297,7 @@ class Scheduler:
         by_mode: dict[int, list[StepRow]] = {}
         finals: list[FinalRow] = []
         vad_rows: list[VADRow] = []
-        skipped: list[int] = []
+        skipped: list[tuple[int, int]] = []  # (handle, samples moved past)
         records = list(self.streams.values())
         if records:
             # Handles only grow and streams are kept in the order they opened: the keys are sorted.
@@ -308,6 +310,7 @@ class Scheduler:
         held, wake_in = self._held_modes(records) if waits else (set(), None)
         vad_first = False  # some stream's window waits for the VAD's judgement (skip_silence)
         vad_width = self.geometry.vad_window if self.vad else 0
+        now = self.clock() if vad_width else 0.0
         vad_due = False  # some stream has VAD_BATCH windows waiting
         for record in records:
             # Most streams, most ticks, hold no window: only their VAD windows are looked at.
@@ -319,7 +322,12 @@ class Scheduler:
                 pending = (record.written - record.vad_pos) // vad_width
                 if pending > 0:
                     count = min(pending, MAX_VAD_WINDOWS)
-                    vad_due = vad_due or count >= VAD_BATCH
+                    if count >= VAD_BATCH:
+                        vad_due = True
+                    elif record.vad_since is None:
+                        record.vad_since = now
+                    elif now - record.vad_since >= VAD_WAIT:
+                        vad_due = True  # a lone window (no audio after it, yet) waits no longer than that
                     vad_rows.append(VADRow(record.handle, record.slot, record.generation, record.vad_pos, count))
         steps = tuple(StepBatch(ms, tuple(rows)) for ms, rows in by_mode.items() if rows)
         # A VAD call has a fixed cost too: run it with a step, or once a stream has VAD_BATCH windows
@@ -328,10 +336,11 @@ class Scheduler:
             if not (self.skip_silence is not None and held):
                 vad_rows = []
                 wake_in = VAD_WAIT if wake_in is None else min(wake_in, VAD_WAIT)
-        return TickPlan(steps=steps, vad=tuple(vad_rows), finals=tuple(finals), wake_in=wake_in, skipped=tuple(skipped))
+        return TickPlan(steps=steps, vad=tuple(vad_rows), finals=tuple(finals), wake_in=wake_in,
+                        skipped=tuple(h for h, _ in skipped), skipped_samples=tuple(n for _, n in skipped))
 
     def _plan_record(self, record: StreamRecord, by_mode: dict[int, list[StepRow]], held: set[int],
-                     finals: list[FinalRow], skipped: list[int]) -> bool:
+                     finals: list[FinalRow], skipped: list[tuple[int, int]]) -> bool:
         """Plan the stream's next window (or its Final) into `by_mode` unless its mode is held or its step
         is full; True when its full window waits for the VAD's judgement instead (skip_silence)."""
         rows = by_mode.setdefault(record.latency_ms, [])
@@ -346,7 +355,7 @@ class Scheduler:
         # _awaits_vad first: without skip_silence it is False at once, keeping this off the common path.
         return self._awaits_vad(record) and self._full_window_ready(record)
 
-    def _plan_step(self, record: StreamRecord, finals: list[FinalRow], skipped: list[int]) -> StepRow | None:
+    def _plan_step(self, record: StreamRecord, finals: list[FinalRow], skipped: list[tuple[int, int]]) -> StepRow | None:
         shape = record.shape
         start = record.window_start()
         full_hi = shape.step_mel + 1
@@ -355,10 +364,12 @@ class Scheduler:
             if self._awaits_vad(record):
                 return None
             if self._skippable(record):
+                begin = record.utt_start + self.geometry.hop * start
+                moved = max(0, begin + self.geometry.hop * shape.step_mel - max(begin, record.utt_start))
                 record.next_window += 1
                 self._place(record)
                 record.skipped_frames += shape.chunk_frames
-                skipped.append(record.handle)
+                skipped.append((record.handle, moved))
                 return None
             # After skipped silence the encoder restarts here as at a stream start: its caches are
             # emptied and the window's first frames are masked, as before an utterance's first window.
@@ -426,6 +437,7 @@ class Scheduler:
         if record is None:
             return None
         record.vad_pos = row.start + row.windows * self.geometry.vad_window
+        record.vad_since = None
         return record
 
     def heard_voice(self, record: StreamRecord, end: int) -> None:
