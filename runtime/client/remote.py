@@ -143,8 +143,8 @@ class RemoteStream:
         the stream's next push or flush (also a push cancelled while an earlier push's audio waited:
         it takes its own behind it). One cancelled before its turn, while another push or flush of the
         stream ran, has taken nothing."""
+        self._check_open()  # first, as a local stream: a closed stream says so whatever the audio
         data = to_pcm16(pcm)
-        self._check_open()
         async with self._lock:
             try:
                 await self._send_unsent()
@@ -259,11 +259,16 @@ class RemoteStream:
         code = None if code == 1006 else code
         describe = f"the server closed the stream (code {code}{', ' + reason if reason else ''})" if code else "the connection to the server was lost"
         self._gone = ConnectionLostError(describe, code)
-        if code == _CLEAN_CLOSE or fatal_seen or (self._closed and code is None and not self._owed):
+        if fatal_seen or (code in (_CLEAN_CLOSE, None) and self._closed and not self._owed) or (code == _CLEAN_CLOSE and not self._owed):
             # A clean end, or the server already said why. After close() a vanished connection is the
             # expected end too, unless finals were still owed: then their audio is lost, and that is
-            # raised below like any lost connection.
+            # raised below like any lost connection (also after a clean close frame that came without
+            # them, from a server that did not say why).
             pass
+        elif code == _CLEAN_CLOSE:
+            self._events.put_nowait(ConnectionLostError(
+                f"{describe} with the final of {self._owed} flush{'es' if self._owed > 1 else ''} still owed: that audio "
+                f"was not transcribed", code))
         elif code == _GOING_AWAY:
             self._events.put_nowait(Error("closed", "the server shut down"))
         elif code is not None:

@@ -44,6 +44,7 @@ class ServerState:
         self.failed_event = asyncio.Event()
         self.sessions: set[Session] = set()
         self._tasks: list[asyncio.Task] = []
+        self._drain: asyncio.Future | None = None
 
     @property
     def open_streams(self) -> int:
@@ -101,13 +102,25 @@ class ServerState:
             self.metrics.buffered_max.set(max(lags, default=0.0))
 
     # ---- shutdown ------------------------------------------------------------------------------------
-    async def on_shutdown(self, app: web.Application) -> None:
-        """Stop admitting, then let every open stream receive the finals of the audio it sent."""
+    async def drain(self) -> None:
+        """Stop admitting, then let every open stream receive the finals of the audio it sent (once,
+        whoever asks first: `serve` before aiohttp's cleanup, or the app's on_shutdown)."""
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._drain_sessions())
+        await self._drain
+
+    async def _drain_sessions(self) -> None:
         self.draining = True
         sessions = list(self.sessions)
         if sessions:
             log.info("draining %d streams (timeout %g s)", len(sessions), self.config.drain_timeout_seconds)
             await asyncio.gather(*(s.drain(self.config.drain_timeout_seconds) for s in sessions), return_exceptions=True)
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        # Under web.run_app or an AppRunner's cleanup this runs after aiohttp has marked every connection
+        # as closing, and from then on aiohttp drops what clients send (flushes, closes, the audio that
+        # `shutting_down` reports). `serve` drains before that; see drain_before_cleanup.
+        await self.drain()
 
     async def on_cleanup(self, app: web.Application) -> None:
         for task in self._tasks:
@@ -237,6 +250,16 @@ def create_app(config: ServerConfig, model=None) -> web.Application:
     return app
 
 
+async def drain_before_cleanup(runner: web.AppRunner, state: ServerState) -> None:
+    """Stop listening, then drain the open streams while their connections still read what clients
+    send. (AppRunner.cleanup runs on_shutdown only after marking every connection as closing, and
+    aiohttp then discards incoming data: a client's flush or close during the drain, and the audio that
+    `shutting_down` reports, would be lost.) Call it before `runner.cleanup()` when embedding the app."""
+    for site in list(runner.sites):
+        await site.stop()
+    await state.drain()
+
+
 async def wait_ready(app: web.Application, timeout: float = 300.0) -> None:
     """Until the app's model is loaded and warmed; raises what start-up raised."""
     state = app[STATE]
@@ -288,6 +311,7 @@ async def _serve(config: ServerConfig, model) -> int:
     stopped.cancel()
     failed.cancel()
     log.info("shutting down")
+    await drain_before_cleanup(runner, state)
     await runner.cleanup()
     if state.failed is not None:
         raise state.failed

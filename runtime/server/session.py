@@ -68,6 +68,10 @@ class Session:
         self._engine_error: Error | None = None
         self._slow = False
         self._told_draining = False
+        # A frame came during the shutdown before the drain's final fixed the point transcription ends at:
+        # `shutting_down` is sent once it is known (with the same point as `closed`, at any sample rate).
+        self._shutdown_point_owed = False
+        self._drained = False  # the drain's final came (or its wait ended): final_end is that point
         self._closer: asyncio.Task | None = None
         self._sender: asyncio.Task | None = None
         self._pump: asyncio.Task | None = None
@@ -239,13 +243,10 @@ class Session:
             if self.draining:
                 if not self._told_draining:  # dropped audio is reported, never silent
                     self._told_draining = True
-                    # Under the lock, no push is in flight: `received` is where the drain's final ends.
-                    until = self.received / self.sample_rate
-                    self._error(
-                        "shutting_down",
-                        f"the server is shutting down: this stream is transcribed up to {until:.3f} s; audio after that is not",
-                        transcribed_until=until,
-                    )
+                    if self._drained:
+                        self._tell_shutdown_point()
+                    else:
+                        self._shutdown_point_owed = True
                 return True
             try:
                 await self._into_engine(self.stream.push, data)
@@ -279,7 +280,15 @@ class Session:
         try:
             await asyncio.wait_for(self.finals_done.wait(), self.config.final_timeout_seconds)
         except asyncio.TimeoutError:
-            self.log.warning("close: finals still pending after the timeout")
+            # Not a clean end: the audio of those flushes is not transcribed, and the client must hear so.
+            owed = len(self.pending_flushes)
+            await self._fail(
+                "final_timeout",
+                f"the final of {owed} flush{'es' if owed > 1 else ''} did not come within {self.config.final_timeout_seconds:g} s "
+                f"of the close (the server is overloaded): that audio is not transcribed",
+                WSCloseCode.TRY_AGAIN_LATER,
+            )
+            return
         await self._end_stream()
         self.end_reason = self.end_reason or "client_close"
         self._start_close("close", WSCloseCode.OK, drain=True)
@@ -299,6 +308,9 @@ class Session:
             await asyncio.wait_for(finish_utterance(), timeout)
         except asyncio.TimeoutError:
             self.log.warning("shutdown: drain timeout reached before the stream's finals")
+        self._drained = True
+        if self._shutdown_point_owed:
+            self._tell_shutdown_point()
         self.end_reason = self.end_reason or "shutdown"
         await self._end_stream()
         if self._engine_error is None:
@@ -313,6 +325,16 @@ class Session:
             )
         self._start_close("shutdown", WSCloseCode.GOING_AWAY, drain=True)
         await self._wait(self._closer, 2 * self.config.close_timeout_seconds + 1)
+
+    def _tell_shutdown_point(self) -> None:
+        # The end of the drain's final, as `closed` will say: in model-rate samples, so that the two agree
+        # at rates the engine resamples (received / sample_rate missed the resampler's rounding).
+        until = self.final_end / self.model_rate
+        self._error(
+            "shutting_down",
+            f"the server is shutting down: this stream is transcribed up to {until:.3f} s; audio after that is not",
+            transcribed_until=until,
+        )
 
     async def _fail(self, code: str, message: str, ws_code: int) -> None:
         """End the stream on a fatal condition: its remaining events, the error, then the close."""

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from monosemantic.events import Final
 from monosemantic.server import ServerConfig, create_app
-from monosemantic.server.app import STATE, wait_ready
+from monosemantic.server.app import STATE, drain_before_cleanup, wait_ready
 
 
 class RunningServer:
@@ -38,6 +38,8 @@ class RunningServer:
         if not self.running:
             return
         self.running = False
+        # As `serve` does on SIGTERM: drain while connections still read, then aiohttp's cleanup.
+        self.call(drain_before_cleanup(self.runner, self.app[STATE]), timeout=60)
         self.call(self.runner.cleanup(), timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

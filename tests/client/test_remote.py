@@ -297,6 +297,35 @@ def test_a_connection_lost_after_close_with_a_final_owed_raises():
     assert not_owed == []  # nothing was owed: a connection ending after close() is the expected end
 
 
+def test_a_clean_close_frame_with_a_final_owed_raises():
+    """A server that answers `close` with a clean 1000 close frame but without the final of an earlier
+    flush (and without an error saying why) has lost that utterance: the iterator raises, as for a lost
+    connection (a clean close frame used to end it as if nothing were owed)."""
+    async def clean_close_without_final(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(READY)
+        async for msg in ws:
+            if msg.type is web.WSMsgType.TEXT and msg.json()["type"] == "close":
+                await ws.close(code=1000, message=b"close")
+                break
+        return ws
+
+    async def main():
+        async with fake_server(clean_close_without_final) as url:
+            async with RemoteEngine(url) as engine:
+                stream = await engine.open_stream()
+                await stream.push(np.zeros(1600, np.float32))
+                await stream.flush()
+                await stream.close()
+                with pytest.raises(ConnectionLostError) as lost:
+                    [e async for e in stream]
+                return lost.value
+
+    lost = asyncio.run(asyncio.wait_for(main(), 30))
+    assert lost.code == 1000 and "final of 1 flush still owed" in str(lost)
+
+
 @pytest.mark.parametrize("rate", [16000.7, 16000.0, 0, -16000, 999, 384_001, True, "16000"])
 def test_sample_rates_are_checked_as_the_local_engine_checks_them(server, model, rate):
     async def main():
