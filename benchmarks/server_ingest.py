@@ -6,6 +6,7 @@ messages a second per stream, on one thread, beside the engine's loop thread in 
 
     python benchmarks/server_ingest.py --model /tmp/tiny.nemo --streams 32 --seconds 15 --frame-ms 20 100
     python benchmarks/server_ingest.py --model /tmp/tiny.nemo --frame-ms 20 --coalesce both --repeat 3 [--vad]
+    python benchmarks/server_ingest.py --model /tmp/tiny.nemo --vad --coalesce on --busy 0.5 --switch-interval-ms 5 0.5
 
 `--coalesce both` alternates clients that send every frame as a message with clients that gather frames
 up to the server's step points (engine/coalesce.py): the CPU per stream-second of audio compares the two,
@@ -65,13 +66,14 @@ def wait_ready(port: int, server: subprocess.Popen, seconds: float = 300) -> Non
     sys.exit("the server did not become ready")
 
 
-def one_run(args, frame_ms: int, coalesce: bool, port: int) -> dict:
+def one_run(args, frame_ms: int, coalesce: bool, port: int, switch_ms: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "monosemantic", "serve", "--model", args.model, "--device", args.device,
            "--dtype", args.dtype, "--port", str(port), "--max-streams", str(max(args.streams, 1)),
            "--log-level", "warning"]
     cmd += ["--max-batch", str(args.max_batch)] if args.max_batch else []
     cmd += ["--latency-ms", str(args.latency_ms)] if args.latency_ms else []
     cmd += [] if args.vad else ["--no-vad"]
+    cmd += ["--switch-interval-ms", str(switch_ms)] if switch_ms else []
     if args.busy:
         # The same server with a thread beside its loops that runs Python for that share of every 10 ms,
         # as a GPU engine's loop thread does between kernel launches (on a CPU it mostly waits in torch
@@ -117,6 +119,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-batch", type=int, default=0, help="the server's --max-batch (default: its own)")
     p.add_argument("--latency-ms", type=int, default=0, help="the server's latency mode (default: the checkpoint's)")
+    p.add_argument("--switch-interval-ms", type=float, nargs="+", default=[None],
+                   help="the server's --switch-interval-ms; several values alternate (default: Python's 5 ms)")
     p.add_argument("--busy", type=float, default=0.0,
                    help="a thread in the server process runs Python for this share of every 10 ms (0-1)")
     args = p.parse_args()
@@ -124,14 +128,14 @@ def main() -> None:
     print(f"{'frame':>6} {'coalesce':>8} {'frames':>7} {'errors':>6}   event loop: s CPU, us per frame, ms per stream-second"
           f"   other threads: s CPU   partial lag p50/p95 ms   VAD event lag p50/p95 ms   time to final p50/p95 ms")
     for _ in range(args.repeat):
-        for frame_ms in args.frame_ms:
-            for coalesce in settings:
-                r = one_run(args, frame_ms, coalesce, args.port)
-                pl, vl = r["partial_lag"], r["vad_lag"]
-                print(f"{frame_ms:>4}ms {'on' if coalesce else 'off':>8} {r['frames']:>7.0f} {r['errors']:>6}   {r['loop_s']:6.2f} s "
-                      f"{r['loop_s'] / r['frames'] * 1e6:7.1f} us {r['loop_s'] / r['audio_s'] * 1e3:7.2f} ms   {r['others_s']:6.2f} s"
-                      f"   {pl['p50']:6.1f} / {pl['p95']:6.1f}   {vl['p50']:6.1f} / {vl['p95']:6.1f}"
-                      f"   {r['ttf']['p50']:6.1f} / {r['ttf']['p95']:6.1f}{'' if r['covered'] else '   AUDIO NOT COVERED'}", flush=True)
+        for frame_ms, coalesce, switch_ms in [(f, c, w) for f in args.frame_ms for c in settings for w in args.switch_interval_ms]:
+            r = one_run(args, frame_ms, coalesce, args.port, switch_ms)
+            pl, vl = r["partial_lag"], r["vad_lag"]
+            switch = f"switch {switch_ms:g} ms  " if switch_ms else ""
+            print(f"{switch}{frame_ms:>4}ms {'on' if coalesce else 'off':>8} {r['frames']:>7.0f} {r['errors']:>6}   {r['loop_s']:6.2f} s "
+                  f"{r['loop_s'] / r['frames'] * 1e6:7.1f} us {r['loop_s'] / r['audio_s'] * 1e3:7.2f} ms   {r['others_s']:6.2f} s"
+                  f"   {pl['p50']:6.1f} / {pl['p95']:6.1f}   {vl['p50']:6.1f} / {vl['p95']:6.1f}"
+                  f"   {r['ttf']['p50']:6.1f} / {r['ttf']['p95']:6.1f}{'' if r['covered'] else '   AUDIO NOT COVERED'}", flush=True)
 
 
 if __name__ == "__main__":
