@@ -229,7 +229,8 @@ def run(args) -> int:
     def nemo(n: int) -> BenchResult:
         from .nemo_baseline import run_nemo
 
-        return run_nemo(nemo_file, make_workload(clips, n, args.seconds, seed=args.seed), latency, device=str(model.device))
+        return run_nemo(nemo_file, make_workload(clips, n, args.seconds, seed=args.seed), latency, device=str(model.device),
+                        frame_ms=args.frame_ms)
 
     try:
         systems = [("monosemantic", ours)] + ([("nemo", nemo)] if args.baseline == "nemo" else [])

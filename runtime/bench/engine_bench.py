@@ -7,7 +7,6 @@ import bisect
 import gc
 import time
 
-import numpy as np
 
 from ..errors import StreamError
 from ..events import Error, Final
@@ -15,10 +14,25 @@ from .result import BenchResult
 from .workload import FRAME_MS, StreamPlan
 
 
-def _arrival(plan: StreamPlan, t0: float, sample: int, rate: int, frame_ms: int) -> float:
-    """Wall time at which the frame holding stream sample `sample - 1` was sent."""
+def utterance_starts(plan: StreamPlan) -> list[int]:
+    """The stream sample at which each of the plan's utterances starts."""
+    starts, at = [], 0
+    for utt in plan.utterances:
+        starts.append(at)
+        at += len(utt.audio)
+    return starts
+
+
+def _arrival(plan: StreamPlan, t0: float, sample: int, rate: int, frame_ms: int, starts: list[int] | None = None) -> float:
+    """Wall time at which the frame holding stream sample `sample - 1` is scheduled to be sent. Frames
+    start afresh at each utterance (StreamPlan.frames), so the grid is the utterance's, not the stream's:
+    clips are not whole frames long. `starts`: utterance_starts(plan), when the caller keeps it."""
     frame = rate * frame_ms // 1000
-    return t0 + plan.offset_s + int(np.ceil(sample / frame)) * frame / rate
+    starts = utterance_starts(plan) if starts is None else starts
+    k = max(0, bisect.bisect_right(starts, sample - 1) - 1)  # the utterance holding sample - 1
+    utt = plan.utterances[k]
+    end = min(-(-(sample - starts[k]) // frame) * frame, len(utt.audio))  # its frame's last sample, within the utterance
+    return t0 + plan.offset_s + utt.start_s + end / rate
 
 
 async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: int = FRAME_MS) -> BenchResult:
@@ -38,6 +52,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
     # Per stream, the samples pushed so far after each push and when that push was made, so a chunk's
     # latency can also be taken from when its audio actually reached the engine.
     pushed: dict[int, tuple[list[int], list[float]]] = {}
+    starts: dict[int, list[int]] = {}  # per stream, utterance_starts of its plan
     t0 = time.perf_counter() + 0.5  # every stream's schedule counts from here
 
     def on_tick(tick, elapsed: float) -> None:  # loop thread
@@ -55,7 +70,8 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
                 # the sample at its end was sent (the frontend's look-ahead past it is our cost).
                 shape = engine.core.shapes[batch.latency_ms]
                 chunk_end = row.utt_start + g.hop * (row.window + shape.step_mel)
-                chunk_latency.append((done - _arrival(plan, t0, chunk_end, rate, frame_ms)) * 1000.0)
+                arrival = _arrival(plan, t0, chunk_end, rate, frame_ms, starts[row.handle])
+                chunk_latency.append((done - arrival) * 1000.0)
                 chunk_at.append(done - t0)
                 ends, times = pushed[row.handle]
                 at = bisect.bisect_left(ends, chunk_end)  # the push that completed the chunk
@@ -90,9 +106,11 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
                 await asyncio.sleep(delay)
             stream, flushed = streams[i]
             ends, times = pushed[stream.handle]
-            # Noted before the push, so the engine cannot have stepped the audio before it is noted.
-            send_lag.append(max(0.0, -delay) * 1000.0)
-            times.append(time.perf_counter())
+            # Noted before the push, so the engine cannot have stepped the audio before it is noted; after
+            # the sleep, so a late wake-up (a busy loop, the GIL) counts as the client's lag.
+            now = time.perf_counter()
+            send_lag.append(max(0.0, now - (t0 + send_at)) * 1000.0)
+            times.append(now)
             ends.append((ends[-1] if ends else 0) + len(samples))
             try:
                 await stream.push(samples)
@@ -111,6 +129,7 @@ async def run_trial(engine, plans: list[StreamPlan], latency_ms: int, frame_ms: 
         for plan in plans:
             stream = await engine.open_stream(latency_ms=latency_ms)
             handles[stream.handle] = plan
+            starts[stream.handle] = utterance_starts(plan)
             pushed[stream.handle] = ([], [])
             streams.append((stream, []))
         receivers = [asyncio.create_task(receive(stream, flushed)) for stream, flushed in streams]

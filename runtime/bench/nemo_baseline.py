@@ -52,7 +52,7 @@ import numpy as np
 
 from ..errors import ModelLoadError, UnsupportedModelError, missing_dependency
 from .result import BenchResult
-from .workload import StreamPlan
+from .workload import FRAME_MS, StreamPlan
 
 SAMPLE_RATE = 16000
 WARMUP_CHUNKS = 3  # chunks per warm-up stream (the last one is_last), run before the clock starts
@@ -75,14 +75,16 @@ def run_nemo(
     *,
     device: str = "cpu",
     compute_threads: int | None = None,
+    frame_ms: int = FRAME_MS,
 ) -> BenchResult:
     """Run `plans` through NeMo's cache-aware streaming pipeline in real time; see the module docstring.
 
     model_path: a cache-aware `.nemo` checkpoint (RNN-T, TDT or hybrid RNN-T/CTC);
     latency_ms: the mode's chunk duration ((right context + 1) x subsampling x hop, e.g. 160 for [70, 1]);
-    device: "cpu", "cuda" or "cuda:N"; compute_threads: torch intra-op threads for the run (None: as is).
+    device: "cpu", "cuda" or "cuda:N"; compute_threads: torch intra-op threads for the run (None: as is);
+    frame_ms: the client's frame size, as the engine's trial is fed.
     """
-    return run_nemo_detailed(model_path, plans, latency_ms, device=device, compute_threads=compute_threads).result
+    return run_nemo_detailed(model_path, plans, latency_ms, device=device, compute_threads=compute_threads, frame_ms=frame_ms).result
 
 
 def run_nemo_detailed(
@@ -92,6 +94,7 @@ def run_nemo_detailed(
     *,
     device: str = "cpu",
     compute_threads: int | None = None,
+    frame_ms: int = FRAME_MS,
 ) -> NemoRun:
     """`run_nemo`, also returning the final transcripts NeMo produced (for checks)."""
     if not plans:
@@ -118,7 +121,7 @@ def run_nemo_detailed(
                     f"NeMo's pipeline runs att_context_size {att_context} with {chunk_ms:g} ms chunks, "
                     f"not the requested {latency_ms} ms"
                 )
-            runner = _Runner(pipe, plans, latency_ms, device_name)
+            runner = _Runner(pipe, plans, latency_ms, device_name, frame_ms)
             runner.warm_up()
             run = runner.run()
         finally:
@@ -328,8 +331,9 @@ class _Chunk:
 
 
 class _Runner:
-    def __init__(self, pipe, plans: list[StreamPlan], latency_ms: int, device: str):
+    def __init__(self, pipe, plans: list[StreamPlan], latency_ms: int, device: str, frame_ms: int = FRAME_MS):
         self.pipe = pipe
+        self.frame_ms = frame_ms
         self.plans = plans
         self.latency_ms = latency_ms
         self.device = device
@@ -415,7 +419,7 @@ class _Runner:
         n = self.chunk_samples
         # Every frame of every plan, in send order: (send_s, plan, seq, samples, last_of_utterance).
         events: list = []
-        iters = [p.frames(SAMPLE_RATE) for p in plans]
+        iters = [p.frames(SAMPLE_RATE, self.frame_ms) for p in plans]
         seq = 0
 
         def push_next(i: int) -> None:
