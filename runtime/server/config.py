@@ -92,7 +92,7 @@ class ServerConfig:
     The event loop (every message and event) and the engine's loop thread share one interpreter, and a
     thread that let go of the GIL (a socket call, a numpy copy) waits up to this long to get it back from
     one running Python. With a thread busy in Python half the time beside it, 0.5 ms took a CPU server's
-    partial lag p95 from 151 to 106-111 ms (BENCHMARKS.md, nineteenth session); on a GPU, where the
+    partial lag p95 from 142-170 to 106-120 ms (BENCHMARKS.md, nineteenth session); on a GPU, where the
     engine's loop runs Python between launches, it is not measured yet. Process-wide: `serve` sets it for
     its run and puts the old value back."""
 
