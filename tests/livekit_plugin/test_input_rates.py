@@ -21,6 +21,19 @@ def finals(events):
     return [e.alternatives[0] for e in events if e.type == T.FINAL_TRANSCRIPT]
 
 
+def recorded_stream(stt):
+    """A stream of `stt` whose pushes into the engine are counted (samples per push) in the list returned."""
+    stream = stt.stream()
+    pushed, push = [], stream._push
+
+    async def recording(pcm):
+        pushed.append(len(pcm))
+        await push(pcm)
+
+    stream._push = recording
+    return stream, pushed
+
+
 @pytest.mark.parametrize("rate,step,channels", [(8000, 333, 1), (24000, 241, 2), (44100, 441, 1)])
 def test_odd_sized_frames_at_other_rates_lose_no_audio(checkpoint, audio_clips, lk, rate, step, channels):
     from monosemantic.audio import resample
@@ -28,14 +41,7 @@ def test_odd_sized_frames_at_other_rates_lose_no_audio(checkpoint, audio_clips, 
 
     async def main():
         stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
-        stream = stt.stream()
-        pushed, push = [], stream._push
-
-        async def recording(pcm):
-            pushed.append(len(pcm))
-            await push(pcm)
-
-        stream._push = recording
+        stream, pushed = recorded_stream(stt)
         events = []
         reader = lk.start_reader(stream, events)
         pcm = lk.to_int16(resample(audio, 16000, rate))
@@ -85,14 +91,7 @@ def test_latency_change_with_engine_vad_applies_between_turns_and_loses_no_audio
 
     async def main():
         stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
-        stream = stt.stream()
-        pushed, push = [], stream._push
-
-        async def recording(pcm):
-            pushed.append(len(pcm))
-            await push(pcm)
-
-        stream._push = recording
+        stream, pushed = recorded_stream(stt)
         events = []
         reader = lk.start_reader(stream, events)
         fr = list(lk.frames(audio))

@@ -6,6 +6,7 @@ and a closed stream refusing any push."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -155,8 +156,8 @@ def test_remote_events_equal_the_local_engines_at_rates_the_server_resamples(ser
 
 
 def _start_shutdown(running):
-    """Begin the server's shutdown (as SIGTERM does: aiohttp's runner cleanup, which runs the drain) in
-    a thread; returns once every session is draining."""
+    """Begin the server's shutdown (as SIGTERM does: the drain, then aiohttp's runner cleanup) in a
+    thread; returns once every session is draining."""
     import threading
 
     thread = threading.Thread(target=running.__exit__, args=(None, None, None), daemon=True)
@@ -166,22 +167,34 @@ def _start_shutdown(running):
     return thread
 
 
+@contextlib.contextmanager
+def stalled_server(model, **config):
+    """A server whose engine loop stands still at its next tick until `stall` is set; `shutdown()` begins
+    the server's shutdown in a thread, joined on the way out once the engine runs again."""
+    import threading
+
+    stall = threading.Event()
+    running = RunningServer(model, **config).__enter__()
+    threads = []
+    try:
+        running.state.engine.core.add_tick_hook(lambda plan, elapsed: stall.wait(30))
+        yield running, stall, lambda: threads.append(_start_shutdown(running))
+    finally:
+        stall.set()
+        for thread in threads:
+            thread.join(30)
+        running.__exit__(None, None, None)
+
+
 def test_audio_sent_during_the_shutdown_is_reported_with_shutting_down(model, audio_clips):
     """docs/server.md, Shutdown: a `shutting_down` message with the same point as `closed` reports audio
     sent during the shutdown. The connections keep reading during the drain (aiohttp's shutdown used to
     discard the frame, and the message never came). The engine is held still so the drain's final comes
     after the frame: the message then follows that final."""
-    import threading
-
     speech = pcm16(audio_clips["jfk.wav"][:32000])
-    stall = threading.Event()
-    running = RunningServer(model, max_streams=1).__enter__()
-    thread = None
-    try:
-        running.state.engine.core.add_tick_hook(lambda plan, elapsed: stall.wait(30))
+    with stalled_server(model, max_streams=1) as (running, stall, shutdown):
 
         async def main():
-            nonlocal thread
             async with aiohttp.ClientSession() as http:
                 async with http.ws_connect(running.ws, params={"latency_ms": str(LATENCY)}) as ws:
                     await ws.receive(timeout=10)
@@ -189,7 +202,7 @@ def test_audio_sent_during_the_shutdown_is_reported_with_shutting_down(model, au
                     assert await asyncio.to_thread(
                         running.wait_until, lambda: running.metric("monosemantic_audio_received_seconds_total") == 2.0
                     )
-                    thread = await asyncio.to_thread(_start_shutdown, running)
+                    await asyncio.to_thread(shutdown)
                     await ws.send_bytes(b"\x00\x00" * 1600)  # during the shutdown: not transcribed, reported
                     before = []  # while the engine stands still (the drain's final cannot come yet)
                     deadline = time.monotonic() + 1
@@ -204,11 +217,6 @@ def test_audio_sent_during_the_shutdown_is_reported_with_shutting_down(model, au
                     return before, rest, ws.close_code
 
         before, rest, code = asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        stall.set()
-        if thread is not None:
-            thread.join(30)
-        running.__exit__(None, None, None)
     messages = before + rest
     closed = messages[-1]
     assert code == 1001 and closed["code"] == "closed" and closed["transcribed_until"] == 2.0
@@ -226,21 +234,14 @@ def test_shutting_down_and_closed_name_the_same_point_at_44100_hz(model, audio_c
     while `closed` (and the drain's final) said the
     resampled end / 16000. The frame beyond the point is one that waited behind backpressure (read
     before the shutdown began)."""
-    import threading
-
     from monosemantic.audio import resample
 
     rate, frame = 44100, 8821  # 0.2 s frames; no whole number of them is a whole number of 16 kHz samples
     x = resample(np.concatenate(list(audio_clips.values()))[: 16000 * 4], 16000, rate)
     data = np.round(np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
-    stall = threading.Event()
-    running = RunningServer(model, max_streams=1, max_buffered_seconds=1.0).__enter__()
-    thread = None
-    try:
-        running.state.engine.core.add_tick_hook(lambda plan, elapsed: stall.wait(30))
+    with stalled_server(model, max_streams=1, max_buffered_seconds=1.0) as (running, stall, shutdown):
 
         async def main():
-            nonlocal thread
             async with aiohttp.ClientSession() as http:
                 async with http.ws_connect(running.ws, params={"latency_ms": str(LATENCY), "sample_rate": str(rate)}) as ws:
                     await ws.receive(timeout=10)
@@ -251,17 +252,12 @@ def test_shutting_down_and_closed_name_the_same_point_at_44100_hz(model, audio_c
                     assert await asyncio.to_thread(
                         running.wait_until, lambda: session._engine_wait_since is not None and len(session.ws._reader._buffer) > 0
                     )
-                    thread = await asyncio.to_thread(_start_shutdown, running)
+                    await asyncio.to_thread(shutdown)
                     stall.set()
                     messages, _ = await _messages_until_close(ws)
                     return messages, ws.close_code
 
         messages, code = asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        stall.set()
-        if thread is not None:
-            thread.join(30)
-        running.__exit__(None, None, None)
     (final,) = [m for m in messages if m["type"] == "final"]
     (dropped,) = [m for m in messages if m["type"] == "error" and m["code"] == "shutting_down"]
     closed = messages[-1]
