@@ -175,6 +175,19 @@ def check_args(args) -> None:
         check_writable(args.json)
 
 
+def check_clips(clips, latency_ms: int, sample_rate: int) -> None:
+    """ValueError (one line) when no clip is longer than two chunks: every chunk would then be an
+    utterance's last, whose latency is the time to final, and no chunk latency could be measured (the
+    runs reported NaN, "not sustained")."""
+    chunk = latency_ms * sample_rate // 1000
+    longest = max(len(clip) for clip in clips)
+    if longest <= 2 * chunk:
+        raise ValueError(
+            f"the longest --audio clip is {longest / sample_rate * 1000:.0f} ms: chunk latency needs a clip longer than "
+            f"two {latency_ms} ms chunks ({2 * latency_ms} ms); use longer speech"
+        )
+
+
 def run(args) -> int:
     from ..asr import load_model
     from ..engine.config import EngineConfig
@@ -190,6 +203,7 @@ def run(args) -> int:
     latency = args.latency_ms if args.latency_ms is not None else model.default_latency_ms
     model.context_for(latency)
     clips = load_clips(args.audio, model.sample_rate)
+    check_clips(clips, latency, model.sample_rate)
     limit = args.max_streams
     config = EngineConfig(
         max_streams=limit,

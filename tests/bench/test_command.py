@@ -210,3 +210,15 @@ def test_baseline_nemo_with_a_checkpoint_directory_is_refused_before_any_run(che
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "--baseline nemo" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "streams=" not in done.stdout, "an engine trial ran before the argument was refused:\n" + done.stdout
+
+
+def test_clips_too_short_for_any_chunk_latency_are_refused_in_one_line(checkpoint, tmp_path):
+    """Clips no longer than two chunks give no chunk latency (each chunk is its utterance's last): the
+    runs used to report NaN percentiles and "not sustained" without saying why."""
+    import soundfile
+
+    clip = tmp_path / "short.wav"
+    soundfile.write(clip, (np.random.default_rng(0).standard_normal(4800) * 0.1).astype(np.float32), 16000)  # 300 ms
+    done = run_bench(checkpoint, "--audio", str(clip), "--latency-ms", "160")
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "longer than two 160 ms chunks" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -249,10 +249,10 @@ def test_baseline_nemo_is_fed_the_same_frame_size_as_the_engine(monkeypatch, tmp
     model = tmp_path / "m.nemo"
     model.write_bytes(b"")
     clip = tmp_path / "clip.wav"
-    soundfile.write(clip, np.zeros(3200, np.float32), 16000)  # 0.2 s: NeMo's real-time loop stays short
+    soundfile.write(clip, np.zeros(6400, np.float32), 16000)  # 0.4 s (over two chunks): NeMo's real-time loop stays short
     args = _parser().parse_args([
         "bench", "--model", str(model), "--device", "cpu", "--latency-ms", "160", "--streams", "1",
-        "--seconds", "0.2", "--frame-ms", "40", "--baseline", "nemo", "--no-vad", "--no-keep-freed-memory",
+        "--seconds", "0.4", "--frame-ms", "40", "--baseline", "nemo", "--no-vad", "--no-keep-freed-memory",
         "--audio", str(clip),
     ])
     assert command.run(args) == 0
