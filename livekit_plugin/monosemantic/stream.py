@@ -100,6 +100,12 @@ class SpeechStream(stt.RecognizeStream):
         self._first_t0: float | None = None
         self._last_t0 = 0.0
         self._consumed = 0
+        # Stream-relative times (`Clock.seconds`): the input sample the current run started at, the wall
+        # time at which the base class began the last attempt, and the seconds its retries added to
+        # `start_time_offset` (see `_run`).
+        self._run_first = 0
+        self._attempt_began: float | None = None
+        self._retry_shift = 0.0
         # Progress of the run's engine stream (remote engines, `_check_progress`): loop time of its last
         # event and of the moment it came to owe something, the timer of the next check, and a future
         # the check resolves (with what was owed) when the stream hung.
@@ -168,15 +174,29 @@ class SpeechStream(stt.RecognizeStream):
 
     # ---- the run ----------------------------------------------------------------------------------------
     async def _run(self) -> None:
+        # The base class starts each attempt at start_time = now and moves start_time_offset on by the
+        # wall time since the previous attempt began, as if a retried run's audio began now. It begins on
+        # the backlog the failed run left, at input sample `_consumed`: stream times count from the
+        # stream's own origin plus that position instead, so the shift is taken back out (else they run
+        # late by the retry interval and the failed run's lag: 2 s and more with default options).
+        began = self.start_time
+        if self._attempt_began is not None:
+            self._retry_shift += began - self._attempt_began
+        self._attempt_began = began
         self._engine = await self._acquire()
         self._es = await self._open()
-        clock = Clock(offset=lambda: self.start_time_offset, anchor=lambda: self.start_time)
+        clock = Clock(
+            offset=lambda: self.start_time_offset - self._retry_shift,
+            anchor=lambda: self.start_time,
+            first=lambda: self._run_first,
+        )
         # Turns follow the engine's voice activity, or the text where the engine (a server) runs no VAD.
         self._tracker = TurnTracker(
             clock, language=self._opts.language, interim_results=self._opts.interim_results, vad=self._es.vad,
             chunk=self._chunk(),
         )
         self._held, self._first_push = None, True
+        self._run_first = self._consumed  # (its first push says the same; events may come before one)
         self._settled.set()
         self._stalled = stalled = asyncio.get_running_loop().create_future()
         input_task = asyncio.create_task(self._forward_input(), name="monosemantic.forward_input")
@@ -327,6 +347,7 @@ class SpeechStream(stt.RecognizeStream):
                 return
             if self._first_push:  # wall-clock times of this run count from its first sample
                 self.start_time = self._anchor(start)
+                self._run_first = start
                 self._first_push = False
             await self._es.push(pcm)
             self._tracker.pushed += len(pcm)

@@ -39,16 +39,19 @@ SAMPLE_RATE = 16000  # engine event times are samples at the model's rate
 
 @dataclass
 class Clock:
-    """Engine sample counts -> LiveKit seconds. `offset` returns the stream's `start_time_offset` (read
-    at each event: the framework sets it after the stream starts); `base` counts the samples of
-    earlier engine streams of the same run (an engine stream is reopened for a latency change)."""
+    """Engine sample counts -> LiveKit seconds. `offset` returns the stream's time origin, its
+    `start_time_offset` (read at each event: the framework sets it after the stream starts); `first`
+    the input sample this run's audio starts at (a retried run starts where the failed one stopped);
+    `base` counts the samples of earlier engine streams of the same run (an engine stream is reopened
+    for a latency change)."""
 
     offset: Callable[[], float]
     anchor: Callable[[], float]  # wall-clock time of the run's first sample (RecognizeStream.start_time)
     base: int = 0
+    first: Callable[[], int] = lambda: 0
 
     def seconds(self, sample: int) -> float:
-        return self.offset() + (self.base + sample) / SAMPLE_RATE
+        return self.offset() + (self.first() + self.base + sample) / SAMPLE_RATE
 
     def wall(self, sample: int) -> float:
         return self.anchor() + (self.base + sample) / SAMPLE_RATE

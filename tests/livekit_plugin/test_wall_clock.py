@@ -124,7 +124,9 @@ class _FailingStream:
 
 def test_turn_times_follow_the_audio_after_a_retry_on_a_backlog(checkpoint, audio_clips, lk, vad_samples):
     """The first run fails after 0.5 s of audio; the retry waits for its engine while audio backs up,
-    then starts on that backlog, at the audio position where the failed run stopped."""
+    then starts on that backlog, at the audio position where the failed run stopped. Wall-clock turn
+    times and stream-relative transcript times both follow the audio (the base class moves
+    start_time_offset on by the wall time between attempts, here a second more than the audio)."""
     silence = np.zeros(16000, np.float32)
     audio = np.concatenate([silence, audio_clips["jfk.wav"][: 16000 * 3], silence])
     failing: list[_FailingStream] = []
@@ -151,7 +153,7 @@ def test_turn_times_follow_the_audio_after_a_retry_on_a_backlog(checkpoint, audi
         stt._engine = flaky_acquire
         errors = []
         stt.on("error", errors.append)
-        stream = stt.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.1))
+        stream = stt.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=1.0))
         events = []
         reader = lk.start_reader(stream, events)
         t0 = await feed_live(stream, audio, lk)
@@ -168,3 +170,9 @@ def test_turn_times_follow_the_audio_after_a_retry_on_a_backlog(checkpoint, audi
             runs.append(run)
     assert vad_samples and len(runs) == 1, "the speech lies in the retried run"
     check_turn_times(events, vad_samples, lambda run: broken.pushed, t0)
+    # Seconds of the stream (no session set an offset): the retried run's audio starts at the failed
+    # run's last sample, and its last Final ends with the input.
+    lk.check_invariants(events, len(audio) / 16000, offset=0.0)
+    finals = [e.alternatives[0] for e in events if e.type == T.FINAL_TRANSCRIPT]
+    assert finals[-1].end_time == pytest.approx(len(audio) / 16000, abs=0.01)
+    assert min(f.start_time for f in finals) >= broken.pushed / 16000 - 1e-6
