@@ -47,7 +47,7 @@ def typed_view_as_array(pcm):
 
 
 def as_float32(audio, *, name: str = "audio") -> np.ndarray:
-    """A 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor, list).
+    """A contiguous 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor, list).
     int16/int32 are scaled to [-1, 1]. Raises AudioError for other shapes/dtypes, NaN/inf samples and
     float samples beyond +-FLOAT_LIMIT."""
     if isinstance(audio, (bytes, bytearray, memoryview)):
@@ -69,8 +69,9 @@ def as_float32(audio, *, name: str = "audio") -> np.ndarray:
         # Scaled integer PCM lies in [-1, 1] and is finite: nothing to check (the check is a third of a
         # 20 ms frame's conversion, on every push of every stream).
         return arr.astype(np.float32) / scale
-    arr = arr.astype(np.float32, copy=False)
     # One pass over the samples serves both checks: the peak is NaN or infinite exactly when a sample is.
+    # Taken before the cast: a float64 sample beyond float32's range would become inf there (a
+    # RuntimeWarning), and be reported as the NaN/inf the input does not hold.
     peak = float(np.abs(arr).max()) if arr.size else 0.0
     if not math.isfinite(peak):
         raise AudioError(f"{name}: contains NaN or infinite samples")
@@ -79,7 +80,9 @@ def as_float32(audio, *, name: str = "audio") -> np.ndarray:
             f"{name}: float samples must lie in [-1, 1], got a peak of {peak:g} "
             f"(int16 sample values? pass them as an int16 array, or divide by 32768)"
         )
-    return arr
+    # Contiguous (a no-op, the same array, when it already is): a reversed view (`audio[::-1]`) has a
+    # negative stride, which `torch.from_numpy` refuses downstream.
+    return np.ascontiguousarray(arr.astype(np.float32, copy=False))
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -142,7 +145,10 @@ def load_audio_file(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
         raise AudioError(f"{text}: the file holds no audio samples")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     mono = as_float32(mono, name=text)
-    out = resample(mono, int(rate), sample_rate)
+    try:
+        out = resample(mono, int(rate), sample_rate)
+    except AudioError as exc:  # a rate outside check_rate's range: say which file has it
+        raise AudioError(f"{text}: {exc}") from None
     if not len(out):  # a sample or two at a higher rate: nothing is left to transcribe (or to loop over)
         raise AudioError(f"{text}: its {data.shape[0]} samples at {rate} Hz make no samples at {sample_rate} Hz")
     return out

@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout has gone (`monosemantic transcribe ... | head -1`): nothing more can be shown.
+        # stdout goes to devnull so the interpreter's flush at exit does not raise again (Python's recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 2
 
 

@@ -93,3 +93,17 @@ def test_a_list_of_numbers_is_told_it_is_read_as_a_batch_of_clips(ms_model, audi
     """A list is a batch of clips; a list of samples used to fail on its first 'clip' as a 0-D array."""
     with pytest.raises(monosemantic.AudioError, match="batch of clips: pass one clip as a 1-D numpy array"):
         ms_model("nemotron_rnnt").transcribe(audio)
+
+
+def test_reversed_float32_audio_is_transcribed_not_a_torch_stride_error(ms_model, audio_clips):
+    """A float32 array with a negative stride (`audio[::-1]`, `np.flip`) came through as_float32 as the
+    same view, and `torch.from_numpy` refused it with a ValueError about negative strides, offline and
+    in a stream's feed."""
+    model = ms_model("nemotron_rnnt")
+    backwards = audio_clips["jfk.wav"][::-1]
+    expected = model.transcribe(backwards.copy()).token_ids
+    assert model.transcribe(backwards).token_ids == expected
+    assert [t.token_ids for t in model.transcribe([backwards])] == [expected]
+    stream = model.new_stream(latency_ms=160)
+    stream.feed(backwards)
+    assert stream.finalize().token_ids == model.transcribe(backwards.copy(), latency_ms=160).token_ids

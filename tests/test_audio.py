@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -101,3 +103,27 @@ def test_stream_resampler_loses_no_audio(audio_clips):
 def test_bad_sample_rates_are_refused(rate):
     with pytest.raises(AudioError, match="sample rate"):
         StreamResampler(rate, 16000)
+
+
+def test_float64_samples_beyond_float32_range_are_named_by_their_peak():
+    """1e300 in a float64 array overflowed to inf in the cast to float32 (a RuntimeWarning, an error
+    under -W error) and was then reported as 'NaN or infinite', which the input does not contain."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AudioError, match="peak of 1e\\+300"):
+            as_float32(np.array([0.0, 1e300]))
+        with pytest.raises(AudioError, match="NaN or infinite"):
+            as_float32(np.array([0.0, np.inf]))
+    # float64 within range still converts
+    assert as_float32(np.array([0.5, -0.25])).dtype == np.float32
+
+
+@pytest.mark.parametrize("rate", [500, 768000])
+def test_a_file_at_an_unsupported_rate_is_named_in_its_error(tmp_path, rate):
+    """Every other unreadable file's error names the file; one at a rate outside 1000..384000 Hz said only
+    'unsupported sample rate 500', so with several files the user could not tell which one failed."""
+    path = tmp_path / f"rate{rate}.wav"
+    sf.write(path, np.zeros(rate // 2, dtype=np.float32), rate)
+    with pytest.raises(AudioError, match="sample rate") as info:
+        load_audio_file(path, 16000)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -85,3 +85,16 @@ def test_bad_options_one_line_error(checkpoint, args, needle):
     done = run_cli("transcribe", str(DATA / "jfk.wav"), *args)
     assert done.returncode != 0
     assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_output_into_a_closed_pipe_is_no_traceback(nemo_checkpoint):
+    """`monosemantic transcribe a.wav b.wav | head -1`: once the reader has gone, printing the next result
+    raised BrokenPipeError with a traceback."""
+    checkpoint = str(nemo_checkpoint("nemotron_rnnt"))
+    cmd = [sys.executable, "-m", "monosemantic", "transcribe", *[str(DATA / "jfk.wav")] * 3, "--model", checkpoint, "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=600)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert proc.returncode != 0

@@ -142,18 +142,22 @@ class VADPolicy:
             cur = self._windows * WINDOW  # first sample of this window
             self._windows += 1
             if not self._triggered:
-                if p >= self._enter:
+                if p >= self._enter:  # the window that opens a segment is never a silent one (as Silero)
                     self._triggered, self._start, self._silence_start = True, cur, None
-            elif p >= self._enter:
-                self._silence_start = None
-            elif p < self._exit:
-                if self._silence_start is None:
-                    self._silence_start = cur
-                # Silero measures silence from the first sample of the first silent window to the first
-                # sample of the current one, so 100 ms takes 5 silent windows (4 * 512 = 2048 >= 1600).
-                if cur - self._silence_start >= self._min_silence:
-                    self._close(self._silence_start, out)
-                    continue
+            else:
+                if p >= self._enter:
+                    self._silence_start = None
+                # Not `elif`: with threshold < 0.01 the default exit threshold (0.01) lies above it, and a
+                # window in [threshold, 0.01) is both; Silero cancels the pending silence there and then
+                # begins one at that window. Otherwise the two tests exclude each other.
+                if p < self._exit:
+                    if self._silence_start is None:
+                        self._silence_start = cur
+                    # Silero measures silence from the first sample of the first silent window to the first
+                    # sample of the current one, so 100 ms takes 5 silent windows (4 * 512 = 2048 >= 1600).
+                    if cur - self._silence_start >= self._min_silence:
+                        self._close(self._silence_start, out)
+                        continue
             if self._triggered and not self._reported:
                 # Lower bound of where the segment will end: a pending silence can still be confirmed,
                 # otherwise the earliest is the end of this window (a silence beginning at the next one).

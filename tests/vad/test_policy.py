@@ -291,3 +291,69 @@ def test_online_segments_bracket_speech_like_get_speech_timestamps(audio_clips):
             assert seen <= t.sample + PAD + 4000 + 2 * WINDOW
         else:
             assert seen <= t.sample - PAD + 1600 + 2 * WINDOW
+
+
+
+def _silero(probs, cfg, length):
+    silero_vad = pytest.importorskip("silero_vad", reason="silero-vad (the reference) is not installed")
+    return silero_vad.get_speech_timestamps_from_probs(
+        probs,
+        threshold=cfg.threshold,
+        neg_threshold=cfg.neg_threshold,
+        min_speech_duration_ms=cfg.min_speech_ms,
+        min_silence_duration_ms=cfg.min_silence_ms,
+        speech_pad_ms=cfg.speech_pad_ms,
+        audio_length_samples=length,
+    )
+
+
+def _online(probs, cfg, length):
+    policy = VADPolicy(cfg)
+    got = []
+    for p in probs[:-1]:
+        got += policy.update([p])
+    got += policy.flush(probs[-1:], end_sample=length)
+    return [{"start": a.sample, "end": b.sample} for a, b in zip(got[::2], got[1::2])]
+
+
+@pytest.mark.parametrize(
+    "cfg, probs",
+    [
+        # threshold below 0.01: the default exit threshold (0.01) lies above it, so a window in
+        # [threshold, 0.01) is speech and silence at once; Silero cancels a pending silence there and
+        # begins a new one at that window.
+        (VADConfig(threshold=0.005), [0.9] * 20 + [0.007] + [0.0] * 10),
+        (VADConfig(threshold=0.005), [0.9] * 20 + [0.007] * 3 + [0.0] * 10),
+        (VADConfig(threshold=0.005, min_silence_ms=0), [0.9] * 20 + [0.007] * 3 + [0.9] * 10),
+        (VADConfig(threshold=0.0, min_silence_ms=0), [0.9] * 20 + [0.0] * 10),
+    ],
+)
+def test_threshold_below_the_default_exit_threshold_equals_silero(cfg, probs):
+    """The policy promises Silero's segments for any valid config; threshold < 0.01 with the default
+    neg_threshold (max(threshold - 0.15, 0.01)) gave ends a window or more later, or none at all."""
+    length = len(probs) * WINDOW - 100
+    assert _online(probs, cfg, length) == _silero(probs, cfg, length)
+
+
+def test_low_thresholds_equal_silero_on_random_sequences():
+    """The same, on random probabilities around the thresholds, fed in random pieces."""
+    rng = np.random.default_rng(99)
+    configs = [VADConfig(threshold=0.005), VADConfig(threshold=0.0, min_silence_ms=0, min_speech_ms=0, speech_pad_ms=0),
+               VADConfig(threshold=0.008, min_silence_ms=32, min_speech_ms=64, speech_pad_ms=10)]
+    segments = 0
+    for trial in range(300):
+        cfg = configs[trial % len(configs)]
+        n = int(rng.integers(2, 120))
+        levels = rng.choice([0.0, 0.003, 0.006, 0.009, 0.5, 0.9], size=n)
+        probs = [float(p) for p in np.repeat(levels, rng.integers(1, 6, size=n))[:n]]
+        length = n * WINDOW - int(rng.integers(0, WINDOW))
+        policy, got, i = VADPolicy(cfg), [], 0
+        while i < n - 1:
+            k = int(min(rng.integers(1, 9), n - 1 - i))
+            got += policy.update(probs[i : i + k])
+            i += k
+        got += policy.flush(probs[i:], end_sample=length)
+        pairs = [{"start": a.sample, "end": b.sample} for a, b in zip(got[::2], got[1::2])]
+        assert pairs == _silero(probs, cfg, length), (trial, cfg, probs)
+        segments += len(pairs)
+    assert segments > 100
