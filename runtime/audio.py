@@ -47,7 +47,7 @@ def typed_view_as_array(pcm):
 
 
 def as_float32(audio, *, name: str = "audio") -> np.ndarray:
-    """A contiguous 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor, list).
+    """A contiguous, writable 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor, list).
     int16/int32 are scaled to [-1, 1]. Raises AudioError for other shapes/dtypes, NaN/inf samples and
     float samples beyond +-FLOAT_LIMIT."""
     if isinstance(audio, (bytes, bytearray, memoryview)):
@@ -81,8 +81,10 @@ def as_float32(audio, *, name: str = "audio") -> np.ndarray:
             f"(int16 sample values? pass them as an int16 array, or divide by 32768)"
         )
     # Contiguous (a no-op, the same array, when it already is): a reversed view (`audio[::-1]`) has a
-    # negative stride, which `torch.from_numpy` refuses downstream.
-    return np.ascontiguousarray(arr.astype(np.float32, copy=False))
+    # negative stride, which `torch.from_numpy` refuses downstream. Writable: `torch.from_numpy` warns on
+    # every read-only array (`np.frombuffer` of float32 bytes), so those are copied.
+    out = np.ascontiguousarray(arr.astype(np.float32, copy=False))
+    return out if out.flags.writeable else out.copy()
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:

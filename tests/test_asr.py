@@ -107,3 +107,21 @@ def test_reversed_float32_audio_is_transcribed_not_a_torch_stride_error(ms_model
     stream = model.new_stream(latency_ms=160)
     stream.feed(backwards)
     assert stream.finalize().token_ids == model.transcribe(backwards.copy(), latency_ms=160).token_ids
+
+
+def test_read_only_float32_audio_is_transcribed_without_a_warning(ms_model, audio_clips):
+    """float32 samples read from bytes (`np.frombuffer`) are a read-only array, on which
+    `torch.from_numpy` warned 'The given NumPy array is not writable' at every call, offline and in a
+    stream's feed."""
+    import warnings
+
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+    frozen = np.frombuffer(audio.astype(np.float32).tobytes(), dtype=np.float32)
+    assert not frozen.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.transcribe(frozen).token_ids == model.transcribe(audio).token_ids
+        stream = model.new_stream(latency_ms=160)
+        stream.feed(frozen)
+        assert stream.finalize().token_ids == model.transcribe(audio, latency_ms=160).token_ids
