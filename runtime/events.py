@@ -12,7 +12,9 @@ from .transcript import Token, Word
 @dataclass(frozen=True)
 class Partial:
     """The current utterance's hypothesis changed. `stable_text` is the prefix that will not change
-    (with greedy decoding every emitted token is final, so it equals `text`)."""
+    (with greedy decoding every emitted token is final, so it equals `text`). Neither holds a character
+    whose bytes are still arriving (a byte-fallback tokenizer spells rare characters as byte pieces): it
+    appears once complete, so both are always a prefix of the utterance's later text."""
 
     text: str
     stable_text: str

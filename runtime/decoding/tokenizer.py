@@ -7,6 +7,7 @@ import random
 from ..transcript import Token, Transcript, Word
 
 WORD_START = "\u2581"  # SentencePiece's '▁' marks a piece that begins a word
+REPLACEMENT = "\ufffd"  # what SentencePiece decodes bytes that are not (yet) UTF-8 to
 
 
 class Tokenizer:
@@ -18,6 +19,7 @@ class Tokenizer:
         self.vocab_size = self.sp.get_piece_size()
         self._plain: dict[int, str] = {}  # id -> text of the ids `extend` may append
         self._find_plain_pieces()
+        self._bytes = frozenset(i for i in range(self.vocab_size) if self.sp.is_byte(i))  # byte-fallback pieces
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode_ids([int(i) for i in ids])
@@ -31,6 +33,16 @@ class Tokenizer:
         if not text or None in pieces:
             return self.decode(ids)
         return text + "".join(pieces)
+
+    def settled(self, text: str, ids: list[int]) -> str:
+        """`text` (== decode(ids)) less a character whose bytes are still arriving: a byte-fallback
+        tokenizer spells a rare character as byte pieces, and SentencePiece decodes an unfinished one as
+        U+FFFD, which the next piece may turn into the character ('caf' + <0xC3> -> 'caf\ufffd', then
+        + <0xA9> -> 'café'). What is left is a prefix of every later decode: UTF-8 is self-synchronizing,
+        so only that trailing run can still change."""
+        if ids and ids[-1] in self._bytes:
+            return text.rstrip(REPLACEMENT)
+        return text
 
     def _find_plain_pieces(self) -> None:
         """Fill `_plain` with the ids whose decoding is plain concatenation ('▁' -> ' '). Checked against

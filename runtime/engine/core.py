@@ -438,7 +438,10 @@ class EngineCore:
             state.labels += result.labels
             state.frames += result.frames
             state.durations += result.durations
-            state.text = text = self.model.tokenizer.extend(state.text, state.labels, known)
+            tokenizer = self.model.tokenizer
+            state.text = tokenizer.extend(state.text, state.labels, known)
+            # Without a character whose byte pieces are still arriving: shown, it would be taken back.
+            text = tokenizer.settled(state.text, state.labels)
             state.emit(Partial(text=text, stable_text=text, start=row.utt_start, end=result.end))
         self._count_usage(state, result.samples)
         if row.final:

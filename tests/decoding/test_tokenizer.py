@@ -62,3 +62,37 @@ def test_extend_uses_the_shortcut_for_plain_pieces(ms_model, monkeypatch):
     text = tok.decode(ids[:2])
     monkeypatch.setattr(tok, "decode", lambda ids: (_ for _ in ()).throw(AssertionError("full decode")))
     assert tok.extend(text, ids, 2) == "the quick brown fox jumps"
+
+
+def test_settled_text_is_a_prefix_of_every_later_decode():
+    """A byte-fallback tokenizer spells rare characters as UTF-8 byte pieces; an unfinished one decodes
+    as U+FFFD, which a later piece turns into the character. `settled` leaves that tail out, so what
+    the engine shows as stable is never taken back."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from _support.tokenizers import byte_fallback_proto
+    from monosemantic.decoding.tokenizer import Tokenizer
+
+    tok = Tokenizer(byte_fallback_proto())
+    ids = tok.sp.encode_as_ids("caf\u00e9 \u65e5\u672c")  # c a f <C3> <A9> ▁ <E6> <97> <A5> <E6> <9C> <AC>
+    shown = [tok.settled(tok.decode(ids[:k]), ids[:k]) for k in range(len(ids) + 1)]
+    assert shown == ["", "c", "ca", "caf", "caf", "café", "café ", "café ", "café ", "café 日", "café 日", "café 日", "café 日本"]
+    pieces = st.one_of(st.sampled_from(sorted(tok._bytes)), st.integers(0, tok.vocab_size - 1))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(pieces, max_size=24))
+    def check(seq):
+        texts = [tok.decode(seq[:k]) for k in range(len(seq) + 1)]
+        for k, text in enumerate(texts):
+            settled = tok.settled(text, seq[:k])
+            assert text.startswith(settled) and all(later.startswith(settled) for later in texts[k:])
+
+    check()
+
+
+def test_settled_text_is_the_text_without_byte_pieces(ms_model):
+    tok = ms_model("nemotron_rnnt").tokenizer
+    assert not tok._bytes
+    ids = tok.sp.encode_as_ids("the quick brown fox")
+    assert tok.settled(tok.decode(ids), ids) == tok.decode(ids)

@@ -235,3 +235,38 @@ def test_speech_events_at_resampled_rates_are_in_model_samples(ms_model, audio_c
     assert len(ref) >= 6
     for a, b in zip(ref, got):
         assert type(b.sample) is int and 0 <= b.sample <= len(audio) + 2 and abs(a.sample - b.sample) <= 1600
+
+
+def test_partials_never_show_an_unfinished_character(ms_model, audio_clips, monkeypatch):
+    """With a byte-fallback tokenizer (multilingual checkpoints) a step can end inside a character's
+    byte pieces: the Partial showed U+FFFD there as stable text, and the next step took it back. Each
+    Partial's text is now a prefix of every later one and of the Final's."""
+    from _support.tokenizers import byte_fallback_proto
+    from monosemantic.decoding.tokenizer import Tokenizer
+
+    model = ms_model("nemotron_rnnt")
+    tok = Tokenizer(byte_fallback_proto())
+    monkeypatch.setattr(model, "tokenizer", tok)  # the decoder's 100 outputs include bytes 0x80-0xFF
+    audio = np.concatenate([audio_clips["jfk.wav"], audio_clips["61-70968-0000.flac"]])
+
+    async def main():
+        async with Engine(model, EngineConfig(max_streams=2, vad=None)) as engine:
+            stream = await engine.open_stream(latency_ms=80)
+            for i in range(0, len(audio), 1280):
+                await stream.push(audio[i : i + 1280])
+            await stream.flush()
+            events = await until_final(stream)
+            await stream.close()
+            return events
+
+    events = asyncio.run(main())
+    partials = [e for e in events if isinstance(e, Partial)]
+    final = events[-1]
+    assert isinstance(final, Final) and final.text == tok.decode([t.id for t in final.tokens])
+    ids = [t.id for t in final.tokens]
+    unfinished = [k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd") and ids[k - 1] in tok._bytes]
+    assert len(partials) > 10 and unfinished, "the audio should end steps inside characters"
+    texts = [p.text for p in partials] + [final.text]
+    for k, partial in enumerate(partials):
+        assert partial.stable_text == partial.text
+        assert all(later.startswith(partial.stable_text) for later in texts[k + 1 :]), (partial, texts[k + 1])
