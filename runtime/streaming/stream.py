@@ -49,6 +49,11 @@ class _StreamBase:
         self._resampler = StreamResampler(sample_rate, model.sample_rate)
         self._closed = False
 
+    def _reset_resampler(self) -> None:
+        """Drop the audio the resampler still holds: after a reset it belonged to the old utterance and
+        would open the new one (finalize has taken it already)."""
+        self._resampler = StreamResampler(self.sample_rate, self.model.sample_rate)
+
     def _check_open(self) -> None:
         if self._closed:
             raise StreamError("stream is closed")
@@ -76,6 +81,7 @@ class CacheAwareStream(_StreamBase):
         self._check_open()
         module, shape = self.model.module, self.plan.shape
         device = self.model.device
+        self._reset_resampler()
         self.frontend.reset()
         # Mel frames from absolute index `mel_start`; those before 0 are the zero padding of the start.
         self.mel = torch.zeros(module.cfg.frontend.n_mels, -shape.first_start, device=device)
@@ -161,6 +167,7 @@ class FullContextStream(_StreamBase):
 
     def reset(self) -> None:
         self._check_open()
+        self._reset_resampler()
         self.audio: list[np.ndarray] = []
         self.samples = 0
         self.since_update = 0

@@ -166,3 +166,60 @@ def test_host_loop_equals_masked_loop_on_edge_cases(ms_model, variant, max_symbo
         with torch.no_grad():
             bias.copy_(saved)
     assert emitted > 10
+
+
+# Chunked greedy decoding with carried state against NeMo's own label-looping computer fed the same chunks
+# with its `prev_batched_state`: labels, absolute frames and, for TDT, the overshoot carried into the next
+# chunk (`time_jumps`), on ragged batches with rows of zero valid frames and joints biased towards tokens,
+# towards blank, and towards long durations.
+@pytest.mark.parametrize("variant", ["nemotron_tdt", "nemotron_rnnt"])
+@pytest.mark.parametrize("compact", [True, False])
+def test_chunked_decoding_equals_nemo_with_carried_state(ms_model, nemo_model, variant, compact):
+    model, reference = ms_model(variant), nemo_model(variant)
+    module = model.module
+    computer = reference.decoding.decoding.decoding_computer
+    durations, max_symbols = model.decoding_args
+    assert computer.max_symbols == max_symbols
+    d = model.config.encoder.d_model
+    gen = torch.Generator().manual_seed(21)
+    ours_bias, ref_bias = module.joint.joint_net[-1].bias, reference.joint.joint_net[-1].bias
+    saved_ours, saved_ref = ours_bias.detach().clone(), ref_bias.detach().clone()
+    emitted = jumps = 0
+    try:
+        for trial in range(16):
+            shift = (0.0, 2.0, -2.0, 4.0)[trial % 4]
+            duration_shift = 3 * torch.randn(len(durations), generator=gen) if durations else None
+            with torch.no_grad():
+                for bias, saved in ((ours_bias, saved_ours), (ref_bias, saved_ref)):
+                    bias.copy_(saved)
+                    bias[: module.joint.cfg.num_classes] += shift
+                    if durations:
+                        bias[-len(durations) :] += duration_shift
+            batch, time = 5, int(torch.randint(1, 12, (1,), generator=gen))
+            encoded = torch.randn(batch, time, d, generator=gen)  # [B, T, d]
+            lengths = torch.randint(0, time + 1, (batch,), generator=gen)  # [B]
+            chunk = int(torch.randint(1, 5, (1,), generator=gen))
+            state, ref_state = initial_state(module.decoder, module.joint, batch), None
+            for start in range(0, time, chunk):
+                part = encoded[:, start : start + chunk]
+                part_len = torch.clamp(lengths - start, min=0, max=part.shape[1])
+                ours, state = greedy._decode(
+                    module.decoder, module.joint, part, part_len, state, durations, max_symbols, compact
+                )
+                with torch.no_grad():
+                    hyps, ref_state = computer(part, part_len, ref_state)
+                for row in range(batch):
+                    n = int(hyps.current_lengths[row])
+                    assert ours.labels[row] == hyps.transcript[row, :n].tolist()
+                    assert ours.frames[row] == hyps.timestamps[row, :n].tolist()
+                    emitted += n
+                assert torch.equal(state.frame_offset, ref_state.decoded_lengths)
+                if durations:
+                    assert torch.equal(state.time_jump, ref_state.time_jumps)
+                    jumps += int((state.time_jump > 0).sum())
+    finally:
+        with torch.no_grad():
+            ours_bias.copy_(saved_ours)
+            ref_bias.copy_(saved_ref)
+    assert emitted > 50
+    assert jumps > 0 or not durations  # some durations did jump past a chunk's end

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import monosemantic
+from monosemantic.audio import resample
 from _support.modes import latency_contexts
 
 
@@ -123,3 +124,30 @@ def test_bad_input_and_closed_stream(ms_model):
         model.new_stream(latency_ms=100)
     with pytest.raises(monosemantic.AudioError, match="sample rate"):
         model.new_stream(latency_ms=160, sample_rate=0)
+
+
+def test_reset_mid_utterance_drops_the_resampler_tail(ms_model, audio_clips):
+    """reset() starts a new utterance: at 48 kHz the resampler still held the last ~20 ms of the old
+    utterance's audio, which then opened the new one (its transcript differed from a fresh stream's)."""
+    model = ms_model("nemotron_rnnt")
+    audio48 = resample(audio_clips["jfk.wav"], 16000, 48000)
+    stream = model.new_stream(latency_ms=160, sample_rate=48000)
+    stream.feed(audio48[:48000])
+    stream.reset()
+    stream.feed(audio48[48000:])
+    fresh = model.new_stream(latency_ms=160, sample_rate=48000)
+    fresh.feed(audio48[48000:])
+    assert stream.finalize().token_ids == fresh.finalize().token_ids
+
+
+def test_full_context_reset_drops_the_resampler_tail(ms_model, audio_clips):
+    model = ms_model("parakeet_tdt")
+    audio48 = resample(audio_clips["61-70968-0000.flac"], 16000, 48000)
+    stream = model.new_stream(sample_rate=48000)
+    stream.feed(audio48[:48000])
+    stream.reset()
+    stream.feed(audio48[48000:])
+    fresh = model.new_stream(sample_rate=48000)
+    fresh.feed(audio48[48000:])
+    assert stream.finalize().token_ids == fresh.finalize().token_ids
+
