@@ -56,8 +56,9 @@ class Usage:
 
 @dataclass(frozen=True)
 class Error:
-    """Something went wrong for this stream. `code` is stable and machine-readable: 'internal'
-    (the stream is closed), 'closed' (the engine shut down)."""
+    """Something went wrong for this stream, which it ends. `code` is stable and machine-readable:
+    'internal' (a failed step), 'closed' (the engine shut down), 'overloaded' (audio of cancelled pushes
+    piled up beyond the stream's buffer)."""
 
     code: str
     message: str
