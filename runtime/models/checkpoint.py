@@ -11,6 +11,7 @@ import io
 import os
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +24,9 @@ from ..errors import ModelLoadError
 CONFIG_NAME = "model_config.yaml"
 WEIGHTS_NAME = "model_weights.ckpt"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# What reading a damaged archive raises: tarfile turns zlib errors into ReadError only in member headers;
+# in a gzip archive, corrupt data under a member (met while seeking past it or reading it) is a zlib.error.
+_ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
 
 @dataclass
@@ -37,7 +41,7 @@ class Checkpoint:
 
 
 def _artifact_name(reference: str | None) -> str | None:
-    if not reference:
+    if not reference or not isinstance(reference, str):  # malformed: parse_model_config names it
         return None
     return os.path.basename(reference[len("nemo:") :] if reference.startswith("nemo:") else reference)
 
@@ -67,8 +71,10 @@ def _load_weights(source: bytes | Path | IO[bytes], where: str) -> dict[str, tor
 
 
 def _tokenizer_candidates(config: dict[str, Any]) -> list[str]:
-    tok = config.get("tokenizer") or {}
-    names = [_artifact_name(tok.get("model_path"))]
+    # Read before the config is validated: a malformed section yields no names here, and
+    # parse_model_config then refuses it by name.
+    tok = config.get("tokenizer")
+    names = [_artifact_name(tok.get("model_path"))] if isinstance(tok, dict) else []
     return [n for n in names if n]
 
 
@@ -87,7 +93,7 @@ def read_nemo_file(path: Path, source: str) -> Checkpoint:
     with archive:
         try:
             members = {os.path.normpath(m.name).lstrip("./"): m for m in archive.getmembers() if m.isfile()}
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except _ARCHIVE_ERRORS as exc:
             raise ModelLoadError(f"{where} is a corrupt .nemo archive: {exc}") from None
 
         def open_member(name: str) -> IO[bytes]:
@@ -99,7 +105,7 @@ def read_nemo_file(path: Path, source: str) -> Checkpoint:
         def read(name: str) -> bytes:
             try:
                 return open_member(name).read()
-            except (tarfile.TarError, OSError, EOFError) as exc:
+            except _ARCHIVE_ERRORS as exc:
                 raise ModelLoadError(f"{where}: cannot read '{name}' from the archive: {exc}") from None
 
         config = _load_yaml(read(CONFIG_NAME), where)
@@ -181,6 +187,12 @@ def download_from_hub(repo_id: str, revision: str | None) -> Path:
     found = sorted(folder.rglob("*.nemo"))
     if not found:
         raise ModelLoadError(f"Hugging Face repo '{repo_id}' has no .nemo file; is it a NeMo checkpoint?")
+    if len(found) > 1:  # as for a directory: name the candidates rather than guess between them
+        names = ", ".join(str(p.relative_to(folder)) for p in found)
+        raise ModelLoadError(
+            f"Hugging Face repo '{repo_id}' holds several .nemo files ({names}); pass the path of the one to "
+            f"load (huggingface_hub.hf_hub_download('{repo_id}', filename) returns it)"
+        )
     return found[0]
 
 

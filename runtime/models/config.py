@@ -41,7 +41,7 @@ class FrontendConfig:
     win_length: int  # analysis window length in samples
     hop_length: int  # samples between frames
     n_mels: int  # mel bins (rows of the filterbank stored in the checkpoint)
-    window: str  # 'hann', 'hamming', 'blackman', 'bartlett' or 'none' (symmetric windows)
+    window: str  # 'hann', 'hamming', 'blackman' or 'bartlett' (symmetric windows)
     preemph: float | None  # pre-emphasis coefficient, None to skip
     log: bool  # take the log of the mel energies
     log_zero_guard_type: str  # 'add' (log(x + v)) or 'clamp' (log(max(x, v)))
@@ -165,6 +165,11 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _switch(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A boolean option: NeMo tests it for truth, so an explicit null is off (not the default)."""
+    return bool(cfg.get(key, default))
+
+
 def _class_name(target: str | None) -> str:
     return (target or "").rsplit(".", 1)[-1]
 
@@ -175,6 +180,15 @@ def _refuse(name: str, why: str) -> UnsupportedModelError:
 
 # What int(), float(), len() and indexing raise on an entry of the wrong type or shape, or a missing key.
 _MALFORMED = (KeyError, ValueError, TypeError, IndexError, AttributeError)
+
+
+def _positive(config, *fields: str):
+    """`config`, after checking that its sizes `fields` are positive: torch fails building a module of a
+    zero or negative size with a bare error (or builds an empty one)."""
+    bad = [f"{f}={getattr(config, f)}" for f in fields if getattr(config, f) <= 0]
+    if bad:
+        raise ValueError(f"sizes must be positive: {', '.join(bad)}")
+    return config
 
 
 @contextmanager
@@ -205,7 +219,9 @@ def parse_frontend(cfg: Mapping[str, Any], name: str) -> FrontendConfig:
     if _get(cfg, "stft_conv", False):
         raise _refuse(name, "preprocessor stft_conv=True")
     window = str(_get(cfg, "window", "hann"))
-    if window not in ("hann", "hamming", "blackman", "bartlett", "none"):
+    # Not 'none' (rectangular): NeMo keeps no window buffer for it, so its checkpoint would not load
+    # strictly, and NeMo's own STFT fails on it.
+    if window not in ("hann", "hamming", "blackman", "bartlett"):
         raise _refuse(name, f"preprocessor window '{window}'")
     guard_type = str(_get(cfg, "log_zero_guard_type", "add"))
     guard_value = _get(cfg, "log_zero_guard_value", 2**-24)
@@ -219,7 +235,7 @@ def parse_frontend(cfg: Mapping[str, Any], name: str) -> FrontendConfig:
     else:
         raise _refuse(name, f"preprocessor normalize={normalize!r} (fixed mean/std)")
     preemph = cfg.get("preemph", 0.97)
-    return FrontendConfig(
+    frontend = FrontendConfig(
         sample_rate=sample_rate,
         n_fft=int(n_fft),
         win_length=int(win),
@@ -227,13 +243,14 @@ def parse_frontend(cfg: Mapping[str, Any], name: str) -> FrontendConfig:
         n_mels=int(_get(cfg, "features", _get(cfg, "nfilt", 64))),
         window=window,
         preemph=None if preemph is None else float(preemph),
-        log=bool(_get(cfg, "log", True)),
+        log=_switch(cfg, "log", True),
         log_zero_guard_type=guard_type,
         log_zero_guard_value=float(guard_value),
         mag_power=float(_get(cfg, "mag_power", 2.0)),
         normalize=normalize,
         pad_value=float(_get(cfg, "pad_value", 0.0)),
     )
+    return _positive(frontend, "sample_rate", "n_fft", "win_length", "hop_length", "n_mels")
 
 
 def _context_sizes(cfg: Mapping[str, Any], style: str, name: str) -> tuple[tuple[int, int], ...]:
@@ -289,10 +306,12 @@ def parse_encoder(cfg: Mapping[str, Any], name: str) -> EncoderConfig:
     if norm not in ("batch_norm", "layer_norm"):
         raise _refuse(name, f"conv_norm_type '{norm}' (only batch_norm, layer_norm)")
     n_heads = int(_get(cfg, "n_heads", 4))
+    if n_heads <= 0:
+        raise ValueError(f"sizes must be positive: n_heads={n_heads}")
     if d_model % n_heads:
         raise _refuse(name, f"d_model {d_model} not divisible by n_heads {n_heads}")
     channels = int(_get(cfg, "subsampling_conv_channels", -1))
-    return EncoderConfig(
+    encoder = EncoderConfig(
         feat_in=int(cfg["feat_in"]),
         n_layers=int(cfg["n_layers"]),
         d_model=d_model,
@@ -302,14 +321,17 @@ def parse_encoder(cfg: Mapping[str, Any], name: str) -> EncoderConfig:
         subsampling_factor=factor,
         subsampling_conv_channels=d_model if channels == -1 else channels,
         causal_downsampling=bool(_get(cfg, "causal_downsampling", False)),
-        xscaling=bool(_get(cfg, "xscaling", True)),
-        untie_biases=bool(_get(cfg, "untie_biases", True)),
+        xscaling=_switch(cfg, "xscaling", True),
+        untie_biases=_switch(cfg, "untie_biases", True),
         conv_kernel_size=kernel,
         conv_norm_type=norm,
         conv_context=conv_context,
-        use_bias=bool(_get(cfg, "use_bias", True)),
+        use_bias=_switch(cfg, "use_bias", True),
         att_context_style=style,
         att_context_sizes=_context_sizes(cfg, style, name),
+    )
+    return _positive(
+        encoder, "feat_in", "n_layers", "d_model", "ff_expansion_factor", "subsampling_conv_channels", "conv_kernel_size"
     )
 
 
@@ -334,6 +356,8 @@ def _parse_model_config(cfg: Mapping[str, Any], name: str) -> ModelConfig:
         tok = cfg.get("tokenizer") or {}
         tok_type = str(tok.get("type", "")) if tok else ""
         tokenizer_model = tok.get("model_path")
+        if tokenizer_model is not None and not isinstance(tokenizer_model, str):
+            raise TypeError(f"tokenizer.model_path is {type(tokenizer_model).__name__}, not a path")
     if tok_type != "bpe":
         raise _refuse(name, f"tokenizer type '{tok_type or 'none (character labels)'}' (only SentencePiece 'bpe')")
 
@@ -341,7 +365,7 @@ def _parse_model_config(cfg: Mapping[str, Any], name: str) -> ModelConfig:
         dec = cfg["decoder"]
         if _class_name(dec.get("_target_")) != "RNNTDecoder":
             raise _refuse(name, f"decoder {_class_name(dec.get('_target_'))} (only RNNTDecoder with an LSTM)")
-        if dec.get("normalization_mode") or not _get(dec, "blank_as_pad", True):
+        if dec.get("normalization_mode") or not _switch(dec, "blank_as_pad", True):
             raise _refuse(name, "prediction network with normalization or without blank_as_pad")
         prednet = dec.get("prednet") or {}
         vocab_size = int(dec["vocab_size"])
@@ -353,6 +377,7 @@ def _parse_model_config(cfg: Mapping[str, Any], name: str) -> ModelConfig:
             pred_rnn_layers=int(prednet.get("pred_rnn_layers", 1)),
             rnn_hidden_size=rnn_hidden if rnn_hidden > 0 else pred_hidden,
         )
+        _positive(prediction, "vocab_size", "pred_hidden", "pred_rnn_layers")
 
     with _section(name, "decoding"):
         decoding = cfg.get("decoding") or {}
@@ -362,10 +387,10 @@ def _parse_model_config(cfg: Mapping[str, Any], name: str) -> ModelConfig:
             raise _refuse(name, "multi-blank transducer")
         if model_type not in ("rnnt", "tdt"):
             raise _refuse(name, f"decoding model_type '{model_type}'")
+        # As in NeMo's RNNTDecoding, non-empty durations make the model TDT; model_type is not read there
+        # (RNNTDecodingConfig defaults it to 'rnnt', so a TDT config may carry durations without it).
         if model_type == "tdt" and not durations:
             raise _refuse(name, "TDT model without decoding.durations")
-        if model_type == "rnnt":
-            durations = ()
         greedy = decoding.get("greedy") or {}
         max_symbols = greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10))
         decoding_config = DecodingConfig(durations=durations, max_symbols=None if max_symbols is None else int(max_symbols))
@@ -397,6 +422,7 @@ def _parse_model_config(cfg: Mapping[str, Any], name: str) -> ModelConfig:
             num_classes=int(_get(joint, "num_classes", vocab_size)),
             num_durations=len(durations),
         )
+        _positive(joint_config, "encoder_hidden", "pred_hidden", "joint_hidden", "num_classes")
 
     ctc_classes = None
     if TRANSDUCER_CLASSES.get(cls):

@@ -46,8 +46,7 @@ class LogMelFrontend(nn.Module):
     def __init__(self, cfg: FrontendConfig):
         super().__init__()
         self.cfg = cfg
-        window_fn = _WINDOWS.get(cfg.window)
-        window = window_fn(cfg.win_length, periodic=False) if window_fn else torch.ones(cfg.win_length)
+        window = _WINDOWS[cfg.window](cfg.win_length, periodic=False)
         self.register_buffer("window", window)  # [win_length]
         self.register_buffer("fb", torch.zeros(1, cfg.n_mels, cfg.n_fft // 2 + 1))  # [1, n_mels, bins]
 

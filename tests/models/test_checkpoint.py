@@ -3,6 +3,8 @@ local cache; strict weights; clear errors for corrupt files and unsupported arch
 
 from __future__ import annotations
 
+import copy
+import gzip
 import io
 import os
 import subprocess
@@ -16,6 +18,8 @@ import yaml
 
 import monosemantic
 from monosemantic.errors import ModelLoadError, UnsupportedModelError
+from monosemantic.models.checkpoint import read_checkpoint
+from monosemantic.models.config import parse_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,11 +30,7 @@ def read_members(path: Path) -> dict[str, bytes]:
 
 
 def write_nemo(path: Path, members: dict[str, bytes], mode: str = "w:") -> Path:
-    with tarfile.open(path, mode) as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(tar_bytes(members, gz=mode == "w:gz"))
     return path
 
 
@@ -233,3 +233,153 @@ def test_hugging_face_repo_id_from_local_cache(hf_home_with, reference_tokens):
     assert missing.returncode != 0
     last = missing.stderr.strip().splitlines()[-1]
     assert "ModelLoadError" in last and "HF_HUB_OFFLINE" in last and "local" in last
+
+
+def tar_bytes(members: dict[str, bytes], gz: bool = False) -> bytes:
+    """A .nemo's bytes, the same on every run (mtime 0, no file name), so damaged offsets are stable."""
+    buf = io.BytesIO()
+    fileobj = gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") if gz else buf
+    with tarfile.open(fileobj=fileobj, mode="w:") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    if gz:
+        fileobj.close()
+    return buf.getvalue()
+
+
+def config_key(members: dict[str, bytes]) -> str:
+    return next(k for k in members if k.endswith("model_config.yaml"))
+
+
+@pytest.fixture(scope="module")
+def parakeet_tdt_members(nemo_checkpoint):
+    return read_members(nemo_checkpoint("parakeet_tdt"))
+
+
+def test_damaged_gzip_archive_is_a_load_error(members, tmp_path):
+    """Corrupt deflate data under a member of a gzip .nemo raised a bare zlib.error (from tarfile's
+    getmembers seeking past it, or from reading it): tarfile converts zlib errors only in headers."""
+    data = tar_bytes(members, gz=True)
+    path = tmp_path / "broken.nemo"
+    zlib_reported = 0
+    # The first 20 kB of the compressed stream hold the small members (tokenizer, config) before the weights.
+    for offset in range(1000, 20000, 250):
+        damaged = bytearray(data)
+        for i in range(offset, offset + 16):
+            damaged[i] ^= 0xA5
+        path.write_bytes(bytes(damaged))
+        try:
+            read_checkpoint(path)
+        except ModelLoadError as exc:
+            assert "broken.nemo" in str(exc)
+            zlib_reported += "decompressing data" in str(exc)
+    assert zlib_reported > 0  # some damage hit the deflate stream itself: the case under test happened
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", ["bpe"], {"type": "bpe", "model_path": 5}])
+def test_a_malformed_tokenizer_section_is_a_load_error(members, tmp_path, tokenizer):
+    """The reader looked up `tokenizer.model_path` before the config was validated: a tokenizer section
+    that is no mapping, or a model_path that is no string, raised a bare AttributeError."""
+    members = with_config(members, lambda c: c.__setitem__("tokenizer", tokenizer))
+    path = tmp_path / "m.nemo"
+    write_nemo(path, members)
+    with pytest.raises(ModelLoadError, match="tokenizer") as info:
+        monosemantic.load_model(path, device="cpu")
+    assert "m.nemo" in str(info.value)
+
+
+def test_tdt_is_decided_by_durations_as_in_nemo(parakeet_tdt_members, tmp_path, ms_model, audio_clips):
+    """NeMo's RNNTDecoding makes a model TDT when `decoding.durations` is non-empty and never reads
+    `decoding.model_type` (it defaults to 'rnnt' in RNNTDecodingConfig). A TDT checkpoint whose config
+    carries the durations but no model_type was refused ("joint has 5 extra outputs but 0 TDT
+    durations")."""
+    members = with_config(parakeet_tdt_members, lambda c: c["decoding"].pop("model_type"))
+    config = yaml.safe_load(members[config_key(members)])
+    cfg = parse_model_config(config, "x")
+    assert cfg.is_tdt and cfg.decoding.durations == (0, 1, 2, 3, 4)
+    path = tmp_path / "tdt.nemo"
+    write_nemo(path, members)
+    audio = audio_clips["jfk.wav"]
+    expected = ms_model("parakeet_tdt").transcribe(audio).token_ids
+    assert monosemantic.load_model(path, device="cpu").transcribe(audio).token_ids == expected
+    # Explicitly 'rnnt' with durations: NeMo still decodes TDT.
+    explicit = copy.deepcopy(config)
+    explicit["decoding"]["model_type"] = "rnnt"
+    assert parse_model_config(explicit, "x").is_tdt
+
+
+def test_a_rectangular_window_is_refused_by_name(members):
+    """window='none' was accepted by the parser, but NeMo saves no window buffer for it (and NeMo 3.0's
+    own STFT fails on it), so every such checkpoint then failed as 'weights do not match the architecture:
+    missing key(s): preprocessor.featurizer.window', blaming the weights."""
+    config = yaml.safe_load(members[config_key(members)])
+    config["preprocessor"]["window"] = "none"
+    with pytest.raises(UnsupportedModelError, match="window 'none'"):
+        parse_model_config(config, "x")
+
+
+@pytest.mark.parametrize("section, key", [("encoder", "xscaling"), ("preprocessor", "log")])
+def test_a_null_switch_means_off_as_in_nemo(members, tmp_path, audio_clips, section, key):
+    """NeMo tests these switches for truth (`if xscaling:`, `if self.log:`), so `null` in the config turns
+    them off; the parser took null for 'absent' and applied the default, True: features without the log,
+    or an encoder input without the sqrt(d_model) scale, silently differed from NeMo's."""
+    import torch
+
+    from _support.nemo_reference import load_nemo, nemo_encoder_output, nemo_mel
+
+    members = with_config(members, lambda c: c[section].__setitem__(key, None))
+    path = tmp_path / "null.nemo"
+    write_nemo(path, members)
+    model, reference = monosemantic.load_model(path, device="cpu"), load_nemo(path)
+    audio = audio_clips["jfk.wav"][: 3 * 16000]
+    feats, n = model.module.frontend(torch.from_numpy(audio)[None], torch.tensor([len(audio)]))
+    if section == "preprocessor":
+        expected = nemo_mel(reference, audio)
+        torch.testing.assert_close(feats[0, :, : int(n[0])], expected, atol=1e-4, rtol=1e-4)
+    else:
+        context = model.config.encoder.att_context_sizes[0]
+        expected, length = nemo_encoder_output(reference, audio, list(context))
+        with torch.no_grad():
+            encoded, _ = model.module.encoder(feats, n, context)
+        assert (encoded[0, :length] - expected).abs().max().item() < 1e-4
+
+
+def test_a_hub_repo_with_several_nemo_files_names_them(tmp_path, monkeypatch):
+    """A repo holding several .nemo files loaded the alphabetically first one without a word; the
+    documented rule for directories is that several candidates are named, not guessed between."""
+    import huggingface_hub
+
+    (tmp_path / "a_streaming.nemo").write_bytes(b"")
+    (tmp_path / "b_offline.nemo").write_bytes(b"")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: str(tmp_path))
+    with pytest.raises(ModelLoadError, match="several") as info:
+        read_checkpoint("org/two-checkpoints")
+    assert "a_streaming.nemo" in str(info.value) and "b_offline.nemo" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, needle",
+    [
+        ("encoder", "n_heads", 0, "n_heads=0"),  # was a ZeroDivisionError from d_model % n_heads
+        ("encoder", "subsampling_conv_channels", 0, "subsampling_conv_channels=0"),  # ValueError from nn.Conv2d
+        ("encoder", "n_layers", -2, "n_layers=-2"),  # an empty layer stack
+        ("joint.jointnet", "joint_hidden", 0, "joint_hidden=0"),
+        ("preprocessor", "n_window_stride", -160, "hop_length=-160"),
+    ],
+)
+def test_a_non_positive_size_is_a_load_error_naming_its_section(members, tmp_path, section, key, value, needle):
+    """Sizes of zero or less passed the parser and failed (or not) in torch, with a bare traceback."""
+
+    def edit(config):
+        node = config
+        for part in section.split("."):
+            node = node[part]
+        node[key] = value
+
+    path = tmp_path / "m.nemo"
+    write_nemo(path, with_config(members, edit))
+    with pytest.raises(ModelLoadError, match=f"in its {section.split('.')[0]} section") as info:
+        monosemantic.load_model(path, device="cpu")
+    assert needle in str(info.value)
