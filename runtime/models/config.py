@@ -392,8 +392,15 @@ def _parse_model_config(cfg: Mapping[str, Any], name: str) -> ModelConfig:
         if model_type == "tdt" and not durations:
             raise _refuse(name, "TDT model without decoding.durations")
         greedy = decoding.get("greedy") or {}
-        max_symbols = greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10))
-        decoding_config = DecodingConfig(durations=durations, max_symbols=None if max_symbols is None else int(max_symbols))
+        # As NeMo's RNNTDecoding: `max_symbols or max_symbols_per_step`, the latter 10 unless the checkpoint
+        # sets it (RNNTDecodingConfig's default, merged under the checkpoint's config): a null or 0
+        # max_symbols means 10, not 'no cap'; only an explicit null max_symbols_per_step lifts the cap.
+        max_symbols = greedy.get("max_symbols") or greedy.get("max_symbols_per_step", 10)
+        if max_symbols is not None:
+            max_symbols = int(max_symbols)
+            if max_symbols <= 0:  # NeMo's greedy decoders refuse it too
+                raise ValueError(f"greedy max_symbols must be positive or null, got {max_symbols}")
+        decoding_config = DecodingConfig(durations=durations, max_symbols=max_symbols)
 
     with _section(name, "encoder"):
         encoder = parse_encoder(cfg["encoder"], name)

@@ -128,3 +128,43 @@ def test_full_context_variants_are_not_cache_aware(nemotron_config):
     assert not parse_model_config(regular, "x").cache_aware
     causal_regular = edited(edited(nemotron_config, "encoder.att_context_style", "regular"), "encoder.att_context_size", [64, 0])
     assert parse_model_config(causal_regular, "x").cache_aware
+
+
+@pytest.mark.parametrize(
+    "greedy",
+    [
+        {"max_symbols": 3},
+        {"max_symbols": None},
+        {"max_symbols": 0},
+        {},
+        {"max_symbols_per_step": 4},
+        {"max_symbols_per_step": None},
+        {"max_symbols": None, "max_symbols_per_step": 2},
+    ],
+)
+def test_max_symbols_as_nemo_decides_it(nemotron_config, nemo_model, greedy):
+    """NeMo's RNNTDecoding takes `greedy.max_symbols or greedy.max_symbols_per_step`, the latter 10 unless
+    the checkpoint sets it (RNNTDecodingConfig's default, merged under the checkpoint's config). A null
+    max_symbols was read as 'no cap' and 0 as a cap of 0, where NeMo decodes with 10."""
+    from omegaconf import OmegaConf
+
+    from _support.nemo_checkpoints import quiet_nemo
+
+    reference = nemo_model("nemotron_rnnt")
+    saved = copy.deepcopy(reference.cfg.decoding)
+    cfg = edited(nemotron_config, "decoding.greedy", greedy)
+    try:
+        with quiet_nemo():
+            reference.change_decoding_strategy(OmegaConf.create(cfg["decoding"]), verbose=False)
+        expected = reference.decoding.decoding.max_symbols
+    finally:
+        with quiet_nemo():
+            reference.change_decoding_strategy(saved, verbose=False)
+    assert parse_model_config(cfg, "x").decoding.max_symbols == expected
+
+
+@pytest.mark.parametrize("greedy", [{"max_symbols_per_step": 0}, {"max_symbols": -1}])
+def test_a_non_positive_max_symbols_is_a_load_error(nemotron_config, greedy):
+    """NeMo refuses these (max_symbols_per_step must be > 0 or None)."""
+    with pytest.raises(ModelLoadError, match="decoding"):
+        parse_model_config(edited(nemotron_config, "decoding.greedy", greedy), "x")
