@@ -238,7 +238,7 @@ class RemoteStream:
                             raise ProtocolError("bad_message", "server message is not a JSON object")
                         event = message_to_event(data, self.model_sample_rate)
                         fatal = data.get("type") == "error" and data.get("fatal") is True
-                    except (ValueError, ProtocolError) as exc:
+                    except (ValueError, RecursionError, ProtocolError) as exc:  # RecursionError: nesting too deep
                         event = Error("protocol", f"unreadable message from the server: {exc}")
                     fatal_seen = fatal_seen or fatal
                     if isinstance(event, Final) and self._owed:
@@ -391,7 +391,7 @@ class RemoteEngine:
             ready = json.loads(msg.data) if msg.type is aiohttp.WSMsgType.TEXT else None
         except ValueError:
             ready = None
-        if not isinstance(ready, dict) or ready.get("type") != "ready":
+        if not isinstance(ready, dict) or ready.get("type") != "ready" or not _usable_ready(ready):
             await ws.close()
             raise ConnectionLostError(f"the server did not open the stream (first message: {msg.data!r})", ws.close_code)
         stream = RemoteStream(ws, ready, self, coalesce=self.coalesce)
@@ -412,6 +412,19 @@ class RemoteEngine:
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _usable_ready(ready: dict) -> bool:
+    """Whether a ready message has the fields a stream is built from, of their types. A malformed one
+    (not a monosemantic server, a broken proxy) raised KeyError, TypeError or AudioError out of
+    open_stream and left its connection open; it is a stream that did not open."""
+    try:
+        check_rate(ready.get("sample_rate"))
+        check_rate(ready.get("model_sample_rate"))
+    except AudioError:
+        return False
+    latency = ready.get("latency_ms")
+    return isinstance(ready.get("stream_id"), str) and isinstance(latency, int) and not isinstance(latency, bool)
 
 
 def _rejection(exc: "aiohttp.WSServerHandshakeError") -> ServerRejectedError:

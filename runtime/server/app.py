@@ -187,6 +187,12 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.socket_send_buffer_bytes)
     try:
         await ws.prepare(request)
+    except ConnectionError:
+        # The client left before the upgrade was answered (it gave up, a connection storm): nobody to
+        # serve, and no server error to log. aiohttp writes this response nowhere, quietly; the access log
+        # shows 499, as nginx logs a client that closed its request.
+        await stream.close()
+        return web.Response(status=499)
     except BaseException:
         await stream.close()
         raise

@@ -211,6 +211,8 @@ def message_to_event(message: dict, rate: int) -> Event | None:
             return Error(str(message["code"]), str(message["message"]))
         if kind == "ready":
             return None
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        # OverflowError: numbers JSON allows but Python cannot convert (an id of 1e999, a time whose sample
+        # count is infinite, an integer too large for a float).
         raise ProtocolError("bad_message", f"malformed {message.get('type')!r} message from the server: {exc!r}") from None
     raise ProtocolError("unknown_type", f"unknown message type from the server: {kind!r}")

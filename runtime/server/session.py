@@ -215,7 +215,7 @@ class Session:
                 try:
                     control = parse_control(msg.data)
                 except ProtocolError as exc:
-                    self._error(exc.code, exc.message)
+                    await self._refuse(exc)
                     continue
                 if isinstance(control, Flush):
                     if not await self._flush():
@@ -230,12 +230,20 @@ class Session:
                 self.end_reason = self.end_reason or "client_gone"
                 return
 
+    async def _refuse(self, exc: ProtocolError) -> None:
+        """Answer a bad frame with its (non-fatal) error. Frames already in the socket's buffer come
+        without the loop ever waiting, so the sender gets its turn here: otherwise a burst of bad frames
+        filled the outgoing queue from this side alone, and a client that read everything was cut as a
+        slow consumer."""
+        self._error(exc.code, exc.message)
+        await asyncio.sleep(0)
+
     async def _audio(self, data: bytes) -> bool:
         """Push one binary frame; False when the stream had to end."""
         try:
             check_audio(data)
         except ProtocolError as exc:
-            self._error(exc.code, exc.message)
+            await self._refuse(exc)
             return True
         if not data:
             return True

@@ -532,3 +532,72 @@ def test_a_server_that_stops_answering_with_the_connection_open_is_a_lost_connec
 def test_remote_engine_timeouts_must_be_positive_finite_seconds(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         RemoteEngine("ws://127.0.0.1:1", **kwargs)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ready", [
+    {"type": "ready"},  # no fields: KeyError
+    {**READY, "model_sample_rate": 0, "steps": {"first": 1480, "every": 2560}},  # ValueError from the resampler
+    {**READY, "sample_rate": "16000", "steps": {"first": 1480, "every": 2560}},  # AudioError, about our own rate
+    {**READY, "stream_id": None, "latency_ms": "160"},
+])
+def test_a_malformed_ready_message_is_a_stream_that_did_not_open(ready):
+    """open_stream documents ConnectionLostError for a server that accepts the connection but does not
+    open the stream. A ready message without its fields, or with them of the wrong types, raised
+    KeyError, ValueError or AudioError instead, and left the connection open."""
+    closed = asyncio.Event()
+
+    async def malformed_ready(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(ready)
+        async for _ in ws:
+            pass
+        closed.set()  # the client closed its side
+        return ws
+
+    async def main():
+        async with fake_server(malformed_ready) as url:
+            async with RemoteEngine(url, connect_timeout=5) as engine:
+                with pytest.raises(ConnectionLostError) as lost:
+                    await engine.open_stream()
+                await asyncio.wait_for(closed.wait(), 10)  # before the engine (and its HTTP session) closes
+                return lost.value
+
+    lost = asyncio.run(asyncio.wait_for(main(), 30))
+    assert lost.retryable and "did not open the stream" in str(lost)
+
+
+@pytest.mark.timeout(60)
+def test_numbers_python_cannot_convert_are_unreadable_messages_not_a_lost_connection():
+    """A malformed server message is an Error('protocol') event and the stream goes on. Numbers that JSON
+    allows but Python cannot convert (an id of 1e999, a time of 1e308 s, whose sample count overflows,
+    an integer too large for a float) and nesting deeper than the parser's recursion raised
+    OverflowError / RecursionError out of the reader: the stream ended as a lost connection, and the
+    events after it were lost."""
+    bad = [
+        '{"type":"partial","text":"a","stable_text":"a","start":1e308,"end":0}',
+        '{"type":"final","text":"a","start":0,"end":1,"words":[],"tokens":[{"id":1e999,"text":"a","start":0,"end":1}]}',
+        '{"type":"usage","audio_seconds":' + "9" * 400 + "}",
+        "[" * 100_000,
+    ]
+
+    async def garbage(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(READY)
+        for text in bad:
+            await ws.send_str(text)
+            await ws.send_json({"type": "usage", "audio_seconds": 1.0})
+        await ws.close(code=1000, message=b"close")
+        return ws
+
+    async def main():
+        async with fake_server(garbage) as url:
+            async with RemoteEngine(url) as engine:
+                stream = await engine.open_stream()
+                return [e async for e in stream]
+
+    events = asyncio.run(asyncio.wait_for(main(), 30))
+    assert [type(e).__name__ for e in events] == ["Error", "Usage"] * len(bad)
+    assert all(e.code == "protocol" for e in events[::2]) and all(e == Usage(1.0) for e in events[1::2])
