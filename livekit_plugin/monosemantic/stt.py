@@ -85,6 +85,7 @@ class STT(stt.STT):
         self._prewarm_task: asyncio.Task | None = None
         self._base_url, self._api_key = base_url, api_key
         self._remote = remote_engine(base_url, api_key) if base_url else None
+        self._local: EngineLike | None = None  # the shared engine, once loaded (checks latency modes)
 
     @property
     def model(self) -> str:
@@ -98,7 +99,8 @@ class STT(stt.STT):
         """The backend seam: where every stream and recognize() call gets its engine."""
         if self._remote is not None:
             return self._remote
-        return await acquire_engine(self._spec)
+        self._local = await acquire_engine(self._spec)
+        return self._local
 
     def prewarm(self) -> None:
         """Load the model and start the shared engine ahead of the first stream. Inside a running event
@@ -153,6 +155,12 @@ class STT(stt.STT):
             opts.interim_results = interim_results
         opts.validate()
         if is_given(latency_ms):
+            # Checked against the loaded model too, not only the live streams' engines: with no stream
+            # live (prewarmed, or between sessions) a mode the model lacks would otherwise be kept, and
+            # every later stream would fail with a non-retryable error.
+            model = getattr(self._local, "model", None)
+            if model is not None:
+                model.context_for(latency_ms)
             for stream in self._streams:  # all checked before any changes: a refusal changes nothing
                 stream.check_latency(latency_ms)
         self._opts = opts

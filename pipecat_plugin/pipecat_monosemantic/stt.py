@@ -34,6 +34,7 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import STTSettings
 from pipecat.services.stt_service import STTService
 from pipecat.transcriptions.language import Language
+from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.time import time_now_iso8601
 from pipecat.utils.tracing.service_decorators import traced_stt
 from pipecat.utils.types import NOT_GIVEN, is_given
@@ -439,10 +440,15 @@ class MonosemanticSTTService(STTService):
         audio kept meanwhile (nothing lost, in order), and the settings it was opened with revert to that
         stream's (a later update, received while it opened, stays and is tried next)."""
         latency, model = tried
+        # Not a failure of the service: left to classify the exception, pipecat would take a server's
+        # refusal (HTTP 400 for a mode it lacks) for a permanent INVALID_REQUEST and write the service
+        # off, and no more audio would reach the old stream that carries on. The setting was the
+        # application's, and it is undone here.
         await self.push_error(
             f"cannot apply latency_ms={latency}, model={model}: "
             f"{e}; keeping latency_ms={old.latency_ms}, model={old.model}",
             exception=e,
+            category=ErrorCategory.APPLICATION,
         )
         if self._settings.latency_ms == latency:
             self._settings.latency_ms = old.latency_ms
