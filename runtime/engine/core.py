@@ -355,6 +355,16 @@ class EngineCore:
         for handle in handles:
             self.close(handle, Error("internal", f"{type(exc).__name__}: {exc}"))
 
+    def _fail_all(self, exc: Exception) -> None:
+        """Close every open stream with Error('internal') (a failure no plan ties to some streams)."""
+        with self.lock:
+            handles = list(self.streams)
+        for handle in handles:
+            try:
+                self.close(handle, Error("internal", f"{type(exc).__name__}: {exc}"))
+            except Exception:  # that stream's own callbacks failed: it is released all the same
+                log.exception("closing stream %d failed", handle)
+
     def _run(self, plan: TickPlan) -> None:
         if plan.vad:
             probs = self._guarded(plan.vad, lambda: self.runner.vad(plan.vad))
@@ -486,5 +496,11 @@ def _serve(ref: "weakref.ref[EngineCore]") -> None:
         core = ref()
         if core is None or core._stopping:
             return
-        next_sweep = core._pass(next_sweep)
+        try:
+            next_sweep = core._pass(next_sweep)
+        except Exception as exc:  # outside the tick's guard (planning, closing dropped streams): a bug
+            # Ending the thread here left every stream waiting forever (no events, no end) while new
+            # streams were still admitted. No plan says which streams it touched: fail them all.
+            log.exception("engine loop failed outside a tick")
+            core._fail_all(exc)
         del core  # the last reference may be this one: the core is then freed here, between passes

@@ -416,6 +416,7 @@ class SyncStream(_StreamBase):
 
     def push(self, pcm) -> None:
         """As EngineStream.push, blocking while the stream's buffer is full."""
+        self._core.check_not_orphaned()  # before the lock, which a fork may have copied held (as get())
         with self._lock:
             if self._pending.size:  # an earlier push's audio, not yet written, goes first
                 try:
@@ -438,6 +439,7 @@ class SyncStream(_StreamBase):
             raise
 
     def flush(self) -> None:
+        self._core.check_not_orphaned()  # before the lock, as push()
         with self._lock:
             self._drain(taken=False, call="flush")
             self._accept_tail()

@@ -71,7 +71,16 @@ def get_engine(
         if engine is None or engine.core.shut_down:
             # A shared engine closed by one of its users (`aclose()`, `async with`) would refuse every
             # later stream of the process: it is replaced, on the model already loaded.
-            model_ = engine.model if engine is not None else load_model(key.model, device=device, dtype=dtype)
+            if engine is None:
+                model_ = load_model(key.model, device=device, dtype=dtype)
+            else:
+                model_ = engine.model
+                # Let go of the closed engine before its replacement allocates: its slots (max_streams may
+                # be sized to the memory) would still count as taken in the new engine's memory check.
+                with _registry_lock:
+                    if _engines.get(key) is engine:
+                        del _engines[key]
+                engine = None
             engine = Engine(model_, key.config)
             engine.core.start()
             with _registry_lock:
@@ -101,7 +110,9 @@ def close_shared_engines() -> None:
     with _registry_lock:
         engines = list(_engines.values())
         _engines.clear()
-        _key_locks.clear()
+        # The per-key locks stay (one per key ever asked for): a get_engine loading under one now would
+        # otherwise be joined by a second load of the same model under a new lock, and one of the two
+        # engines left out of the registry, never stopped here.
     for engine in engines:
         engine.core.stop()
 
