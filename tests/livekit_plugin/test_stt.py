@@ -297,6 +297,7 @@ def test_a_refused_reopen_keeps_the_stream_whole_and_is_reported(checkpoint, ms_
         reader = lk.start_reader(stream, events)
         await lk.feed(stream, a)
         stream.flush()
+        stt._local = None  # as for a remote engine, no loaded model to check the mode against either
         stt.update_options(latency_ms=123)
         await lk.feed(stream, b)
         stream.end_input()
