@@ -3,6 +3,7 @@ aiohttp at shutdown (a traceback and exit status 1 after SIGTERM) or closed idle
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -31,7 +32,18 @@ def test_the_switch_interval_must_be_a_positive_finite_number_of_ms(value):
         ServerConfig(switch_interval_ms=value)
 
 
-def test_serve_refuses_a_bad_switch_interval_in_one_line_before_loading(capsys):
+@pytest.fixture
+def root_logging():
+    """`serve` configures the process's root logger, with a handler on this test's captured stderr, which
+    is closed after it: put the logger back, or every later test's log line is a logging error."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_serve_refuses_a_bad_switch_interval_in_one_line_before_loading(capsys, root_logging):
     from monosemantic.cli import main
 
     assert main(["serve", "--model", "/nonexistent.nemo", "--switch-interval-ms", "0"]) == 1
