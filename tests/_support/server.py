@@ -143,6 +143,25 @@ def finals(events) -> list[Final]:
     return [e for e in events if isinstance(e, Final)]
 
 
+def check_still_serves(server: RunningServer, model, audio: np.ndarray, latency_ms: int = 160) -> None:
+    """A fresh client gets an exact final, and every slot is free after: the server survived whatever the
+    test before did."""
+    import aiohttp
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(server.ws, params={"latency_ms": str(latency_ms)}) as ws:
+                await ws.receive(timeout=10)
+                await send_audio(ws, audio)
+                await ws.send_json({"type": "flush"})
+                final = (await receive_until(ws, "final"))[-1]
+                await ws.send_json({"type": "close"})
+                return final
+
+    assert asyncio.run(main())["text"] == model.transcribe(audio, latency_ms=latency_ms).text
+    assert server.wait_until(lambda: server.open_streams() == 0 and server.state.open_streams == 0)
+
+
 class RawClient:
     """A bare WebSocket client on a blocking socket: it reads only when told to, and can vanish without
     a closing handshake. For the faults a well-behaved library client never commits."""

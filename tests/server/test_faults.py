@@ -14,7 +14,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from _support.server import RawClient, RunningServer, pcm16, receive_until, send_audio
+from _support.server import RawClient, RunningServer, check_still_serves, pcm16, receive_until, send_audio
 
 pytestmark = pytest.mark.timeout(240)
 LATENCY = 160
@@ -35,21 +35,6 @@ def server(model):
         yield running
 
 
-def check_still_serves(server, model, audio):
-    """A fresh client gets an exact final: the server survived whatever the previous test did."""
-
-    async def main():
-        async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(server.ws, params={"latency_ms": str(LATENCY)}) as ws:
-                await ws.receive(timeout=10)
-                await send_audio(ws, audio)
-                await ws.send_json({"type": "flush"})
-                final = (await receive_until(ws, "final"))[-1]
-                await ws.send_json({"type": "close"})
-                return final
-
-    assert asyncio.run(main())["text"] == model.transcribe(audio, latency_ms=LATENCY).text
-    assert server.wait_until(lambda: server.open_streams() == 0)
 
 
 def test_client_vanishing_mid_utterance_frees_its_slot(server, model, audio_clips):

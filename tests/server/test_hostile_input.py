@@ -10,12 +10,11 @@ import logging
 import socket
 import struct
 
-import aiohttp
 import pytest
 
 from monosemantic.server.websocket import StreamSocket
 
-from _support.server import RawClient, RunningServer, receive_until, send_audio
+from _support.server import RawClient, RunningServer, check_still_serves
 
 pytestmark = pytest.mark.timeout(120)
 LATENCY = 160
@@ -37,19 +36,6 @@ def server_errors(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
-def check_still_serves(server, model, audio):
-    async def main():
-        async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(server.ws, params={"latency_ms": str(LATENCY)}) as ws:
-                await ws.receive(timeout=10)
-                await send_audio(ws, audio)
-                await ws.send_json({"type": "flush"})
-                final = (await receive_until(ws, "final"))[-1]
-                await ws.send_json({"type": "close"})
-                return final
-
-    assert asyncio.run(main())["text"] == model.transcribe(audio, latency_ms=LATENCY).text
-    assert server.wait_until(lambda: server.open_streams() == 0 and server.state.open_streams == 0)
 
 
 def test_a_client_that_leaves_during_the_handshake_is_not_a_server_error(server, model, audio_clips, caplog, monkeypatch):

@@ -179,15 +179,7 @@ def test_equals_silero_offline_state_machine_for_any_chunking():
         probs = _blocky(rng, n)
         length = n * WINDOW - int(rng.integers(0, WINDOW))  # the last window is zero-padded audio
         want = _silero(probs, cfg, length)
-        policy, got, i = VADPolicy(cfg), [], 0
-        while i < n - 1:
-            k = int(min(rng.integers(1, 9), n - 1 - i))
-            got += policy.update(probs[i : i + k])
-            i += k
-        got += policy.flush(probs[i:], end_sample=length)
-        assert [t.kind for t in got] == [S, E] * (len(got) // 2)
-        pairs = [{"start": a.sample, "end": b.sample} for a, b in zip(got[::2], got[1::2])]
-        assert pairs == want, (trial, cfg)
+        assert _in_random_pieces(probs, cfg, length, rng) == want, (trial, cfg)
         segments += len(want)
     assert segments > 300  # the sequences did exercise the machine
 
@@ -285,6 +277,19 @@ def test_online_segments_bracket_speech_like_get_speech_timestamps(audio_clips):
 
 
 
+def _in_random_pieces(probs, cfg, length, rng):
+    """The policy's segments ({start, end}, as Silero's) with `probs` fed in random pieces of 1..8, the
+    last window at the flush."""
+    policy, got, i, n = VADPolicy(cfg), [], 0, len(probs)
+    while i < n - 1:
+        k = int(min(rng.integers(1, 9), n - 1 - i))
+        got += policy.update(probs[i : i + k])
+        i += k
+    got += policy.flush(probs[i:], end_sample=length)
+    assert [t.kind for t in got] == [S, E] * (len(got) // 2)
+    return [{"start": a.sample, "end": b.sample} for a, b in zip(got[::2], got[1::2])]
+
+
 def _silero(probs, cfg, length):
     silero_vad = pytest.importorskip("silero_vad", reason="silero-vad (the reference) is not installed")
     return silero_vad.get_speech_timestamps_from_probs(
@@ -338,13 +343,7 @@ def test_low_thresholds_equal_silero_on_random_sequences():
         levels = rng.choice([0.0, 0.003, 0.006, 0.009, 0.5, 0.9], size=n)
         probs = [float(p) for p in np.repeat(levels, rng.integers(1, 6, size=n))[:n]]
         length = n * WINDOW - int(rng.integers(0, WINDOW))
-        policy, got, i = VADPolicy(cfg), [], 0
-        while i < n - 1:
-            k = int(min(rng.integers(1, 9), n - 1 - i))
-            got += policy.update(probs[i : i + k])
-            i += k
-        got += policy.flush(probs[i:], end_sample=length)
-        pairs = [{"start": a.sample, "end": b.sample} for a, b in zip(got[::2], got[1::2])]
+        pairs = _in_random_pieces(probs, cfg, length, rng)
         assert pairs == _silero(probs, cfg, length), (trial, cfg, probs)
         segments += len(pairs)
     assert segments > 100
