@@ -18,6 +18,7 @@ the wait (`SpeechStream._check_progress`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from typing import TYPE_CHECKING, Awaitable, Callable
 
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 _CLOSE_GRACE_SECONDS = 2.0  # how long aclose lets the run end its turn before cancelling it
 _CUT_GRACE_SECONDS = 1.0  # how long a hung server's connection may take to close before it is cut
 _cutting: set[asyncio.Task] = set()  # those closes, running on (a reference keeps each task alive)
+_PAUSE_SECONDS = 0.1  # a frame this much later than the audio before it says the input paused
+_ORIGINS_KEPT = 256  # input pauses remembered (events refer to the current utterance's audio only)
 
 
 def frame_pcm(frame: rtc.AudioFrame) -> np.ndarray:
@@ -93,12 +96,13 @@ class SpeechStream(stt.RecognizeStream):
         self._closing = False  # the run is ending: the engine stream is (being) closed
         self._aclosing = False
         self._first_push = True
-        # Wall-clock anchoring (see `_anchor`): samples pushed by the user (at the pushed rate), the wall
-        # time of their first sample as the first frame and as the latest frame put it, and the engine
-        # samples every run so far has taken from the input.
+        # Wall-clock anchoring (see `_anchor`, `_origin`): samples pushed by the user (at the pushed
+        # rate); where the input resumed after each pause (seconds of input audio) and the wall time of
+        # the stream's first sample as the audio from there on puts it; and the engine samples every run
+        # so far has taken from the input.
         self._arrived = 0
-        self._first_t0: float | None = None
-        self._last_t0 = 0.0
+        self._origin_at: list[float] = []
+        self._origins: list[float] = []
         self._consumed = 0
         # Stream-relative times (`Clock.seconds`): the input sample the current run started at, the wall
         # time at which the base class began the last attempt, and the seconds its retries added to
@@ -120,10 +124,39 @@ class SpeechStream(stt.RecognizeStream):
         the length."""
         super().push_frame(mono_frame(frame))
         # accepted: its audio ends now (live input), so the stream's audio began `arrived` seconds ago
+        begins = self._arrived / frame.sample_rate
         self._arrived += frame.samples_per_channel
-        self._last_t0 = time.time() - self._arrived / frame.sample_rate
-        if self._first_t0 is None:
-            self._first_t0 = self._last_t0
+        self._note_origin(begins, time.time() - self._arrived / frame.sample_rate)
+
+    def _note_origin(self, begins: float, origin: float) -> None:
+        """A frame starting `begins` seconds into the input says the input began at wall time `origin`.
+
+        Live input arrives in real time, so that stays put while the input flows (frames arrive late,
+        never early) and moves on by the length of each pause in it (the session's audio input disabled
+        for a while, as push-to-talk does; a track republished): a frame more than `_PAUSE_SECONDS` later
+        than the audio before it starts a new stretch, whose origin is the earliest its frames put it (a
+        frame that was only late, the event loop busy, is followed by its backlog, which moves it back),
+        never before the previous stretch's. The first frame's arrival is the first stretch's origin:
+        input faster than real time (a pre-connect buffer) would put it in the past (times then run
+        ahead of the clock, and the tracker keeps them from the future)."""
+        origins = self._origins
+        if not origins or origin > origins[-1] + _PAUSE_SECONDS:
+            self._origin_at.append(begins)
+            origins.append(origin)
+            if len(origins) > _ORIGINS_KEPT:
+                del self._origin_at[0], origins[0]
+        elif len(origins) > 1:
+            origins[-1] = max(origins[-2], min(origins[-1], origin))
+
+    def _origin(self, sample: int) -> float:
+        """Wall time of the stream's first sample as the stretch of input holding input sample `sample`
+        (engine samples taken from the input) puts it (`_note_origin`)."""
+        i = bisect.bisect_right(self._origin_at, sample / SAMPLE_RATE) - 1
+        return self._origins[max(i, 0)]
+
+    def _paused(self, start: int, sample: int) -> float:
+        """Seconds the input paused between input samples `start` and `sample`."""
+        return self._origin(sample) - self._origin(start) if self._origins else 0.0
 
     def check_latency(self, latency_ms: int) -> None:
         """ValueError now, naming the modes, if the stream's engine is local and its model lacks this
@@ -189,6 +222,7 @@ class SpeechStream(stt.RecognizeStream):
             offset=lambda: self.start_time_offset - self._retry_shift,
             anchor=lambda: self.start_time,
             first=lambda: self._run_first,
+            paused=self._paused,
         )
         # Turns follow the engine's voice activity, or the text where the engine (a server) runs no VAD.
         self._tracker = TurnTracker(
@@ -354,18 +388,18 @@ class SpeechStream(stt.RecognizeStream):
 
     def _anchor(self, start: int) -> float:
         """Wall-clock time of this run's first sample (`start_time`, from which `TurnTracker` computes
-        `speech_start_time` / `speech_end_time`), at its first push to the engine.
+        `speech_start_time` / `speech_end_time`, adding the input's pauses after it: `_paused`), at its
+        first push to the engine.
 
         Not the time of that push: audio that arrived while the engine loaded, or while a failed run was
         retried, waits in the input channel, and the run starts on that backlog. Live input arrives in
-        real time, so the wall time of input position p is the latest frame's arrival less the audio
-        pushed since p; the run starts at the position every earlier run has consumed (a failed run's
-        audio is gone, but its samples still passed). Input faster than real time would put that in the
-        past: the first frame's arrival bounds it (times then run ahead of the clock, and the tracker
-        keeps them from the future). `start`: the engine samples taken from the input before this run's."""
-        if self._first_t0 is None:  # (no frame came through push_frame: the audio ends now)
+        real time, so the wall time of input position p is the stream's origin as the frames around p
+        put it (`_note_origin`) plus p; the run starts at the position every earlier run has consumed (a
+        failed run's audio is gone, but its samples still passed). `start`: the engine samples taken
+        from the input before this run's."""
+        if not self._origins:  # (no frame came through push_frame: the audio ends now)
             return max(0.0, time.time() - (self._consumed - start) / SAMPLE_RATE)
-        return max(0.0, max(self._first_t0, self._last_t0) + start / SAMPLE_RATE)
+        return max(0.0, self._origin(start) + start / SAMPLE_RATE)
 
     async def _flush(self, reason: FlushReason) -> None:
         async with self._lock:

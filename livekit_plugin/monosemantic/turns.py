@@ -43,18 +43,21 @@ class Clock:
     `start_time_offset` (read at each event: the framework sets it after the stream starts); `first`
     the input sample this run's audio starts at (a retried run starts where the failed one stopped);
     `base` counts the samples of earlier engine streams of the same run (an engine stream is reopened
-    for a latency change)."""
+    for a latency change); `paused(a, b)` the seconds the input paused between input samples a and b
+    (wall-clock times only: stream times count the audio)."""
 
     offset: Callable[[], float]
     anchor: Callable[[], float]  # wall-clock time of the run's first sample (RecognizeStream.start_time)
     base: int = 0
     first: Callable[[], int] = lambda: 0
+    paused: Callable[[int, int], float] = lambda a, b: 0.0
 
     def seconds(self, sample: int) -> float:
         return self.offset() + (self.first() + self.base + sample) / SAMPLE_RATE
 
     def wall(self, sample: int) -> float:
-        return self.anchor() + (self.base + sample) / SAMPLE_RATE
+        first = self.first()
+        return self.anchor() + (self.base + sample) / SAMPLE_RATE + self.paused(first, first + self.base + sample)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
 
 import numpy as np
 import pytest
@@ -176,3 +177,84 @@ def test_turn_times_follow_the_audio_after_a_retry_on_a_backlog(checkpoint, audi
     finals = [e.alternatives[0] for e in events if e.type == T.FINAL_TRANSCRIPT]
     assert finals[-1].end_time == pytest.approx(len(audio) / 16000, abs=0.01)
     assert min(f.start_time for f in finals) >= broken.pushed / 16000 - 1e-6
+
+
+def test_turn_times_follow_the_audio_after_a_pause_in_the_input(checkpoint, audio_clips, lk, vad_samples):
+    """The input stops mid-stream and resumes later (the session's audio input disabled for a while, as
+    push-to-talk does, or a participant's track republished): the turns after the pause are at the wall
+    time of the audio that came after it. They used to be dated the whole pause earlier (the run's one
+    anchor counted every later sample as if the audio had been continuous): with turn_detection="stt"
+    an END_OF_SPEECH that early let the session skip its endpointing delay."""
+    silence = np.zeros(16000, np.float32)
+    part = np.concatenate([silence, audio_clips["jfk.wav"][: 16000 * 2], silence])
+    pause = 2.0
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+        await stt._engine()  # loaded: the pause is the only wait
+        stream = stt.stream()
+        events = []
+        reader = lk.start_reader(stream, events)
+        t0 = await feed_live(stream, part, lk)
+        await asyncio.sleep(pause)  # no frames at all meanwhile
+        t1 = await feed_live(stream, part, lk)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return events, t0, t1
+
+    events, t0, t1 = asyncio.run(main())
+
+    def wall(sample):  # the true wall time of input sample `sample`
+        return t0 + sample / 16000 if sample < len(part) else t1 + (sample - len(part)) / 16000
+
+    onsets = [wall(s) - t0 for k, s, _ in vad_samples if k is monosemantic.SpeechStarted]
+    offsets = [wall(s) - t0 for k, s, _ in vad_samples if k is monosemantic.SpeechEnded]
+    after = [s for k, s, _ in vad_samples if k is monosemantic.SpeechStarted and s >= len(part)]
+    assert onsets and offsets and after, "the VAD heard speech on both sides of the pause"
+    starts = [e.speech_start_time - t0 for e in events if e.type == T.START_OF_SPEECH]
+    ends = [e.speech_end_time - t0 for e in events if e.type == T.END_OF_SPEECH]
+    assert starts[: len(onsets)] == pytest.approx(onsets, abs=TOLERANCE)
+    assert ends[: len(offsets)] == pytest.approx(offsets, abs=TOLERANCE)
+
+
+def test_a_late_frame_followed_by_its_backlog_is_no_pause(monkeypatch):
+    """A frame delayed by a busy event loop arrives late and its backlog right behind it: no pause
+    (times would run ahead of the audio for the rest of the stream), unlike input that stops."""
+    from livekit import rtc
+
+    from livekit.plugins.monosemantic import stream as stream_module
+
+    now = [1000.0]
+    monkeypatch.setattr(stream_module, "time", types.SimpleNamespace(time=lambda: now[0]))
+    frame = rtc.AudioFrame(bytes(640), 16000, 1, 320)  # 20 ms
+
+    def live(stream, n):
+        for _ in range(n):
+            now[0] += 0.02
+            stream.push_frame(frame)
+
+    async def main():
+        stt = lk_monosemantic.STT(model="unused", device="cpu")
+
+        async def never_ready():
+            await asyncio.Event().wait()
+
+        stt._engine = never_ready  # no engine: only the frames' arrival is looked at
+        stream = stt.stream()
+        live(stream, 50)  # 0-1 s
+        now[0] += 0.02 + 0.3
+        stream.push_frame(frame)  # 300 ms late
+        for _ in range(15):  # and the 300 ms behind it at once
+            stream.push_frame(frame)
+        live(stream, 50)  # to 2.32 s
+        late = stream._paused(0, 16000 * 2)
+        now[0] += 2.0  # the input stops for 2 s
+        live(stream, 50)
+        paused = stream._paused(0, 16000 * 3), stream._paused(16000 * 3, 16000 * 3 + 100)
+        stream._task.cancel()
+        await stream.aclose()
+        return late, paused
+
+    late, paused = asyncio.run(main())
+    assert late == pytest.approx(0.0, abs=1e-6)
+    assert paused == pytest.approx((2.0, 0.0), abs=1e-6)
