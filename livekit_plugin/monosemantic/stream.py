@@ -108,6 +108,7 @@ class SpeechStream(stt.RecognizeStream):
         # time at which the base class began the last attempt, and the seconds its retries added to
         # `start_time_offset` (see `_run`).
         self._run_first = 0
+        self._carried_from = 0  # input sample where the audio a failed run held back starts
         self._attempt_began: float | None = None
         self._retry_shift = 0.0
         # Progress of the run's engine stream (remote engines, `_check_progress`): loop time of its last
@@ -229,11 +230,14 @@ class SpeechStream(stt.RecognizeStream):
             clock, language=self._opts.language, interim_results=self._opts.interim_results, vad=self._es.vad,
             chunk=self._chunk(),
         )
-        self._held, self._first_push = None, True
-        self._run_first = self._consumed  # (its first push says the same; events may come before one)
+        # What a failed run had held back for a stream change was taken from the input but given to no
+        # engine stream: this run starts with it (the base class hands each frame to one run only).
+        carried, self._held, self._first_push = self._held or [], None, True
+        self._carried_from = self._consumed - sum(len(item) for item in carried if not isinstance(item, str))
+        self._run_first = self._carried_from  # (its first push says the same; events may come before one)
         self._settled.set()
         self._stalled = stalled = asyncio.get_running_loop().create_future()
-        input_task = asyncio.create_task(self._forward_input(), name="monosemantic.forward_input")
+        input_task = asyncio.create_task(self._forward_input(carried), name="monosemantic.forward_input")
         events_task = asyncio.create_task(self._forward_events(), name="monosemantic.forward_events")
         tasks = [input_task, events_task]
         try:
@@ -350,8 +354,15 @@ class SpeechStream(stt.RecognizeStream):
             self._event_ch.send_nowait(event)
 
     # ---- input side -------------------------------------------------------------------------------------
-    async def _forward_input(self) -> None:
+    async def _forward_input(self, carried: list) -> None:
         try:
+            start = self._carried_from
+            for item in carried:  # first what a failed run held back, in order
+                if isinstance(item, str):
+                    await self._flush(item)
+                else:
+                    await self._push(item, start)
+                    start += len(item)
             async for item in self._input_ch:
                 if isinstance(item, self._FlushSentinel):
                     await self._flush("framework")
@@ -373,8 +384,11 @@ class SpeechStream(stt.RecognizeStream):
             await self._es.close()
             self._owe()  # its end: the events drain, then stop
 
-    async def _push(self, pcm: np.ndarray) -> None:
-        start, self._consumed = self._consumed, self._consumed + len(pcm)  # a later run starts after it
+    async def _push(self, pcm: np.ndarray, start: int | None = None) -> None:
+        """`start`: where `pcm` lies in the input, if it was taken from it before (carried from a failed
+        run); else it is the input's next audio."""
+        if start is None:
+            start, self._consumed = self._consumed, self._consumed + len(pcm)  # a later run starts after it
         async with self._lock:
             if self._held is not None:
                 self._held.append(pcm)

@@ -414,3 +414,69 @@ def test_full_engine_is_retried_until_a_slot_frees(checkpoint, audio_clips, lk, 
     events, errors = asyncio.run(main())
     assert errors and all(e.recoverable for e in errors)
     assert finals(events)[0].text == ms_model("nemotron_rnnt").transcribe(audio, latency_ms=160).text
+
+
+class _LostBeforeFinal:
+    """An engine stream whose connection is lost while its first Final is on the way."""
+
+    def __init__(self, es):
+        self._es, self.vad = es, es.vad
+
+    async def push(self, pcm) -> None:
+        await self._es.push(pcm)
+
+    async def flush(self) -> None:
+        await self._es.flush()
+
+    async def close(self) -> None:
+        await self._es.close()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        event = await self._es.__anext__()
+        if isinstance(event, monosemantic.Final):
+            await asyncio.sleep(0.5)  # meanwhile the stream holds new audio back for the latency change
+            raise monosemantic.StreamError("connection lost")
+        return event
+
+
+def test_audio_held_back_for_a_latency_change_goes_to_the_retry(checkpoint, ms_model, audio_clips, lk):
+    """A latency change holds new audio back until the flush's Final; the engine stream fails before
+    it. The held audio was taken from the input but given to no engine stream: the retried run used to
+    start after it (the next utterance lost its first second), it starts with it now."""
+    a, b = audio_clips["jfk.wav"], audio_clips["61-70968-0000.flac"]
+    model = ms_model("nemotron_rnnt")
+    other = [m for m in model.latency_modes if m != 160][0]
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        engine = await stt._engine()
+        opened = []
+
+        class Engine:
+            async def open_stream(self, **kw):
+                opened.append(await engine.open_stream(**kw))
+                return _LostBeforeFinal(opened[-1]) if len(opened) == 1 else opened[-1]
+
+        async def acquire():
+            return Engine()
+
+        stt._engine = acquire
+        stream = stt.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.1))
+        events = []
+        reader = lk.start_reader(stream, events)
+        await lk.feed(stream, a)
+        stream.flush()
+        stt.update_options(latency_ms=other)
+        await lk.feed(stream, b, realtime_factor=2.0)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return events
+
+    events = asyncio.run(main())
+    [final] = [f for f in finals(events) if f.text]  # the first utterance's audio was lost with its stream
+    assert final.start_time == pytest.approx(len(a) / 16000, abs=0.03)
+    assert final.text == model.transcribe(b, latency_ms=other).text
+    lk.check_invariants(events, (len(a) + len(b)) / 16000)
