@@ -128,7 +128,7 @@ class TickPlan:
     steps: tuple[StepBatch, ...] = ()
     vad: tuple[VADRow, ...] = ()
     finals: tuple[FinalRow, ...] = ()
-    wake_in: float | None = None  # seconds until a held batch must run (None: nothing held)
+    wake_in: float | None = None  # seconds until a held batch must run, 0 after a skip (None: nothing held)
     # Streams whose windows the plan skipped as silence (skip_silence): their audio was consumed without a
     # step, so a writer waiting for room in their buffer must be told, and Usage must count it.
     skipped: tuple[int, ...] = ()
@@ -336,6 +336,10 @@ class Scheduler:
             if not (self.skip_silence is not None and held):
                 vad_rows = []
                 wake_in = VAD_WAIT if wake_in is None else min(wake_in, VAD_WAIT)
+        if skipped:
+            # A skip runs nothing, so the plan may be `empty`; but the stream may hold its next window
+            # already (behind after a burst): plan again at once rather than sleep as if idle.
+            wake_in = 0.0
         return TickPlan(steps=steps, vad=tuple(vad_rows), finals=tuple(finals), wake_in=wake_in,
                         skipped=tuple(h for h, _ in skipped), skipped_samples=tuple(n for _, n in skipped))
 
