@@ -312,6 +312,7 @@ class Scheduler:
         vad_width = self.geometry.vad_window if self.vad else 0
         now = self.clock() if vad_width else 0.0
         vad_due = False  # some stream has VAD_BATCH windows waiting
+        vad_wait = VAD_WAIT  # seconds until the first lone window waiting has waited VAD_WAIT
         for record in records:
             # Most streams, most ticks, hold no window: only their VAD windows are looked at.
             if (record.flushes or record.ready_at <= record.written) and self._plan_record(
@@ -328,6 +329,8 @@ class Scheduler:
                         record.vad_since = now
                     elif now - record.vad_since >= VAD_WAIT:
                         vad_due = True  # a lone window (no audio after it, yet) waits no longer than that
+                    else:  # what is left of its wait, not a whole VAD_WAIT again at every plan
+                        vad_wait = min(vad_wait, VAD_WAIT - (now - record.vad_since))
                     vad_rows.append(VADRow(record.handle, record.slot, record.generation, record.vad_pos, count))
         steps = tuple(StepBatch(ms, tuple(rows)) for ms, rows in by_mode.items() if rows)
         # A VAD call has a fixed cost too: run it with a step, or once a stream has VAD_BATCH windows
@@ -335,7 +338,7 @@ class Scheduler:
         if vad_rows and not steps and not finals and not vad_first and not vad_due:
             if not (self.skip_silence is not None and held):
                 vad_rows = []
-                wake_in = VAD_WAIT if wake_in is None else min(wake_in, VAD_WAIT)
+                wake_in = vad_wait if wake_in is None else min(wake_in, vad_wait)
         if skipped:
             # A skip runs nothing, so the plan may be `empty`; but the stream may hold its next window
             # already (behind after a burst): plan again at once rather than sleep as if idle.

@@ -321,3 +321,24 @@ def test_positions_kept_per_stream_follow_every_change_of_its_window(skip_silenc
             assert s.has_work(x) == (
                 x.ready_at <= (x.flushes[0] if x.flushes else x.written) or x.written - x.vad_pos >= 1024
             )
+
+
+def test_a_lone_vad_window_is_run_at_most_vad_wait_after_it_was_found():
+    """engine.md: a single VAD window with no audio after it yet "waits at most 64 ms". The plan asked to
+    be made again a whole VAD_WAIT later at every plan, not for what was left of it: a loop woken by
+    something else at 50 ms (or sleeping its 50 ms at most) then slept another 64, and the window waited
+    about 100 ms (its SpeechEnded as late)."""
+    from monosemantic.engine.scheduler import VAD_WAIT
+
+    now = [0.0]
+    s = Scheduler(4, 8, GEOMETRY, True, clock=lambda: now[0])
+    r = s.admit(160, shape(1))
+    s.wrote(r, GEOMETRY.vad_window)  # one window, no encoder window yet
+    plan = run(s)
+    assert plan.empty and plan.wake_in == pytest.approx(VAD_WAIT)
+    now[0] = 0.05
+    plan = run(s)
+    assert plan.empty and plan.wake_in == pytest.approx(VAD_WAIT - 0.05)
+    now[0] = VAD_WAIT
+    (row,) = run(s).vad
+    assert (row.start, row.windows) == (0, 1)
