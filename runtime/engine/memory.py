@@ -30,7 +30,9 @@ class SlotBytes:
 
 def available_host_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes the process can still allocate on the host: the kernel's MemAvailable, lowered to what the
-    process's cgroup (v2) limit leaves, as in a container. None where neither can be read (not Linux)."""
+    process's cgroup (v2) limit leaves, as in a container. None where neither can be read (not Linux).
+    The cgroup's usage counts its page cache, which the kernel reclaims as needed (MemAvailable counts
+    it as available): its inactive part is left out of the usage, as docker and the kubelet do."""
     available = None
     try:
         for line in meminfo.read_text().splitlines():
@@ -42,11 +44,24 @@ def available_host_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = 
     try:
         limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            left = max(0, int(limit) - int((cgroup / "memory.current").read_text().strip()))
+            used = int((cgroup / "memory.current").read_text().strip()) - _inactive_file(cgroup)
+            left = max(0, int(limit) - used)
             available = left if available is None else min(available, left)
     except (OSError, ValueError):
         pass
     return available
+
+
+def _inactive_file(cgroup: Path) -> int:
+    """The cgroup's inactive page cache (memory.stat), reclaimable; 0 where it cannot be read."""
+    try:
+        for line in (cgroup / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "inactive_file":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def available_device_memory(device) -> int | None:

@@ -117,3 +117,20 @@ def test_this_machine_reports_host_memory():
     if not memory.Path("/proc/meminfo").exists():
         pytest.skip("Linux only")
     assert available_host_memory() > 0
+
+
+def test_a_containers_reclaimable_page_cache_counts_as_available(tmp_path):
+    """memory.current counts the page cache the cgroup's reads filled (the model file, a download), which
+    the kernel reclaims when the process needs memory; MemAvailable counts it as available, and so must
+    the cgroup's figure. A container at its limit with a page cache (the steady state of one that read its
+    checkpoint) was found to have nothing available, and every engine was refused."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text(f"{8 << 30}\n")
+    (cgroup / "memory.current").write_text(f"{(8 << 30) - (1 << 20)}\n")  # at its limit
+    (cgroup / "memory.stat").write_text(f"anon {3 << 30}\nfile {5 << 30}\nactive_file {1 << 30}\ninactive_file {4 << 30}\n")
+    assert available_host_memory(meminfo, cgroup) == (4 << 30) + (1 << 20)  # what is left, and the inactive cache
+    (cgroup / "memory.stat").write_text("anon 1\n")  # no figure: the limit less what is used
+    assert available_host_memory(meminfo, cgroup) == 1 << 20
