@@ -97,9 +97,10 @@ class EngineCore:
         skip = None if config.skip_silence_ms is None else config.skip_silence_ms * model.sample_rate // 1000
         wait = config.batch_wait_ms
         # The runner first: it checks that max_streams slots fit in memory before anything is sized by it.
+        # A step never holds more rows than there are streams: no graph is captured for larger batches.
         self.runner = ModelRunner(
             model, plans, config.max_streams, ring, vad=config.vad is not None,
-            max_batch=config.max_batch, cuda_graphs=config.cuda_graphs,
+            max_batch=min(config.max_batch, config.max_streams), cuda_graphs=config.cuda_graphs,
         )
         self.scheduler = Scheduler(
             config.max_streams, config.max_batch, g, vad=config.vad is not None, skip_silence=skip,

@@ -212,6 +212,20 @@ def test_capacity(ms_model):
     asyncio.run(main())
 
 
+def test_no_batch_is_sized_beyond_the_streams_the_engine_serves(ms_model):
+    """A step never batches more rows than there are streams, so the CUDA graphs `warmup_latencies`
+    captures at start stop at the bucket that holds max_streams rows: with max_streams=4 and the default
+    max_batch (64), every bucket up to 64 was captured (12 per mode, about a second each, their memory
+    sized for 64 rows) where 1, 2, 3 and 4 are all that can ever run."""
+    from monosemantic.engine.core import EngineCore
+
+    model = ms_model("nemotron_rnnt")
+    core = EngineCore(model, EngineConfig(max_streams=4, vad=None, warmup_latencies=(160,)))
+    assert core.runner.buckets == [1, 2, 3, 4]
+    core = EngineCore(model, EngineConfig(max_streams=40, max_batch=6, vad=None))
+    assert core.runner.buckets == [1, 2, 3, 4, 6]
+
+
 def test_slot_reuse_1000_cycles_leaves_nothing_behind(ms_model, audio_clips):
     """Open/push/close 1,000 times, half the closes right after a push (mid-step): no slot stays
     taken, and no stream ever sees another stream's transcript."""
