@@ -28,11 +28,18 @@ class SlotBytes:
         return self.device + self.host
 
 
-def available_host_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+def available_host_memory(
+    meminfo: Path = Path("/proc/meminfo"),
+    cgroup: Path = Path("/sys/fs/cgroup"),
+    self_cgroup: Path = Path("/proc/self/cgroup"),
+) -> int | None:
     """Bytes the process can still allocate on the host: the kernel's MemAvailable, lowered to what the
-    process's cgroup (v2) limit leaves, as in a container. None where neither can be read (not Linux).
-    The cgroup's usage counts its page cache, which the kernel reclaims as needed (MemAvailable counts
-    it as available): its inactive part is left out of the usage, as docker and the kubelet do."""
+    memory limits of the process's cgroup and of every cgroup above it leave (a container's, a systemd
+    unit's `MemoryMax`, a slice's), cgroup v2 or v1. None where nothing can be read (not Linux).
+
+    `cgroup` is where the hierarchies are mounted; `self_cgroup` names the process's cgroups in them.
+    A cgroup's usage counts its page cache, which the kernel reclaims as needed (MemAvailable counts it
+    as available): its inactive part is left out of the usage, as docker and the kubelet do."""
     available = None
     try:
         for line in meminfo.read_text().splitlines():
@@ -41,23 +48,66 @@ def available_host_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = 
                 break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            used = int((cgroup / "memory.current").read_text().strip()) - _inactive_file(cgroup)
-            left = max(0, int(limit) - used)
-            available = left if available is None else min(available, left)
-    except (OSError, ValueError):
-        pass
+    for left in _cgroup_room(cgroup, self_cgroup):
+        available = left if available is None else min(available, left)
     return available
 
 
-def _inactive_file(cgroup: Path) -> int:
-    """The cgroup's inactive page cache (memory.stat), reclaimable; 0 where it cannot be read."""
+# Memory files of a cgroup: (limit, usage, the usage's reclaimable page cache in memory.stat, "no limit").
+_V2_FILES = ("memory.max", "memory.current", "inactive_file", "max")
+_V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file", None)
+
+
+def _cgroup_room(root: Path, self_cgroup: Path) -> list[int]:
+    """Bytes left under each memory limit on the process's cgroup path, innermost first.
+
+    /proc/self/cgroup names the process's cgroup: "0::/path" in the unified (v2) hierarchy, "N:...memory...:/path"
+    where the memory controller is a v1 hierarchy (mounted at root/memory; it then holds the limits).
+    Limits can sit on any ancestor (a unit's slice), so every level that exists is read. Inside a
+    container the path may be the host's while the mount shows only the container's own cgroup: the
+    levels not found are skipped, and the mount's root is always read."""
+    v2 = v1 = None
     try:
-        for line in (cgroup / "memory.stat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "inactive_file":
+        for line in self_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                v2 = path
+            elif "memory" in controllers.split(","):
+                v1 = path
+    except (OSError, ValueError):
+        pass
+    if v1 is not None and (root / "memory").is_dir():
+        base, path, files = root / "memory", v1, _V1_FILES
+    else:
+        base, path, files = root, v2 or "/", _V2_FILES
+    parts = [part for part in path.split("/") if part and part not in (".", "..")]
+    levels = [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]  # innermost first
+    room = []
+    for level in levels:
+        left = _room(level, *files)
+        if left is not None:
+            room.append(left)
+    return room
+
+
+def _room(level: Path, limit_file: str, usage_file: str, cache_key: str, unlimited: str | None) -> int | None:
+    """What one cgroup's limit leaves (None: no limit, or not readable)."""
+    try:
+        limit = (level / limit_file).read_text().strip()
+        if limit == unlimited:
+            return None
+        used = int((level / usage_file).read_text().strip()) - _stat(level, cache_key)
+        return max(0, int(limit) - used)
+    except (OSError, ValueError):
+        return None
+
+
+def _stat(level: Path, key: str) -> int:
+    """One figure of the cgroup's memory.stat (its reclaimable page cache); 0 where it cannot be read."""
+    try:
+        for line in (level / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
                 return int(value)
     except (OSError, ValueError):
         pass

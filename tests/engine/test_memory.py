@@ -102,15 +102,15 @@ def test_available_host_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
     cgroup = tmp_path / "cgroup"
     cgroup.mkdir()
-    assert available_host_memory(meminfo, cgroup) == 20000000 * 1024  # no cgroup files: meminfo alone
+    assert available_host_memory(meminfo, cgroup, tmp_path / 'self') == 20000000 * 1024  # no cgroup files: meminfo alone
     (cgroup / "memory.max").write_text("max\n")
     (cgroup / "memory.current").write_text("123\n")
-    assert available_host_memory(meminfo, cgroup) == 20000000 * 1024  # no limit
+    assert available_host_memory(meminfo, cgroup, tmp_path / 'self') == 20000000 * 1024  # no limit
     (cgroup / "memory.max").write_text(f"{8 << 30}\n")
     (cgroup / "memory.current").write_text(f"{3 << 30}\n")
-    assert available_host_memory(meminfo, cgroup) == 5 << 30  # a container's limit is lower
-    assert available_host_memory(tmp_path / "missing", cgroup) == 5 << 30
-    assert available_host_memory(tmp_path / "missing", tmp_path / "none") is None
+    assert available_host_memory(meminfo, cgroup, tmp_path / 'self') == 5 << 30  # a container's limit is lower
+    assert available_host_memory(tmp_path / "missing", cgroup, tmp_path / 'self') == 5 << 30
+    assert available_host_memory(tmp_path / "missing", tmp_path / "none", tmp_path / 'self') is None
 
 
 def test_this_machine_reports_host_memory():
@@ -131,6 +131,46 @@ def test_a_containers_reclaimable_page_cache_counts_as_available(tmp_path):
     (cgroup / "memory.max").write_text(f"{8 << 30}\n")
     (cgroup / "memory.current").write_text(f"{(8 << 30) - (1 << 20)}\n")  # at its limit
     (cgroup / "memory.stat").write_text(f"anon {3 << 30}\nfile {5 << 30}\nactive_file {1 << 30}\ninactive_file {4 << 30}\n")
-    assert available_host_memory(meminfo, cgroup) == (4 << 30) + (1 << 20)  # what is left, and the inactive cache
+    assert available_host_memory(meminfo, cgroup, tmp_path / 'self') == (4 << 30) + (1 << 20)  # what is left, and the inactive cache
     (cgroup / "memory.stat").write_text("anon 1\n")  # no figure: the limit less what is used
-    assert available_host_memory(meminfo, cgroup) == 1 << 20
+    assert available_host_memory(meminfo, cgroup, tmp_path / 'self') == 1 << 20
+
+
+def _limit(level, limit: int | str, used: int, v1: bool = False) -> None:
+    level.mkdir(parents=True, exist_ok=True)
+    (level / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(f"{limit}\n")
+    (level / ("memory.usage_in_bytes" if v1 else "memory.current")).write_text(f"{used}\n")
+
+
+def test_a_limit_on_the_processs_own_cgroup_or_an_ancestor_is_read(tmp_path):
+    """A systemd unit's MemoryMax (or its slice's) sits on the process's cgroup below the hierarchy's root,
+    named by /proc/self/cgroup; only the root's files were read, so such a process was checked against
+    the host's MemAvailable and too many slots ended in the OOM killer instead of a CapacityError."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:   20000000 kB\n")
+    root, me = tmp_path / "cgroup", tmp_path / "self"
+    me.write_text("0::/system.slice/agent.service\n")
+    _limit(root, "max", 10 << 30)
+    _limit(root / "system.slice" / "agent.service", 4 << 30, 1 << 30)  # the unit's MemoryMax
+    assert available_host_memory(meminfo, root, me) == 3 << 30
+    _limit(root / "system.slice", 2 << 30, 1536 << 20)  # the slice's is tighter
+    assert available_host_memory(meminfo, root, me) == 512 << 20
+    # Inside a container the path names the host's cgroup, which the container's mount does not show:
+    # its root (the container's own cgroup) is still read.
+    me.write_text("0::/kubepods/pod1/abc\n")
+    _limit(root, 1 << 30, 256 << 20)
+    assert available_host_memory(meminfo, root, me) == 768 << 20
+
+
+def test_a_cgroup_v1_memory_limit_is_read(tmp_path):
+    """Hosts still on cgroup v1 (or hybrid: a unified hierarchy without the memory controller) keep the
+    limit in the memory hierarchy's memory.limit_in_bytes, its usage's page cache as total_inactive_file."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:   20000000 kB\n")
+    root, me = tmp_path / "cgroup", tmp_path / "self"
+    me.write_text("4:memory:/docker/abc\n1:cpu,cpuacct:/docker/abc\n0::/\n")
+    _limit(root, "max", 1)  # the unified hierarchy's root: no memory controller there, not read for limits
+    _limit(root / "memory", 9223372036854771712, 6 << 30, v1=True)  # v1's "no limit" is a huge number
+    _limit(root / "memory" / "docker" / "abc", 4 << 30, 3 << 30, v1=True)
+    (root / "memory" / "docker" / "abc" / "memory.stat").write_text(f"inactive_file 1\ntotal_inactive_file {1 << 30}\n")
+    assert available_host_memory(meminfo, root, me) == 2 << 30
