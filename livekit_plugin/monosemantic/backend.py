@@ -52,7 +52,9 @@ def remote_engine(base_url: str, api_key: str | None) -> EngineLike:
         from monosemantic.client import RemoteEngine
     except ImportError as exc:
         raise APIConnectionError(f"remote mode needs the server extra: {exc}", retryable=False) from exc
-    return RemoteEngine(base_url, api_key)
+    # keepalive: the session's audio input may pause for minutes (push-to-talk, input switched off); the
+    # stream lives as long as the session, not until the server's idle timeout.
+    return RemoteEngine(base_url, api_key, keepalive=True)
 
 
 def acquire_engine_blocking(spec: EngineSpec) -> EngineLike:

@@ -46,6 +46,11 @@ _END = object()
 FRAME_BYTES = 64 * 1024  # pushes larger than this go out as several frames, far below the server's limit
 _CLEAN_CLOSE = 1000
 _GOING_AWAY = 1001
+# A keepalive goes after a third of the server's idle timeout without a send: two chances before it
+# expires. A server that does not say its timeout has the default's, 60 s.
+_KEEPALIVE_SHARE = 1 / 3
+_DEFAULT_IDLE_TIMEOUT = 60.0
+_KEEPALIVE = b""  # an empty binary frame: no audio, and it resets the server's idle timeout
 
 
 def to_pcm16(pcm) -> bytes:
@@ -92,7 +97,7 @@ def stream_url(base_url: str) -> str:
 class RemoteStream:
     """One stream on a server; the same methods and events as monosemantic.EngineStream."""
 
-    def __init__(self, ws, ready: dict, engine: "RemoteEngine", coalesce: bool = True):
+    def __init__(self, ws, ready: dict, engine: "RemoteEngine", coalesce: bool = True, keepalive: bool = False):
         self._ws = ws
         self._engine = engine
         self.stream_id: str = ready["stream_id"]
@@ -118,7 +123,14 @@ class RemoteStream:
         timing = timing_from_ready(ready) if coalesce else None
         self._coalescer = Coalescer(timing, self.sample_rate, self.model_sample_rate) if timing is not None else None
         self._held = bytearray()
+        self._last_send = asyncio.get_running_loop().time()
+        self._keepalive = None
         self._reader = asyncio.create_task(self._read())
+        if keepalive:
+            idle = ready.get("idle_timeout")
+            if not isinstance(idle, (int, float)) or isinstance(idle, bool) or not 0 < idle < float("inf"):
+                idle = _DEFAULT_IDLE_TIMEOUT
+            self._keepalive = asyncio.create_task(self._keep_alive(idle * _KEEPALIVE_SHARE))
 
     # ---- sending -------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -130,6 +142,7 @@ class RemoteStream:
     async def _send(self, send, payload) -> None:
         try:
             await send(payload)
+            self._last_send = asyncio.get_running_loop().time()
         except asyncio.CancelledError:
             _forget_cancelled_drain(self._ws)
             raise
@@ -187,6 +200,27 @@ class RemoteStream:
             # for the transport to drain): a cancellation there finds the piece already sent.
             await self._send(self._ws.send_bytes, piece)
 
+    async def _keep_alive(self, interval: float) -> None:
+        """Send an empty frame whenever nothing was sent for `interval` seconds: an input that pauses (a
+        muted microphone, push-to-talk, an agent's audio input switched off) is not a client gone, and
+        without it the server ends the stream at its idle timeout (`idle_timeout`, a fatal error the
+        adapters then retry with a reconnect). Audio held for coalescing is not sent by it."""
+        loop = asyncio.get_running_loop()
+        while not self._closed and self._gone is None:
+            wait = self._last_send + interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            if self._lock.locked():  # a push or flush is sending (or waiting for the server to take it)
+                self._last_send = loop.time()
+                continue
+            async with self._lock:
+                try:
+                    await self._send(self._ws.send_bytes, _KEEPALIVE)
+                except ConnectionLostError:
+                    return  # the reader reports the end
+            self._last_send = loop.time()
+
     async def flush(self) -> None:
         """End the utterance: a Final follows, covering all audio pushed before this call."""
         self._check_open()
@@ -209,6 +243,8 @@ class RemoteStream:
             return
         self._closed = True
         self._held.clear()  # audio after the last flush: dropped, as the server would drop it
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self._gone is None and not self._ws.closed:
             try:
                 await self._ws.send_str('{"type":"close"}')
@@ -256,6 +292,8 @@ class RemoteStream:
                 await self._ws.close()
 
     def _finish(self, code: int | None, reason: str, fatal_seen: bool) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         code = None if code == 1006 else code
         describe = f"the server closed the stream (code {code}{', ' + reason if reason else ''})" if code else "the connection to the server was lost"
         self._gone = ConnectionLostError(describe, code)
@@ -304,6 +342,7 @@ class RemoteEngine:
         heartbeat_seconds: float | None = 10.0,
         session: "aiohttp.ClientSession | None" = None,
         coalesce: bool = True,
+        keepalive: bool = False,
     ):
         """`coalesce`: gather a stream's small pushes and send them at the points where the server can
         use them (engine/coalesce.py): the same results, at the same times, in several times fewer
@@ -311,7 +350,11 @@ class RemoteEngine:
         `heartbeat_seconds`: a connection that brings nothing for this long is pinged, and lost
         (ConnectionLostError, which adapters retry) when no pong comes within half as long. Without it a
         server that stopped answering while the connection stayed open (a frozen process, a network cut
-        that sent no reset) left pushes, flushes and reads waiting forever. None: no pings."""
+        that sent no reset) left pushes, flushes and reads waiting forever. None: no pings.
+        `keepalive`: while a stream sends nothing, send an empty frame every third of the server's idle
+        timeout, so that a stream whose input pauses stays open (the adapters turn it on: their streams
+        live as long as a call). False: a stream silent for the idle timeout is closed by the server
+        with `idle_timeout`, which also frees the slot of a stream its caller forgot to close."""
         check_positive_seconds("connect_timeout", connect_timeout)
         if heartbeat_seconds is not None:
             check_positive_seconds("heartbeat_seconds", heartbeat_seconds)
@@ -326,6 +369,7 @@ class RemoteEngine:
         self.connect_timeout = connect_timeout
         self.heartbeat_seconds = heartbeat_seconds
         self.coalesce = bool(coalesce)
+        self.keepalive = bool(keepalive)
         self._session = session
         self._own_session = session is None
         self._streams: set[RemoteStream] = set()
@@ -394,7 +438,7 @@ class RemoteEngine:
         if not isinstance(ready, dict) or ready.get("type") != "ready" or not _usable_ready(ready):
             await ws.close()
             raise ConnectionLostError(f"the server did not open the stream (first message: {msg.data!r})", ws.close_code)
-        stream = RemoteStream(ws, ready, self, coalesce=self.coalesce)
+        stream = RemoteStream(ws, ready, self, coalesce=self.coalesce, keepalive=self.keepalive)
         self._streams.add(stream)
         return stream
 

@@ -202,7 +202,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     try:
         ready = ready_message(
             stream_id, stream.latency_ms, params.sample_rate, state.model.sample_rate, state.model.latency_modes,
-            vad=stream.vad, timing=stream.timing,
+            vad=stream.vad, timing=stream.timing, idle_timeout=config.idle_timeout_seconds,
         )
         await session.run(ready)
     finally:

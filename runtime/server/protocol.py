@@ -104,10 +104,12 @@ def check_audio(data: bytes) -> None:
 
 def ready_message(
     stream_id: str, latency_ms: int, sample_rate: int, model_sample_rate: int, latency_modes, vad: bool,
-    timing: StepTiming | None = None,
+    timing: StepTiming | None = None, idle_timeout: float | None = None,
 ) -> dict:
     """`timing`: when the stream's audio makes work; sent as `steps` (and `vad_window` with VAD), so that
-    a client may gather small frames up to those points (docs/protocol.md)."""
+    a client may gather small frames up to those points (docs/protocol.md). `idle_timeout`: seconds of
+    silence from the client after which the server closes the stream, so that a client whose input
+    pauses knows how often to send a keepalive."""
     message = {
         "type": "ready",
         "protocol": PROTOCOL_VERSION,
@@ -118,6 +120,8 @@ def ready_message(
         "latency_modes": list(latency_modes),
         "vad": vad,
     }
+    if idle_timeout is not None:
+        message["idle_timeout"] = idle_timeout
     if timing is not None:
         message["steps"] = {"first": timing.first, "every": timing.every}
         if timing.vad_window is not None:

@@ -601,3 +601,41 @@ def test_numbers_python_cannot_convert_are_unreadable_messages_not_a_lost_connec
     events = asyncio.run(asyncio.wait_for(main(), 30))
     assert [type(e).__name__ for e in events] == ["Error", "Usage"] * len(bad)
     assert all(e.code == "protocol" for e in events[::2]) and all(e == Usage(1.0) for e in events[1::2])
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+def test_keepalive_holds_a_paused_stream_open_across_the_idle_timeout(model, audio_clips, keepalive):
+    """A caller whose input pauses (a muted microphone) sends nothing; the server ends such a stream at
+    its idle timeout. keepalive=True sends empty frames in the pause, which carry no audio: the Final
+    covers exactly the audio pushed. Without it the server's timeout stands (a forgotten stream's slot
+    is freed)."""
+    first, second = audio_clips["jfk.wav"][: 16000 * 3], audio_clips["61-70968-0000.flac"][: 16000 * 2]
+    want = model.transcribe(np.concatenate([first, second]), latency_ms=160)
+
+    async def main(url):
+        async with RemoteEngine(url, keepalive=keepalive) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            await stream.push(first)
+            await asyncio.sleep(2.5)  # two and a half idle timeouts without audio
+            events = []
+            try:
+                await stream.push(second)
+                await stream.flush()
+                async for event in stream:
+                    events.append(event)
+                    if isinstance(event, Final):
+                        break
+            except ConnectionLostError:
+                pass
+            await stream.close()
+            return events + [e async for e in stream]
+
+    with RunningServer(model, idle_timeout_seconds=1.0) as running:
+        events = asyncio.run(main(running.http))
+    errors = [e for e in events if isinstance(e, Error)]
+    if keepalive:
+        assert not errors
+        (final,) = [e for e in events if isinstance(e, Final)]
+        assert final.text == want.text and final.end == len(first) + len(second)
+    else:
+        assert [e.code for e in errors] == ["idle_timeout"]

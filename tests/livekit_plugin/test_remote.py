@@ -323,3 +323,35 @@ def test_a_stream_owing_no_final_is_not_timed_out_by_a_quiet_server(lk):
 
     errors = asyncio.run(main())
     assert errors == [] and len(connections) == 1
+
+
+def test_a_pause_in_the_input_longer_than_the_servers_idle_timeout_keeps_the_stream(ms_model, audio_clips, lk):
+    """The session's audio input switched off for a while (push-to-talk) sends the plugin nothing. The
+    server ended such a connection at its idle timeout (60 s by default), and every pause that long
+    cost an `idle_timeout` error event, a warning and a reconnect; the plugin now keeps it alive."""
+    model = ms_model("nemotron_rnnt")
+    first, second = audio_clips["jfk.wav"][: 16000 * 3], audio_clips["61-70968-0000.flac"][: 16000 * 3]
+
+    async def main(port):
+        stt = lk_monosemantic.STT(base_url=f"ws://127.0.0.1:{port}")
+        errors, events = [], []
+        stt.on("error", errors.append)
+        stream = stt.stream()
+        reader = lk.start_reader(stream, events)
+        try:
+            await lk.feed(stream, first, realtime_factor=4.0)
+            stream.flush()
+            await asyncio.sleep(2.5)  # no input for two and a half idle timeouts
+            await lk.feed(stream, second, realtime_factor=4.0)
+            stream.end_input()
+            await asyncio.wait_for(reader, 60)
+        finally:
+            await stream.aclose()
+            await stt.aclose()
+        return errors, events
+
+    with RunningServer(model, idle_timeout_seconds=1.0) as running:
+        errors, events = asyncio.run(main(running.port))
+    assert errors == []
+    lk.check_invariants(events, 6.0)  # stream times count the audio
+    assert " ".join(f.text for f in finals(events) if f.text)

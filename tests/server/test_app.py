@@ -59,6 +59,7 @@ def test_raw_protocol_round_trip_two_utterances(server, model, audio_clips):
     assert ready["type"] == "ready" and ready["latency_ms"] == LATENCY and ready["sample_rate"] == 16000
     assert ready["model_sample_rate"] == 16000 and LATENCY in ready["latency_modes"] and ready["stream_id"]
     assert ready["vad"] is True  # the fixture's server runs VAD (a --no-vad one says false: tests/livekit_plugin)
+    assert ready["idle_timeout"] == 60.0  # the server's idle timeout: how often a paused client must send
     fa, fb = first[-1], second[-1]
     assert fa["text"] == want_a.text and fb["text"] == want_b.text
     assert [w["word"] for w in fa["words"]] == [w.text for w in want_a.words]
