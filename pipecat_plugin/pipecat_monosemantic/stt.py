@@ -156,6 +156,7 @@ class MonosemanticSTTService(STTService):
         self._dtype = dtype
         self._engine_config = engine_config
         self._stop_timeout = stop_timeout
+        self._remote_args = (base_url, api_key)
         self._remote = remote_engine(base_url, api_key) if base_url else None
 
         self._session: StreamSession | None = None  # where incoming audio goes
@@ -216,7 +217,10 @@ class MonosemanticSTTService(STTService):
         await super().cleanup()
         await self._abort()
         if self._remote is not None:
-            await self._remote.aclose()
+            # A closed RemoteEngine opens no more streams: a later run of this service (set up and started
+            # again in a new pipeline) gets a client of its own, as an in-process service gets its engine.
+            remote, self._remote = self._remote, remote_engine(*self._remote_args)
+            await remote.aclose()
 
     # ---- audio in --------------------------------------------------------------------------------
     async def process_audio_frame(self, frame: InputAudioRawFrame, direction: FrameDirection):

@@ -259,3 +259,27 @@ def test_end_frame_during_a_latency_changes_open(harness, answers):
         assert [f.text for f in h.finals()] == ["c0:12800"]
         (error,) = h.errors()
         assert "no recognition stream opened within 1.0 s" in error.error and "0.6 s" in error.error
+
+
+def test_a_service_run_again_after_its_pipeline_ended_reconnects(harness):
+    """A service object can serve a second pipeline after the first one ended (pipecat sets it up and
+    starts it again; an in-process service does). In remote mode the first run's cleanup closed its
+    RemoteEngine for good, so every open of the second run failed ("this RemoteEngine is closed"), one
+    ErrorFrame after another, and nothing was transcribed."""
+    recorder = Recorder()
+
+    async def main():
+        async with fake_server(recorder) as url:
+            stt = MonosemanticSTTService(base_url=url)
+            runs = []
+            for _ in range(2):
+                async with harness(stt, sample_rate=16000) as h:
+                    await h.say(pcm(0.5))
+                    await h.wait_for(lambda: len(h.finals()) == 1 or h.errors(), timeout=10)
+                    await h.end(timeout=10)
+                runs.append(h)
+            return runs
+
+    runs = asyncio.run(main())
+    assert [[f.text for f in h.finals()] for h in runs] == [["c0:16000"], ["c1:16000"]]
+    assert not any(h.errors() for h in runs)
