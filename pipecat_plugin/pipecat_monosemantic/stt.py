@@ -611,7 +611,9 @@ class MonosemanticSTTService(STTService):
             return
         if not event.text:
             # Nothing was said (a cough, a VAD false start): no transcript, but the wait for one is over.
-            await self.stop_ttfb_metrics()
+            # There is no time to a transcript to report: the measurement is abandoned, as pipecat's own
+            # timeout does when no transcript comes (stopping it reported this answer's time as a TTFB).
+            await self.cancel_ttfb_metrics()
             await self._cancel_ttfb_timeout()
             return
         # Usage first, so tracing attaches it to the span this transcript closes.

@@ -1,7 +1,8 @@
 """Streams open in the background, a settings change's new stream too: against a fake `monosemantic serve`
 endpoint on loopback whose handshakes the test holds back, nothing waits for an open, the audio and
 flushes received meanwhile reach the new stream (or, if it cannot open, the old one) in order, and a
-setting changed while a stream opened applies before the next utterance."""
+setting changed while a stream opened applies before the next utterance. The same endpoint serves tests
+that need a server's exact answers (an empty final) or many quick runs."""
 
 from __future__ import annotations
 
@@ -54,12 +55,16 @@ class Recorder:
                 kind = json.loads(msg.data)["type"]
                 if kind == "flush":
                     conn["received"].append("flush")
-                    await ws.send_json({"type": "final", "text": f"c{n}:{pending}", "words": [], "start": 0, "end": 0})
+                    text = self.final_text(n, pending)
+                    await ws.send_json({"type": "final", "text": text, "words": [], "start": 0, "end": 0})
                     pending = 0
                 elif kind == "close":
                     conn["closed"] = True
                     await ws.close()
         return ws
+
+    def final_text(self, n: int, pending: int) -> str:
+        return f"c{n}:{pending}"
 
     def audio(self, n: int) -> int:
         return sum(x for x in self.connections[n]["received"] if x != "flush")
@@ -283,3 +288,33 @@ def test_a_service_run_again_after_its_pipeline_ended_reconnects(harness):
     runs = asyncio.run(main())
     assert [[f.text for f in h.finals()] for h in runs] == [["c0:16000"], ["c1:16000"]]
     assert not any(h.errors() for h in runs)
+
+
+def test_a_final_with_no_text_reports_no_ttfb(harness):
+    """A flush whose Final has no text (a cough, a VAD false start) pushes no transcript. It used to stop
+    the TTFB measurement all the same, reporting a TTFB for a transcript that never came (the quickest
+    finals of all, pulling the figures down); Pipecat's base class and its services abandon the
+    measurement when no transcript comes, and so does the service now."""
+    from pipecat.frames.frames import MetricsFrame
+    from pipecat.metrics.metrics import TTFBMetricsData
+
+    class FirstBlank(Recorder):
+        def final_text(self, n, pending):
+            self.flushes = getattr(self, "flushes", 0) + 1
+            return "" if self.flushes == 1 else super().final_text(n, pending)
+
+    recorder = FirstBlank()
+
+    async def main():
+        async with remote_service(harness, recorder) as (stt, h):
+            await h.say(pcm(0.3))
+            await h.wait_for(lambda: getattr(recorder, "flushes", 0) == 1, timeout=10)
+            await h.say(pcm(0.5))
+            await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+            await h.end(timeout=10)
+            return h
+
+    h = asyncio.run(main())
+    assert [f.text for f in h.finals()] == ["c0:16000"] and not h.errors()
+    ttfb = [d for m in h.down.of(MetricsFrame) for d in m.data if isinstance(d, TTFBMetricsData) and d.value > 0]
+    assert len(ttfb) == 1  # the second utterance's, measured to its transcript
