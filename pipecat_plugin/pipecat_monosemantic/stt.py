@@ -39,7 +39,7 @@ from pipecat.utils.time import time_now_iso8601
 from pipecat.utils.tracing.service_decorators import traced_stt
 from pipecat.utils.types import NOT_GIVEN, is_given
 
-from monosemantic.errors import AudioError, MissingDependencyError, ModelLoadError, StreamError
+from monosemantic.errors import AudioError, MissingDependencyError, ModelLoadError, PushTimeoutError, StreamError
 from monosemantic.events import Error, Final, Partial
 
 from .audio import FrameAudio
@@ -271,10 +271,17 @@ class MonosemanticSTTService(STTService):
                     await session.push(audio)
                 except AudioError as e:
                     await self.push_error(f"audio frame rejected, not transcribed: {e}", exception=e)
-                except StreamError as e:
-                    # The stream closed under us (its event task reports why and drops it) or the engine is
-                    # overloaded: this frame is not transcribed, and the next one goes to a working stream.
+                except PushTimeoutError as e:
+                    # The engine is overloaded: this frame is not transcribed; the stream carries on.
                     await self.push_error(f"audio frame not transcribed: {e}", exception=e)
+                except StreamError:
+                    # The stream ended under us (a lost connection, an engine error) before its event task
+                    # saw it: that task reports it, once, with what of the utterance was lost. This frame
+                    # is kept for a fresh stream, as the frames after it are (one ErrorFrame each before).
+                    if self._session is session:
+                        self._session = None
+                    if await self._ensure_session() is None and self._opening is not None:
+                        await self._keep(audio)
             elif self._opening is not None:
                 await self._keep(audio)
         yield None
@@ -584,7 +591,7 @@ class MonosemanticSTTService(STTService):
             raise
         except Exception as e:
             if not self._aborted:
-                await self.push_error(f"reading transcripts failed: {e}", exception=e)
+                await self.push_error(f"reading transcripts failed: {e}{self._lost(session)}", exception=e)
         finally:
             session.done.set()
             self._sessions.discard(session)
@@ -627,14 +634,18 @@ class MonosemanticSTTService(STTService):
         )
         await self._handle_transcription(event.text, True, language)
 
-    async def _on_engine_error(self, session: StreamSession, event: Error) -> None:
-        lost = ""
+    @staticmethod
+    def _lost(session: StreamSession) -> str:
+        """What an ended stream's error adds when audio pushed to it will not be transcribed."""
         if session.unflushed or session.outstanding:
-            lost = " (the audio of the utterance in progress was not transcribed)"
+            return " (the audio of the utterance in progress was not transcribed)"
+        return ""
+
+    async def _on_engine_error(self, session: StreamSession, event: Error) -> None:
         if self._session is session:
             self._session = None  # the next audio frame opens a fresh stream
         if not self._aborted:
-            await self.push_error(f"engine error '{event.code}': {event.message}{lost}")
+            await self.push_error(f"engine error '{event.code}': {event.message}{self._lost(session)}")
 
     @traced_stt
     async def _handle_transcription(self, transcript: str, is_final: bool, language: Language | None = None):

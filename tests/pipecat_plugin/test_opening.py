@@ -318,3 +318,54 @@ def test_a_final_with_no_text_reports_no_ttfb(harness):
     assert [f.text for f in h.finals()] == ["c0:16000"] and not h.errors()
     ttfb = [d for m in h.down.of(MetricsFrame) for d in m.data if isinstance(d, TTFBMetricsData) and d.value > 0]
     assert len(ttfb) == 1  # the second utterance's, measured to its transcript
+
+
+class CutsFirstConnection(Recorder):
+    """A Recorder whose first connection is cut (no close frame: a server process killed, a proxy
+    restarted) once `cut_after` bytes of audio came."""
+
+    def __init__(self, cut_after: int):
+        super().__init__()
+        self.cut_after = cut_after
+
+    async def __call__(self, request):
+        if self.connections:
+            return await super().__call__(request)
+        self.connections.append({"latency_ms": None, "received": [], "closed": False})
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(READY)
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                self.connections[0]["received"].append(len(msg.data))
+                if self.audio(0) >= self.cut_after:
+                    request.transport.abort()
+                    break
+        return ws
+
+
+def test_a_connection_lost_mid_utterance_is_one_error_and_the_audio_after_it_goes_to_a_new_stream(harness):
+    """Audio frames that met the lost connection before the stream's event task had seen it each failed
+    with their own ErrorFrame ("audio frame not transcribed", one per 20 ms frame) and were dropped; the
+    event task's own error did not say that the utterance in progress was lost. Now the loss is one
+    ErrorFrame saying so, and the frames after it go to a new stream."""
+    recorder = CutsFirstConnection(cut_after=6400)
+
+    async def main():
+        async with remote_service(harness, recorder) as (stt, h):
+            await h.wait_for(lambda: stt._session is not None, timeout=5)
+            await h.speech_starts()
+            await h.audio(pcm(0.4))  # cut after 0.2 s
+            await h.speech_stops()
+            await h.wait_for(lambda: h.errors(), timeout=10)
+            await h.say(pcm(0.5))
+            await h.wait_for(lambda: h.finals() and h.finals()[-1].text.endswith(":16000"), timeout=10)
+            await h.end(timeout=10)
+            return h
+
+    h = asyncio.run(main())
+    (error,) = h.errors()
+    assert "connection to the server was lost" in error.error and "not transcribed" in error.error
+    # The frames that met the lost connection went to the new one, ahead of the next utterance (a few that
+    # the dying connection still took are lost with it, as the error says).
+    assert recorder.audio(1) > 16000
