@@ -49,7 +49,10 @@ class StreamSession:
         try:
             await self.stream.flush()
         except BaseException:
+            # Not flushed (a flush timed out on an overloaded engine keeps the audio, unended): the audio
+            # is still owed a flush, or a later one (the EndFrame's) would find nothing to flush.
             self.outstanding -= 1
+            self.unflushed = True
             raise
         return True
 
