@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
+from monosemantic.errors import PushTimeoutError
+
 from .backend import StreamLike
 
 
@@ -31,7 +33,14 @@ class StreamSession:
         self.closed = False
 
     async def push(self, audio: bytes) -> None:
-        await self.stream.push(audio)
+        try:
+            await self.stream.push(audio)
+        except PushTimeoutError as e:
+            # Timed out on an overloaded engine after taking its audio: that audio goes at the next push
+            # or flush, so a flush owes its Final.
+            if e.accepted:
+                self.unflushed = True
+            raise
         self.unflushed = True
 
     async def keepalive(self, silence: bytes) -> None:

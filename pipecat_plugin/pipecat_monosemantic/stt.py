@@ -272,8 +272,10 @@ class MonosemanticSTTService(STTService):
                 except AudioError as e:
                     await self.push_error(f"audio frame rejected, not transcribed: {e}", exception=e)
                 except PushTimeoutError as e:
-                    # The engine is overloaded: this frame is not transcribed; the stream carries on.
-                    await self.push_error(f"audio frame not transcribed: {e}", exception=e)
+                    # The engine is overloaded; the stream carries on. A push that took its audio before it
+                    # timed out has it sent later: that frame is late, not lost.
+                    lost = "audio frame delayed" if e.accepted else "audio frame not transcribed"
+                    await self.push_error(f"{lost}: {e}", exception=e)
                 except StreamError:
                     # The stream ended under us (a lost connection, an engine error) before its event task
                     # saw it: that task reports it, once, with what of the utterance was lost. This frame

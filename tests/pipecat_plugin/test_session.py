@@ -52,3 +52,23 @@ def test_a_flush_that_failed_leaves_the_audio_owed_a_flush():
 
     stream, session = asyncio.run(main())
     assert stream.calls == ["push", "flush"] and session.outstanding == 1 and not session.closed
+
+
+def test_a_push_that_timed_out_after_taking_its_audio_owes_a_flush():
+    """A push that timed out with `accepted=True` took its audio (it goes at the next push or flush); a
+    flush after it must end the utterance, or that audio waits unflushed and is closed away."""
+
+    class SlowPush(Stream):
+        async def push(self, pcm) -> None:
+            self.calls.append("push")
+            raise PushTimeoutError("push timed out: this call's audio was accepted", accepted=True)
+
+    async def main():
+        stream = SlowPush()
+        session = StreamSession(stream, 160, "m")
+        with pytest.raises(PushTimeoutError):
+            await session.push(b"\0\0" * 160)
+        return stream, session, await session.flush()
+
+    stream, session, owed = asyncio.run(main())
+    assert owed and stream.calls == ["push", "flush"] and session.outstanding == 1
