@@ -166,6 +166,7 @@ class MonosemanticSTTService(STTService):
         self._retry_at = 0.0
         self._open_failures = 0  # failed opens in a row (the reopen backoff doubles with each)
         self._aborted = False  # cancelled: push nothing more
+        self._draining = False  # stopping (EndFrame): the finals still to come are the last ones
         self._frame_audio: FrameAudio | None = None  # set at start, when the stream's rate is known
         self._opening: asyncio.Task | None = None  # a stream opening in the background
         self._swap_from: StreamSession | None = None  # the stream a settings change replaces, while it opens
@@ -190,7 +191,7 @@ class MonosemanticSTTService(STTService):
     async def start(self, frame: StartFrame):
         await super().start(frame)
         self._frame_audio = FrameAudio(self.sample_rate)
-        self._aborted = False
+        self._aborted = self._draining = False
         self._retry_at, self._open_failures = 0.0, 0
         async with self._lock:
             await self._ensure_session()
@@ -515,6 +516,7 @@ class MonosemanticSTTService(STTService):
         """Flush every stream, wait for the Finals owed, close (waiting `stop_timeout` at most in all)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._stop_timeout
+        self._draining = True
         async with self._lock:
             await self._push_held_audio()
             self._retry_at = float("inf")  # no audio after EndFrame; nothing reopens
@@ -629,9 +631,15 @@ class MonosemanticSTTService(STTService):
         await self.emit_stt_usage_metrics()
         self.confirm_finalize()
         language = self._language()
+        # Finalized tells pipecat's turn strategies that nothing more is coming (Smart Turn's ends a
+        # complete turn on it at once). A final that comes while the user speaks again (the previous
+        # utterance's, late) is not that: the utterance in progress is still to come. Deepgram's is
+        # finalized only for a finalize requested since the last VADUserStartedSpeakingFrame. At the
+        # pipeline's end nothing more comes whatever.
+        finalized = not self._user_speaking or self._draining
         await self.push_frame(
             TranscriptionFrame(
-                event.text, self._user_id, time_now_iso8601(), language, result=event, finalized=True
+                event.text, self._user_id, time_now_iso8601(), language, result=event, finalized=finalized
             )
         )
         await self._handle_transcription(event.text, True, language)

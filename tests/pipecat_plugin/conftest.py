@@ -118,7 +118,9 @@ class Harness:
             await asyncio.sleep(0.01)
 
     def finals(self) -> list[TranscriptionFrame]:
-        return [f for f in self.down.of(TranscriptionFrame) if f.finalized]
+        """Every final transcript. Most are marked finalized; one that comes while the user speaks again
+        (a late final, or audio fed faster than real time) is not: it does not end what is being said."""
+        return self.down.of(TranscriptionFrame)
 
     def errors(self) -> list[ErrorFrame]:
         return self.up.of(ErrorFrame)

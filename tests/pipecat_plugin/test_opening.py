@@ -55,6 +55,7 @@ class Recorder:
                 kind = json.loads(msg.data)["type"]
                 if kind == "flush":
                     conn["received"].append("flush")
+                    await self.before_final(n)
                     text = self.final_text(n, pending)
                     await ws.send_json({"type": "final", "text": text, "words": [], "start": 0, "end": 0})
                     pending = 0
@@ -62,6 +63,9 @@ class Recorder:
                     conn["closed"] = True
                     await ws.close()
         return ws
+
+    async def before_final(self, n: int) -> None:
+        pass
 
     def final_text(self, n: int, pending: int) -> str:
         return f"c{n}:{pending}"
@@ -160,6 +164,7 @@ def test_audio_during_a_latency_changes_open_reaches_the_new_stream_in_order(har
     h = asyncio.run(main())
     assert recorder.connections[1]["latency_ms"] == "80"
     assert [f.text for f in h.finals()] == ["c0:19200", "c1:19200", "c1:9600"]
+    assert [f.finalized for f in h.finals()[1:]] == [False, True]  # the second came as the user spoke
     assert recorder.connections[1]["received"] == [640] * 30 + ["flush"] + [640] * 15 + ["flush"]
     assert not h.errors()
 
@@ -369,3 +374,39 @@ def test_a_connection_lost_mid_utterance_is_one_error_and_the_audio_after_it_goe
     # The frames that met the lost connection went to the new one, ahead of the next utterance (a few that
     # the dying connection still took are lost with it, as the error says).
     assert recorder.audio(1) > 16000
+
+
+def test_a_final_that_comes_after_the_user_spoke_again_is_not_finalized(harness):
+    """Pipecat's turn strategies read a finalized TranscriptionFrame as "the STT has nothing more to
+    send": Smart Turn's ends the turn at once if it judges it complete. An utterance's final that came
+    late, after the user had started speaking again, was pushed finalized all the same, so the next VAD
+    stop could end the turn before the transcript of what the user said after it. Deepgram's service
+    marks a final finalized only for a finalize requested since the last VADUserStartedSpeakingFrame;
+    this one now only when the user is not speaking (or the pipeline is ending)."""
+    late = asyncio.Event()
+
+    class LateFirstFinal(Recorder):
+        async def before_final(self, n):
+            if not getattr(self, "delayed", False):
+                self.delayed = True
+                await late.wait()
+
+    recorder = LateFirstFinal()
+
+    async def main():
+        async with remote_service(harness, recorder) as (stt, h):
+            await h.say(pcm(0.5))
+            await h.wait_for(lambda: getattr(recorder, "delayed", False), timeout=10)
+            await h.speech_starts()  # the user speaks again before the first final came
+            await h.audio(pcm(0.3))
+            await h.wait_for(lambda: stt._in_utterance, timeout=5)
+            late.set()
+            await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+            await h.speech_stops()
+            await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
+            await h.end(timeout=10)
+            return h
+
+    h = asyncio.run(main())
+    assert [(f.text, f.finalized) for f in h.finals()] == [("c0:16000", False), ("c0:9600", True)]
+    assert not h.errors()

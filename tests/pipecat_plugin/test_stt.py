@@ -47,20 +47,23 @@ def service(ckpt, **kwargs) -> MonosemanticSTTService:
 
 
 def split_by_utterance(frames) -> list[list]:
-    """Transcription frames grouped into utterances, each ending at its finalized TranscriptionFrame."""
+    """Transcription frames grouped into utterances, each ending at its TranscriptionFrame."""
     groups, current = [], []
     for frame in frames:
         current.append(frame)
-        if isinstance(frame, TranscriptionFrame) and frame.finalized:
+        if isinstance(frame, TranscriptionFrame):
             groups.append(current)
             current = []
     assert not current, "transcription frames after the last final"
     return groups
 
 
-def check_utterances(h, expected: list[str]) -> None:
+def check_utterances(h, expected: list[str], spoke_on: bool = False) -> None:
+    """`spoke_on`: the audio came faster than the finals, so a final may come while the user speaks again
+    (the next VADUserStartedSpeakingFrame already in): that one is not finalized (more is to come)."""
     groups = split_by_utterance(h.transcripts())
     assert [g[-1].text for g in groups] == expected
+    assert spoke_on or all(g[-1].finalized for g in groups)
     for group in groups:
         final, interims = group[-1], group[:-1]
         assert interims and all(isinstance(f, InterimTranscriptionFrame) for f in interims)
@@ -109,7 +112,7 @@ def test_other_pipeline_rates_are_resampled_by_the_engine(fresh_engines, harness
             await h.end()
             return h
 
-    check_utterances(asyncio.run(main()), expected)
+    check_utterances(asyncio.run(main()), expected, spoke_on=True)
 
 
 class RecordingService(MonosemanticSTTService):
@@ -210,7 +213,7 @@ def test_latency_change_waits_for_the_utterance_boundary(fresh_engines, harness,
             return h, engine
 
     h, engine = asyncio.run(main())
-    check_utterances(h, expected)
+    check_utterances(h, expected, spoke_on=True)
     assert engine.core.streams == {}  # the retired 160 ms stream closed after its final, the other at the end
 
 
@@ -596,7 +599,7 @@ def test_audio_during_a_slow_latency_switch_reaches_the_new_stream_in_order(
             return stt, h, engine
 
     stt, h, engine = asyncio.run(main())
-    check_utterances(h, expected)
+    check_utterances(h, expected, spoke_on=True)
     assert not stt._backlog and engine.core.streams == {}
 
 
