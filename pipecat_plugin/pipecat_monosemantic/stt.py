@@ -393,6 +393,10 @@ class MonosemanticSTTService(STTService):
         session = StreamSession(stream, latency, model, after=after)
         self._sessions.add(session)
         session.task = self.create_task(self._read_events(session), name="monosemantic_events")
+        if self._remote is not None:
+            # pipecat's connection events, as a hosted STT service's websocket raises them: each stream
+            # is its own connection to the server (an in-process stream has none, and raises none).
+            await self._call_event_handler("on_connected")
         return session
 
     async def _ensure_session(self) -> StreamSession | None:
@@ -486,6 +490,8 @@ class MonosemanticSTTService(STTService):
         lost = f"; the {lost_seconds:.1f} s of audio received while it was opening were not transcribed"
         lost = lost if lost_seconds else ""
         retry = "" if permanent else f"; audio is not transcribed until a stream opens (next try in {wait:g} s)"
+        if self._remote is not None:
+            await self._call_event_handler("on_connection_error", f"could not open a recognition stream: {e}")
         await self.push_error(
             f"could not open a recognition stream: {e}{lost}{retry}",
             exception=e,
@@ -595,6 +601,8 @@ class MonosemanticSTTService(STTService):
             raise
         except Exception as e:
             if not self._aborted:
+                if self._remote is not None:
+                    await self._call_event_handler("on_connection_error", f"connection lost: {e}")
                 await self.push_error(f"reading transcripts failed: {e}{self._lost(session)}", exception=e)
         finally:
             session.done.set()
@@ -605,6 +613,10 @@ class MonosemanticSTTService(STTService):
                 await session.close()
             except Exception:
                 pass
+            if self._remote is not None:
+                # Its connection is over: closed by the service (a settings change, the pipeline's end) or
+                # by the server, or lost.
+                await self._call_event_handler("on_disconnected")
 
     def _language(self) -> Language | str | None:
         # pipecat stores a Language (or a code it does not know, as given) after converting the setting
@@ -655,6 +667,8 @@ class MonosemanticSTTService(STTService):
         if self._session is session:
             self._session = None  # the next audio frame opens a fresh stream
         if not self._aborted:
+            if self._remote is not None:
+                await self._call_event_handler("on_connection_error", f"{event.code}: {event.message}")
             await self.push_error(f"engine error '{event.code}': {event.message}{self._lost(session)}")
 
     @traced_stt

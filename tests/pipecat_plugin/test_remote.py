@@ -272,3 +272,50 @@ def test_a_server_that_never_answers_does_not_hold_up_the_pipeline(harness, spee
 
         h = asyncio.run(main())
     assert not h.errors() and h.finals() == []
+
+
+def test_connection_events_follow_the_streams_connections(harness, model, speech):
+    """pipecat's STTService documents on_connected / on_disconnected / on_connection_error, which an
+    application uses to watch a hosted STT's connection (alerting, a failover); none was ever raised. In
+    remote mode each stream is a connection: opened, lost with the server, failing to open while the
+    server is down, opened again, closed at the pipeline's end."""
+    server = RunningServer(model)
+
+    async def main():
+        stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{server.port}")
+        seen = []
+
+        @stt.event_handler("on_connected")
+        async def on_connected(service):
+            seen.append("connected")
+
+        @stt.event_handler("on_disconnected")
+        async def on_disconnected(service):
+            seen.append("disconnected")
+
+        @stt.event_handler("on_connection_error")
+        async def on_connection_error(service, error):
+            assert isinstance(error, str) and error
+            seen.append("error")
+
+        async with harness(stt, sample_rate=16000) as h:
+            await h.say(speech[0])
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            await asyncio.to_thread(server.__exit__)  # the server goes away
+            await h.wait_for(lambda: "disconnected" in seen)
+            await asyncio.sleep(1.1)  # the reopen backoff
+            await h.audio(speech[1][:3200])  # the next audio tries to reopen: refused, the server is down
+            await h.wait_for(lambda: seen.count("error") >= 1 and len(h.errors()) >= 2)
+            await asyncio.to_thread(server.restart)
+            await asyncio.sleep(2.1)  # the doubled backoff
+            await h.say(speech[1])
+            await h.wait_for(lambda: len(h.finals()) == 2)
+            await h.end()
+            await asyncio.sleep(0.1)  # the handlers run as tasks
+            return seen
+
+    with server:
+        seen = asyncio.run(main())
+    assert seen[0] == "connected" and seen[-1] == "disconnected"
+    assert seen.count("connected") == 2 and seen.count("disconnected") == 2, seen
+    assert "error" in seen[seen.index("disconnected"):seen.index("connected", 1)], seen
