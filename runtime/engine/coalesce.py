@@ -70,6 +70,12 @@ class Coalescer:
         self.sent = self.utterance_start = self.written
         self.next_point = self._point_after(self.sent)
 
+    def reopen(self, start: int) -> None:
+        """A flush counted by `flushed` did not go out after all: the utterance that began at `start`
+        goes on (the tail stays counted: it is sent at the next push or flush)."""
+        self.utterance_start = start
+        self.next_point = self._point_after(self.sent)
+
     def _point_after(self, position: int) -> int:
         """The first model-rate sample count beyond `position` at which the server has work."""
         timing = self.timing

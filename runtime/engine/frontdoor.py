@@ -93,14 +93,25 @@ class _StreamBase:
         self._pending = samples
         return True
 
-    def _accept_tail(self) -> None:
-        """The resampler's tail, after everything held, into `_pending` (which must be empty)."""
+    def _accept_tail(self) -> int | None:
+        """The resampler's tail, after everything held, into `_pending` (which must be empty). Returns
+        where the coalescer's utterance started, for `_flush_failed`."""
         self._core.check_open(self.handle)
         tail = self._resampler.flush()
+        start = None
         if self._coalescer is not None:
+            start = self._coalescer.utterance_start
             self._coalescer.flushed(len(tail))
             tail = self._with_held(tail)
         self._pending = tail
+        return start
+
+    def _flush_failed(self, start: int | None) -> None:
+        """A flush left before reaching the engine (its audio's wait timed out, or it was cancelled): the
+        utterance goes on, and so do the step points the coalescer holds pushes up to. (Moved to the
+        tail's end, they held the pushes before the next flush to the wrong points: later events.)"""
+        if start is not None:
+            self._coalescer.reopen(start)
 
     def _with_held(self, samples: np.ndarray) -> np.ndarray:
         if not self._held:
@@ -334,8 +345,12 @@ class EngineStream(_StreamBase):
         self._check_loop()
         async with self._lock:
             await self._drain(taken=False, call="flush")
-            self._accept_tail()
-            await self._drain(call="flush")
+            start = self._accept_tail()
+            try:
+                await self._drain(call="flush")
+            except BaseException:
+                self._flush_failed(start)
+                raise
             self._core.flush(self.handle)
 
     async def close(self) -> None:
@@ -442,8 +457,12 @@ class SyncStream(_StreamBase):
         self._core.check_not_orphaned()  # before the lock, as push()
         with self._lock:
             self._drain(taken=False, call="flush")
-            self._accept_tail()
-            self._drain(call="flush")
+            start = self._accept_tail()
+            try:
+                self._drain(call="flush")
+            except BaseException:
+                self._flush_failed(start)
+                raise
             self._core.flush(self.handle)
 
     def close(self) -> None:

@@ -768,3 +768,61 @@ def test_sync_stream_closed_while_threads_push_flush_and_read(ms_model, audio_cl
         engine.open_stream(), engine.open_stream()  # both slots free
     assert all(o in ("closed", "end") for o in outcomes), outcomes
     assert outcomes.count("end") == 2
+
+
+@pytest.mark.parametrize("front", ["async", "sync"])
+def test_a_flush_that_timed_out_leaves_the_pushes_step_points_where_they_were(ms_model, audio_clips, monkeypatch, front):
+    """A flush whose audio could not be written in time did not end the utterance, so the pushes after
+    it (before the flush is made again, as the error asks) belong to the same utterance; the coalescer
+    had already moved its step points to the flush's end, and held those pushes to the wrong points."""
+    from monosemantic import PushTimeoutError
+
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"]
+    config = EngineConfig(push_timeout_seconds=0.2, coalesce_pushes=True, **QUIET)
+    # 20 ms pushes: the coalescer holds those after the last step point, so the flush has audio to write.
+    first, rest = audio[: 16000 + 320], audio[16000 + 320 :]
+
+    def state(stream):
+        return stream._coalescer.utterance_start, stream._coalescer.next_point
+
+    def full_buffer(core):
+        write = core.write
+        monkeypatch.setattr(core, "write", lambda handle, samples: 0)
+        return lambda: monkeypatch.setattr(core, "write", write)
+
+    if front == "async":
+
+        async def main():
+            async with Engine(model, config) as engine:
+                stream = await engine.open_stream(latency_ms=160)
+                for i in range(0, len(first), 320):
+                    await stream.push(first[i : i + 320])
+                before, restore = state(stream), full_buffer(engine.core)
+                with pytest.raises(PushTimeoutError):
+                    await stream.flush()
+                restore()
+                after = state(stream)
+                for i in range(0, len(rest), 320):
+                    await stream.push(rest[i : i + 320])
+                await stream.flush()
+                return before, after, await final_of(stream)
+
+        before, after, final = asyncio.run(main())
+    else:
+        with SyncEngine(model, config) as engine:
+            stream = engine.open_stream(latency_ms=160)
+            for i in range(0, len(first), 320):
+                stream.push(first[i : i + 320])
+            before, restore = state(stream), full_buffer(engine.core)
+            with pytest.raises(PushTimeoutError):
+                stream.flush()
+            restore()
+            after = state(stream)
+            for i in range(0, len(rest), 320):
+                stream.push(rest[i : i + 320])
+            stream.flush()
+            final = next(e for e in iter(lambda: stream.get(timeout=30), None) if isinstance(e, Final))
+    assert after == before
+    assert final.end == len(audio)
+    assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=160).token_ids
