@@ -113,7 +113,9 @@ class STT(stt.STT):
         except RuntimeError:
             acquire_engine_blocking(self._spec)
             return
-        if self._prewarm_task is None:
+        # One load at a time; a finished one (loaded, failed or cancelled by aclose) may be asked again:
+        # the shared engine may have been closed since, or the load may succeed this time.
+        if self._prewarm_task is None or self._prewarm_task.done():
             self._prewarm_task = loop.create_task(self._prewarm(), name="monosemantic.prewarm")
 
     async def _prewarm(self) -> None:
@@ -174,6 +176,7 @@ class STT(stt.STT):
         later streams, as an STT held at module level and reused by the next session needs."""
         if self._prewarm_task is not None:
             self._prewarm_task.cancel()
+            self._prewarm_task = None  # a later prewarm (the next session's) loads again
         await asyncio.gather(*(s.aclose() for s in list(self._streams)), return_exceptions=True)
         if self._remote is not None:
             # A closed client refuses new streams (and a reopened one would leak its HTTP session), so

@@ -1,5 +1,5 @@
-"""Latency options of the LiveKit STT checked against the loaded model, also with no stream live (real
-livekit-agents base classes, a real engine on the tiny checkpoint)."""
+"""Latency options of the LiveKit STT checked against the loaded model, also with no stream live, and
+prewarm around aclose (real livekit-agents base classes, a real engine on the tiny checkpoint)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,22 @@ def test_a_latency_mode_the_model_lacks_is_refused_before_the_first_stream(check
 
     events = asyncio.run(main())
     assert [e.alternatives[0].text for e in events if e.type == T.FINAL_TRANSCRIPT][0]
+
+
+def test_prewarm_after_aclose_loads_again(checkpoint):
+    """An STT held at module level is closed at a session's end and prewarmed by the next agent; the
+    first prewarm's task, cancelled by aclose, was kept, and every later prewarm did nothing (the next
+    session's first stream paid for the load)."""
+    from monosemantic.engine.shared import shared_engines
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        stt.prewarm()
+        await stt.aclose()  # at once: the first load is cancelled (or done)
+        monosemantic.close_shared_engines()  # the process let the engine go meanwhile
+        assert not shared_engines()
+        stt.prewarm()
+        await asyncio.wait_for(stt._prewarm_task, 60)
+        return len(shared_engines())
+
+    assert asyncio.run(main()) == 1
