@@ -176,6 +176,12 @@ class SpeechStream(stt.RecognizeStream):
         """Apply new options to this live stream. language and interim_results apply to the next event;
         a latency change applies at the next utterance boundary, where the engine stream is reopened
         (a mode the local model lacks is a ValueError here, changing nothing)."""
+        # The STT's checks first (an empty language, a latency that is no integer): a refusal changes nothing.
+        STTOptions(
+            latency_ms=latency_ms if is_given(latency_ms) else self._opts.latency_ms,
+            language=language if is_given(language) else self._opts.language,
+            interim_results=self._opts.interim_results,
+        ).validate()
         if is_given(latency_ms):
             self.check_latency(latency_ms)
         if is_given(language):

@@ -270,6 +270,13 @@ def test_a_latency_mode_the_model_lacks_is_refused_on_a_live_stream(checkpoint, 
             stt.update_options(latency_ms=123)
         with pytest.raises(ValueError, match="123"):
             stream.update_options(latency_ms=123)
+        # What the STT refuses, the stream refuses too (an empty language, a latency that is no integer),
+        # before anything changes: it took them, and labelled transcripts "" or failed at the reopen.
+        with pytest.raises(ValueError, match="language"):
+            stream.update_options(language="", latency_ms=560)
+        with pytest.raises(ValueError, match="latency_ms"):
+            stream.update_options(latency_ms="560")
+        assert stream._opts.language == "en"
         assert stt._opts.latency_ms == 160 and stream._opts.latency_ms == 160 and not stream._reopen_requested
         await lk.feed(stream, audio[16000:])
         stream.end_input()
