@@ -112,13 +112,14 @@ class ServerConfig:
             finite_real(self.switch_interval_ms) and 0 < self.switch_interval_ms <= 1000
         ):
             raise ValueError(f"switch_interval_ms must be more than 0 and at most 1000 (ms), got {self.switch_interval_ms!r}")
+        # The engine's own fields, checked by its config now: the server builds it only after the model
+        # has loaded (minutes for a real checkpoint), and a bad flag then failed the start-up that late.
+        self._engine_config()
 
-    def engine_config(self, model):
-        """The EngineConfig this server runs its engine with."""
+    def _engine_config(self, **model_dependent):
         from ..engine.config import EngineConfig
         from ..vad.policy import VADConfig
 
-        latency = self.default_latency_ms or model.default_latency_ms
         return EngineConfig(
             max_streams=self.max_streams,
             max_batch=self.max_batch,
@@ -127,5 +128,10 @@ class ServerConfig:
             push_timeout_seconds=self.push_timeout_seconds,
             vad=VADConfig() if self.vad else None,
             usage_interval_seconds=self.usage_interval_seconds,
-            warmup_latencies=(latency,) if model.device.type == "cuda" else (),
+            **model_dependent,
         )
+
+    def engine_config(self, model):
+        """The EngineConfig this server runs its engine with."""
+        latency = self.default_latency_ms or model.default_latency_ms
+        return self._engine_config(warmup_latencies=(latency,) if model.device.type == "cuda" else ())

@@ -51,6 +51,24 @@ def test_serve_refuses_a_bad_switch_interval_in_one_line_before_loading(capsys, 
     assert err.count("\n") == 0 and "switch_interval_ms must be more than 0" in err
 
 
+@pytest.mark.parametrize("flag, value, words", [
+    ("--max-batch", "0", "max_batch must be at least 1"),
+    ("--max-buffered-seconds", "0.5", "max_buffered_seconds must be at least 1"),
+    ("--max-buffered-seconds", "nan", "max_buffered_seconds must be a finite number"),
+    ("--usage-interval", "0", "usage_interval_seconds must be positive"),
+    ("--usage-interval", "inf", "usage_interval_seconds must be a finite number"),
+    ("--latency-ms", "0", "default_latency_ms must be at least 1"),
+])
+def test_serve_refuses_a_bad_engine_flag_in_one_line_before_loading(capsys, root_logging, flag, value, words):
+    """These flags reach the engine's config, which was built only after the model had loaded (minutes for
+    a real checkpoint, then 'start-up failed'); the missing checkpoint here would have been the error."""
+    from monosemantic.cli import main
+
+    assert main(["serve", "--model", "/nonexistent.nemo", flag, value]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err, err
+
+
 def test_serve_puts_the_switch_interval_back_when_it_returns():
     import asyncio
     import sys
