@@ -31,7 +31,7 @@ class ServerConfig:
     api_key: str | None = None
     """When set, /v1/stream needs `Authorization: Bearer <key>` or `?token=<key>`; otherwise 401 before
     the WebSocket upgrade. /healthz, /readyz and /metrics stay open (put them behind your network
-    policy)."""
+    policy). Printable characters without leading or trailing whitespace (what a header can carry)."""
 
     max_streams: int = 64
     """Streams served at once; one more connection is refused before the upgrade (503, reason
@@ -106,6 +106,16 @@ class ServerConfig:
         timeouts = ("idle_timeout_seconds", "close_timeout_seconds", "final_timeout_seconds", "drain_timeout_seconds")
         for name in timeouts + (("heartbeat_seconds",) if self.heartbeat_seconds is not None else ()):
             check_positive_seconds(name, getattr(self, name))
+        if self.api_key is not None and not (
+            isinstance(self.api_key, str) and self.api_key.isprintable() and self.api_key.strip() == self.api_key != ""
+        ):
+            # Clients present it in an HTTP header, whose value carries no control character and loses its
+            # outer whitespace, or as ?token=, which an empty value does not set: every client got 401.
+            # (The key itself stays out of the message, which goes to logs.)
+            raise ValueError(
+                "api_key must be a non-empty string of printable characters without leading or trailing "
+                "whitespace (a trailing newline from a secret file?): no client could present it"
+            )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.switch_interval_ms is not None and not (

@@ -32,6 +32,21 @@ def test_the_switch_interval_must_be_a_positive_finite_number_of_ms(value):
         ServerConfig(switch_interval_ms=value)
 
 
+@pytest.mark.parametrize("key", ["", " s3cret", "s3cret ", "s3cret\n", "s3c\tret", "s3cret\x00", b"s3cret"])
+def test_an_api_key_no_client_can_present_is_refused(key):
+    """Clients send the key in an HTTP header, whose value has no control characters and loses its outer
+    whitespace (or as ?token=, which an empty value does not set): a server with such a key (a
+    Kubernetes secret's trailing newline in $MONOSEMANTIC_API_KEY) answered every client 401."""
+    with pytest.raises(ValueError, match="api_key") as err:
+        ServerConfig(api_key=key)
+    assert "s3cret" not in str(err.value)  # the key itself is not written into logs
+
+
+@pytest.mark.parametrize("key", ["a+b/c==", "k&y#1?=%", "clé-ключ", "in side"])
+def test_api_keys_of_odd_printable_characters_are_taken(key):
+    assert ServerConfig(api_key=key).api_key == key
+
+
 @pytest.fixture
 def root_logging():
     """`serve` configures the process's root logger, with a handler on this test's captured stderr, which
