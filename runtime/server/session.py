@@ -18,7 +18,7 @@ import time
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..errors import StreamError
+from ..errors import PushTimeoutError, StreamError
 from ..events import Error, Final, Usage
 from .config import ServerConfig
 from .logs import StreamLog
@@ -258,10 +258,14 @@ class Session:
                 return True
             try:
                 await self._into_engine(self.stream.push, data)
-            except StreamError as exc:
+            except PushTimeoutError as exc:
                 if self.stream_ended.is_set() or self._closer is not None or self._peer_gone:
                     return False  # the stream is already ending; whoever ended it reports why
                 await self._fail("overloaded", str(exc), WSCloseCode.TRY_AGAIN_LATER)
+                return False
+            except StreamError:
+                # The stream is closed: by this session, or by the engine (a failed step), whose error the
+                # pump has not read yet; it reports it and closes the connection with its code.
                 return False
             samples = len(data) // 2
             self.unflushed += samples
@@ -275,10 +279,12 @@ class Session:
             self.finals_done.clear()
             try:
                 await self._into_engine(self.stream.flush)
-            except StreamError as exc:
+            except PushTimeoutError as exc:
                 if self.stream_ended.is_set() or self._closer is not None or self._peer_gone:
                     return False
                 await self._fail("overloaded", str(exc), WSCloseCode.TRY_AGAIN_LATER)
+                return False
+            except StreamError:  # closed, as for a push
                 return False
             self.unflushed = 0
         return True

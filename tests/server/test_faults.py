@@ -170,3 +170,44 @@ def test_an_idle_connection_is_closed_with_a_reason(server):
     assert ready["type"] == "ready" and 3.5 < waited < 10
     assert messages[-1]["type"] == "error" and messages[-1]["code"] == "idle_timeout" and messages[-1]["fatal"]
     assert code == 1008
+
+
+def test_a_stream_the_engine_ends_just_before_a_push_is_counted_by_the_engines_reason(server, model, audio_clips, monkeypatch):
+    """The engine fails a stream (Error('internal'), a failed step) on its thread while the receive loop
+    is about to push the next frame: the push meets a closed stream before the pump has read the error.
+    That is the engine's end, reported by the pump; it was logged and counted as 'overloaded' (a warning
+    'closing stream: ... closed', streams_closed{reason="overloaded"}), sending the operator after a
+    capacity problem that was not there."""
+    from monosemantic.engine.frontdoor import EngineStream
+    from monosemantic.events import Error
+
+    real_push, pushes = EngineStream.push, [0]
+
+    async def push_after_the_engine_failed_the_stream(self, pcm):  # the server's loop
+        pushes[0] += 1
+        if pushes[0] == 3:  # as if the engine thread closed it right now: its events are not read yet
+            self._core.close(self.handle, Error("internal", "a step failed (simulated)"))
+        await real_push(self, pcm)
+
+    monkeypatch.setattr(EngineStream, "push", push_after_the_engine_failed_the_stream)
+    overloaded_before = server.metric('monosemantic_streams_closed_total{reason="overloaded"}')
+    internal_before = server.metric('monosemantic_streams_closed_total{reason="internal"}')
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(server.ws, params={"latency_ms": str(LATENCY)}) as ws:
+                await ws.receive(timeout=10)
+                try:
+                    await send_audio(ws, audio_clips["jfk.wav"][:16000])
+                except ConnectionError:
+                    pass
+                messages = [json.loads(msg.data) async for msg in ws if msg.type is aiohttp.WSMsgType.TEXT]
+                return messages, ws.close_code
+
+    messages, code = asyncio.run(main())
+    monkeypatch.undo()
+    errors = [m for m in messages if m["type"] == "error"]
+    assert [e["code"] for e in errors] == ["internal"] and code == 1011
+    assert server.wait_until(lambda: server.open_streams() == 0 and server.state.open_streams == 0)
+    assert server.metric('monosemantic_streams_closed_total{reason="internal"}') == internal_before + 1
+    assert server.metric('monosemantic_streams_closed_total{reason="overloaded"}') == overloaded_before
