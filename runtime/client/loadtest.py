@@ -28,6 +28,8 @@ import numpy as np
 MAX_STREAMS = 1024
 MAX_DURATION_S = 3600.0
 RATE = 16000
+# The run's hard deadline is its streams' time, their finals' waits and this margin.
+DEADLINE_MARGIN_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,10 @@ class StreamReport:
         return self.opened and self.finals == self.flushes and self.covered == self.finals
 
 
-async def _one_stream(engine, cfg: LoadtestConfig, clips: list[np.ndarray], index: int, run_start: float) -> StreamReport:
+async def _one_stream(engine, cfg: LoadtestConfig, clips: list[np.ndarray], report: StreamReport, run_start: float) -> StreamReport:
     from ..events import Error, Final, Partial, SpeechEnded, SpeechStarted
 
-    report = StreamReport(index)
+    index = report.index
     start = run_start + cfg.ramp_s * index / cfg.streams
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
     try:
@@ -159,6 +161,9 @@ async def _one_stream(engine, cfg: LoadtestConfig, clips: list[np.ndarray], inde
             report.errors.append(f"{len(pending)} finals missing after {cfg.final_timeout_s:g} s")
     except Exception as exc:
         report.errors.append(f"{type(exc).__name__}: {exc}")
+    except asyncio.CancelledError:  # the run's deadline: no more waiting for this stream's events
+        receiver.cancel()
+        raise
     finally:
         await stream.close()
         try:
@@ -173,12 +178,26 @@ async def run_loadtest(cfg: LoadtestConfig, clips: list[np.ndarray]) -> list[Str
     from .remote import RemoteEngine
 
     clips = [np.clip(np.round(c * 32768.0), -32768, 32767).astype(np.int16) for c in clips]
+    reports = [StreamReport(i) for i in range(cfg.streams)]
     async with RemoteEngine(cfg.url, cfg.api_key, coalesce=cfg.coalesce) as engine:
         run_start = time.perf_counter() + 0.2
-        overall = cfg.ramp_s + cfg.duration_s + 2 * cfg.final_timeout_s + 30.0  # bounded in time whatever happens
-        return await asyncio.wait_for(
-            asyncio.gather(*(_one_stream(engine, cfg, clips, i, run_start) for i in range(cfg.streams))), overall
-        )
+        overall = cfg.ramp_s + cfg.duration_s + 2 * cfg.final_timeout_s + DEADLINE_MARGIN_S  # bounded whatever happens
+        tasks = [asyncio.ensure_future(_one_stream(engine, cfg, clips, r, run_start)) for r in reports]
+        _, late = await asyncio.wait(tasks, timeout=overall)
+        # Streams still running are cut, and their reports say so: the run's report is what was measured
+        # (a server that fell behind is the case that matters), not a TimeoutError in its place.
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task, report in zip(tasks, reports):
+        if task in late:
+            report.errors.append(
+                f"cut at the run's deadline ({overall:g} s): the stream had not finished (opened late, its "
+                f"sending held back by the server, or finals still owed)"
+            )
+        elif task.cancelled() or task.exception() is not None:  # a failure outside the stream's own handling
+            report.errors.append("cancelled" if task.cancelled() else f"{type(task.exception()).__name__}: {task.exception()}")
+    return reports
 
 
 def summarize(cfg: LoadtestConfig, reports: list[StreamReport]) -> dict:

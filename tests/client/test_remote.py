@@ -223,6 +223,37 @@ def test_loadtest_counts_a_refused_open_as_an_error():
     assert "errors 1," in format_summary(summary)
 
 
+def test_loadtest_past_its_deadline_reports_what_it_measured(monkeypatch):
+    """The run's hard deadline (the streams' time, their finals' waits, a margin) passes when streams fall
+    far behind: a server slow to open them, or pushes held back by a server that stopped reading. The
+    run then raised TimeoutError out of `monosemantic loadtest`, a traceback instead of the report of the
+    run (the one that mattered: a server that could not keep up). Now the late streams are cut, each
+    with an error that says so, and the report comes."""
+    import monosemantic.client.loadtest as loadtest
+
+    async def slow_to_open(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await asyncio.sleep(3.0)  # past the deadline below, within the client's connect timeout
+        await ws.send_json(READY)
+        async for _ in ws:  # never answers a flush
+            pass
+        return ws
+
+    monkeypatch.setattr(loadtest, "DEADLINE_MARGIN_S", 0.0)
+    cfg = LoadtestConfig(url="ws://unused", streams=2, duration_s=1.0, ramp_s=0.0, final_timeout_s=0.25)
+    clip = np.zeros(16000, np.float32)
+
+    async def main():
+        async with fake_server(slow_to_open) as url:
+            return await run_loadtest(LoadtestConfig(**{**cfg.__dict__, "url": url}), [clip])
+
+    reports = asyncio.run(main())  # deadline: 1 s of audio + 2 x 0.25 s for finals
+    summary = summarize(cfg, reports)
+    assert len(reports) == 2 and summary["errors"] == 2 and not summary["all_audio_covered"]
+    assert all("deadline" in r.errors[-1] for r in reports), [r.errors for r in reports]
+
+
 def test_loadtest_bounds(server):
     with pytest.raises(ValueError, match="streams"):
         LoadtestConfig(url=server.http, streams=5000)
