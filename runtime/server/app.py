@@ -48,7 +48,11 @@ class ServerState:
 
     @property
     def open_streams(self) -> int:
-        return len(self.sessions)
+        """Engine slots in use: what refuses the next connection. (A session keeps going while its
+        connection's close handshake runs, after its slot is free, and an upgrade holds a slot before its
+        session exists: counting sessions, /readyz said `capacity` for up to the close timeout after a
+        slot was freed, and `ready` while every slot was taken.)"""
+        return len(self.engine.core.streams) if self.engine is not None else 0
 
     # ---- start-up ------------------------------------------------------------------------------------
     async def on_startup(self, app: web.Application) -> None:

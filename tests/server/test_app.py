@@ -176,6 +176,30 @@ def test_capacity_is_refused_before_the_upgrade_with_a_reason(model, audio_clips
         assert running.metric('monosemantic_rejected_connections_total{reason="capacity"}') == 2
 
 
+def test_readyz_counts_the_engines_slots(model):
+    """/readyz told a load balancer `capacity` while the only slot was already free: its session was
+    still waiting out the client's close handshake (up to the close timeout). It counts the engine's
+    slots, which is what refuses or accepts the next connection."""
+
+    async def main(running):
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(running.ws, autoclose=False)  # answers no close frame by itself
+            await ws.receive(timeout=10)  # ready
+            held = running.get("/readyz")
+            await ws.send_str('{"type": "close"}')
+            while (await ws.receive(timeout=10)).type is not aiohttp.WSMsgType.CLOSE:
+                pass  # the server's close frame: its stream is over, the client does not answer yet
+            freed = running.wait_until(lambda: running.open_streams() == 0)
+            after = running.get("/readyz")
+            await ws.close()
+            return held, freed, after
+
+    with RunningServer(model, max_streams=1, close_timeout_seconds=30.0) as running:
+        (held_status, held), freed, (status, body) = asyncio.run(main(running))
+    assert held_status == 503 and json.loads(held)["reason"] == "capacity"
+    assert freed and status == 200 and json.loads(body) == {"ready": True, "open_streams": 0, "max_streams": 1}
+
+
 def _raw_upgrade(port: int, header: bytes) -> bytes:
     """The response head to an upgrade request carrying `header` verbatim (any bytes)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
