@@ -119,7 +119,18 @@ async def main(args) -> None:
     else:
         print(f"loading {args.model} ...", file=sys.stderr)
         engine = await monosemantic.aget_engine(args.model, device=args.device)
-    stream = await engine.open_stream(latency_ms=args.latency_ms, sample_rate=16000)
+    try:
+        # A refused open (a wrong key, no server, a latency mode the model lacks) still closes the
+        # engine below: a RemoteEngine left open is aiohttp's "Unclosed client session" at exit.
+        stream = await engine.open_stream(latency_ms=args.latency_ms, sample_rate=16000)
+        await caption(args, stream)
+    finally:
+        if args.url:
+            await engine.aclose()
+        monosemantic.close_shared_engines()
+
+
+async def caption(args, stream) -> None:
     utterances = Utterances(stream)
     printer = asyncio.create_task(show_events(stream, Captions(16000), utterances))
     try:
@@ -133,9 +144,6 @@ async def main(args) -> None:
         utterances.closing = True
         await stream.close()
         await printer
-        if args.url:
-            await engine.aclose()
-        monosemantic.close_shared_engines()
 
 
 def parse_args(argv=None):
@@ -159,5 +167,5 @@ if __name__ == "__main__":
         asyncio.run(main(parse_args()))
     except KeyboardInterrupt:
         pass
-    except monosemantic.MonosemanticError as exc:
+    except (monosemantic.MonosemanticError, ValueError) as exc:  # ValueError: a latency mode the model lacks
         sys.exit(f"error: {exc}")

@@ -52,6 +52,26 @@ def test_captions_from_a_server(ms_model, audio_clips):
     if len(lines) == 1:
         assert lines[0][2] == model.transcribe(audio_clips[clip.name], latency_ms=160).text
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr and wrong.stderr.startswith("error:")
+    assert "Unclosed" not in wrong.stderr  # the refused open still closes the client's HTTP session
+
+
+def test_a_refused_open_is_one_line_and_releases_the_client(ms_model, nemo_checkpoint):
+    """Nothing listening at --url, or a latency mode the model lacks (locally or on a server): one line, no
+    traceback, and no aiohttp warnings about a session left open."""
+    from _support.server import RunningServer
+
+    clip = str(ROOT / "tests" / "data" / "jfk.wav")
+    with RunningServer(ms_model("nemotron_rnnt")) as server:
+        url = f"ws://127.0.0.1:{server.port}"
+        results = [run(clip, "--fast", "--url", url, "--latency-ms", "100")]
+    results.append(run(clip, "--fast", "--url", url))  # the server is gone
+    model = str(nemo_checkpoint("nemotron_rnnt"))
+    results.append(run(clip, "--fast", "--model", model, "--device", "cpu", "--latency-ms", "100"))
+    for result in results:
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and "Unclosed" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error:"), result.stderr
+    assert "choose one of" in results[0].stderr and "choose one of" in results[2].stderr
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
