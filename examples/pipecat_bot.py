@@ -4,6 +4,7 @@
     python examples/pipecat_bot.py                                # print what you say, as you say it
     python examples/pipecat_bot.py --model /path/to/model.nemo --latency-ms 80
     python examples/pipecat_bot.py --url ws://127.0.0.1:8080       # recognize on a `monosemantic serve`
+                                                                  # (--api-key, or $MONOSEMANTIC_API_KEY)
     OPENAI_API_KEY=... python examples/pipecat_bot.py --agent openai   # talk to an LLM (pipecat-ai[openai])
 
 The default mode transcribes only: microphone -> Silero VAD -> MonosemanticSTTService -> console. It needs
@@ -25,6 +26,7 @@ from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
+from monosemantic import DEFAULT_MODEL
 from pipecat_monosemantic import MonosemanticSTTService
 
 SAMPLE_RATE = 16000  # Silero VAD runs at 8 or 16 kHz; the microphone is opened at this rate
@@ -96,14 +98,19 @@ def local_audio_transport(with_output: bool):
     )
 
 
-async def run(args: argparse.Namespace) -> None:
-    transport = local_audio_transport(with_output=bool(args.agent))
-    stt = MonosemanticSTTService(
+def build_stt(args: argparse.Namespace) -> MonosemanticSTTService:
+    return MonosemanticSTTService(
         model=args.model,
         device=args.device,
         base_url=args.url,
+        api_key=args.api_key,
         settings=MonosemanticSTTService.Settings(latency_ms=args.latency_ms),
     )
+
+
+async def run(args: argparse.Namespace) -> None:
+    transport = local_audio_transport(with_output=bool(args.agent))
+    stt = build_stt(args)
     processors = build_processors(transport.input(), stt, transport.output(), args.agent)
     worker = PipelineWorker(Pipeline(processors), params=PipelineParams(audio_in_sample_rate=SAMPLE_RATE))
     print("Loading the model, then listening. Speak; Ctrl-C to stop.", file=sys.stderr)
@@ -114,10 +121,11 @@ async def run(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="Hugging Face repo id or .nemo path (default: DEFAULT_MODEL)")
+    parser.add_argument("--model", default=None, help=f"Hugging Face repo id or .nemo path (default: {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--latency-ms", type=int, default=160, help="encoder chunk: 80, 160, 560 or 1120")
     parser.add_argument("--url", default=os.environ.get("MONOSEMANTIC_URL"), help="a `monosemantic serve` URL to use instead of a model in this process (default: $MONOSEMANTIC_URL)")
+    parser.add_argument("--api-key", default=None, help="the server's key, with --url (default: $MONOSEMANTIC_API_KEY)")
     parser.add_argument("--agent", choices=["openai"], default=None, help="answer with an LLM and TTS (default: off)")
     return parser.parse_args(argv)
 

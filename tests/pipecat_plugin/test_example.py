@@ -65,3 +65,24 @@ def test_transcription_pipeline_on_speech_with_silences(bot, fresh_engines, harn
     lines = out.getvalue().replace("\r", "\n").splitlines()
     printed = [line[2:].removesuffix("\033[K") for line in lines if line.startswith("> ")]
     assert printed == [f.text for f in h.finals()] and not h.errors()
+
+
+def test_the_bot_reaches_a_server_that_wants_a_key(bot, harness, ms_model, speech, monkeypatch):
+    """`--url` with `--api-key`: the bot's service opens its stream on a server started with a key (the
+    README points every example at a `monosemantic serve`; the bot had no way to pass the key but the
+    environment, and `--api-key` was an unrecognized argument)."""
+    from _support.server import RunningServer
+
+    monkeypatch.delenv("MONOSEMANTIC_API_KEY", raising=False)
+    with RunningServer(ms_model("nemotron_rnnt"), api_key="k3y") as server:
+        args = bot.parse_args(["--url", f"ws://127.0.0.1:{server.port}", "--api-key", "k3y"])
+
+        async def main():
+            async with harness(*bot.build_processors(IdentityFilter(), bot.build_stt(args), out=io.StringIO())) as h:
+                await h.say(speech[0])
+                await h.wait_for(lambda: h.finals() or h.errors())
+                await h.end()
+                return h
+
+        h = asyncio.run(main())
+    assert h.finals() and not h.errors(), [e.error for e in h.errors()]
