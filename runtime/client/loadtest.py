@@ -183,12 +183,19 @@ async def run_loadtest(cfg: LoadtestConfig, clips: list[np.ndarray]) -> list[Str
         run_start = time.perf_counter() + 0.2
         overall = cfg.ramp_s + cfg.duration_s + 2 * cfg.final_timeout_s + DEADLINE_MARGIN_S  # bounded whatever happens
         tasks = [asyncio.ensure_future(_one_stream(engine, cfg, clips, r, run_start)) for r in reports]
-        _, late = await asyncio.wait(tasks, timeout=overall)
-        # Streams still running are cut, and their reports say so: the run's report is what was measured
-        # (a server that fell behind is the case that matters), not a TimeoutError in its place.
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            _, late = await asyncio.wait(tasks, timeout=overall)
+        except asyncio.CancelledError:
+            # Ctrl-C: the streams end with the run, and their outcomes are read (an unread one was asyncio's
+            # "exception was never retrieved" with a traceback after the interrupt).
+            late = set(tasks)
+            raise
+        finally:
+            # Streams still running are cut, and their reports say so: the run's report is what was
+            # measured (a server that fell behind is the case that matters), not a TimeoutError in its place.
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     for task, report in zip(tasks, reports):
         if task in late:
             report.errors.append(
