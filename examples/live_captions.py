@@ -94,24 +94,37 @@ async def feed_file(stream, path: str, realtime: bool) -> None:
                 await asyncio.sleep(ahead)
 
 
-async def feed_microphone(stream) -> None:
+def open_microphone():
+    """The sounddevice module and the default input's own rate, checked before a model is loaded."""
     try:
         import sounddevice
     except (ImportError, OSError) as exc:  # OSError: the package is there but PortAudio is not
         raise SystemExit(f"--mic needs the sounddevice package and PortAudio ({exc}); pip install sounddevice")
+    try:
+        device = sounddevice.query_devices(kind="input")
+    except (ValueError, sounddevice.PortAudioError) as exc:  # ValueError: no input device
+        raise SystemExit(f"--mic: no microphone to open ({exc})")
+    # Many capture devices run at 44.1 or 48 kHz only: open the microphone at its own rate, and the engine
+    # stream at that rate too (it resamples), rather than ask PortAudio for 16 kHz and fail.
+    return sounddevice, int(device["default_samplerate"])
+
+
+async def feed_microphone(stream, sounddevice, rate: int) -> None:
     loop = asyncio.get_running_loop()
     frames: asyncio.Queue = asyncio.Queue()
 
     def on_audio(data, _frames, _time, status):  # PortAudio's thread
         loop.call_soon_threadsafe(frames.put_nowait, bytes(data))
 
-    with sounddevice.RawInputStream(samplerate=16000, channels=1, dtype="int16", blocksize=320, callback=on_audio):
+    block = rate * FRAME_MS // 1000
+    with sounddevice.RawInputStream(samplerate=rate, channels=1, dtype="int16", blocksize=block, callback=on_audio):
         print("listening (Ctrl-C to stop)", file=sys.stderr)
         while True:
             await stream.push(await frames.get())
 
 
 async def main(args) -> None:
+    microphone, rate = open_microphone() if args.mic else (None, 16000)
     if args.url:
         from monosemantic.client import RemoteEngine
 
@@ -122,20 +135,20 @@ async def main(args) -> None:
     try:
         # A refused open (a wrong key, no server, a latency mode the model lacks) still closes the
         # engine below: a RemoteEngine left open is aiohttp's "Unclosed client session" at exit.
-        stream = await engine.open_stream(latency_ms=args.latency_ms, sample_rate=16000)
-        await caption(args, stream)
+        stream = await engine.open_stream(latency_ms=args.latency_ms, sample_rate=rate)
+        await caption(args, stream, microphone, rate)
     finally:
         if args.url:
             await engine.aclose()
         monosemantic.close_shared_engines()
 
 
-async def caption(args, stream) -> None:
+async def caption(args, stream, microphone, rate: int) -> None:
     utterances = Utterances(stream)
-    printer = asyncio.create_task(show_events(stream, Captions(16000), utterances))
+    printer = asyncio.create_task(show_events(stream, Captions(16000), utterances))  # event times: 16 kHz
     try:
         if args.mic:
-            await feed_microphone(stream)
+            await feed_microphone(stream, microphone, rate)
         else:
             await feed_file(stream, args.file, realtime=not args.fast)
         await utterances.end()  # the last utterance, whether or not the VAD heard it end

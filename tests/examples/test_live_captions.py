@@ -80,3 +80,65 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     result = run(str(tmp_path / "missing.wav"), "--model", str(tmp_path / "missing.nemo"), "--device", "cpu")
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error:")
     assert "Traceback" not in result.stderr
+
+
+FAKE_SOUNDDEVICE = '''
+"""A stand-in for sounddevice: a capture device that runs at 48 kHz only, "hearing" a file."""
+import os, threading, time
+import numpy as np
+from monosemantic.audio import load_audio_file
+
+class PortAudioError(Exception):
+    pass
+
+def query_devices(kind=None):
+    return {"name": "fake 48 kHz microphone", "default_samplerate": 48000.0}
+
+class RawInputStream:
+    def __init__(self, samplerate, channels, dtype, blocksize, callback):
+        if samplerate != 48000 or channels != 1 or dtype != "int16":
+            raise PortAudioError("Error opening RawInputStream: Invalid sample rate [PaErrorCode -9997]")
+        self.blocksize, self.callback = blocksize, callback
+
+    def __enter__(self):
+        audio = load_audio_file(os.environ["FAKE_MIC_CLIP"], 48000)
+        audio = np.concatenate([audio, np.zeros(48000, np.float32)])  # the speaker stops
+        pcm = np.round(audio * 32767).astype(np.int16)
+
+        def capture():
+            for i in range(0, len(pcm) - self.blocksize + 1, self.blocksize):
+                self.callback(pcm[i : i + self.blocksize].tobytes(), self.blocksize, None, None)
+                time.sleep(0.001)
+        threading.Thread(target=capture, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        return False
+'''
+
+
+def test_microphone_at_its_own_rate(tmp_path, nemo_checkpoint):
+    """--mic on a device that captures at 48 kHz only (many do): the microphone is opened at its own rate
+    and the engine resamples; captions appear, and Ctrl-C ends the program quietly. (It asked PortAudio
+    for 16 kHz: a PortAudioError traceback before anything was heard.)"""
+    import os
+    import signal
+
+    (tmp_path / "sounddevice.py").write_text(FAKE_SOUNDDEVICE)
+    clip = ROOT / "tests" / "data" / "sense_and_sensibility_01_austen_64kb-0880.wav"
+    env = {**os.environ, "FAKE_MIC_CLIP": str(clip),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "live_captions.py"), "--mic",
+         "--model", str(nemo_checkpoint("nemotron_rnnt")), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        line = proc.stdout.readline()  # the first final (stdout is not a terminal: finals only)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert re.match(r"^\[\s*0\.00-\s*[\d.]+s\] ", line), (line, stderr)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
