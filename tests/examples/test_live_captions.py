@@ -105,14 +105,22 @@ class RawInputStream:
         audio = np.concatenate([audio, np.zeros(48000, np.float32)])  # the speaker stops
         pcm = np.round(audio * 32767).astype(np.int16)
 
+        self.stopped = threading.Event()
+
         def capture():
             for i in range(0, len(pcm) - self.blocksize + 1, self.blocksize):
+                if self.stopped.is_set():
+                    return
                 self.callback(pcm[i : i + self.blocksize].tobytes(), self.blocksize, None, None)
                 time.sleep(0.001)
-        threading.Thread(target=capture, daemon=True).start()
+        self.thread = threading.Thread(target=capture, daemon=True)
+        self.thread.start()
         return self
 
     def __exit__(self, *exc):
+        # As PortAudio's: no callback after the stream is closed.
+        self.stopped.set()
+        self.thread.join()
         return False
 '''
 
