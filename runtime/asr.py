@@ -125,7 +125,8 @@ class ASRModel:
 
     # ---- offline -----------------------------------------------------------------------------------
     def make_transcript(self, labels: list[int], frames: list[int], durations: list[int]) -> Transcript:
-        return self.tokenizer.transcript(labels, frames, durations, self.config.frame_samples, self.sample_rate)
+        cfg = self.config
+        return self.tokenizer.transcript(labels, frames, durations, cfg.frame_samples, self.sample_rate, tdt=cfg.is_tdt)
 
     @torch.no_grad()
     def _transcribe_batch(self, audios: list[np.ndarray], context: tuple[int, int]) -> list[Transcript]:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import random
+import re
+import unicodedata
 
 from ..transcript import Token, Transcript, Word
 
 WORD_START = "\u2581"  # SentencePiece's '▁' marks a piece that begins a word
 REPLACEMENT = "\ufffd"  # what SentencePiece decodes bytes that are not (yet) UTF-8 to
+# Pieces whose characters do not count as the vocabulary's punctuation (NeMo's
+# extract_punctuation_from_vocab): special tokens, word-start pieces, whitespace.
+_NOT_PUNCTUATION_SOURCE = re.compile(r"^(\[.*\]|<.*>|##|\u2581|\s*$)")
 
 
 class Tokenizer:
@@ -20,6 +25,7 @@ class Tokenizer:
         self._plain: dict[int, str] = {}  # id -> text of the ids `extend` may append
         self._find_plain_pieces()
         self._bytes = frozenset(i for i in range(self.vocab_size) if self.sp.is_byte(i))  # byte-fallback pieces
+        self._find_word_rules()
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode_ids([int(i) for i in ids])
@@ -62,18 +68,51 @@ class Tokenizer:
                 self._plain.clear()
                 return
 
+    def _find_word_rules(self) -> None:
+        """Which ids start a word and which are punctuation, by NeMo's rules (`get_words_offsets`): a
+        piece with '▁' starts a word, as does an unknown or control piece (NeMo: its piece is not its
+        text; <unk> decodes as ' ⁇ ', which glued into a word made a word with spaces); byte pieces
+        continue theirs. A piece whose text is one of the vocabulary's punctuation marks ('.', '▁,')
+        never starts a word: it joins the one before."""
+        sp = self.sp
+        marks = {
+            ch
+            for i in range(self.vocab_size)
+            if not _NOT_PUNCTUATION_SOURCE.match(sp.id_to_piece(i))
+            for ch in sp.id_to_piece(i)
+            if unicodedata.category(ch).startswith("P")
+        }
+        self._punctuation = frozenset(i for i in range(self.vocab_size) if sp.decode_ids([i]) in marks)
+        self._word_starts = frozenset(
+            i
+            for i in range(self.vocab_size)
+            if i not in self._punctuation
+            and (sp.id_to_piece(i).startswith(WORD_START) or sp.is_unknown(i) or sp.is_control(i) or sp.is_unused(i))
+        )
+
     def transcript(
-        self, labels: list[int], frames: list[int], durations: list[int], frame_samples: int, sample_rate: int
+        self,
+        labels: list[int],
+        frames: list[int],
+        durations: list[int],
+        frame_samples: int,
+        sample_rate: int,
+        tdt: bool = False,
     ) -> Transcript:
-        """Build a Transcript from decoded labels and their encoder-frame times."""
-        tokens = [
-            Token(id=lab, text=self.sp.id_to_piece(lab), start=f * frame_samples, end=(f + d) * frame_samples)
-            for lab, f, d in zip(labels, frames, durations)
-        ]
+        """Build a Transcript from decoded labels and their encoder-frame times. `tdt`: a punctuation mark
+        after another token takes that token's end as its start and end, as NeMo's TDT timestamps do
+        (`_refine_timestamps_tdt`: TDT models often emit the mark long after its word, in the silence
+        that follows; its word would end there)."""
+        tokens: list[Token] = []
+        for lab, f, d in zip(labels, frames, durations):
+            start, end = f * frame_samples, (f + d) * frame_samples
+            if tdt and tokens and lab in self._punctuation:
+                start = end = tokens[-1].end
+            tokens.append(Token(id=lab, text=self.sp.id_to_piece(lab), start=start, end=end))
         words: list[Word] = []
         group: list[Token] = []
         for tok in tokens + [None]:
-            if group and (tok is None or tok.text.startswith(WORD_START)):
+            if group and (tok is None or tok.id in self._word_starts):
                 text = self.decode([t.id for t in group]).strip()
                 if text:
                     words.append(Word(text=text, start=group[0].start, end=max(t.end for t in group)))

@@ -122,6 +122,40 @@ def nemo_transcribe_hypotheses(model, audios: Sequence[np.ndarray], att_context_
     return list(result)
 
 
+def nemo_transcribe_timestamps(model, audios: Sequence[np.ndarray]) -> list[tuple[list, list]]:
+    """NeMo's ``transcribe(timestamps=True)`` of each clip: ``([(start, end)] per token, [(word, start, end)])``
+    in encoder frames, as NeMo's decoding computes them (TDT punctuation moved to the previous token's end,
+    punctuation joined to its word). The model's decoding config is put back afterwards:
+    ``timestamps=True`` changes it for good, and other helpers read ``Hypothesis.timestamp`` as a list."""
+    import copy
+
+    from nemo.collections.asr.parts.mixins.transcription import TranscribeConfig
+
+    _ensure_rnnt_decoder(model)
+    saved = copy.deepcopy(model.cfg.decoding)
+    config = TranscribeConfig(batch_size=1, return_hypotheses=True, num_workers=0, verbose=False, timestamps=True)
+    config.pad_min_duration = 0.0
+    tensors = [torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32)) for a in audios]
+    try:
+        with quiet_nemo(), single_thread():
+            # timestamps=True as an argument too: a hybrid model's transcribe reads only the argument
+            result = model.transcribe(tensors, override_config=config, timestamps=True)
+    finally:
+        with quiet_nemo():
+            kwargs = {"decoder_type": "rnnt"} if hasattr(model, "cur_decoder") else {}
+            model.change_decoding_strategy(decoding_cfg=saved, verbose=False, **kwargs)
+        model.eval()
+    if isinstance(result, tuple):
+        result = result[0]
+    return [
+        (
+            [(int(c["start_offset"]), int(c["end_offset"])) for c in h.timestamp["char"]],
+            [(w["word"].strip(), int(w["start_offset"]), int(w["end_offset"])) for w in h.timestamp["word"]],
+        )
+        for h in result
+    ]
+
+
 def nemo_transcribe_tokens(
     model, audios: Sequence[np.ndarray], att_context_size: ContextSize = None
 ) -> list[list[int]]:
