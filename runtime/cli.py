@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face repo id, .nemo file or checkpoint dir (default {DEFAULT_MODEL})")
     tr.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     tr.add_argument("--dtype", default="auto", help="encoder precision: auto (float32), float32, bfloat16, float16")
-    tr.add_argument("--latency-ms", type=int, default=None, help="streaming latency mode (default: the checkpoint's)")
+    tr.add_argument("--latency-ms", type=int, default=None, help="streaming latency mode (default: the checkpoint's); for a full-context model's --stream, how often the partial is recomputed (default 1000)")
     tr.add_argument("--stream", action="store_true", help=f"feed the audio in {PIECE_MS} ms pieces through the streaming path, showing partials")
     tr.add_argument("--realtime", action="store_true", help="with --stream, feed at real-time pace")
     tr.add_argument("--json", action="store_true", help="one JSON object per line; a final line per file")
@@ -92,7 +92,12 @@ def _transcribe(args) -> int:
     from .audio import load_audio_file
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    model.context_for(args.latency_ms)  # reject a bad mode before reading any file
+    # Reject a bad --latency-ms before reading any file. A full-context model has no latency modes, but
+    # its stream takes latency_ms as the interval its partial is recomputed at: new_stream checks that.
+    if args.stream and not model.cache_aware:
+        model.new_stream(latency_ms=args.latency_ms)
+    else:
+        model.context_for(args.latency_ms)
     failed = 0
     for file in args.files:
         printer = _Printer(args.json, os.path.basename(file) if len(args.files) > 1 else None)

@@ -98,3 +98,21 @@ def test_cli_output_into_a_closed_pipe_is_no_traceback(nemo_checkpoint):
     proc.wait(timeout=600)
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
     assert proc.returncode != 0
+
+
+def test_stream_of_a_full_context_model_takes_latency_ms_as_its_partial_interval(nemo_checkpoint, ms_model, audio_clips):
+    """A full-context model's stream recomputes its partial every latency_ms (README); `transcribe --stream
+    --latency-ms 500` refused it ('has full-context attention and no latency modes; omit latency_ms')
+    before reading a file. Offline, the option is still refused."""
+    checkpoint = str(nemo_checkpoint("parakeet_tdt"))
+    base = ["transcribe", str(DATA / "jfk.wav"), "--model", checkpoint, "--device", "cpu", "--latency-ms", "500"]
+    done = run_cli(*base, "--stream", "--json")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    expected = ms_model("parakeet_tdt").transcribe(audio_clips["jfk.wav"])
+    assert lines[-1]["type"] == "final" and [t["id"] for t in lines[-1]["tokens"]] == expected.token_ids
+    assert sum(line["type"] == "partial" for line in lines) > 2  # every 500 ms of an 11 s clip, not every 1000
+    offline = run_cli(*base)
+    assert offline.returncode == 1 and "full-context" in offline.stderr and len(offline.stderr.strip().splitlines()) == 1
+    bad = run_cli(*base[:-1], "0", "--stream")
+    assert bad.returncode == 1 and "positive integer" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
