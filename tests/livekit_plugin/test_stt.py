@@ -14,6 +14,8 @@ from livekit.agents.stt import SpeechEventType as T
 import monosemantic
 from livekit.plugins import monosemantic as lk_monosemantic
 
+from _support.streams import PassThroughStream
+
 pytestmark = pytest.mark.timeout(300)
 
 NO_VAD = monosemantic.EngineConfig(vad=None)
@@ -423,23 +425,8 @@ def test_full_engine_is_retried_until_a_slot_frees(checkpoint, audio_clips, lk, 
     assert finals(events)[0].text == ms_model("nemotron_rnnt").transcribe(audio, latency_ms=160).text
 
 
-class _LostBeforeFinal:
+class _LostBeforeFinal(PassThroughStream):
     """An engine stream whose connection is lost while its first Final is on the way."""
-
-    def __init__(self, es):
-        self._es, self.vad = es, es.vad
-
-    async def push(self, pcm) -> None:
-        await self._es.push(pcm)
-
-    async def flush(self) -> None:
-        await self._es.flush()
-
-    async def close(self) -> None:
-        await self._es.close()
-
-    def __aiter__(self):
-        return self
 
     async def __anext__(self):
         event = await self._es.__anext__()

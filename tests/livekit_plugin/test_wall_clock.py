@@ -19,6 +19,8 @@ import monosemantic
 from livekit.plugins import monosemantic as lk_monosemantic
 from livekit.plugins.monosemantic.turns import TurnTracker
 
+from _support.streams import PassThroughStream
+
 pytestmark = pytest.mark.timeout(300)
 
 # Reported vs true wall time. Pushes are paced by asyncio.sleep on a loaded machine, so a frame can
@@ -100,27 +102,18 @@ def test_turn_times_follow_the_audio_when_the_model_loads_while_the_user_speaks(
     lk.check_invariants(events, len(audio) / 16000, offset=0.0)
 
 
-class _FailingStream:
+class _FailingStream(PassThroughStream):
     """An engine stream that breaks (a lost connection) once `limit` samples have been pushed."""
 
     def __init__(self, es, limit: int):
-        self._es, self._limit, self.pushed = es, limit, 0
-        self.vad = es.vad
+        super().__init__(es)
+        self._limit, self.pushed = limit, 0
 
     async def push(self, pcm) -> None:
         self.pushed += len(pcm)
         if self.pushed > self._limit:
             raise monosemantic.StreamError("connection lost")
         await self._es.push(pcm)
-
-    async def flush(self) -> None:
-        await self._es.flush()
-
-    async def close(self) -> None:
-        await self._es.close()
-
-    def __aiter__(self):
-        return self._es.__aiter__()
 
 
 def test_turn_times_follow_the_audio_after_a_retry_on_a_backlog(checkpoint, audio_clips, lk, vad_samples):
