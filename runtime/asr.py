@@ -234,6 +234,9 @@ def load_model(
         raise ModelLoadError(
             f"'{source}': tokenizer has {tokenizer.vocab_size} pieces but the decoder expects {cfg.prediction.vocab_size}"
         )
-    module = module.float().to(dev).eval()
+    # Inference only: parameters that required gradients made the state built from them outside a
+    # no_grad block (a stream's fresh decoder state) record autograd graphs, which the engine's
+    # per-utterance resets chained onto its slots' state for its whole life.
+    module = module.float().to(dev).eval().requires_grad_(False)
     module.encoder.to(enc_dtype)
     return ASRModel(module, tokenizer, str(source), dev)

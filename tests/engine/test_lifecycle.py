@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 import monosemantic
@@ -187,3 +188,47 @@ def test_a_closed_shared_engine_is_let_go_before_its_replacement_allocates(ms_mo
         assert not second.core.shut_down and second.model is model
     finally:
         shared.close_shared_engines()
+
+
+def _autograd_nodes(*tensors) -> int:
+    """Autograd graph nodes reachable from these tensors (0 for tensors that record no graph)."""
+    seen, stack = set(), [t.grad_fn for t in tensors]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
+
+
+@pytest.mark.timeout(120)
+def test_the_decoder_state_holds_no_autograd_graph_growing_with_every_utterance(ms_model):
+    """The loaded model's parameters required gradients, so the fresh decoder state (one prediction step
+    on them) carried an autograd graph, and every utterance's reset (outside no_grad) chained another
+    index_copy onto the slots' state: a graph, and the fresh states it kept, growing for the engine's
+    life (on a GPU, in device memory) with every utterance served."""
+    model = ms_model("nemotron_rnnt")
+    silence = np.zeros(8000, dtype=np.float32)
+
+    async def utterances(engine, n):
+        for _ in range(n):
+            stream = await engine.open_stream(latency_ms=160)
+            await stream.push(silence)
+            await stream.flush()
+            await asyncio.wait_for(final_of(stream), 30)
+            await stream.close()
+        await asyncio.sleep(0.1)  # the last reset runs before the loop's next plan
+
+    async def main():
+        async with Engine(model, EngineConfig(max_streams=2, **QUIET)) as engine:
+            state = engine.core.runner.decoder
+            tensors = lambda: (state.h, state.c, state.pred_out)
+            await utterances(engine, 3)
+            few = _autograd_nodes(*tensors())
+            await utterances(engine, 20)
+            return few, _autograd_nodes(*tensors()), [t.requires_grad for t in tensors()]
+
+    few, many, requires_grad = asyncio.run(main())
+    assert many == few, f"{few} autograd nodes after 3 utterances, {many} after 23"
+    assert requires_grad == [False, False, False]
