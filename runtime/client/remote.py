@@ -290,6 +290,9 @@ class RemoteStream:
         finally:
             if not self._ws.closed:
                 await self._ws.close()
+            # The connection is over: aclose() has nothing left to close here, and a caller that drops a
+            # stream the server ended (without close()) must not leave it in the engine for good.
+            self._engine._forget(self)
 
     def _finish(self, code: int | None, reason: str, fatal_seen: bool) -> None:
         if self._keepalive is not None:

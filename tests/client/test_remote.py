@@ -670,3 +670,35 @@ def test_keepalive_holds_a_paused_stream_open_across_the_idle_timeout(model, aud
         assert final.text == want.text and final.end == len(first) + len(second)
     else:
         assert [e.code for e in errors] == ["idle_timeout"]
+
+
+def test_streams_the_server_ended_are_not_kept_by_a_long_lived_remote_engine(model):
+    """A RemoteEngine forgot a stream only at its close(): the streams a server ended (its idle timeout,
+    a restart, an error) that their caller dropped after reading the end, as a local stream may be
+    dropped, stayed in the engine with their sockets' buffers and event queues, one more for every
+    stream the process ever had."""
+    import gc
+    import weakref
+
+    async def cycle(engine, count):
+        streams = await asyncio.gather(*(engine.open_stream() for _ in range(count)))
+        for stream in streams:
+            await stream.push(np.zeros(1600, dtype=np.int16))
+        for stream in streams:
+            events = [e async for e in stream]  # the server ends the stream at its idle timeout
+            assert [e.code for e in events if isinstance(e, Error)] == ["idle_timeout"]
+        refs = [weakref.ref(stream) for stream in streams]
+        del streams, stream  # dropped without close(), as a local stream may be
+        await asyncio.sleep(0.1)
+        gc.collect()
+        return sum(ref() is not None for ref in refs)
+
+    async def main(url):
+        async with RemoteEngine(url) as engine:
+            few = await cycle(engine, 2)
+            many = await cycle(engine, 8)
+            return few, many
+
+    with RunningServer(model, max_streams=8, idle_timeout_seconds=0.5, vad=False) as running:
+        few, many = asyncio.run(asyncio.wait_for(main(running.http), 60))
+    assert (few, many) == (0, 0), f"{few} of 2 ended streams kept, then {many} of 8"
