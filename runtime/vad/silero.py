@@ -184,13 +184,12 @@ class SileroVAD(nn.Module):
             else:  # only the real windows go through the convolutions
                 index = torch.from_numpy(real).to(device)
                 features = frames.new_zeros(batch * width, HIDDEN).index_copy_(0, index, self._features(frames[index]))
-            h, c = self._lstm(features.view(batch, width, HIDDEN), state)  # [B, W, 128] each
-            probs = self._probability(h.view(batch * width, HIDDEN)).view(batch, width)
-            rows, last_window = torch.arange(batch, device=device), torch.from_numpy(counts - 1).to(device)
+            out, h, c = self._lstm(features.view(batch, width, HIDDEN), state, counts)
+            probs = self._probability(out.view(batch * width, HIDDEN)).view(batch, width)
             # The next context is the last 64 samples of each row's last real window.
             last = (counts[:, None] * WINDOW + np.arange(CONTEXT)[None, :])  # [B, 64]
             context = torch.gather(x, 1, torch.from_numpy(last).to(device))
-            return probs, VADState(h=h[rows, last_window], c=c[rows, last_window], context=context)
+            return probs, VADState(h=h, c=c, context=context)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 576] windows with their context -> [N, 128] LSTM inputs (no recurrent state involved).
@@ -216,26 +215,44 @@ class SileroVAD(nn.Module):
         x = _conv_k3(x, self.conv4, stride=1)  # [N, 1, 128]
         return x[:, 0]
 
-    def _lstm(self, features: torch.Tensor, state: VADState) -> tuple[torch.Tensor, torch.Tensor]:
-        """features [B, W, 128] -> the LSTM's (h, c) after every window [B, W, 128] each, from `state`.
+    def _lstm(
+        self, features: torch.Tensor, state: VADState, counts: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """features [B, W, 128], row b's first counts[b] windows real -> the LSTM's output after every
+        real window [B, W, 128] (zeros past a row's count), and each row's (h, c) after its last one
+        [B, 128] each, from `state`.
 
         The input projection of every window is one product; only the recurrent product runs window by
-        window. Rows continue past their last real window on padding; callers take each row's state at
-        its last real window."""
+        window, and window w only for the rows that have one: a row far behind (a burst of audio, up to
+        MAX_VAD_WINDOWS in one tick) made every row of the tick run all its windows, 32 recurrent steps
+        for rows that had 1 or 2. The rows are ordered by count, longest first, so each window's rows are
+        a prefix."""
         cell = self.lstm_cell
         batch, width, _ = features.shape
         # [B, W, 512], both biases folded in once; gates in LSTMCell's order i, f, g, o.
         projected = torch.addmm(cell.bias_ih + cell.bias_hh, features.reshape(batch * width, HIDDEN), cell.weight_ih.t())
         projected = projected.view(batch, width, 4 * HIDDEN)
-        h, c, hs, cs = state.h, state.c, [], []
-        for w in range(width):
-            gates = torch.addmm(projected[:, w], h, cell.weight_hh.t())  # [B, 512]
+        order = None
+        if counts.min() == width:  # every row has every window (the usual tick)
+            h, c, active = state.h.clone(), state.c.clone(), [batch] * width
+        else:
+            ranked = np.argsort(-counts, kind="stable")
+            order = torch.from_numpy(ranked).to(projected.device)
+            projected, h, c = projected.index_select(0, order), state.h.index_select(0, order), state.c.index_select(0, order)
+            active = [int(n) for n in (counts[ranked][None, :] > np.arange(width)[:, None]).sum(axis=1)]  # rows with window w
+        out = projected.new_zeros(batch, width, HIDDEN)
+        weight = cell.weight_hh.t()
+        for w, n in enumerate(active):
+            gates = torch.addmm(projected[:n, w], h[:n], weight)  # [n, 512]
             i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # one call; the g quarter takes tanh below
-            c = f * c + i * torch.tanh(gates[:, 2 * HIDDEN : 3 * HIDDEN])
-            h = o * torch.tanh(c)
-            hs.append(h)
-            cs.append(c)
-        return torch.stack(hs, dim=1), torch.stack(cs, dim=1)
+            c_w = f * c[:n] + i * torch.tanh(gates[:, 2 * HIDDEN : 3 * HIDDEN])
+            h_w = o * torch.tanh(c_w)
+            c[:n], h[:n], out[:n, w] = c_w, h_w, h_w
+        if order is not None:  # back to the callers' row order
+            back = torch.empty_like(order)
+            back[order] = torch.arange(batch, device=order.device)
+            out, h, c = out.index_select(0, back), h.index_select(0, back), c.index_select(0, back)
+        return out, h, c
 
     def _probability(self, h: torch.Tensor) -> torch.Tensor:
         """[N, 128] LSTM outputs -> [N] speech probabilities."""
