@@ -89,7 +89,6 @@ class SpeechStream(stt.RecognizeStream):
         self._engine: EngineLike | None = None
         self._latency: int | None = None  # latency mode of the open engine stream
         self._reopen_requested = False
-        self._reopen_when_idle = True  # a requested reopen may force a flush at an idle moment
         self._held: list | None = None  # frames / flush reasons kept back while the engine stream changes
         self._tracker: TurnTracker | None = None
         self._settled = asyncio.Event()  # every flush so far has its Final
@@ -194,8 +193,10 @@ class SpeechStream(stt.RecognizeStream):
                 self._tracker.interim_results = interim_results
         if is_given(latency_ms):
             self._opts.latency_ms = latency_ms
+            # Taken at the next flush, the VAD's or the framework's: none is forced where the stream only
+            # looks idle. The VAD reports a start once the speech has lasted min_speech_ms (250 ms), so a
+            # flush there could cut into the first word of an utterance the VAD has not reported yet.
             self._reopen_requested = self._latency is not None and latency_ms != self._latency
-            self._reopen_when_idle = True
 
     async def aclose(self) -> None:
         """Close now: audio whose FINAL_TRANSCRIPT has not come may be lost (a local engine drops it at
@@ -276,7 +277,7 @@ class SpeechStream(stt.RecognizeStream):
             es = await self._engine.open_stream(latency_ms=latency, sample_rate=SAMPLE_RATE)
         except Exception as exc:
             raise as_api_error(exc, "opening a recognition stream failed") from exc
-        self._latency, self._reopen_requested, self._reopen_when_idle = latency, False, True
+        self._latency, self._reopen_requested = latency, False
         return es
 
     # ---- progress (remote engines) -----------------------------------------------------------------------
@@ -374,11 +375,6 @@ class SpeechStream(stt.RecognizeStream):
                     await self._flush("framework")
                 else:
                     await self._push(frame_pcm(item))
-                if (
-                    self._reopen_requested and self._reopen_when_idle and self._held is None
-                    and self._tracker.idle and self._tracker.pushed
-                ):
-                    await self._flush("internal")  # an idle moment: let the latency change happen now
             # end_input(): the base class flushed before closing the input; wait for those Finals
             while not self._aclosing and (self._tracker.pending or self._held is not None):
                 await self._settled.wait()
@@ -500,12 +496,10 @@ class SpeechStream(stt.RecognizeStream):
     def _reopen_failed(self, error: APIError) -> None:
         """The engine stream could not be reopened with the new latency; the old one goes on. A lasting
         refusal (a mode the model lacks, on a remote engine) drops the change; a passing one (a full
-        engine) leaves it for the next natural boundary, without the internal flushes that would
-        otherwise cut every utterance at its idle moments meanwhile. Either way the session hears of it
-        as a recoverable error: this stream keeps transcribing at its old latency."""
+        engine) leaves it for the next utterance boundary. Either way the session hears of it as a
+        recoverable error: this stream keeps transcribing at its old latency."""
         if error.retryable:
             logger.warning("latency change postponed to the next utterance boundary: %s", error)
-            self._reopen_when_idle = False
         else:
             logger.warning("latency change dropped, the stream stays at %s ms: %s", self._latency, error)
             self._reopen_requested = False

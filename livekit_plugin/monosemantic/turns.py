@@ -30,9 +30,8 @@ from livekit.agents.types import TimedString
 
 import monosemantic
 
-FlushReason = Literal["vad", "framework", "internal"]
-"""Who flushed: the plugin at the VAD's SpeechEnded, the framework (FlushSentinel), or the plugin for
-its own bookkeeping (a latency change taking effect)."""
+FlushReason = Literal["vad", "framework"]
+"""Who flushed: the plugin at the VAD's SpeechEnded, or the framework (FlushSentinel)."""
 
 SAMPLE_RATE = 16000  # engine event times are samples at the model's rate
 

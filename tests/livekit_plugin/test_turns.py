@@ -90,8 +90,6 @@ def test_text_outside_any_vad_turn_is_delivered_as_its_own_turn():
     t = tracker()
     events = run(t, [Partial("uh", "uh"), "flush:framework", Final("uh", start=0, end=3200)])
     assert [e.type for e in events] == [S, F, E]
-    # and an internal flush with no text sends nothing
-    assert run(t, ["flush:internal", Final("", start=3200, end=4000)]) == []
 
 
 def test_close_mid_turn_ends_it_once():
