@@ -46,10 +46,11 @@ def typed_view_as_array(pcm):
     return pcm
 
 
-def as_float32(audio, *, name: str = "audio") -> np.ndarray:
+def as_float32(audio, *, name: str = "audio", too_loud: str | None = None) -> np.ndarray:
     """A contiguous, writable 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor, list).
     int16/int32 are scaled to [-1, 1]. Raises AudioError for other shapes/dtypes, NaN/inf samples and
-    float samples beyond +-FLOAT_LIMIT."""
+    float samples beyond +-FLOAT_LIMIT (`too_loud`: what to do about them, where the default advice, for
+    int16 values in a float array, does not fit)."""
     if isinstance(audio, (bytes, bytearray, memoryview)):
         raise AudioError(f"{name}: raw bytes are ambiguous here; pass a numpy array (int16 PCM or float32)")
     arr = readable_array(audio, name)
@@ -78,7 +79,7 @@ def as_float32(audio, *, name: str = "audio") -> np.ndarray:
     if peak > FLOAT_LIMIT:
         raise AudioError(
             f"{name}: float samples must lie in [-1, 1], got a peak of {peak:g} "
-            f"(int16 sample values? pass them as an int16 array, or divide by 32768)"
+            f"({too_loud or 'int16 sample values? pass them as an int16 array, or divide by 32768'})"
         )
     # Contiguous (a no-op, the same array, when it already is): a reversed view (`audio[::-1]`) has a
     # negative stride, which `torch.from_numpy` refuses downstream. Writable: `torch.from_numpy` warns on
@@ -146,7 +147,7 @@ def load_audio_file(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
     if data.shape[0] == 0:
         raise AudioError(f"{text}: the file holds no audio samples")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    mono = as_float32(mono, name=text)
+    mono = as_float32(mono, name=text, too_loud="a float file written without normalising: scale it into [-1, 1]")
     try:
         out = resample(mono, int(rate), sample_rate)
     except AudioError as exc:  # a rate outside check_rate's range: say which file has it

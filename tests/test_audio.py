@@ -127,3 +127,14 @@ def test_a_file_at_an_unsupported_rate_is_named_in_its_error(tmp_path, rate):
     with pytest.raises(AudioError, match="sample rate") as info:
         load_audio_file(path, 16000)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_float_file_beyond_full_scale_is_refused_with_advice_for_a_file(tmp_path, audio_clips):
+    """A float WAV exported hot (peak 7.8) was refused with the advice for an int16 array in a float
+    array ('pass them as an int16 array, or divide by 32768'), which a user holding a file cannot act on."""
+    path = tmp_path / "loud.wav"
+    sf.write(path, audio_clips["jfk.wav"][:16000] * 10, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="peak of") as info:
+        load_audio_file(path, 16000)
+    message = str(info.value)
+    assert str(path) in message and "normalis" in message and "int16" not in message and "\n" not in message
