@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
                    help="Python's thread switch interval while serving (default: Python's 5 ms; docs/server.md)")
     p.add_argument("--usage-interval", type=float, default=d.usage_interval_seconds, help="seconds of processed audio between usage messages")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"])
 
 
 def run(args) -> int:

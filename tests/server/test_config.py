@@ -98,3 +98,15 @@ def test_serve_puts_the_switch_interval_back_when_it_returns():
     with pytest.raises(MonosemanticError, match="cannot listen"):
         asyncio.run(serve(config))
     assert sys.getswitchinterval() == before
+
+
+def test_serve_log_level_is_one_of_the_documented_levels():
+    """A bad --log-level failed in logging's own words; 'critical', not documented, was taken. The levels
+    are argparse choices now, any case, and a bad one is refused before anything starts."""
+    from monosemantic.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", "/nonexistent.nemo", "--log-level", "verbose"])
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "/nonexistent.nemo", "--log-level", "critical"])
