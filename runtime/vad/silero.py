@@ -20,6 +20,7 @@ stream in one call (the engine's VAD call per tick). Per window:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -308,7 +309,11 @@ _JIT_NAMES = {
 
 def _read_jit(path: Path) -> dict[str, torch.Tensor]:
     try:
-        jit_model = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch >= 2.10 deprecates TorchScript in a FutureWarning at every load; only the weights are
+            # read here (the model runs as this module's code), so it told users of nothing to change.
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
+            jit_model = torch.jit.load(str(path), map_location="cpu")
         found = {k: v.detach().clone() for k, v in jit_model._model.state_dict().items()}
     except Exception as e:  # TorchScript raises assorted error types for foreign or corrupt archives
         raise ModelLoadError(f"cannot read the Silero VAD TorchScript model {path}: {e}") from e

@@ -3,6 +3,8 @@ speech; batch invariance across slots, offsets and resets; state gather/scatter;
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -245,3 +247,12 @@ def test_forward_windows_checks_shapes(model):
         model.forward_windows(torch.zeros(2, 2 * WINDOW), [1, 3], state)
     with pytest.raises(ValueError, match="counts"):
         model.forward_windows(torch.zeros(2, 2 * WINDOW), [0, 1], state)
+
+
+def test_loading_the_weights_prints_no_torchscript_deprecation():
+    """Every model load printed torch's 'torch.jit.load is deprecated' FutureWarning: the package's
+    weights come from its TorchScript file, but nothing of TorchScript runs, and nothing is for a user to
+    change."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SileroVAD.from_package()
