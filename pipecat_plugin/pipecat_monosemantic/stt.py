@@ -629,10 +629,20 @@ class MonosemanticSTTService(STTService):
             InterimTranscriptionFrame(event.text, self._user_id, time_now_iso8601(), self._language(), result=event)
         )
 
+    def _finals_owed(self) -> int:
+        """Finals still to come for flushes already made: sent to a stream, or kept for one opening."""
+        return sum(s.outstanding for s in self._sessions) + self._backlog.count(None)
+
     async def _on_final(self, event: Final) -> None:
         if self._aborted:
             return
+        # An earlier utterance's final, while the flush of a later one (the user paused, said a few words
+        # and stopped again before it came) still owes its own: that later final ends what was said, and
+        # pipecat's end of speech and TTFB are the later stop's.
+        last = not self._finals_owed()
         if not event.text:
+            if not last:
+                return
             # Nothing was said (a cough, a VAD false start): no transcript, but the wait for one is over.
             # There is no time to a transcript to report: the measurement is abandoned, as pipecat's own
             # timeout does when no transcript comes (stopping it reported this answer's time as a TTFB).
@@ -641,14 +651,15 @@ class MonosemanticSTTService(STTService):
             return
         # Usage first, so tracing attaches it to the span this transcript closes.
         await self.emit_stt_usage_metrics()
-        self.confirm_finalize()
+        if last:
+            self.confirm_finalize()
         language = self._language()
         # Finalized tells pipecat's turn strategies that nothing more is coming (Smart Turn's ends a
         # complete turn on it at once). A final that comes while the user speaks again (the previous
-        # utterance's, late) is not that: the utterance in progress is still to come. Deepgram's is
-        # finalized only for a finalize requested since the last VADUserStartedSpeakingFrame. At the
-        # pipeline's end nothing more comes whatever.
-        finalized = not self._user_speaking or self._draining
+        # utterance's, late), or while a later flush still owes its final, is not that: the rest of
+        # what was said is still to come. Deepgram's is finalized only for a finalize requested since
+        # the last VADUserStartedSpeakingFrame. At the pipeline's end nothing more comes whatever.
+        finalized = (last and not self._user_speaking) or self._draining
         await self.push_frame(
             TranscriptionFrame(
                 event.text, self._user_id, time_now_iso8601(), language, result=event, finalized=finalized

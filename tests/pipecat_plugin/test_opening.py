@@ -410,3 +410,119 @@ def test_a_final_that_comes_after_the_user_spoke_again_is_not_finalized(harness)
     h = asyncio.run(main())
     assert [(f.text, f.finalized) for f in h.finals()] == [("c0:16000", False), ("c0:9600", True)]
     assert not h.errors()
+
+
+class HoldsFirstFinal(Recorder):
+    """A Recorder that answers its first flush only once `release` is set (a final still in flight while
+    the user says something short and stops again)."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = asyncio.Event()
+        self.release_second = asyncio.Event()
+        self.release_second.set()
+        self.holding = False
+        self.flushes = 0
+
+    async def before_final(self, n):
+        self.flushes += 1
+        if self.flushes == 1:
+            self.holding = True
+            await self.release.wait()
+        elif self.flushes == 2:
+            await self.release_second.wait()
+
+
+async def two_utterances_the_first_final_late(h, stt, recorder: HoldsFirstFinal) -> None:
+    """0.5 s of speech and its VAD stop, then 0.3 s more and its stop, all before the first final comes."""
+    await h.say(pcm(0.5))
+    await h.wait_for(lambda: recorder.holding, timeout=10)
+    await h.say(pcm(0.3))
+    await h.wait_for(lambda: stt._session is not None and stt._session.outstanding == 2, timeout=5)
+    recorder.release.set()
+
+
+def test_a_final_that_comes_while_another_flush_is_owed_is_not_finalized(harness):
+    """The user paused, spoke a few words and stopped again before the first utterance's final came. That
+    final was pushed finalized (the user was not speaking at that moment, and pipecat's finalize
+    handshake, requested at the second stop, was confirmed by it), and reported the second stop's TTFB:
+    turn strategies took it for the end of what the user said, and the second final, still to come, went
+    to the next turn. Only the final that answers the last flush owed is finalized now, and the TTFB is
+    measured to it."""
+    from pipecat.frames.frames import MetricsFrame
+    from pipecat.metrics.metrics import TTFBMetricsData
+
+    recorder = HoldsFirstFinal()
+    recorder.release_second.clear()
+
+    def ttfbs(h) -> int:
+        return sum(isinstance(d, TTFBMetricsData) and d.value > 0 for m in h.down.of(MetricsFrame) for d in m.data)
+
+    async def main():
+        async with remote_service(harness, recorder) as (stt, h):
+            await two_utterances_the_first_final_late(h, stt, recorder)
+            await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+            await asyncio.sleep(0.1)
+            before_second = ttfbs(h)  # a TTFB is a system frame: it would be here before the final it ends at
+            recorder.release_second.set()
+            await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
+            await h.end(timeout=10)
+            return h, before_second
+
+    h, before_second = asyncio.run(main())
+    assert [(f.text, f.finalized) for f in h.finals()] == [("c0:16000", False), ("c0:9600", True)]
+    assert before_second == 0 and ttfbs(h) == 1 and not h.errors()
+
+
+def test_a_user_turn_holds_both_finals_when_the_first_comes_after_the_second_stop(harness):
+    """The same in a pipeline with pipecat's user context aggregator and a turn-analyzer stop strategy
+    (Smart Turn's, the default, ends a complete turn at a finalized transcript): the turn held only the
+    first final's words and the second's started a turn of their own."""
+    from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer, BaseTurnParams, EndOfTurnState
+    from pipecat.processors.aggregators.llm_context import LLMContext
+    from pipecat.processors.aggregators.llm_response_universal import (
+        LLMContextAggregatorPair,
+        LLMUserAggregatorParams,
+    )
+    from pipecat.turns.user_stop import TurnAnalyzerUserTurnStopStrategy
+    from pipecat.turns.user_turn_strategies import UserTurnStrategies
+
+    class Complete(BaseTurnAnalyzer):
+        """Judges every VAD stop the end of a complete turn (as Smart Turn does a finished sentence)."""
+
+        speech_triggered = False
+        params = BaseTurnParams()
+
+        def append_audio(self, buffer, is_speech):
+            return EndOfTurnState.INCOMPLETE
+
+        async def analyze_end_of_turn(self):
+            return EndOfTurnState.COMPLETE, None
+
+        def clear(self):
+            pass
+
+    recorder = HoldsFirstFinal()
+    turns: list[str] = []
+
+    async def main():
+        strategies = UserTurnStrategies(stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=Complete())])
+        pair = LLMContextAggregatorPair(
+            LLMContext(), user_params=LLMUserAggregatorParams(user_turn_strategies=strategies)
+        )
+
+        @pair.user().event_handler("on_user_turn_stopped")
+        async def on_stopped(aggregator, strategy, message):
+            turns.append(message.content)
+
+        async with fake_server(recorder) as url:
+            # A p99 well above this test's finals: the strategies' safety net does not end the turn itself.
+            stt = MonosemanticSTTService(base_url=url, ttfs_p99_latency=3.0)
+            async with harness(stt, pair.user(), sample_rate=16000) as h:
+                await two_utterances_the_first_final_late(h, stt, recorder)
+                await h.wait_for(lambda: turns, timeout=10)
+                await asyncio.sleep(0.3)
+                await h.end(timeout=10)
+
+    asyncio.run(main())
+    assert turns == ["c0:16000 c0:9600"]
