@@ -218,3 +218,12 @@ async def fake_server(handler):
 # The protocol's first message, as a fake server sends it.
 READY = {"type": "ready", "protocol": 1, "stream_id": "x", "latency_ms": 160, "sample_rate": 16000,
          "model_sample_rate": 16000, "latency_modes": [160]}
+
+
+def with_default_sigint() -> None:
+    """`preexec_fn` for a child that a test interrupts with SIGINT: a process started in the background
+    by a shell without job control (`cmd &` in a script, nohup, some CI runners) inherits SIGINT ignored,
+    and Python then installs no KeyboardInterrupt handler, so the child would never see the test's Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

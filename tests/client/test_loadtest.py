@@ -14,13 +14,13 @@ pytestmark = pytest.mark.timeout(120)
 def test_ctrl_c_mid_run_exits_130_without_asyncio_noise(ms_model):
     """Ctrl-C while streams run: exit status 130 and nothing but asyncio-free output (it printed
     "_GatheringFuture exception was never retrieved" and a CancelledError traceback)."""
-    from _support.server import RunningServer
+    from _support.server import RunningServer, with_default_sigint
 
     with RunningServer(ms_model("nemotron_rnnt")) as server:
         proc = subprocess.Popen(
             [sys.executable, "-m", "monosemantic", "loadtest", "--url", f"ws://127.0.0.1:{server.port}",
              "--streams", "2", "--duration", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=with_default_sigint,
         )
         try:
             assert server.wait_until(lambda: server.open_streams() >= 1, timeout=60)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from _support.server import with_default_sigint
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
 
@@ -139,7 +141,7 @@ def test_microphone_at_its_own_rate(tmp_path, nemo_checkpoint):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "live_captions.py"), "--mic",
          "--model", str(nemo_checkpoint("nemotron_rnnt")), "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=with_default_sigint,
     )
     try:
         line = proc.stdout.readline()  # the first final (stdout is not a terminal: finals only)
