@@ -128,6 +128,13 @@ def ms_model(nemo_checkpoint) -> Callable[[str], object]:
 
 
 @pytest.fixture(scope="session")
+def model(ms_model):
+    """The tiny Nemotron RNN-T checkpoint as an ASRModel, the model most tests of the engine's users run
+    (a test module that needs another defines its own `model`, which takes precedence)."""
+    return ms_model("nemotron_rnnt")
+
+
+@pytest.fixture(scope="session")
 def nemo_tokens(nemo_model, audio_clips) -> Callable[[str, tuple], list]:
     """Factory ``(variant, attention context) -> token ids`` of NeMo's offline ``transcribe()`` on every
     clip (manifest order) with that context set; computed once per session."""

@@ -47,11 +47,6 @@ def test_counts_what_the_engine_holds_at_other_rates(ms_model, rate):
     asyncio.run(main())
 
 
-@pytest.fixture(scope="module")
-def model(ms_model):
-    return ms_model("nemotron_rnnt")
-
-
 @pytest.fixture(scope="module", params=[True, False], ids=["vad", "no_vad"])
 def server(request, model):
     with RunningServer(model, max_streams=4, vad=request.param) as running:

@@ -27,11 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def model(ms_model):
-    return ms_model("nemotron_rnnt")
-
-
-@pytest.fixture(scope="module")
 def server(model):
     with RunningServer(model, max_streams=6) as running:
         yield running

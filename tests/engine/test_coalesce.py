@@ -70,11 +70,6 @@ def test_a_push_after_a_pause_or_a_long_hold_is_due():
     assert c.add(1, start + MAX_HOLD_SECONDS)  # the first of them has waited MAX_HOLD_SECONDS
 
 
-@pytest.fixture(scope="module")
-def model(ms_model):
-    return ms_model("nemotron_rnnt")
-
-
 def count_writes(engine, monkeypatch) -> list[int]:
     sizes: list[int] = []
     write = engine.core.write

@@ -22,11 +22,6 @@ def ckpt(nemo_checkpoint):
     return nemo_checkpoint("nemotron_rnnt")
 
 
-@pytest.fixture
-def model(ms_model):
-    return ms_model("nemotron_rnnt")
-
-
 def test_8k_pipeline_with_odd_sized_frames_and_a_language_update(fresh_engines, harness, ckpt, model, speech):
     rate = 8000
     audio = [np.round(soxr.resample(p.astype(np.float32), 16000, rate)).clip(-32768, 32767).astype(np.int16) for p in speech[:2]]

@@ -18,11 +18,6 @@ from pipecat_monosemantic import MonosemanticSTTService
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-def model(ms_model):
-    return ms_model("nemotron_rnnt")
-
-
 def test_remote_finals_equal_offline_transcription(harness, model, speech):
     expected = [model.transcribe(pcm, latency_ms=160).text for pcm in speech[:2]]
 

@@ -14,11 +14,6 @@ from pipecat_monosemantic import MonosemanticSTTService
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture
-def model(ms_model):
-    return ms_model("nemotron_rnnt")
-
-
 def test_a_latency_mode_the_server_refuses_keeps_the_service_usable_and_transcribing(harness, model, speech):
     """The server refuses an unknown mode with HTTP 400. Pipecat classifies an exception carrying a 400
     as a permanent INVALID_REQUEST and writes the processor off (no more audio reaches it) unless the

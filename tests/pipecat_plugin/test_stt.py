@@ -36,11 +36,6 @@ def ckpt(nemo_checkpoint):
     return nemo_checkpoint("nemotron_rnnt")
 
 
-@pytest.fixture
-def model(ms_model):
-    return ms_model("nemotron_rnnt")
-
-
 def service(ckpt, **kwargs) -> MonosemanticSTTService:
     kwargs.setdefault("engine_config", NO_VAD)
     return MonosemanticSTTService(model=ckpt, device="cpu", **kwargs)

@@ -21,11 +21,6 @@ LATENCY = 160
 
 
 @pytest.fixture(scope="module")
-def model(ms_model):
-    return ms_model("nemotron_rnnt")
-
-
-@pytest.fixture(scope="module")
 def server(model):
     # Small limits, so that the faults are reachable in seconds.
     with RunningServer(

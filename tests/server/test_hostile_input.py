@@ -21,11 +21,6 @@ LATENCY = 160
 
 
 @pytest.fixture(scope="module")
-def model(ms_model):
-    return ms_model("nemotron_rnnt")
-
-
-@pytest.fixture(scope="module")
 def server(model):
     # A small outgoing queue, so that a queue that fills is reached in a few messages.
     with RunningServer(model, max_streams=2, max_outgoing_messages=4) as running:

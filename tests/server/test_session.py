@@ -24,11 +24,6 @@ LATENCY = 160
 
 
 @pytest.fixture(scope="module")
-def model(ms_model):
-    return ms_model("nemotron_rnnt")
-
-
-@pytest.fixture(scope="module")
 def server(model):
     with RunningServer(model, max_streams=4) as running:
         yield running
