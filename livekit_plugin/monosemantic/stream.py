@@ -107,7 +107,6 @@ class SpeechStream(stt.RecognizeStream):
         # time at which the base class began the last attempt, and the seconds its retries added to
         # `start_time_offset` (see `_run`).
         self._run_first = 0
-        self._carried_from = 0  # input sample where the audio a failed run held back starts
         self._attempt_began: float | None = None
         self._retry_shift = 0.0
         # Progress of the run's engine stream (remote engines, `_check_progress`): loop time of its last
@@ -240,11 +239,12 @@ class SpeechStream(stt.RecognizeStream):
         # What a failed run had held back for a stream change was taken from the input but given to no
         # engine stream: this run starts with it (the base class hands each frame to one run only).
         carried, self._held, self._first_push = self._held or [], None, True
-        self._carried_from = self._consumed - sum(len(item) for item in carried if not isinstance(item, str))
-        self._run_first = self._carried_from  # (its first push says the same; events may come before one)
+        # Input sample where that audio starts; the run's first (its first push says the same; events may
+        # come before one).
+        self._run_first = carried_from = self._consumed - sum(len(item) for item in carried if not isinstance(item, str))
         self._settled.set()
         self._stalled = stalled = asyncio.get_running_loop().create_future()
-        input_task = asyncio.create_task(self._forward_input(carried), name="monosemantic.forward_input")
+        input_task = asyncio.create_task(self._forward_input(carried, carried_from), name="monosemantic.forward_input")
         events_task = asyncio.create_task(self._forward_events(), name="monosemantic.forward_events")
         tasks = [input_task, events_task]
         try:
@@ -361,9 +361,9 @@ class SpeechStream(stt.RecognizeStream):
             self._event_ch.send_nowait(event)
 
     # ---- input side -------------------------------------------------------------------------------------
-    async def _forward_input(self, carried: list) -> None:
+    async def _forward_input(self, carried: list, start: int) -> None:
+        """`carried`: what a failed run held back (audio and flush reasons), from input sample `start`."""
         try:
-            start = self._carried_from
             for item in carried:  # first what a failed run held back, in order
                 if isinstance(item, str):
                     await self._flush(item)

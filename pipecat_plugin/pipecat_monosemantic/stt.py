@@ -393,11 +393,14 @@ class MonosemanticSTTService(STTService):
         session = StreamSession(stream, latency, model, after=after)
         self._sessions.add(session)
         session.task = self.create_task(self._read_events(session), name="monosemantic_events")
-        if self._remote is not None:
-            # pipecat's connection events, as a hosted STT service's websocket raises them: each stream
-            # is its own connection to the server (an in-process stream has none, and raises none).
-            await self._call_event_handler("on_connected")
+        await self._connection_event("on_connected")
         return session
+
+    async def _connection_event(self, name: str, *args) -> None:
+        """pipecat's connection events, as a hosted STT service's websocket raises them: each stream is
+        its own connection to the server (an in-process stream has none, and raises none)."""
+        if self._remote is not None:
+            await self._call_event_handler(name, *args)
 
     async def _ensure_session(self) -> StreamSession | None:
         """The current stream; with none, start opening one in the background (at most once per backoff
@@ -490,8 +493,7 @@ class MonosemanticSTTService(STTService):
         lost = f"; the {lost_seconds:.1f} s of audio received while it was opening were not transcribed"
         lost = lost if lost_seconds else ""
         retry = "" if permanent else f"; audio is not transcribed until a stream opens (next try in {wait:g} s)"
-        if self._remote is not None:
-            await self._call_event_handler("on_connection_error", f"could not open a recognition stream: {e}")
+        await self._connection_event("on_connection_error", f"could not open a recognition stream: {e}")
         await self.push_error(
             f"could not open a recognition stream: {e}{lost}{retry}",
             exception=e,
@@ -601,8 +603,7 @@ class MonosemanticSTTService(STTService):
             raise
         except Exception as e:
             if not self._aborted:
-                if self._remote is not None:
-                    await self._call_event_handler("on_connection_error", f"connection lost: {e}")
+                await self._connection_event("on_connection_error", f"connection lost: {e}")
                 await self.push_error(f"reading transcripts failed: {e}{self._lost(session)}", exception=e)
         finally:
             session.done.set()
@@ -613,10 +614,9 @@ class MonosemanticSTTService(STTService):
                 await session.close()
             except Exception:
                 pass
-            if self._remote is not None:
-                # Its connection is over: closed by the service (a settings change, the pipeline's end) or
-                # by the server, or lost.
-                await self._call_event_handler("on_disconnected")
+            # Its connection is over: closed by the service (a settings change, the pipeline's end) or by
+            # the server, or lost.
+            await self._connection_event("on_disconnected")
 
     def _language(self) -> Language | str | None:
         # pipecat stores a Language (or a code it does not know, as given) after converting the setting
@@ -678,8 +678,7 @@ class MonosemanticSTTService(STTService):
         if self._session is session:
             self._session = None  # the next audio frame opens a fresh stream
         if not self._aborted:
-            if self._remote is not None:
-                await self._call_event_handler("on_connection_error", f"{event.code}: {event.message}")
+            await self._connection_event("on_connection_error", f"{event.code}: {event.message}")
             await self.push_error(f"engine error '{event.code}': {event.message}{self._lost(session)}")
 
     @traced_stt

@@ -216,10 +216,9 @@ class RemoteStream:
                 continue
             async with self._lock:
                 try:
-                    await self._send(self._ws.send_bytes, _KEEPALIVE)
+                    await self._send(self._ws.send_bytes, _KEEPALIVE)  # (which notes the send's time)
                 except ConnectionLostError:
                     return  # the reader reports the end
-            self._last_send = loop.time()
 
     async def flush(self) -> None:
         """End the utterance: a Final follows, covering all audio pushed before this call."""
