@@ -260,7 +260,7 @@ class MonosemanticSTTService(STTService):
         try:
             await session.push(tail)
         except (AudioError, StreamError) as e:
-            await self.push_error(f"the end of the utterance was not transcribed: {e}", exception=e)
+            await self._report_failure("the end of the utterance was not transcribed", e)
 
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
         """Push the audio to the engine stream; transcripts arrive from the stream's event task. While a
@@ -383,7 +383,7 @@ class MonosemanticSTTService(STTService):
                 else:
                     await session.flush()
             except Exception as e:
-                await self.push_error(f"could not finalize the utterance: {e}", exception=e)
+                await self._report_failure("could not finalize the utterance", e)
 
     # ---- streams ---------------------------------------------------------------------------------
     async def _open_session(self, after: StreamSession | None = None) -> StreamSession:
@@ -453,8 +453,8 @@ class MonosemanticSTTService(STTService):
             if not self._in_utterance and self._needs_new_stream(session):
                 try:
                     await self._swap()
-                except Exception as e:  # the flush failed: the stream is lost, its event task says so
-                    await self.push_error(f"could not switch streams: {e}", exception=e)
+                except Exception as e:
+                    await self._report_failure("could not switch streams", e)
 
     async def _swap_failed(self, e: Exception, old: StreamSession, tried: tuple) -> None:
         """The stream for new settings could not open: the stream it was to replace carries on, with the
@@ -548,7 +548,7 @@ class MonosemanticSTTService(STTService):
                 try:
                     await session.retire()
                 except Exception as e:
-                    await self.push_error(f"could not flush at stop: {e}", exception=e)
+                    await self._report_failure("could not flush at stop", e)
         sessions = [s for s in self._sessions if s.task is not None]
         if sessions:
             _, pending = await asyncio.wait([s.task for s in sessions], timeout=max(0.0, deadline - loop.time()))
@@ -580,6 +580,16 @@ class MonosemanticSTTService(STTService):
         for session in sessions:
             if session.task is not None and session.task is not asyncio.current_task():
                 await self.cancel_task(session.task)
+
+    async def _report_failure(self, what: str, e: Exception) -> None:
+        """Report a push or flush that failed, unless it failed because the stream is over (its connection
+        lost, the engine ended it): the stream's event task reports that, once, with what of the utterance
+        was lost. A push or flush that timed out (an overloaded engine) leaves the stream working, and is
+        reported here."""
+        if isinstance(e, StreamError) and not isinstance(e, PushTimeoutError):
+            logger.debug(f"{self}: {what}: {e} (the stream's end is reported by its event task)")
+            return
+        await self.push_error(f"{what}: {e}", exception=e)
 
     # ---- events out ------------------------------------------------------------------------------
     async def _read_events(self, session: StreamSession) -> None:
@@ -750,5 +760,5 @@ class MonosemanticSTTService(STTService):
             if session is not None and not self._in_utterance and self._needs_new_stream(session):
                 try:
                     await self._swap()
-                except Exception as e:  # the flush failed: the stream is lost, its event task says so
-                    await self.push_error(f"could not switch streams: {e}", exception=e)
+                except Exception as e:
+                    await self._report_failure("could not switch streams", e)

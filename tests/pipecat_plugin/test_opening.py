@@ -526,3 +526,78 @@ def test_a_user_turn_holds_both_finals_when_the_first_comes_after_the_second_sto
 
     asyncio.run(main())
     assert turns == ["c0:16000 c0:9600"]
+
+
+class PartialThenCut(Recorder):
+    """A Recorder whose first connection answers its first audio with a partial, and is cut (no close
+    frame) at the first audio after `cut` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.cut = asyncio.Event()
+
+    async def __call__(self, request):
+        if self.connections:
+            return await super().__call__(request)
+        self.connections.append({"latency_ms": None, "received": [], "closed": False})
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(READY)
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                self.connections[0]["received"].append(len(msg.data))
+                if self.cut.is_set():
+                    request.transport.abort()
+                    break
+                if len(self.connections[0]["received"]) == 1:
+                    await ws.send_json({"type": "partial", "text": "he", "stable_text": "he"})
+        return ws
+
+
+@pytest.mark.parametrize("frame_rate", [16000, 24000])
+def test_a_flush_on_a_connection_that_just_died_is_one_error(harness, frame_rate):
+    """The connection dies while the stream's event task is still busy with an earlier event (here a
+    partial it pushes), and the VAD stop comes before that task has seen the loss: the flush failed
+    ("could not finalize the utterance"), as did the push of the resampler's tail at a frame rate that
+    needs resampling ("the end of the utterance was not transcribed"), each with an ErrorFrame of its
+    own, and the event task then reported the same loss again. The event task's report is the one now."""
+    partial_pushed, release = asyncio.Event(), asyncio.Event()
+    finalized = asyncio.Event()
+
+    class Service(MonosemanticSTTService):
+        async def _on_partial(self, event):
+            partial_pushed.set()
+            await release.wait()  # the event task lags behind its connection
+            await super()._on_partial(event)
+
+        async def _finalize(self):
+            await super()._finalize()
+            finalized.set()
+
+    recorder = PartialThenCut()
+
+    async def main():
+        async with fake_server(recorder) as url:
+            stt = Service(base_url=url)
+            async with harness(stt, sample_rate=16000) as h:
+                await h.wait_for(lambda: stt._session is not None, timeout=5)
+                stream = stt._session.stream
+                await h.speech_starts()
+                audio = pcm(0.1 * frame_rate / 16000)  # 100 ms at the frames' rate
+                await h.audio(audio, rate=frame_rate)
+                await asyncio.wait_for(partial_pushed.wait(), 5)
+                recorder.cut.set()
+                await h.audio(audio, rate=frame_rate)  # the connection is cut
+                await h.wait_for(lambda: stream._gone is not None, timeout=5)  # the client has seen it
+                await h.speech_stops()
+                await asyncio.wait_for(finalized.wait(), 5)
+                release.set()
+                await h.wait_for(lambda: h.errors(), timeout=5)
+                await h.say(pcm(0.5))
+                await h.wait_for(lambda: h.finals() and h.finals()[-1].text.startswith("c1:"), timeout=10)
+                await h.end(timeout=10)
+                return h
+
+    h = asyncio.run(main())
+    (error,) = h.errors()
+    assert "connection to the server was lost" in error.error and "not transcribed" in error.error
