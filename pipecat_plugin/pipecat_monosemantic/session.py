@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from monosemantic.errors import PushTimeoutError
+from monosemantic.events import Error
 
 from .backend import StreamLike
 
@@ -31,6 +32,7 @@ class StreamSession:
         self.outstanding = 0  # flushes whose Final has not arrived yet
         self.retiring = False  # close once nothing is outstanding
         self.closed = False
+        self.error: Error | None = None  # the error that took it out of service (reported at its end)
 
     async def push(self, audio: bytes) -> None:
         try:

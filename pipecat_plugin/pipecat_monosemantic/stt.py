@@ -433,7 +433,7 @@ class MonosemanticSTTService(STTService):
                 # Its event task ended it before it got any audio, and reported why.
                 session, error = None, StreamError("the stream closed as soon as it opened")
             if session is None:
-                if old is None or old.closed:
+                if old is None or old.closed or old.error is not None:
                     await self._open_failed(error, self._drop_backlog())
                     return
                 await self._swap_failed(error, old, tried)
@@ -613,8 +613,14 @@ class MonosemanticSTTService(STTService):
             raise
         except Exception as e:
             if not self._aborted:
-                await self._connection_event("on_connection_error", f"connection lost: {e}")
-                await self.push_error(f"reading transcripts failed: {e}{self._lost(session)}", exception=e)
+                error = f"{self._describe(session.error)}, then " if session.error is not None else ""
+                await self._connection_event("on_connection_error", f"{error}connection lost: {e}")
+                await self.push_error(f"{error}reading transcripts failed: {e}{self._lost(session)}", exception=e)
+        else:
+            if session.error is not None and not self._aborted:
+                # Reported now that the stream's events are over, when what of the utterance was lost is known.
+                await self._connection_event("on_connection_error", self._describe(session.error))
+                await self.push_error(f"{self._describe(session.error)}{self._lost(session)}")
         finally:
             session.done.set()
             self._sessions.discard(session)
@@ -684,12 +690,30 @@ class MonosemanticSTTService(STTService):
             return " (the audio of the utterance in progress was not transcribed)"
         return ""
 
+    @staticmethod
+    def _describe(event: Error) -> str:
+        return f"engine error '{event.code}': {event.message}"
+
     async def _on_engine_error(self, session: StreamSession, event: Error) -> None:
-        if self._session is session:
-            self._session = None  # the next audio frame opens a fresh stream
-        if not self._aborted:
-            await self._connection_event("on_connection_error", f"{event.code}: {event.message}")
-            await self.push_error(f"engine error '{event.code}': {event.message}{self._lost(session)}")
+        """Take the stream out of service and close it; its event task reports the error once its events
+        are over. A fatal error ends the stream anyway. A non-fatal one (docs/protocol.md: the server
+        refused a message, or is shutting down; or a server message the client could not read) leaves it
+        open: unclosed, its connection and its slot on the server stayed held, unused, until the server's
+        idle timeout, and the utterance in progress was never flushed. Retired, the stream finishes that
+        utterance if it still can, and closes after its last Final."""
+        if session.error is not None:
+            return  # already out of service: its first error is the one reported
+        session.error = event
+        async with self._lock:  # ordered with pushes: a flush covers every push made to the stream
+            if self._session is session:
+                self._session = None  # the next audio frame opens a fresh stream
+            if self._aborted:
+                return
+            try:
+                await session.retire()
+            except Exception as e:  # the stream is over: the audio not flushed is lost, the report says so
+                logger.debug(f"{self}: retiring a stream after its error failed: {e}")
+                await session.close()
 
     @traced_stt
     async def _handle_transcription(self, transcript: str, is_final: bool, language: Language | None = None):

@@ -51,6 +51,7 @@ class Recorder:
             if msg.type is WSMsgType.BINARY:
                 conn["received"].append(len(msg.data))
                 pending += len(msg.data)
+                await self.after_audio(n, ws)
             elif msg.type is WSMsgType.TEXT:
                 kind = json.loads(msg.data)["type"]
                 if kind == "flush":
@@ -63,6 +64,9 @@ class Recorder:
                     conn["closed"] = True
                     await ws.close()
         return ws
+
+    async def after_audio(self, n: int, ws) -> None:
+        pass
 
     async def before_final(self, n: int) -> None:
         pass
@@ -601,3 +605,38 @@ def test_a_flush_on_a_connection_that_just_died_is_one_error(harness, frame_rate
     h = asyncio.run(main())
     (error,) = h.errors()
     assert "connection to the server was lost" in error.error and "not transcribed" in error.error
+
+
+def test_a_non_fatal_server_error_closes_the_stream_it_drops_and_loses_no_audio(harness):
+    """A non-fatal error (docs/protocol.md: the server refused a message, or is shutting down; the stream
+    carries on) made the service drop its stream without closing it: the connection, and its slot on the
+    server, stayed open and unused until the server's idle timeout, and the audio of the utterance in
+    progress pushed to it was never flushed (the ErrorFrame said it was not transcribed). The dropped
+    stream is now retired: flushed, closed after its final. The audio after the error goes to a new
+    stream, so the utterance's audio is all transcribed, in two finals."""
+
+    class RefusesOnce(Recorder):
+        async def after_audio(self, n, ws):
+            if n == 0 and len(self.connections[0]["received"]) == 5:
+                await ws.send_json({"type": "error", "code": "bad_audio", "message": "refused", "fatal": False})
+
+    recorder = RefusesOnce()
+
+    async def main():
+        async with remote_service(harness, recorder) as (stt, h):
+            await h.wait_for(lambda: stt._session is not None, timeout=5)
+            await h.speech_starts()
+            await h.audio(pcm(0.4))
+            await h.wait_for(lambda: len(recorder.connections) == 2 and recorder.connections[0]["closed"], timeout=5)
+            await h.speech_stops()
+            await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
+            await h.end(timeout=10)
+            return h
+
+    h = asyncio.run(main())
+    first, second = recorder.connections
+    assert first["received"][-1] == "flush" and first["closed"]
+    assert sorted(f.text for f in h.finals()) == [f"c0:{recorder.audio(0)}", f"c1:{recorder.audio(1)}"]
+    assert recorder.audio(0) + recorder.audio(1) == 12800  # nothing lost
+    (error,) = h.errors()
+    assert "bad_audio" in error.error and "not transcribed" not in error.error and not error.fatal
