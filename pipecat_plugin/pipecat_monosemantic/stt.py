@@ -103,6 +103,7 @@ class MonosemanticSTTService(STTService):
         ttfs_p99_latency: float | None = MONOSEMANTIC_TTFS_P99,
         base_url: str | None = None,
         api_key: str | None = None,
+        max_open_failures: int | None = None,
         **kwargs,
     ):
         """Create the service; the model loads when the pipeline starts (or earlier with
@@ -127,6 +128,12 @@ class MonosemanticSTTService(STTService):
                 `engine_config` are then the server's business and ignored. A lost connection is
                 reported as a non-fatal ErrorFrame and the next audio reconnects.
             api_key: The server's API key (default: the MONOSEMANTIC_API_KEY environment variable).
+            max_open_failures: Give up after this many failed attempts in a row to open a stream (a
+                server down or unreachable, a full engine): that failure's ErrorFrame marks the service
+                unusable (`force_treat_as_permanent`), which is what pipecat's
+                `ServiceSwitcherStrategyFailover` switches to a backup STT on. `set_usable(True)` (or a
+                settings update) makes it try again. None (the default): retry for as long as audio
+                comes, with the reopen backoff.
             **kwargs: Passed to `STTService`. Its `keepalive_timeout` and `keepalive_interval` apply in
                 remote mode only (default `REMOTE_KEEPALIVE_TIMEOUT` = 10 s and 2 s; None: no
                 keepalive): after that long without audio sent, silence keeps the connection open. An
@@ -138,6 +145,10 @@ class MonosemanticSTTService(STTService):
         # surface as an unrelated error on every reopen, or an empty dict pass for the default.
         if engine_config is not None and not isinstance(engine_config, monosemantic.EngineConfig):
             raise TypeError(f"engine_config must be a monosemantic.EngineConfig, got {type(engine_config).__name__}")
+        if max_open_failures is not None and (
+            isinstance(max_open_failures, bool) or not isinstance(max_open_failures, int) or max_open_failures < 1
+        ):
+            raise ValueError(f"max_open_failures must be a positive integer or None, got {max_open_failures!r}")
         if model is None:
             model = monosemantic.DEFAULT_MODEL
         defaults = self.Settings(
@@ -158,6 +169,7 @@ class MonosemanticSTTService(STTService):
         self._stop_timeout = stop_timeout
         self._remote_args = (base_url, api_key)
         self._remote = remote_engine(base_url, api_key) if base_url else None
+        self._max_open_failures = max_open_failures
 
         self._session: StreamSession | None = None  # where incoming audio goes
         self._sessions: set[StreamSession] = set()  # every stream still open (current and retiring)
@@ -178,6 +190,13 @@ class MonosemanticSTTService(STTService):
 
     def can_generate_metrics(self) -> bool:
         return True
+
+    async def set_usable(self, is_usable: bool):
+        if is_usable and not self.is_usable:
+            # Brought back (by the application, or a settings update): the next audio tries to open a
+            # stream at once, and `max_open_failures` counts afresh.
+            self._retry_at, self._open_failures = 0.0, 0
+        await super().set_usable(is_usable)
 
     # ---- the seam --------------------------------------------------------------------------------
     async def _engine_for(self, model: str) -> EngineLike:
@@ -493,6 +512,15 @@ class MonosemanticSTTService(STTService):
         lost = f"; the {lost_seconds:.1f} s of audio received while it was opening were not transcribed"
         lost = lost if lost_seconds else ""
         retry = "" if permanent else f"; audio is not transcribed until a stream opens (next try in {wait:g} s)"
+        limit = self._max_open_failures
+        if not permanent and limit is not None and self._open_failures >= limit:
+            # Left retryable, this would never leave the service unusable, and a failover strategy would
+            # never switch away from it (pipecat's websocket services give up after a few reconnects too).
+            permanent = True
+            retry = (
+                f"; giving up after {self._open_failures} failed attempts in a row (max_open_failures="
+                f"{limit}): audio is not transcribed until the service is made usable again"
+            )
         await self._connection_event("on_connection_error", f"could not open a recognition stream: {e}")
         await self.push_error(
             f"could not open a recognition stream: {e}{lost}{retry}",

@@ -314,3 +314,76 @@ def test_connection_events_follow_the_streams_connections(harness, model, speech
     assert seen[0] == "connected" and seen[-1] == "disconnected"
     assert seen.count("connected") == 2 and seen.count("disconnected") == 2, seen
     assert "error" in seen[seen.index("disconnected"):seen.index("connected", 1)], seen
+
+
+def test_a_server_down_for_good_fails_over_after_max_open_failures(harness, model, speech, monkeypatch):
+    """A server that stays down was retried for as long as audio came, each failed open a non-fatal
+    ErrorFrame: the service never became unusable, so pipecat's ServiceSwitcherStrategyFailover (which
+    switches only away from a service that can no longer do its job) never moved to the backup STT, and
+    nothing was transcribed. With `max_open_failures=2` the second failed open in a row gives up: its
+    ErrorFrame marks the service unusable, the switcher fails over, and the audio reaches the backup."""
+    from pipecat.pipeline.service_switcher import ServiceSwitcher, ServiceSwitcherStrategyFailover
+    from pipecat.services.stt_service import STTService
+
+    from pipecat_monosemantic import stt as stt_module
+
+    monkeypatch.setattr(stt_module, "_REOPEN_BACKOFF_SECONDS", 0.05)  # the backoff between the two tries
+
+    class Backup(STTService):
+        def __init__(self):
+            super().__init__(ttfs_p99_latency=1.0)
+            self.received = 0
+
+        async def run_stt(self, audio):
+            self.received += len(audio)
+            yield None
+
+    server = RunningServer(model)
+
+    async def main():
+        stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{server.port}", max_open_failures=2)
+        backup = Backup()
+        switcher = ServiceSwitcher(services=[stt, backup], strategy_type=ServiceSwitcherStrategyFailover)
+        reported = []
+
+        @stt.event_handler("on_error")
+        async def on_error(service, error):
+            reported.append(error)
+
+        async with harness(switcher, sample_rate=16000) as h:
+            await h.say(speech[0])
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            await asyncio.to_thread(server.__exit__)  # the server goes away, for good
+            await h.wait_for(lambda: stt._session is None)
+            for _ in range(250):  # 5 s of audio at most, in real time
+                if switcher.strategy.active_service is backup:
+                    break
+                await h.audio(speech[1][:320], pace=1.0)
+            assert switcher.strategy.active_service is backup
+            await h.audio(speech[1][:3200])
+            await h.wait_for(lambda: backup.received >= 3200)
+            await h.end()
+            return stt, h, reported
+
+    with server:  # (its __exit__ after one inside the test is a no-op)
+        stt, h, reported = asyncio.run(main())
+    failed_opens = [e for e in reported if "could not open a recognition stream" in e.error]
+    assert len(failed_opens) == 2 and not stt.is_usable
+    assert "next try in" in failed_opens[0].error and "giving up after 2 failed attempts" in failed_opens[1].error
+    # The switch absorbed the error that caused it; the ones before it were not the switcher's to act on.
+    assert failed_opens[1] not in h.errors() and not any(e.fatal for e in h.errors())
+
+
+def test_max_open_failures_is_checked_and_counts_afresh_once_the_service_is_usable_again():
+    for bad in (0, -1, True, 2.0, "3"):
+        with pytest.raises(ValueError, match="max_open_failures must be a positive integer or None"):
+            MonosemanticSTTService(base_url="ws://127.0.0.1:1", max_open_failures=bad)
+    stt = MonosemanticSTTService(base_url="ws://127.0.0.1:1", max_open_failures=1)
+
+    async def main():
+        stt._open_failures, stt._retry_at = 1, float("inf")  # as after giving up
+        await stt.set_usable(False)
+        await stt.set_usable(True)  # the application brings it back: the next audio tries at once
+
+    asyncio.run(main())
+    assert stt._open_failures == 0 and stt._retry_at == 0.0
