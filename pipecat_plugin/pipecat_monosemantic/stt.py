@@ -509,7 +509,7 @@ class MonosemanticSTTService(STTService):
         permanent = isinstance(e, (ModelLoadError, MissingDependencyError, ValueError, AudioError)) or (
             isinstance(e, StreamError) and getattr(e, "retryable", True) is False
         )
-        lost = f"; the {lost_seconds:.1f} s of audio received while it was opening were not transcribed"
+        lost = f"; the {lost_seconds:.2g} s of audio received while it was opening were not transcribed"
         lost = lost if lost_seconds else ""
         retry = "" if permanent else f"; audio is not transcribed until a stream opens (next try in {wait:g} s)"
         limit = self._max_open_failures
@@ -568,7 +568,7 @@ class MonosemanticSTTService(STTService):
                 if lost:
                     await self.push_error(
                         f"no recognition stream opened within {self._stop_timeout} s of the end of the "
-                        f"pipeline; the {lost:.1f} s of audio received meanwhile were not transcribed"
+                        f"pipeline; the {lost:.2g} s of audio received meanwhile were not transcribed"
                     )
         async with self._lock:
             self._session = None

@@ -125,6 +125,9 @@ def test_an_unreachable_server_is_retried_with_a_doubling_backoff(harness, speec
     errors = h.errors()
     assert len(errors) == 5 and not any(e.fatal for e in errors)
     assert [e.error.rsplit("next try in ", 1)[1] for e in errors] == ["1 s)", "2 s)", "4 s)", "8 s)", "8 s)"]
+    # Each try after the first was started by a 20 ms frame, kept for it and lost with it (which the error
+    # used to round to "the 0.0 s of audio").
+    assert all("the 0.02 s of audio received while it was opening" in e.error for e in errors[1:])
     assert f"127.0.0.1:{port}" in errors[0].error and stt.is_usable
 
 
