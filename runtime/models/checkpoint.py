@@ -163,14 +163,21 @@ def _read_tokenizer(config, names: list[str], read, where: str) -> bytes:
     raise ModelLoadError(f"{where}: tokenizer file not found in the checkpoint (looked for {wanted})")
 
 
-def download_from_hub(repo_id: str, revision: str | None) -> Path:
-    """Fetch (or find in the local cache) the .nemo file of a Hugging Face repo."""
+def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch the .nemo file of a Hugging Face repo into the Hugging Face cache (huggingface_hub's progress
+    bars show the download), or find it there; returns its path. This is what `load_model(repo_id)`
+    reads, so running it ahead (a Docker build, LiveKit's `download-files`) spares the first load the
+    download."""
+    return _nemo_in_snapshot(_hub_snapshot(repo_id, revision), repo_id)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # a core dependency, but say what to do rather than fail obscurely
         raise ModelLoadError("loading from the Hugging Face Hub needs huggingface_hub: pip install huggingface_hub") from None
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.nemo"]))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.nemo"]))
     except Exception as exc:  # network, auth, offline-cache miss: all end the same way for the user
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         hint = (
@@ -179,11 +186,12 @@ def download_from_hub(repo_id: str, revision: str | None) -> Path:
             else "check the network connection and the repo name (and HF_TOKEN for gated repos)"
         )
         raise ModelLoadError(
-            f"could not load '{repo_id}': it is not a local file or directory, and fetching it from the "
-            f"Hugging Face Hub failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"{hint}. To use a local checkpoint, pass the path of a .nemo file or of an extracted "
-            f"checkpoint directory."
+            f"fetching '{repo_id}' from the Hugging Face Hub failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {hint}"
         ) from None
+
+
+def _nemo_in_snapshot(folder: Path, repo_id: str) -> Path:
     found = sorted(folder.rglob("*.nemo"))
     if not found:
         raise ModelLoadError(f"Hugging Face repo '{repo_id}' has no .nemo file; is it a NeMo checkpoint?")
@@ -214,7 +222,14 @@ def read_checkpoint(source: str | os.PathLike, revision: str | None = None) -> C
     if path.exists():
         raise ModelLoadError(f"model '{text}' is neither a file nor a directory")
     if _REPO_ID.match(text) and not text.endswith(".nemo"):
-        return read_nemo_file(download_from_hub(text, revision), text)
+        try:
+            folder = _hub_snapshot(text, revision)
+        except ModelLoadError as exc:
+            raise ModelLoadError(
+                f"could not load '{text}': it is not a local file or directory, and {exc}. To use a local "
+                f"checkpoint, pass the path of a .nemo file or of an extracted checkpoint directory."
+            ) from None
+        return read_nemo_file(_nemo_in_snapshot(folder, text), text)
     raise ModelLoadError(
         f"model '{text}' not found: no such file or directory, and it is not a Hugging Face repo id "
         f"('org/name'). Pass the path of a .nemo file, an extracted checkpoint directory, or a repo id."
