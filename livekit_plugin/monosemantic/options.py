@@ -23,3 +23,5 @@ class STTOptions:
             raise ValueError(f"latency_ms must be a positive integer (a latency mode of the model), got {self.latency_ms!r}")
         if not isinstance(self.language, str) or not self.language:
             raise ValueError(f"language must be a non-empty language code, got {self.language!r}")
+        if not isinstance(self.interim_results, bool):
+            raise ValueError(f"interim_results must be True or False, got {self.interim_results!r}")

@@ -133,6 +133,7 @@ class STT(stt.STT):
         opts = dataclasses.replace(self._opts)
         if is_given(language):
             opts.language = language
+            opts.validate()
         stream = SpeechStream(
             stt=self, opts=opts, acquire=self._engine, conn_options=conn_options, remote=self._remote is not None
         )
@@ -202,6 +203,8 @@ class STT(stt.STT):
         healthy one slower than half real time can be silent longer while it works through a buffer that
         ends in silence, and a retry would land on the same engine. Pushing the audio is bounded by the
         engine itself (a local engine's push timeout, a remote connection's heartbeat)."""
+        if is_given(language):
+            dataclasses.replace(self._opts, language=language).validate()
         language = language if is_given(language) else self._opts.language
         frames = buffer if isinstance(buffer, list) else [buffer]
         frame = merge_frames(frames) if frames else None

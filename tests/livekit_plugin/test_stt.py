@@ -370,9 +370,30 @@ def test_bad_options_are_clear_errors(checkpoint):
         lk_monosemantic.STT(model=checkpoint, latency_ms=0)
     with pytest.raises(TypeError, match="EngineConfig"):
         lk_monosemantic.STT(model=checkpoint, engine_config={"vad": None})
+    with pytest.raises(ValueError, match="interim_results"):
+        lk_monosemantic.STT(model=checkpoint, interim_results="no")  # a non-empty string: true, interims on
     stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
     with pytest.raises(ValueError, match="language"):
         stt.update_options(language="")
+    with pytest.raises(ValueError, match="interim_results"):
+        stt.update_options(interim_results=None)
+
+
+@pytest.mark.parametrize("language", ["", None])
+def test_a_bad_language_for_one_stream_or_recognize_call_is_a_clear_error(checkpoint, language):
+    """`stream(language=...)` and `recognize(..., language=...)` took any value (update_options checks
+    it): every transcript then carried it, None or empty, as its language."""
+    from livekit import rtc
+
+    stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+
+    async def main():
+        with pytest.raises(ValueError, match="language"):
+            stt.stream(language=language)
+        with pytest.raises(ValueError, match="language"):
+            await stt.recognize(rtc.AudioFrame(bytes(3200), 16000, 1, 1600), language=language)
+
+    asyncio.run(main())
 
 
 def test_unknown_latency_mode_fails_the_stream_without_retrying(checkpoint, audio_clips, lk):
