@@ -27,6 +27,7 @@ from livekit import rtc
 from livekit.agents import (
     DEFAULT_API_CONNECT_OPTIONS,
     NOT_GIVEN,
+    APIConnectionError,
     APIConnectOptions,
     APIError,
     APITimeoutError,
@@ -468,6 +469,11 @@ class SpeechStream(stt.RecognizeStream):
                     if not self._tracker.pending and self._held is None:
                         self._settled.set()
             if es is self._es:
+                if not self._closing:
+                    # Ended without an error while its input is live (a server's connection closed
+                    # cleanly by a proxy, say): returning would end the LiveKit stream as if its input had
+                    # ended, and the session's STT would stop for good. A retry opens a new one.
+                    raise APIConnectionError("the speech engine ended the stream unasked", retryable=True)
                 return  # our stream ended: the run is over
             # else the engine stream was replaced: carry on with the new one
 

@@ -495,3 +495,63 @@ def test_audio_held_back_for_a_latency_change_goes_to_the_retry(checkpoint, ms_m
     assert final.start_time == pytest.approx(len(a) / 16000, abs=0.03)
     assert final.text == model.transcribe(b, latency_ms=other).text
     lk.check_invariants(events, (len(a) + len(b)) / 16000)
+
+
+class _EndsAfterFirstFinal(PassThroughStream):
+    """An engine stream that ends right after its first Final, without an error and without being closed:
+    a server's connection closed cleanly by something between it and the plugin (a proxy, say)."""
+
+    ended = False
+
+    async def __anext__(self):
+        if self.ended:
+            await self._es.close()
+            raise StopAsyncIteration
+        event = await self._es.__anext__()
+        self.ended = isinstance(event, monosemantic.Final)
+        return event
+
+
+def test_an_engine_stream_that_ends_unasked_is_retried(checkpoint, ms_model, audio_clips, lk):
+    """The run ended with the engine stream, as if the plugin had closed it: the LiveKit stream ended
+    without an error while its input was live, so the session's STT pipeline took it for the end of its
+    audio and stopped for good (and every later push_frame raised 'is closed')."""
+    a, b = audio_clips["jfk.wav"], audio_clips["61-70968-0000.flac"]
+    model = ms_model("nemotron_rnnt")
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        engine = await stt._engine()
+        opened = []
+
+        class Engine:
+            async def open_stream(self, **kw):
+                opened.append(await engine.open_stream(**kw))
+                return _EndsAfterFirstFinal(opened[-1]) if len(opened) == 1 else opened[-1]
+
+        async def acquire():
+            return Engine()
+
+        stt._engine = acquire
+        errors = []
+        stt.on("error", errors.append)
+        stream = stt.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.1))
+        events = []
+        reader = lk.start_reader(stream, events)
+        await lk.feed(stream, a)
+        stream.flush()
+        await lk.wait_for(lambda: finals(events))
+        await lk.feed(stream, b)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return events, errors, len(opened)
+
+    events, errors, opened = asyncio.run(main())
+    assert [f.text for f in finals(events) if f.text] == [model.transcribe(x, latency_ms=160).text for x in (a, b)]
+    assert opened == 2 and len(errors) == 1 and errors[0].recoverable
+    assert isinstance(errors[0].error, APIConnectionError) and "ended" in str(errors[0].error)
+    # (not lk.check_invariants: its 1 us bound on time order is below the rounding of the wall-clock
+    # arithmetic a retry's times go through)
+    kinds = [e.type for e in events]
+    assert kinds.count(T.START_OF_SPEECH) == kinds.count(T.END_OF_SPEECH) == 2
+    assert finals(events)[-1].start_time == pytest.approx(len(a) / 16000, abs=1e-3)
