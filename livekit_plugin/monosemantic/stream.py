@@ -94,6 +94,7 @@ class SpeechStream(stt.RecognizeStream):
         self._tracker: TurnTracker | None = None
         self._settled = asyncio.Event()  # every flush so far has its Final
         self._closing = False  # the run is ending: the engine stream is (being) closed
+        self._input_ended = False  # end_input(): no audio comes after the flushes owed
         self._aclosing = False
         self._first_push = True
         # Wall-clock anchoring (see `_anchor`, `_origin`): samples pushed by the user (at the pushed
@@ -377,6 +378,7 @@ class SpeechStream(stt.RecognizeStream):
                 else:
                     await self._push(frame_pcm(item))
             # end_input(): the base class flushed before closing the input; wait for those Finals
+            self._input_ended = True
             while not self._aclosing and (self._tracker.pending or self._held is not None):
                 await self._settled.wait()
         except monosemantic.MonosemanticError as exc:
@@ -483,7 +485,10 @@ class SpeechStream(stt.RecognizeStream):
         async with self._lock:
             held, self._held = self._held, None
             old = self._es
-            if self._reopen_requested and self._tracker.idle:
+            # Not after end_input() with no audio held: the new engine stream would hear nothing and be
+            # closed at once.
+            hears = not self._input_ended or any(not isinstance(item, str) for item in held)
+            if self._reopen_requested and self._tracker.idle and hears:
                 try:
                     new = await self._open()  # before closing the old one: a failure loses nothing
                 except APIError as exc:

@@ -256,6 +256,42 @@ def test_latency_change_reopens_the_engine_stream_at_a_boundary(checkpoint, ms_m
     lk.check_invariants(events, (len(a) + len(b)) / 16000)
 
 
+def test_a_latency_change_pending_at_the_end_of_the_input_opens_no_engine_stream(checkpoint, ms_model, audio_clips, lk):
+    """A latency change waiting for the flush of end_input() reopened the engine stream once its Final
+    came, only to close it at once: a second engine slot (on a server, a connection) taken at the
+    session's end, and, with the engine full, a spurious error event ('latency change postponed')."""
+    audio = audio_clips["jfk.wav"]
+    model = ms_model("nemotron_rnnt")
+    other = [m for m in model.latency_modes if m != 160][0]
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        engine = await stt._engine()
+        opened = []
+
+        class Engine:
+            async def open_stream(self, **kw):
+                opened.append(kw["latency_ms"])
+                return await engine.open_stream(**kw)
+
+        async def acquire():
+            return Engine()
+
+        stt._engine = acquire
+        stream = stt.stream()
+        events = []
+        reader = lk.start_reader(stream, events)
+        await lk.feed(stream, audio)
+        stt.update_options(latency_ms=other)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return events, opened
+
+    events, opened = asyncio.run(main())
+    assert [f.text for f in finals(events)] == [model.transcribe(audio, latency_ms=160).text]
+    assert opened == [160]
+
+
 def test_a_latency_mode_the_model_lacks_is_refused_on_a_live_stream(checkpoint, audio_clips, lk):
     """update_options used to accept it; the stream then failed to reopen at every idle moment, each
     time flushing, and cut its utterances apart without telling anyone."""
