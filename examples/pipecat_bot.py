@@ -21,7 +21,7 @@ import sys
 from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.frames.frames import Frame, InterimTranscriptionFrame, TranscriptionFrame
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
 from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
@@ -112,11 +112,20 @@ async def run(args: argparse.Namespace) -> None:
     transport = local_audio_transport(with_output=bool(args.agent))
     stt = build_stt(args)
     processors = build_processors(transport.input(), stt, transport.output(), args.agent)
-    worker = PipelineWorker(Pipeline(processors), params=PipelineParams(audio_in_sample_rate=SAMPLE_RATE))
+    # A service that can never work (a model that does not load, a latency mode it lacks, a refused API
+    # key) ends the bot: Pipecat's default keeps it "listening" with nothing to hear it.
+    worker = PipelineWorker(
+        Pipeline(processors),
+        params=PipelineParams(audio_in_sample_rate=SAMPLE_RATE),
+        processor_unusable_policy=ProcessorUnusablePolicy.CANCEL,
+    )
     print("Loading the model, then listening. Speak; Ctrl-C to stop.", file=sys.stderr)
     runner = WorkerRunner()
     await runner.add_workers(worker)
     await runner.run()
+    failed = [str(p) for p in processors if not p.is_usable]
+    if failed:
+        raise SystemExit(f"error: stopped: {', '.join(failed)} failed for good (the error logged above says why)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
