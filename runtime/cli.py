@@ -91,6 +91,8 @@ def _transcribe(args) -> int:
     from .asr import load_model
     from .audio import load_audio_file
 
+    if args.realtime and not args.stream:
+        raise ValueError("--realtime paces --stream: add --stream, or leave --realtime out")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     # Reject a bad --latency-ms before reading any file. A full-context model has no latency modes, but
     # its stream takes latency_ms as the interval its partial is recomputed at: new_stream checks that.

@@ -77,6 +77,7 @@ def test_bad_files_get_one_line_errors_and_the_rest_still_run(checkpoint, tmp_pa
         (["--device", "tpu"], "invalid device"),
         (["--device", "meta"], "invalid device"),
         (["--dtype", "int4"], "invalid dtype"),
+        (["--realtime"], "--realtime paces --stream"),  # it was ignored: the file was transcribed offline
     ],
 )
 def test_bad_options_one_line_error(checkpoint, args, needle):
