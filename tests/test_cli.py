@@ -60,10 +60,11 @@ def test_bad_files_get_one_line_errors_and_the_rest_still_run(checkpoint, tmp_pa
     corrupt = tmp_path / "corrupt.flac"
     corrupt.write_bytes(b"fLaC" + b"\x00" * 64)
     done = run_cli("transcribe", str(empty), str(DATA / "jfk.wav"), str(corrupt), str(tmp_path / "missing.wav"),
-                   "--model", checkpoint, "--device", "cpu", "--json")
+                   str(DATA), "--model", checkpoint, "--device", "cpu", "--json")
     assert done.returncode == 1
     errors = done.stderr.strip().splitlines()
-    assert len(errors) == 3 and all(line.startswith("monosemantic: error: ") for line in errors)
+    assert len(errors) == 4 and all(line.startswith("monosemantic: error: ") for line in errors)
+    assert errors[-1] == f"monosemantic: error: {DATA}: is a directory, not an audio file"
     assert "Traceback" not in done.stderr
     finals = [json.loads(line) for line in done.stdout.splitlines()]
     assert [f["file"] for f in finals if f["type"] == "final"] == [str(DATA / "jfk.wav")]
