@@ -1,4 +1,5 @@
-"""Command line: `monosemantic transcribe FILE... [--model M] [--device D] [--latency-ms N] [--stream] [--json]`,
+"""Command line: `monosemantic transcribe FILE... [--model M] [--device D] [--dtype T] [--latency-ms N]
+[--stream [--realtime]] [--json]`,
 `monosemantic bench`, `monosemantic serve` (WebSocket server) and `monosemantic loadtest` (its load test).
 
 Every error a user can cause prints one line on stderr and exits non-zero; no tracebacks.
