@@ -30,11 +30,19 @@ DEFAULT_LLM = "openai:gpt-4.1-mini"
 DEFAULT_TTS = "openai:gpt-4o-mini-tts"
 
 
+def latency_from_env() -> int:
+    value = os.environ.get("MONOSEMANTIC_LATENCY_MS") or "160"
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"MONOSEMANTIC_LATENCY_MS must be a whole number of milliseconds (such as 160), got {value!r}") from None
+
+
 def build_stt(**overrides) -> monosemantic.STT:
     options = dict(
         model=os.environ.get("MONOSEMANTIC_MODEL") or None,
         device=os.environ.get("MONOSEMANTIC_DEVICE", "auto"),
-        latency_ms=int(os.environ.get("MONOSEMANTIC_LATENCY_MS", "160")),
+        latency_ms=latency_from_env(),
     )
     if os.environ.get("MONOSEMANTIC_URL"):
         options = dict(base_url=os.environ["MONOSEMANTIC_URL"], latency_ms=options["latency_ms"])

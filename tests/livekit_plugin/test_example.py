@@ -36,3 +36,12 @@ def test_example_model_choice(example):
     assert example.build_model("openai/gpt-4.1-mini", "LLM") == "openai/gpt-4.1-mini"  # LiveKit Inference
     with pytest.raises(SystemExit, match="pip install livekit-plugins-nosuchvendor"):
         example.build_model("nosuchvendor:some-model", "TTS")
+
+
+@pytest.mark.parametrize("value", ["fast", "160ms"])
+def test_a_latency_that_is_not_a_number_names_the_variable(example, monkeypatch, value):
+    """MONOSEMANTIC_LATENCY_MS=fast raised int()'s bare ValueError ("invalid literal for int() with base
+    10") from the worker's setup, naming neither the variable nor what it wants."""
+    monkeypatch.setenv("MONOSEMANTIC_LATENCY_MS", value)
+    with pytest.raises(SystemExit, match="MONOSEMANTIC_LATENCY_MS must be"):
+        example.build_stt()
