@@ -82,6 +82,7 @@ class Session:
         self._receiving_since: float | None = None  # loop time the receive loop began waiting for a message
         self._idle_fail: asyncio.Task | None = None
         self._peer_gone = False
+        self._client_close_code: int | None = None  # the code of the client's close frame, if it sent one
         self._peer_close: asyncio.Task | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
@@ -125,7 +126,10 @@ class Session:
             await asyncio.gather(self._sender, return_exceptions=True)
         reason = self.end_reason or "client_gone"
         self.metrics.streams_closed.labels(reason).inc()
-        self.log.info("stream closed", extra={"reason": reason, "audio_seconds": round(self.received / self.sample_rate, 3)})
+        extra = {"reason": reason, "audio_seconds": round(self.received / self.sample_rate, 3)}
+        if self._client_close_code is not None:
+            extra["close_code"] = self._client_close_code
+        self.log.info("stream closed", extra=extra)
 
     @staticmethod
     async def _wait(task: asyncio.Task | None, timeout: float) -> None:
@@ -227,6 +231,11 @@ class Session:
                 if msg.type is WSMsgType.ERROR and getattr(msg.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
                     self.end_reason = self.end_reason or "message_too_large"
                     self.metrics.errors.labels("message_too_large").inc()
+                elif msg.type is WSMsgType.CLOSE and self.end_reason is None:
+                    # The client's close frame: an orderly hang-up, told apart from a connection that
+                    # vanished (reset, timeout), which is network trouble for an operator to look at.
+                    self.end_reason = "client_hangup"
+                    self._client_close_code = msg.data
                 self.end_reason = self.end_reason or "client_gone"
                 return
 

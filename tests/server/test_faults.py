@@ -47,6 +47,27 @@ def test_client_vanishing_mid_utterance_frees_its_slot(server, model, audio_clip
     check_still_serves(server, model, audio)
 
 
+def test_a_websocket_close_frame_is_a_hangup_not_a_client_gone(server, model, audio_clips):
+    """A client that ends with a WebSocket close frame (an orderly hang-up, without the protocol's
+    `close`) was counted as `client_gone`, as a reset or a vanished peer: an operator could not tell
+    clean hang-ups from network trouble."""
+    gone_before = server.metric('monosemantic_streams_closed_total{reason="client_gone"}')
+    hangup_before = server.metric('monosemantic_streams_closed_total{reason="client_hangup"}')
+
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(server.ws, params={"latency_ms": str(LATENCY)})
+            await ws.receive(timeout=10)  # ready
+            await send_audio(ws, audio_clips["jfk.wav"][:16000])
+            await ws.close(code=1000)  # mid-utterance, without {"type": "close"}
+            return ws.close_code
+
+    assert asyncio.run(main()) == 1000
+    assert server.wait_until(lambda: server.open_streams() == 0 and server.state.open_streams == 0)
+    assert server.metric('monosemantic_streams_closed_total{reason="client_hangup"}') == hangup_before + 1
+    assert server.metric('monosemantic_streams_closed_total{reason="client_gone"}') == gone_before
+
+
 def test_a_client_that_never_reads_is_cut_with_a_reason(server, model, audio_clips):
     speech = pcm16(np.concatenate(list(audio_clips.values())))
     client = RawClient(server.port, "latency_ms=80", rcvbuf=4096, timeout=5)
