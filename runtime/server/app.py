@@ -137,6 +137,13 @@ class ServerState:
 STATE = web.AppKey("monosemantic_state", ServerState)
 
 
+# Retry-After (seconds) of a 503, by its reason (the stream endpoint's and /readyz's names). A slot frees
+# as soon as any stream ends, so a full server is worth asking again soon. A model load takes seconds to
+# minutes: asking every second through it only loads the server, and 5 s delays a client at most that
+# long once it is ready. A failed or draining server will not serve: no hint, go elsewhere.
+RETRY_AFTER_SECONDS = {"capacity": 1, "not_ready": 5, "loading": 5}
+
+
 def _reject(state: ServerState, status: int, reason: str, message: str, **extra) -> web.Response:
     """A refusal before the upgrade: JSON body {"error": reason, "message": ...}; both are also in the
     X-Monosemantic-Error / X-Monosemantic-Message headers, which WebSocket client libraries expose when
@@ -145,8 +152,9 @@ def _reject(state: ServerState, status: int, reason: str, message: str, **extra)
     # Header values must be single-line latin-1: keep the message to printable ASCII.
     header_message = "".join(c if " " <= c <= "~" else "?" for c in message)[:300]
     headers = {"X-Monosemantic-Error": reason, "X-Monosemantic-Message": header_message}
-    if status == 503:
-        headers["Retry-After"] = "1"
+    retry_after = RETRY_AFTER_SECONDS.get(reason) if state.failed is None else None  # failed: never ready
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     return web.json_response({"error": reason, "message": message, **extra}, status=status, headers=headers)
 
 
@@ -235,7 +243,8 @@ async def _readyz(request: web.Request) -> web.Response:
     elif state.open_streams >= state.config.max_streams:
         reason = "capacity"
     if reason is not None:
-        return web.json_response({"ready": False, "reason": reason, **body}, status=503)
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS[reason])} if reason in RETRY_AFTER_SECONDS else None
+        return web.json_response({"ready": False, "reason": reason, **body}, status=503, headers=headers)
     return web.json_response({"ready": True, **body})
 
 

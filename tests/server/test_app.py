@@ -260,3 +260,64 @@ def test_api_key_header_and_query_token(model):
         assert running.metric('monosemantic_rejected_connections_total{reason="unauthorized"}') == 4 + 1 + 1 + 3
     assert results == {"none": 401, "wrong header": 401, "wrong scheme": 401, "wrong query": 401, "header": "ready", "query": "ready"}
     assert err.status == 401 and not err.retryable
+
+
+def test_retry_after_fits_each_refusal(model, monkeypatch):
+    """A loading server answered every connection (and said nothing on /readyz) with `Retry-After: 1`:
+    over a load of minutes, clients and balancers retried every second. Loading now asks for 5 s, a
+    full server keeps 1 s (a slot frees soon), and a server that will not serve (failed, draining)
+    sends none: retrying it later does not help."""
+    import threading
+
+    import monosemantic.asr as asr
+    from aiohttp import web
+
+    from monosemantic.server import ServerConfig, create_app
+    from monosemantic.server.app import STATE, wait_ready
+
+    loaded = threading.Event()
+
+    def slow_load(*args, **kwargs):  # a worker thread of the app's loop
+        loaded.wait(60)
+        return model
+
+    monkeypatch.setattr(asr, "load_model", slow_load)
+
+    async def get(http, url, upgrade: bool):
+        headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="} if upgrade else {}
+        async with http.get(url, headers=headers) as resp:
+            return resp.status, (await resp.json())["error" if upgrade else "reason"], resp.headers.get("Retry-After")
+
+    async def main():
+        app = create_app(ServerConfig(model="unused", max_streams=1, heartbeat_seconds=None))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                loading = [await get(http, base + "/v1/stream", True), await get(http, base + "/readyz", False)]
+                loaded.set()
+                await wait_ready(app)
+                async with http.ws_connect(base + "/v1/stream") as ws:  # the only slot
+                    await ws.receive(timeout=10)
+                    full = [await get(http, base + "/v1/stream", True), await get(http, base + "/readyz", False)]
+                    await ws.send_json({"type": "close"})
+                app[STATE].ready, app[STATE].failed = False, RuntimeError("the model failed to load (simulated)")
+                failed = [await get(http, base + "/v1/stream", True), await get(http, base + "/readyz", False)]
+                app[STATE].ready, app[STATE].failed = True, None
+                app[STATE].draining = True
+                draining = [await get(http, base + "/v1/stream", True), await get(http, base + "/readyz", False)]
+                app[STATE].draining = False
+        finally:
+            loaded.set()
+            await runner.cleanup()
+        return loading, full, failed, draining
+
+    loading, full, failed, draining = asyncio.run(main())
+    assert loading == [(503, "not_ready", "5"), (503, "loading", "5")]
+    assert full == [(503, "capacity", "1"), (503, "capacity", "1")]
+    assert failed == [(503, "not_ready", None), (503, "failed", None)]
+    assert draining == [(503, "draining", None), (503, "draining", None)]
