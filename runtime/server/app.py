@@ -45,6 +45,8 @@ class ServerState:
         self.sessions: set[Session] = set()
         self._tasks: list[asyncio.Task] = []
         self._drain: asyncio.Future | None = None
+        # The gauge reads the same count as /readyz and the capacity check, when scraped.
+        self.metrics.open_streams.set_function(lambda: self.open_streams)
 
     @property
     def open_streams(self) -> int:
@@ -210,7 +212,6 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         raise
     state.sessions.add(session)
     state.metrics.streams_opened.inc()
-    state.metrics.open_streams.set(len(state.sessions))
     try:
         ready = ready_message(
             stream_id, stream.latency_ms, params.sample_rate, state.model.sample_rate, state.model.latency_modes,
@@ -219,7 +220,6 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         await session.run(ready)
     finally:
         state.sessions.discard(session)
-        state.metrics.open_streams.set(len(state.sessions))
     return ws
 
 

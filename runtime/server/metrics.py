@@ -16,7 +16,9 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.open_streams = Gauge("monosemantic_open_streams", "Streams open now", registry=r)
+        self.open_streams = Gauge(
+            "monosemantic_open_streams", "Engine slots in use now (what /readyz and the capacity check count)", registry=r
+        )
         self.streams_opened = Counter("monosemantic_streams_opened", "Streams accepted since start", registry=r)
         self.streams_closed = Counter(
             "monosemantic_streams_closed", "Streams ended, by how they ended", ["reason"], registry=r

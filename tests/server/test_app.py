@@ -171,28 +171,31 @@ def test_capacity_is_refused_before_the_upgrade_with_a_reason(model, audio_clips
         assert running.metric('monosemantic_rejected_connections_total{reason="capacity"}') == 2
 
 
-def test_readyz_counts_the_engines_slots(model):
+def test_readyz_and_the_open_streams_gauge_count_the_engines_slots(model):
     """/readyz told a load balancer `capacity` while the only slot was already free: its session was
     still waiting out the client's close handshake (up to the close timeout). It counts the engine's
-    slots, which is what refuses or accepts the next connection."""
+    slots, which is what refuses or accepts the next connection. The `monosemantic_open_streams` gauge
+    counted sessions still, so it said 1 where /readyz said 0: it counts the same slots."""
 
     async def main(running):
         async with aiohttp.ClientSession() as http:
             ws = await http.ws_connect(running.ws, autoclose=False)  # answers no close frame by itself
             await ws.receive(timeout=10)  # ready
-            held = running.get("/readyz")
+            held = running.get("/readyz"), running.metric("monosemantic_open_streams")
             await ws.send_str('{"type": "close"}')
             while (await ws.receive(timeout=10)).type is not aiohttp.WSMsgType.CLOSE:
                 pass  # the server's close frame: its stream is over, the client does not answer yet
             freed = running.wait_until(lambda: running.open_streams() == 0)
-            after = running.get("/readyz")
+            after = running.get("/readyz"), running.metric("monosemantic_open_streams")
+            sessions = len(running.state.sessions)
             await ws.close()
-            return held, freed, after
+            return held, freed, after, sessions
 
     with RunningServer(model, max_streams=1, close_timeout_seconds=30.0) as running:
-        (held_status, held), freed, (status, body) = asyncio.run(main(running))
-    assert held_status == 503 and json.loads(held)["reason"] == "capacity"
+        ((held_status, held), held_gauge), freed, ((status, body), gauge), sessions = asyncio.run(main(running))
+    assert held_status == 503 and json.loads(held)["reason"] == "capacity" and held_gauge == 1
     assert freed and status == 200 and json.loads(body) == {"ready": True, "open_streams": 0, "max_streams": 1}
+    assert sessions == 1 and gauge == 0  # the connection still closing holds no slot, in either count
 
 
 def _raw_upgrade(port: int, header: bytes) -> bytes:
