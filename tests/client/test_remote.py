@@ -178,8 +178,8 @@ def test_rejections_carry_status_and_reason(server):
 def test_loadtest_streams_in_real_time_and_covers_all_audio(server, audio_clips, coalesce):
     cfg = LoadtestConfig(url=server.http, streams=3, duration_s=6.0, latency_ms=160, ramp_s=0.3, coalesce=coalesce)
     clips = [audio_clips["61-70968-0000.flac"], audio_clips["jfk.wav"]]  # 4.0 s and 11 s: flushes mid-run and at the end
-    reports = asyncio.run(run_loadtest(cfg, clips))
-    summary = summarize(cfg, reports)
+    run = asyncio.run(run_loadtest(cfg, clips))
+    summary = summarize(cfg, run)
     assert summary["opened"] == 3 and summary["errors"] == 0, summary["error_samples"]
     assert summary["all_audio_covered"] and summary["audio_sent_s"] == pytest.approx(18.0)
     assert summary["flushes"] == summary["finals"] == 5  # streams 0 and 2 start on the 4 s clip
@@ -189,31 +189,33 @@ def test_loadtest_streams_in_real_time_and_covers_all_audio(server, audio_clips,
     # less than a chunk) and the VAD's events (after its minimum silence) arrive within seconds.
     assert summary["coalesce"] is coalesce
     assert 0 < summary["partial_lag_ms"]["p50"] < 2000 and 0 < summary["vad_lag_ms"]["p50"] < 3000
-    assert sum(len(r.partial_lag) for r in reports) == sum(r.partials for r in reports)
+    assert run.partial_lag.count == sum(r.partials for r in run.reports) == sum(m["partials"] for m in summary["per_minute"])
 
 
 def test_loadtest_drift_compares_the_first_and_last_full_minutes():
-    from monosemantic.client.loadtest import StreamReport, format_summary
+    from monosemantic.client.loadtest import LoadtestRun, StreamReport, format_summary
 
     cfg = LoadtestConfig(url="ws://127.0.0.1:1", streams=1, duration_s=180.0)
     # time to final 100 ms in minute 0, 300 ms in minute 1, 120 ms in minute 2, 900 ms in the tail minute 3
-    ttf = [(m * 60 + 1.0 + i, t) for m, t in ((0, 0.1), (1, 0.3), (2, 0.12), (3, 0.9)) for i in range(5)]
-    report = StreamReport(index=0, opened=True, flushes=20, finals=20, covered=20, ttf=ttf)
-    summary = summarize(cfg, [report])
+    run = LoadtestRun([StreamReport(index=0, opened=True, flushes=20, finals=20, covered=20)])
+    for m, t in ((0, 0.1), (1, 0.3), (2, 0.12), (3, 0.9)):
+        for i in range(5):
+            run.final(m * 60 + 1.0 + i, t)
+    summary = summarize(cfg, run)
     drift = summary["drift"]
     assert (drift["first_minute"], drift["last_minute"]) == (0, 2)
     assert drift["p50_change"] == pytest.approx(0.2) and drift["p95_change"] == pytest.approx(0.2)
     assert "drift, minute 0 -> minute 2: time-to-final p50 +20%, p95 +20%" in format_summary(summary)
-    assert summarize(LoadtestConfig(url=cfg.url, duration_s=59.0), [report])["drift"] is None
+    assert summarize(LoadtestConfig(url=cfg.url, duration_s=59.0), run)["drift"] is None
 
 
 def test_loadtest_counts_a_refused_open_as_an_error():
     """The summary said "errors 0" while listing the streams that could not open."""
-    from monosemantic.client.loadtest import StreamReport, format_summary
+    from monosemantic.client.loadtest import LoadtestRun, StreamReport, format_summary
 
     cfg = LoadtestConfig(url="ws://127.0.0.1:1", streams=2, duration_s=10.0)
     refused = StreamReport(index=1, open_error="ServerCapacityError: the server refused the stream")
-    summary = summarize(cfg, [StreamReport(index=0, opened=True), refused])
+    summary = summarize(cfg, LoadtestRun([StreamReport(index=0, opened=True), refused]))
     assert summary["errors"] == 1 and summary["error_samples"] == [refused.open_error]
     assert "errors 1," in format_summary(summary)
 
@@ -243,8 +245,9 @@ def test_loadtest_past_its_deadline_reports_what_it_measured(monkeypatch):
         async with fake_server(slow_to_open) as url:
             return await run_loadtest(LoadtestConfig(**{**cfg.__dict__, "url": url}), [clip])
 
-    reports = asyncio.run(main())  # deadline: 1 s of audio + 2 x 0.25 s for finals
-    summary = summarize(cfg, reports)
+    run = asyncio.run(main())  # deadline: 1 s of audio + 2 x 0.25 s for finals
+    summary = summarize(cfg, run)
+    reports = run.reports
     assert len(reports) == 2 and summary["errors"] == 2 and not summary["all_audio_covered"]
     assert all("deadline" in r.errors[-1] for r in reports), [r.errors for r in reports]
 
