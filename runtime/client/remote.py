@@ -18,6 +18,7 @@ import json
 import numbers
 import os
 import time
+import weakref
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -123,14 +124,21 @@ class RemoteStream:
         timing = timing_from_ready(ready) if coalesce else None
         self._coalescer = Coalescer(timing, self.sample_rate, self.model_sample_rate) if timing is not None else None
         self._held = bytearray()
-        self._last_send = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._last_send = loop.time()
         self._keepalive = None
-        self._reader = asyncio.create_task(self._read())
+        # The background tasks hold the stream weakly, as the local engine's callbacks do: a stream its
+        # caller drops without close() is collected, and then closed like close() by the finalizer (its
+        # server slot freed; with keepalive on it was held until RemoteEngine.aclose()).
+        ref = weakref.ref(self)
+        self._reader = engine._track(asyncio.create_task(_read(ref, ws, engine)))
         if keepalive:
             idle = ready.get("idle_timeout")
             if not isinstance(idle, (int, float)) or isinstance(idle, bool) or not 0 < idle < float("inf"):
                 idle = _DEFAULT_IDLE_TIMEOUT
-            self._keepalive = asyncio.create_task(self._keep_alive(idle * _KEEPALIVE_SHARE))
+            self._keepalive = asyncio.create_task(_keep_alive(ref, idle * _KEEPALIVE_SHARE))
+        self._finalizer = weakref.finalize(self, _close_dropped, loop, ws, engine)
+        self._finalizer.atexit = False
 
     # ---- sending -------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -200,26 +208,6 @@ class RemoteStream:
             # for the transport to drain): a cancellation there finds the piece already sent.
             await self._send(self._ws.send_bytes, piece)
 
-    async def _keep_alive(self, interval: float) -> None:
-        """Send an empty frame whenever nothing was sent for `interval` seconds: an input that pauses (a
-        muted microphone, push-to-talk, an agent's audio input switched off) is not a client gone, and
-        without it the server ends the stream at its idle timeout (`idle_timeout`, a fatal error the
-        adapters then retry with a reconnect). Audio held for coalescing is not sent by it."""
-        loop = asyncio.get_running_loop()
-        while not self._closed and self._gone is None:
-            wait = self._last_send + interval - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            if self._lock.locked():  # a push or flush is sending (or waiting for the server to take it)
-                self._last_send = loop.time()
-                continue
-            async with self._lock:
-                try:
-                    await self._send(self._ws.send_bytes, _KEEPALIVE)  # (which notes the send's time)
-                except ConnectionLostError:
-                    return  # the reader reports the end
-
     async def flush(self) -> None:
         """End the utterance: a Final follows, covering all audio pushed before this call."""
         self._check_open()
@@ -241,6 +229,7 @@ class RemoteStream:
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
         self._held.clear()  # audio after the last flush: dropped, as the server would drop it
         if self._keepalive is not None:
             self._keepalive.cancel()
@@ -259,41 +248,9 @@ class RemoteStream:
             await self._ws.close()
             await asyncio.gather(self._reader, return_exceptions=True)
 
-    # ---- receiving -----------------------------------------------------------------------------------
-    async def _read(self) -> None:
-        fatal_seen = False
-        try:
-            while True:
-                msg = await self._ws.receive()
-                if msg.type is aiohttp.WSMsgType.TEXT:
-                    fatal = False
-                    try:
-                        data = json.loads(msg.data)
-                        if not isinstance(data, dict):
-                            raise ProtocolError("bad_message", "server message is not a JSON object")
-                        event = message_to_event(data, self.model_sample_rate)
-                        fatal = data.get("type") == "error" and data.get("fatal") is True
-                    except (ValueError, RecursionError, ProtocolError) as exc:  # RecursionError: nesting too deep
-                        event = Error("protocol", f"unreadable message from the server: {exc}")
-                    fatal_seen = fatal_seen or fatal
-                    if isinstance(event, Final) and self._owed:
-                        self._owed -= 1
-                    if event is not None:
-                        self._events.put_nowait(event)
-                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    reason = msg.extra if msg.type is aiohttp.WSMsgType.CLOSE and isinstance(msg.extra, str) else ""
-                    self._finish(self._ws.close_code, reason, fatal_seen)
-                    return
-        except Exception as exc:  # anything unexpected ends the stream as a lost connection
-            self._finish(None, repr(exc), fatal_seen)
-        finally:
-            if not self._ws.closed:
-                await self._ws.close()
-            # The connection is over: aclose() has nothing left to close here, and a caller that drops a
-            # stream the server ended (without close()) must not leave it in the engine for good.
-            self._engine._forget(self)
-
+    # ---- receiving (the reader task runs _read, below) -----------------------------------------------
     def _finish(self, code: int | None, reason: str, fatal_seen: bool) -> None:
+        self._finalizer.detach()  # the connection is over: nothing to close when the stream is dropped
         if self._keepalive is not None:
             self._keepalive.cancel()
         code = None if code == 1006 else code
@@ -332,6 +289,88 @@ class RemoteStream:
         return item
 
 
+async def _read(ref: "weakref.ref[RemoteStream]", ws, engine: "RemoteEngine") -> None:
+    """The stream's reader: every server message into its event queue, until the connection ends. It
+    holds the stream only while handling a message, never across a wait, so that a stream its caller
+    dropped can be collected; after that (its finalizer has sent `close`) it reads on, for nobody, to the
+    server's close."""
+    fatal_seen = False
+    try:
+        while True:
+            stream = None
+            msg = await ws.receive()
+            stream = ref()
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                if stream is None:
+                    continue
+                fatal = False
+                try:
+                    data = json.loads(msg.data)
+                    if not isinstance(data, dict):
+                        raise ProtocolError("bad_message", "server message is not a JSON object")
+                    event = message_to_event(data, stream.model_sample_rate)
+                    fatal = data.get("type") == "error" and data.get("fatal") is True
+                except (ValueError, RecursionError, ProtocolError) as exc:  # RecursionError: nesting too deep
+                    event = Error("protocol", f"unreadable message from the server: {exc}")
+                fatal_seen = fatal_seen or fatal
+                if isinstance(event, Final) and stream._owed:
+                    stream._owed -= 1
+                if event is not None:
+                    stream._events.put_nowait(event)
+            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                if stream is not None:
+                    reason = msg.extra if msg.type is aiohttp.WSMsgType.CLOSE and isinstance(msg.extra, str) else ""
+                    stream._finish(ws.close_code, reason, fatal_seen)
+                return
+    except Exception as exc:  # anything unexpected ends the stream as a lost connection
+        stream = ref()
+        if stream is not None:
+            stream._finish(None, repr(exc), fatal_seen)
+    finally:
+        if not ws.closed:
+            await ws.close()
+        # The connection is over: aclose() has nothing left to close here, and a caller that drops a
+        # stream the server ended (without close()) must not leave it in the engine for good.
+        stream = ref()
+        if stream is not None:
+            engine._forget(stream)
+
+
+async def _keep_alive(ref: "weakref.ref[RemoteStream]", interval: float) -> None:
+    """Send an empty frame whenever the stream sent nothing for `interval` seconds: an input that pauses
+    (a muted microphone, push-to-talk, an agent's audio input switched off) is not a client gone, and
+    without it the server ends the stream at its idle timeout (`idle_timeout`, a fatal error the adapters
+    then retry with a reconnect). Audio held for coalescing is not sent by it. Holds the stream only
+    between its waits, as the reader does."""
+    loop = asyncio.get_running_loop()
+    while True:
+        stream = ref()
+        if stream is None or stream._closed or stream._gone is not None:
+            return
+        wait = stream._last_send + interval - loop.time()
+        if wait > 0:
+            stream = None
+            await asyncio.sleep(wait)
+            continue
+        if stream._lock.locked():  # a push or flush is sending (or waiting for the server to take it)
+            stream._last_send = loop.time()
+            continue
+        async with stream._lock:
+            try:
+                await stream._send(stream._ws.send_bytes, _KEEPALIVE)  # (which notes the send's time)
+            except ConnectionLostError:
+                return  # the reader reports the end
+
+
+def _close_dropped(loop: asyncio.AbstractEventLoop, ws, engine: "RemoteEngine") -> None:
+    """Finalizer of a stream garbage-collected without close(): close it as close() does, on its loop (a
+    finalizer runs wherever the collection happened, another thread included)."""
+    try:
+        loop.call_soon_threadsafe(engine._send_close, ws)
+    except RuntimeError:  # the loop is closed: its connections went with it
+        pass
+
+
 class RemoteEngine:
     """Opens streams on a `monosemantic serve` instance; `open_stream` mirrors Engine.open_stream."""
 
@@ -356,7 +395,8 @@ class RemoteEngine:
         `keepalive`: while a stream sends nothing, send an empty frame every third of the server's idle
         timeout, so that a stream whose input pauses stays open (the adapters turn it on: their streams
         live as long as a call). False: a stream silent for the idle timeout is closed by the server
-        with `idle_timeout`, which also frees the slot of a stream its caller forgot to close."""
+        with `idle_timeout`. Either way a stream its caller drops without close() is closed, as close()
+        does, once it is garbage-collected (its server slot freed)."""
         check_positive_seconds("connect_timeout", connect_timeout)
         if heartbeat_seconds is not None:
             check_positive_seconds("heartbeat_seconds", heartbeat_seconds)
@@ -374,7 +414,9 @@ class RemoteEngine:
         self.keepalive = bool(keepalive)
         self._session = session
         self._own_session = session is None
-        self._streams: set[RemoteStream] = set()
+        # Weakly: a stream its caller drops is collected and closed by its finalizer (RemoteStream).
+        self._streams: weakref.WeakSet[RemoteStream] = weakref.WeakSet()
+        self._tasks: set[asyncio.Task] = set()  # readers, and closes of dropped streams, until they end
         self._closed = False
 
     def _check_open(self) -> None:
@@ -447,6 +489,18 @@ class RemoteEngine:
     def _forget(self, stream: RemoteStream) -> None:
         self._streams.discard(stream)
 
+    def _track(self, task: asyncio.Task) -> asyncio.Task:
+        """Keep `task` referenced until it ends (the loop holds tasks weakly), for aclose() to wait for."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _send_close(self, ws) -> None:
+        """The protocol's `close` for a stream dropped without close(): the server ends it (its slot
+        freed), and its reader, still running, reads to the end and closes the connection."""
+        if not ws.closed:
+            self._track(asyncio.ensure_future(_send_quietly(ws, '{"type":"close"}')))
+
     async def aclose(self) -> None:
         """Close every open stream, wait for the server to end them, and release the HTTP session. The
         engine opens no more streams after."""
@@ -455,9 +509,24 @@ class RemoteEngine:
         for stream in streams:
             await stream.close()
         await asyncio.gather(*(s.wait_closed() for s in streams), return_exceptions=True)
+        del streams
+        # Streams dropped without close(): their readers wait for the server's close, as wait_closed()
+        # does, then are cut (a reader cancelled closes its connection).
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=10.0)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _send_quietly(ws, text: str) -> None:
+    try:
+        await ws.send_str(text)
+    except (ConnectionError, aiohttp.ClientError, RuntimeError):
+        pass  # the connection is already over: its reader ends with it
 
 
 def _usable_ready(ready: dict) -> bool:

@@ -700,3 +700,34 @@ def test_streams_the_server_ended_are_not_kept_by_a_long_lived_remote_engine(mod
     with RunningServer(model, max_streams=8, idle_timeout_seconds=0.5, vad=False) as running:
         few, many = asyncio.run(asyncio.wait_for(main(running.http), 60))
     assert (few, many) == (0, 0), f"{few} of 2 ended streams kept, then {many} of 8"
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+def test_a_remote_stream_dropped_without_close_frees_its_server_slot(model, audio_clips, keepalive):
+    """A local stream dropped without close() gives its slot back when it is garbage-collected. A remote
+    one stayed open: its reader task held it, so it was never collected; with keepalive=True its empty
+    frames kept the server's slot until RemoteEngine.aclose(), without it the slot waited out the
+    server's idle timeout. It is now closed (the protocol's `close`) once collected, as close() would."""
+    import gc
+    import weakref
+
+    async def main(running):
+        async with RemoteEngine(running.http, keepalive=keepalive) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            await stream.push(audio_clips["jfk.wav"][:16000])
+            await stream.flush()
+            async for event in stream:
+                if isinstance(event, Final):
+                    break
+            ref = weakref.ref(stream)
+            del stream, event  # dropped, as a local stream may be
+            gc.collect()
+            freed = await asyncio.to_thread(running.wait_until, lambda: running.open_streams() == 0, 10.0)
+            kept = len(engine._streams)
+        return ref() is None, freed, kept
+
+    # An idle timeout far beyond the test's wait: only the client's close can free the slot in time.
+    with RunningServer(model, idle_timeout_seconds=120.0) as running:
+        collected, freed, kept = asyncio.run(main(running))
+        assert running.wait_until(lambda: running.metric('monosemantic_streams_closed_total{reason="client_close"}') == 1)
+    assert collected and freed and kept == 0
