@@ -228,9 +228,15 @@ class Session:
                     await self._close_gracefully()
                     return
             else:  # CLOSE / CLOSING / CLOSED / ERROR: the client left, or we are closing it
-                if msg.type is WSMsgType.ERROR and getattr(msg.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
+                error_code = getattr(msg.data, "code", None) if msg.type is WSMsgType.ERROR else None
+                if error_code == WSCloseCode.MESSAGE_TOO_BIG:
                     self.end_reason = self.end_reason or "message_too_large"
                     self.metrics.errors.labels("message_too_large").inc()
+                elif error_code in (WSCloseCode.PROTOCOL_ERROR, WSCloseCode.INVALID_TEXT):
+                    # aiohttp refused a frame (and closed): a client that broke the protocol, not one gone.
+                    self.end_reason = self.end_reason or "protocol_error"
+                    self.metrics.errors.labels("protocol_error").inc()
+                    self.log.warning("closing stream: %s", msg.data, extra={"code": "protocol_error"})
                 elif msg.type is WSMsgType.CLOSE and self.end_reason is None:
                     # The client's close frame: an orderly hang-up, told apart from a connection that
                     # vanished (reset, timeout), which is network trouble for an operator to look at.

@@ -130,3 +130,26 @@ def test_a_burst_of_bad_frames_from_a_client_that_reads_is_not_a_slow_consumer(s
     assert server.metric('monosemantic_streams_closed_total{reason="slow_consumer"}') == 0
     assert server_errors(caplog) == []
     check_still_serves(server, model, audio_clips["jfk.wav"])
+
+
+@pytest.mark.parametrize("frame, code", [
+    (_frames([b"\xff\xfe"], 0x1), 1007),  # a text frame that is not UTF-8
+    (_frames([b"ab"], 0x3), 1002),  # a reserved opcode
+    (_frames([b"ab"], 0x0), 1002),  # a continuation with nothing to continue
+])
+def test_a_frame_the_websocket_protocol_forbids_closes_with_a_reason(server, model, audio_clips, frame, code):
+    """aiohttp fails such a connection itself, as RFC 6455 requires: the close frame came without a
+    reason, where docs/protocol.md gives one for every close, and the stream was counted as
+    `client_gone`, a client that vanished, where it was a client that broke the protocol."""
+    before = server.metric('monosemantic_streams_closed_total{reason="protocol_error"}')
+    client = RawClient(server.port, f"latency_ms={LATENCY}")
+    try:
+        assert _read_messages(client.sock, 1)[0]["type"] == "ready"
+        client.sock.sendall(frame)
+        assert _read_messages(client.sock, 1) == [("close", code, "protocol_error")]
+    finally:
+        client.close()
+    assert server.wait_until(lambda: server.open_streams() == 0 and server.state.open_streams == 0)
+    assert server.metric('monosemantic_streams_closed_total{reason="protocol_error"}') == before + 1
+    assert server.metric('monosemantic_stream_errors_total{code="protocol_error"}') >= 1
+    check_still_serves(server, model, audio_clips["jfk.wav"])
