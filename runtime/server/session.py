@@ -393,6 +393,11 @@ class Session:
             elif isinstance(event, Error):
                 self._engine_error = event
                 self.metrics.errors.labels(event.code).inc()
+            if self.out.full():
+                # The engine hands a stream a tick's events at once (several ticks' when this loop was
+                # busy), and taking them here never waits: let the sender take what is queued before a
+                # full queue is read as a client that does not read.
+                await asyncio.sleep(0)
             self._queue(encode(event_to_message(event, self.model_rate)))
         self.stream_ended.set()
         self.finals_done.set()  # nothing more will come

@@ -227,3 +227,34 @@ def test_a_stream_the_engine_ends_just_before_a_push_is_counted_by_the_engines_r
     assert server.wait_until(lambda: server.open_streams() == 0 and server.state.open_streams == 0)
     assert server.metric('monosemantic_streams_closed_total{reason="internal"}') == internal_before + 1
     assert server.metric('monosemantic_streams_closed_total{reason="overloaded"}') == overloaded_before
+
+
+def test_a_client_that_reads_is_not_cut_by_a_burst_of_events(model, audio_clips):
+    """A tick hands a stream's events to the server in one go (a stream catching up on a backlog gets a
+    partial for each of its chunks, and VAD events), and the pump queued them all without letting the
+    sender run: past `max_outgoing_messages` the client was cut as `slow_consumer`, although it read
+    everything; docs/protocol.md says that close means the client did not read its messages. One message
+    of room makes any burst of two such a case."""
+    audio = audio_clips["jfk.wav"]
+
+    async def main(running: RunningServer):
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(running.ws, params={"latency_ms": str(LATENCY)}) as ws:
+                await ws.receive(timeout=10)
+                await ws.send_bytes(pcm16(audio))  # a backlog: the engine steps it as fast as it can
+                await ws.send_json({"type": "flush"})
+                # The server's event loop busy for a while (other connections' work, a slow machine):
+                # the engine's events of several ticks meanwhile reach the stream in one hand-off.
+                for _ in range(3):
+                    await asyncio.sleep(0.2)
+                    running.loop.call_soon_threadsafe(time.sleep, 0.5)
+                messages = await receive_until(ws, "final")
+                await ws.send_json({"type": "close"})
+                return messages
+
+    with RunningServer(model, max_streams=2, max_outgoing_messages=1) as running:
+        messages = asyncio.run(main(running))
+        assert [m for m in messages if m["type"] == "error"] == []
+        assert messages[-1]["text"] == model.transcribe(audio, latency_ms=LATENCY).text
+        assert sum(m["type"] == "partial" for m in messages) > 1
+        assert running.metric('monosemantic_streams_closed_total{reason="slow_consumer"}') == 0
