@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import numbers
 import os
 import time
@@ -42,6 +43,8 @@ try:
     import aiohttp
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise missing_dependency("aiohttp", "server", "monosemantic.client") from exc
+
+_log = logging.getLogger("monosemantic.client")
 
 _END = object()
 FRAME_BYTES = 64 * 1024  # pushes larger than this go out as several frames, far below the server's limit
@@ -310,7 +313,13 @@ async def _read(ref: "weakref.ref[RemoteStream]", ws, engine: "RemoteEngine") ->
                         raise ProtocolError("bad_message", "server message is not a JSON object")
                     event = message_to_event(data, stream.model_sample_rate)
                     fatal = data.get("type") == "error" and data.get("fatal") is True
-                except (ValueError, RecursionError, ProtocolError) as exc:  # RecursionError: nesting too deep
+                except ProtocolError as exc:
+                    if exc.code == "unknown_type" and isinstance(data.get("type"), str):
+                        # A later server's addition within protocol version 1: not meant for this client.
+                        _log.debug("ignoring a server message of unknown type %r", data["type"])
+                        continue
+                    event = Error("protocol", f"unreadable message from the server: {exc}")
+                except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
                     event = Error("protocol", f"unreadable message from the server: {exc}")
                 fatal_seen = fatal_seen or fatal
                 if isinstance(event, Final) and stream._owed:

@@ -731,3 +731,31 @@ def test_a_remote_stream_dropped_without_close_frees_its_server_slot(model, audi
         collected, freed, kept = asyncio.run(main(running))
         assert running.wait_until(lambda: running.metric('monosemantic_streams_closed_total{reason="client_close"}') == 1)
     assert collected and freed and kept == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_message_type_from_a_newer_server_is_ignored():
+    """A server of a later release may add message types within protocol version 1 (docs/protocol.md).
+    The client turned each into Error('protocol'), which the adapters take as the end of their stream:
+    every call's utterance in progress was split at such a message. Messages of a known type that are
+    malformed stay errors."""
+
+    async def newer(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(READY)
+        await ws.send_json({"type": "end_of_turn", "probability": 0.9, "time": 1.0})
+        await ws.send_json({"type": "usage", "audio_seconds": 1.0})
+        await ws.send_json({"type": 7})
+        await ws.close(code=1000, message=b"close")
+        return ws
+
+    async def main():
+        async with fake_server(newer) as url:
+            async with RemoteEngine(url) as engine:
+                stream = await engine.open_stream()
+                return [e async for e in stream]
+
+    events = asyncio.run(asyncio.wait_for(main(), 30))
+    assert events[0] == Usage(1.0)
+    assert [e.code for e in events[1:]] == ["protocol"]  # a type that is not a name is malformed
