@@ -27,14 +27,14 @@ def add_parser(sub) -> None:
     p.add_argument("--latency-ms", type=int, default=None, help="latency mode of clients that do not ask for one (default: the checkpoint's)")
     p.add_argument("--vad", action=argparse.BooleanOptionalAction, default=d.vad, help="voice activity events (default on)")
     p.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes, help=f"largest WebSocket message (default {d.max_frame_bytes})")
-    p.add_argument("--max-buffered-seconds", type=float, default=d.max_buffered_seconds, help="unprocessed audio per stream before backpressure")
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_seconds, help="close connections silent for this many seconds")
-    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_seconds, help="on SIGTERM, time given to open streams for their finals")
+    p.add_argument("--max-buffered-seconds", type=float, default=d.max_buffered_seconds, help=f"unprocessed audio per stream before backpressure (default {d.max_buffered_seconds:g} s)")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_seconds, help=f"close connections silent for this many seconds (default {d.idle_timeout_seconds:g})")
+    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_seconds, help=f"on SIGTERM, seconds given to open streams for their finals (default {d.drain_timeout_seconds:g})")
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="Python's thread switch interval while serving (default: Python's 5 ms; docs/server.md)")
-    p.add_argument("--usage-interval", type=float, default=d.usage_interval_seconds, help="seconds of processed audio between usage messages")
-    p.add_argument("--log-format", choices=["text", "json"], default="text")
-    p.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--usage-interval", type=float, default=d.usage_interval_seconds, help=f"seconds of processed audio between usage messages (default {d.usage_interval_seconds:g})")
+    p.add_argument("--log-format", choices=["text", "json"], default="text", help="default text")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="default info")
 
 
 def run(args) -> int:
