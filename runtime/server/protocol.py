@@ -60,13 +60,15 @@ def _int_param(query: Mapping[str, str], name: str, default: int | None, low: in
     raw = query.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ProtocolError("bad_request", f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ProtocolError("bad_request", f"{name} must be in {low}..{high}, got {value}")
-    return value
+    # int() would also take underscores, a sign, outer whitespace and non-ASCII digits.
+    if not (raw.isascii() and raw.isdigit()):
+        raise ProtocolError("bad_request", f"{name} must be an integer in {low}..{high}, in plain digits, got {raw!r}")
+    digits = raw.lstrip("0") or "0"
+    # (int() refuses 4,300 digits and more: a long run of them is out of range anyway)
+    if len(digits) > len(str(high)) or not low <= int(digits) <= high:
+        shown = digits if len(digits) <= 20 else digits[:20] + "..."
+        raise ProtocolError("bad_request", f"{name} must be in {low}..{high}, got {shown}")
+    return int(digits)
 
 
 def parse_stream_params(query: Mapping[str, str]) -> StreamParams:

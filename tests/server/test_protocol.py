@@ -147,3 +147,12 @@ def test_random_frames_on_a_live_server(server, ms_model, audio_clips):
     example()
     assert server.wait_until(lambda: server.open_streams() == 0)
     assert server.get("/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("raw", ["1_60", "+160", " 160", "160 ", "\u0661\u0666\u0660", "0x10", "1e3"])
+def test_stream_parameters_are_plain_decimal_integers(raw):
+    """int() also reads underscores, a sign, outer whitespace and non-ASCII digits: `latency_ms=1_60` or
+    Arabic-Indic digits opened a 160 ms stream where docs/protocol.md asks for an integer."""
+    with pytest.raises(ProtocolError, match="latency_ms must be an integer"):
+        parse_stream_params({"latency_ms": raw})
+    assert parse_stream_params({"latency_ms": "160"}).latency_ms == 160
