@@ -47,7 +47,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type not in ("cpu", "cuda"):  # torch names more device types than the runtime runs on
         raise ValueError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use device='cpu'")
+        # Worded for both ways in: the Python argument and the command lines' flag.
+        raise ValueError(
+            f"device {device!r} requested but CUDA is not available on this machine; run on the CPU "
+            f"(device='cpu' in Python, --device cpu on the command line)"
+        )
     return dev
 
 

@@ -125,3 +125,17 @@ def test_read_only_float32_audio_is_transcribed_without_a_warning(ms_model, audi
         stream = model.new_stream(latency_ms=160)
         stream.feed(frozen)
         assert stream.finalize().token_ids == model.transcribe(audio, latency_ms=160).token_ids
+
+
+def test_no_cuda_error_names_the_api_argument_and_the_cli_flag(monkeypatch):
+    """The refusal said only `use device='cpu'`, which a CLI user (`monosemantic transcribe/serve
+    --device cuda`) cannot type: it names both spellings now."""
+    import torch
+
+    from monosemantic.asr import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available") as info:
+        resolve_device("cuda")
+    assert "device='cpu'" in str(info.value) and "--device cpu" in str(info.value)
+
