@@ -52,6 +52,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
             f"device {device!r} requested but CUDA is not available on this machine; run on the CPU "
             f"(device='cpu' in Python, --device cpu on the command line)"
         )
+    if dev.type == "cuda" and dev.index is not None:
+        # torch.device accepts any index; a GPU that is not there failed later, in the move of the
+        # weights, as CUDA's bare 'invalid device ordinal'.
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            names = ", ".join(f"cuda:{i}" for i in range(count))
+            raise ValueError(
+                f"device {device!r} requested but this machine has {count} CUDA device"
+                f"{'' if count == 1 else 's'} ({names})"
+            )
     return dev
 
 

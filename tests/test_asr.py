@@ -139,3 +139,18 @@ def test_no_cuda_error_names_the_api_argument_and_the_cli_flag(monkeypatch):
         resolve_device("cuda")
     assert "device='cpu'" in str(info.value) and "--device cpu" in str(info.value)
 
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:7", 3])
+def test_a_cuda_index_past_the_last_gpu_is_named(monkeypatch, device):
+    """cuda:N with N past the machine's GPUs passed the check and failed later, in the model's move to
+    the device, as torch's 'CUDA error: invalid device ordinal' RuntimeError."""
+    import torch
+
+    from monosemantic.asr import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"this machine has 1 CUDA device \(cuda:0\)"):
+        resolve_device(device)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda")
