@@ -67,13 +67,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Encoder dtype. 'auto' is float32: the reference precision, exact against NeMo."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}")
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if dtype == "auto":
         return torch.float32
-    if dtype not in _DTYPES:
+    # Looked up only as a str: a list or dict is unhashable, and `in` raised TypeError on it.
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ValueError(f"invalid dtype {dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
     return _DTYPES[dtype]
 

@@ -154,3 +154,16 @@ def test_a_cuda_index_past_the_last_gpu_is_named(monkeypatch, device):
         resolve_device(device)
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     assert resolve_device("cuda") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("dtype", [["float32"], {"dtype": "fp16"}, "torch.int8", 16])
+def test_every_bad_dtype_is_refused_with_the_choices(dtype):
+    """An unhashable dtype (a list) escaped as TypeError 'unhashable type', and a torch dtype we do not
+    run (torch.int8) was refused without the choices."""
+    import torch
+
+    from monosemantic.asr import resolve_dtype
+
+    dtype = torch.int8 if dtype == "torch.int8" else dtype
+    with pytest.raises(ValueError, match="dtype .*: use 'auto', 'float32', 'bfloat16' or 'float16'"):
+        resolve_dtype(dtype)
