@@ -204,9 +204,10 @@ class ASRModel:
         if self.cache_aware:
             return CacheAwareStream(self, self.plan(self.context_for(latency_ms)), sample_rate)
         interval = FULL_CONTEXT_UPDATE_MS if latency_ms is None else latency_ms
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
+        # Any integral number, as a cache-aware model's latency_ms (np.int64 included), but not a bool.
+        if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval <= 0:
             raise ValueError(f"latency_ms must be a positive integer number of milliseconds, got {latency_ms!r}")
-        return FullContextStream(self, interval, sample_rate)
+        return FullContextStream(self, int(interval), sample_rate)
 
     def __repr__(self) -> str:
         cfg = self.config

@@ -167,3 +167,15 @@ def test_every_bad_dtype_is_refused_with_the_choices(dtype):
     dtype = torch.int8 if dtype == "torch.int8" else dtype
     with pytest.raises(ValueError, match="dtype .*: use 'auto', 'float32', 'bfloat16' or 'float16'"):
         resolve_dtype(dtype)
+
+
+def test_a_full_context_stream_takes_a_numpy_integer_interval(ms_model, audio_clips):
+    """A cache-aware model takes latency_ms=np.int64(160) (any integral number); a full-context model's
+    new_stream refused np.int64(500) as 'latency_ms must be a positive integer ..., got np.int64(500)'."""
+    model = ms_model("parakeet_tdt")
+    audio = audio_clips["jfk.wav"][:32000]
+    stream = model.new_stream(latency_ms=np.int64(500))
+    assert stream.feed(audio) >= 0 and stream.finalize().token_ids == model.transcribe(audio).token_ids
+    for bad in (np.int64(0), np.float64(500.0), 500.0):
+        with pytest.raises(ValueError, match="positive integer"):
+            model.new_stream(latency_ms=bad)
