@@ -53,6 +53,11 @@ def as_float32(audio, *, name: str = "audio", too_loud: str | None = None) -> np
     int16 values in a float array, does not fit)."""
     if isinstance(audio, (bytes, bytearray, memoryview)):
         raise AudioError(f"{name}: raw bytes are ambiguous here; pass a numpy array (int16 PCM or float32)")
+    if isinstance(audio, (str, os.PathLike)):  # NeMo's transcribe takes paths; numpy reads one as dtype <U or object
+        raise AudioError(
+            f"{name} is a file name, not samples: read the file first (soundfile.read(path, dtype='float32') "
+            f"returns its samples and their rate) and pass the samples as a 1-D array"
+        )
     arr = readable_array(audio, name)
     if arr.dtype.kind in "if" and not arr.dtype.isnative:  # big-endian PCM (">i2") is PCM too
         arr = arr.astype(arr.dtype.newbyteorder("="))

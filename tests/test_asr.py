@@ -179,3 +179,11 @@ def test_a_full_context_stream_takes_a_numpy_integer_interval(ms_model, audio_cl
     for bad in (np.int64(0), np.float64(500.0), 500.0):
         with pytest.raises(ValueError, match="positive integer"):
             model.new_stream(latency_ms=bad)
+
+
+def test_a_file_name_passed_to_transcribe_is_told_to_be_read_first(ms_model):
+    model = ms_model("nemotron_rnnt")
+    with pytest.raises(monosemantic.AudioError, match=r"audio\[0\] is a file name, not samples"):
+        model.transcribe(["tests/data/jfk.wav"])
+    with pytest.raises(monosemantic.AudioError, match="audio is a file name, not samples"):
+        model.new_stream(latency_ms=160).feed("tests/data/jfk.wav")

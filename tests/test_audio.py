@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +51,14 @@ def test_as_float32_accepts_torch_tensors_of_any_float_dtype():
 )
 def test_as_float32_rejects_bad_input(value, needle):
     with pytest.raises(AudioError, match=needle):
+        as_float32(value)
+
+
+@pytest.mark.parametrize("value", ["tests/data/jfk.wav", Path("tests/data/jfk.wav")])
+def test_a_file_name_is_told_to_be_read_first(value):
+    """A file name (NeMo's transcribe takes paths) was refused as 'unsupported sample dtype <U18' (a str)
+    or 'dtype object' (a Path), which does not say that samples are wanted."""
+    with pytest.raises(AudioError, match="a file name, not samples: read the file first"):
         as_float32(value)
 
 
