@@ -212,6 +212,11 @@ def read_checkpoint(source: str | os.PathLike, revision: str | None = None) -> C
     if not isinstance(text, str) or not text:  # a PathLike of bytes, or an empty name
         raise ModelLoadError(f"model must be a non-empty path or Hugging Face repo id, got {source!r}")
     path = Path(text).expanduser()
+    if revision is not None and path.exists():  # a local path shadows a repo id of the same name
+        raise ModelLoadError(
+            f"revision={revision!r} picks a version of a Hugging Face repo, but '{text}' is a local "
+            f"{'directory' if path.is_dir() else 'file'}, which has none: leave revision out to load it"
+        )
     if path.is_dir():
         try:
             return read_checkpoint_dir(path, text)

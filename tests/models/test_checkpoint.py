@@ -153,6 +153,16 @@ def test_a_model_that_is_no_path_or_repo_id_is_a_load_error(source):
         monosemantic.load_model(source, device="cpu")
 
 
+def test_a_revision_with_a_local_checkpoint_is_refused(nemo_checkpoint, tmp_path):
+    """`revision` picks a version of a Hugging Face repo; with a local file or directory it was ignored
+    without a word, so load_model('nvidia/x', revision='jan2026') where a directory of that name was in
+    the working directory (`hf download --local-dir nvidia/x`) loaded whatever that directory held."""
+    path = nemo_checkpoint("nemotron_rnnt")
+    for local in (path, path.parent):
+        with pytest.raises(ModelLoadError, match="revision='jan2026' picks a version of a Hugging Face repo"):
+            read_checkpoint(local, revision="jan2026")
+
+
 def test_a_path_that_is_neither_file_nor_directory_is_named_so():
     with pytest.raises(ModelLoadError, match="neither a file nor a directory"):
         monosemantic.load_model("/dev/null", device="cpu")
