@@ -180,7 +180,9 @@ class FullContextStream(_StreamBase):
         self.since_update += pcm.shape[0]
         if self.since_update < self.interval:
             return 0
-        self.since_update = 0
+        # Counted on from the interval's end, not from 0: pieces that overshoot it (600 ms at 1000 ms)
+        # would otherwise stretch every interval by their overshoot.
+        self.since_update %= self.interval
         before = len(self._current.tokens)
         self._current = self.model.transcribe(np.concatenate(self.audio), sample_rate=self.model.sample_rate)
         return max(0, len(self._current.tokens) - before)

@@ -151,3 +151,18 @@ def test_full_context_reset_drops_the_resampler_tail(ms_model, audio_clips):
     fresh.feed(audio48[48000:])
     assert stream.finalize().token_ids == fresh.finalize().token_ids
 
+
+
+def test_full_context_partials_come_every_interval_whatever_the_piece_size(ms_model, audio_clips, monkeypatch):
+    """A full-context stream recomputes its partial every `latency_ms` of audio. Its counter restarted at
+    0 at each update and dropped the audio past the interval: with 600 ms pieces and the default 1000 ms,
+    updates came every 1200 ms, five in 6 s instead of six."""
+    model = ms_model("parakeet_tdt")
+    updates = []
+    transcribe = model.transcribe
+    monkeypatch.setattr(model, "transcribe", lambda audio, **kw: updates.append(len(audio)) or transcribe(audio, **kw))
+    stream = model.new_stream(latency_ms=1000)
+    audio = np.tile(audio_clips["jfk.wav"], 2)[: 6 * 16000]
+    for start in range(0, len(audio), 9600):  # 600 ms pieces
+        stream.feed(audio[start : start + 9600])
+    assert updates == [19200, 38400, 48000, 67200, 86400, 96000]  # after 1.2, 2.4, 3.0, 4.2, 5.4, 6.0 s
