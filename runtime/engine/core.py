@@ -406,27 +406,28 @@ class EngineCore:
     def _apply_vad(self, rows, probs) -> None:
         progressed = []
         scheduler = self.scheduler
-        # Where speech was last heard matters only to skip_silence: without it, no pass over the windows.
-        heard = scheduler.skip_silence is not None
-        width, threshold = scheduler.geometry.vad_window, self.config.vad.threshold
         with self.lock:
             for row, row_probs in zip(rows, probs):
                 record = scheduler.vad_done(row)
                 state = self.streams.get(row.handle)
-                if record is None or state is None:
-                    continue
-                if heard:
-                    for i, prob in enumerate(row_probs):
-                        if prob >= threshold:
-                            scheduler.heard_voice(record, row.start + (i + 1) * width)
-                progressed.append((state, row_probs))
-        for state, row_probs in progressed:
+                if record is not None and state is not None:
+                    progressed.append((record, state, row_probs))
+        voiced = []
+        for record, state, row_probs in progressed:
             with state.guard:
                 if state.closed:  # closed since: close() has flushed the policy and ended the events
                     continue
                 for transition in state.policy.update(row_probs):
                     state.emit(_speech_event(transition))
-        self._signal_space(state for state, _ in progressed)
+                voiced.append((record, state.policy.voiced_until))
+        if scheduler.skip_silence is not None:
+            # Where speech was last heard, as the policy's segments see it: inside a segment only a window
+            # below neg_threshold is silence. (Counting only windows above threshold as voice skipped soft
+            # speech inside a reported segment.) Before the next plan, which only this thread makes.
+            with self.lock:
+                for record, end in voiced:
+                    scheduler.heard_voice(record, end)
+        self._signal_space(state for _, state, _ in progressed)
 
     def _apply_steps(self, rows: tuple[StepRow, ...], results: list[RowResult]) -> None:
         done = []

@@ -115,6 +115,9 @@ class VADPolicy:
         self._silence_start: int | None = None  # first sample of the silence pending inside the segment
         self._reported = False  # the open segment's start has been reported
         self._last_end = 0  # last reported end; starts never precede it
+        # End of the last window that was not silence: at or above threshold, or inside a segment at or
+        # above neg_threshold (the hysteresis). The engine's skip_silence counts silence from here.
+        self.voiced_until = 0
         self._flushed = False
         self._stream_end: int | None = None  # the stream's true length, once flush() gives it
 
@@ -141,6 +144,8 @@ class VADPolicy:
             p = float(p)
             cur = self._windows * WINDOW  # first sample of this window
             self._windows += 1
+            if p >= self._enter or (self._triggered and p >= self._exit):
+                self.voiced_until = cur + WINDOW
             if not self._triggered:
                 if p >= self._enter:  # the window that opens a segment is never a silent one (as Silero)
                     self._triggered, self._start, self._silence_start = True, cur, None

@@ -178,3 +178,58 @@ def test_silence_skipped_while_catching_up_does_not_pause_the_loop(ms_model):
     assert core.scheduler.streams[record.handle].utt_start == len(silence)
     slept = [t for t in waits if t]
     assert not slept, f"the loop slept {len(slept)} times ({sum(slept):.2f} s) with the stream's windows ready"
+
+
+def test_skip_silence_skips_nothing_inside_a_speech_segment_the_vad_reports(ms_model, monkeypatch):
+    """Inside a speech segment the VAD's policy calls a window silent only below its exit threshold
+    (hysteresis, as Silero's get_speech_timestamps): windows between the two thresholds keep the segment
+    open. skip_silence counted only windows above the entry threshold as voice, so a soft stretch of
+    speech (probabilities between the thresholds) longer than skip_silence_ms was skipped, unencoded,
+    while the engine's own SpeechStarted/SpeechEnded said it was speech."""
+    from monosemantic.engine.core import EngineCore
+    from monosemantic.engine.scheduler import Scheduler
+
+    model = ms_model("nemotron_rnnt")
+    config = EngineConfig(skip_silence_ms=300, freeze_gc=False, keep_freed_memory=False)
+    core = EngineCore(model, config)  # driven tick by tick here, without its loop thread
+    # Each VAD window's probability is read from its audio: 1 s loud, 2 s soft (0.4: between the exit
+    # threshold, 0.35, and the entry threshold, 0.5), 1 s loud, then 3 s of silence.
+    levels = [0.9] * 31 + [0.4] * 63 + [0.9] * 31 + [0.0] * 94
+    audio = np.repeat(np.array(levels, dtype=np.float32), 512)
+    monkeypatch.setattr(core.runner, "vad", lambda rows: [
+        [float(core.runner.ring[r.slot, (r.start + 512 * i) % core.runner.ring_samples]) for i in range(r.windows)]
+        for r in rows
+    ])
+    skipped = []  # [first, last) samples of each encoder window skipped as silence
+    skippable = Scheduler._skippable
+
+    def recording(scheduler, record):
+        if skippable(scheduler, record):
+            skipped.append(scheduler._window_samples(record))
+            return True
+        return False
+
+    monkeypatch.setattr(Scheduler, "_skippable", recording)
+    events = []
+    record = core.open(160, events.append, lambda: None)
+
+    def drain():
+        while True:
+            resets, plan = core._plan_tick()
+            if resets:
+                core.runner.reset_utterance([slot for slot, _ in resets])
+                core.runner.reset_vad([slot for slot, vad in resets if vad])
+            if plan.empty and not plan.skipped:
+                return
+            if not plan.empty:
+                core._run(plan)
+
+    for i in range(0, len(audio), 320):  # 20 ms pushes, each processed before the next comes
+        core.write(record.handle, audio[i : i + 320])
+        drain()
+    core.close(record.handle)
+    speech = [e.sample for e in events if isinstance(e, (SpeechStarted, SpeechEnded))]
+    assert len(speech) == 2 and speech[0] < 512 and speech[1] > 125 * 512  # one segment, loud to loud
+    inside = [(a, b) for a, b in skipped if a < speech[1] and b > speech[0]]
+    assert not inside, f"windows inside the speech segment {speech} were skipped: {inside}"
+    assert skipped and all(a >= 125 * 512 for a, _ in skipped)  # the silence after it still is
