@@ -139,6 +139,11 @@ class EngineCore:
         """stop() was called: the engine takes no more streams and cannot be started again."""
         return self._stopping
 
+    @property
+    def started(self) -> bool:
+        """Whether the loop thread was started (it may have been stopped since)."""
+        return self._thread is not None
+
     def start(self) -> None:
         with self._start_lock:
             if self._stopping:  # also once started: entering a closed engine again is an error, not a no-op

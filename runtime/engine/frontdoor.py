@@ -390,8 +390,15 @@ class Engine:
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     async def __aenter__(self) -> "Engine":
-        self.core.start()
+        await self._start()
         return self
+
+    async def _start(self) -> None:
+        """Start the loop thread (a no-op once started) off the event loop: the start captures the CUDA
+        graphs of `warmup_latencies`, seconds on a GPU, which would hold every other task of the loop."""
+        if not self.core.started:
+            await asyncio.get_running_loop().run_in_executor(None, self.core.start)
+        self.core.start()  # raises the shutdown's refusal, as before, once the engine is closed
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
@@ -399,7 +406,7 @@ class Engine:
     async def open_stream(self, latency_ms: int | None = None, sample_rate: int = 16000) -> EngineStream:
         """A new stream; raises CapacityError when `max_streams` are open, ValueError for an unknown
         latency mode, AudioError for a sample rate the resampler refuses."""
-        self.core.start()
+        await self._start()
         loop = asyncio.get_running_loop()
         mailbox = self._mailboxes.get(loop)
         if mailbox is None:

@@ -664,3 +664,43 @@ def test_engine_start_keeps_freed_memory_on_cpu_unless_told_not_to(ms_model, mon
         assert len(calls) == int(keep)
     finally:
         core.stop()
+
+
+@pytest.mark.parametrize("entry", ["async_with", "open_stream"])
+def test_starting_the_engine_leaves_the_event_loop_running(ms_model, monkeypatch, entry):
+    """The engine's start (CUDA graph capture of `warmup_latencies`: seconds on a GPU) ran on the event
+    loop inside `async with Engine(...)` and the first `open_stream`: every other task of the loop (a
+    voice agent's other calls, a server's connections) stood still meanwhile."""
+    from monosemantic.engine.runner import ModelRunner
+
+    def slow_warmup(self, latencies):
+        import time
+
+        time.sleep(0.5)
+
+    monkeypatch.setattr(ModelRunner, "warmup", slow_warmup)
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        engine = Engine(ms_model("nemotron_rnnt"), EngineConfig(max_streams=1, vad=None))
+        try:
+            if entry == "async_with":
+                await engine.__aenter__()
+            else:
+                await (await engine.open_stream()).close()
+            started = ticks
+        finally:
+            await engine.aclose()
+            task.cancel()
+        return started
+
+    assert asyncio.run(main()) >= 10  # the loop ran on through the half second of warmup
