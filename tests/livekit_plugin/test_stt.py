@@ -256,6 +256,26 @@ def test_latency_change_reopens_the_engine_stream_at_a_boundary(checkpoint, ms_m
     lk.check_invariants(events, (len(a) + len(b)) / 16000)
 
 
+async def engine_seam(stt, wrap=None) -> list:
+    """Put an engine in front of `stt`'s: every stream it opens is recorded in the returned list as
+    (open_stream's arguments, the stream), and `wrap(stream, n)` (n counting from 1) may hand the plugin
+    a stand-in for it."""
+    engine = await stt._engine()
+    opened = []
+
+    class Engine:
+        async def open_stream(self, **kw):
+            opened.append((kw, await engine.open_stream(**kw)))
+            stream = opened[-1][1]
+            return stream if wrap is None else wrap(stream, len(opened))
+
+    async def acquire():
+        return Engine()
+
+    stt._engine = acquire
+    return opened
+
+
 def test_a_latency_change_pending_at_the_end_of_the_input_opens_no_engine_stream(checkpoint, ms_model, audio_clips, lk):
     """A latency change waiting for the flush of end_input() reopened the engine stream once its Final
     came, only to close it at once: a second engine slot (on a server, a connection) taken at the
@@ -266,18 +286,7 @@ def test_a_latency_change_pending_at_the_end_of_the_input_opens_no_engine_stream
 
     async def main():
         stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
-        engine = await stt._engine()
-        opened = []
-
-        class Engine:
-            async def open_stream(self, **kw):
-                opened.append(kw["latency_ms"])
-                return await engine.open_stream(**kw)
-
-        async def acquire():
-            return Engine()
-
-        stt._engine = acquire
+        opened = await engine_seam(stt)
         stream = stt.stream()
         events = []
         reader = lk.start_reader(stream, events)
@@ -285,7 +294,7 @@ def test_a_latency_change_pending_at_the_end_of_the_input_opens_no_engine_stream
         stt.update_options(latency_ms=other)
         stream.end_input()
         await asyncio.wait_for(reader, 60)
-        return events, opened
+        return events, [kw["latency_ms"] for kw, _ in opened]
 
     events, opened = asyncio.run(main())
     assert [f.text for f in finals(events)] == [model.transcribe(audio, latency_ms=160).text]
@@ -503,18 +512,7 @@ def test_audio_held_back_for_a_latency_change_goes_to_the_retry(checkpoint, ms_m
 
     async def main():
         stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
-        engine = await stt._engine()
-        opened = []
-
-        class Engine:
-            async def open_stream(self, **kw):
-                opened.append(await engine.open_stream(**kw))
-                return _LostBeforeFinal(opened[-1]) if len(opened) == 1 else opened[-1]
-
-        async def acquire():
-            return Engine()
-
-        stt._engine = acquire
+        await engine_seam(stt, lambda stream, n: _LostBeforeFinal(stream) if n == 1 else stream)
         stream = stt.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.1))
         events = []
         reader = lk.start_reader(stream, events)
@@ -557,18 +555,7 @@ def test_an_engine_stream_that_ends_unasked_is_retried(checkpoint, ms_model, aud
 
     async def main():
         stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
-        engine = await stt._engine()
-        opened = []
-
-        class Engine:
-            async def open_stream(self, **kw):
-                opened.append(await engine.open_stream(**kw))
-                return _EndsAfterFirstFinal(opened[-1]) if len(opened) == 1 else opened[-1]
-
-        async def acquire():
-            return Engine()
-
-        stt._engine = acquire
+        opened = await engine_seam(stt, lambda stream, n: _EndsAfterFirstFinal(stream) if n == 1 else stream)
         errors = []
         stt.on("error", errors.append)
         stream = stt.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.1))
