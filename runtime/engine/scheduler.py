@@ -348,12 +348,12 @@ class Scheduler:
 
     def _plan_record(self, record: StreamRecord, by_mode: dict[int, list[StepRow]], held: set[int],
                      finals: list[FinalRow], skipped: list[tuple[int, int]]) -> bool:
-        """Plan the stream's next window (or its Final) into `by_mode` unless its mode is held or its step
-        is full; True when its full window waits for the VAD's judgement instead (skip_silence)."""
+        """Plan the stream's next window into `by_mode` unless its mode is held or its step is full (its
+        Final, or a window skipped as silence, runs no model work: planned all the same); True when its
+        full window waits for the VAD's judgement instead (skip_silence)."""
         rows = by_mode.setdefault(record.latency_ms, [])
-        if record.latency_ms in held or len(rows) >= self.max_batch:
-            return False
-        row = self._plan_step(record, finals, skipped)
+        room = record.latency_ms not in held and len(rows) < self.max_batch
+        row = self._plan_step(record, finals, skipped, room)
         if row is not None:
             record.ready_since = None
             record.stepping = True
@@ -362,7 +362,9 @@ class Scheduler:
         # _awaits_vad first: without skip_silence it is False at once, keeping this off the common path.
         return self._awaits_vad(record) and self._full_window_ready(record)
 
-    def _plan_step(self, record: StreamRecord, finals: list[FinalRow], skipped: list[tuple[int, int]]) -> StepRow | None:
+    def _plan_step(self, record: StreamRecord, finals: list[FinalRow], skipped: list[tuple[int, int]],
+                   room: bool = True) -> StepRow | None:
+        """The stream's next step, or None; a Final or a skip needs no `room` in the step."""
         shape = record.shape
         start = record.window_start()
         full_hi = shape.step_mel + 1
@@ -378,6 +380,8 @@ class Scheduler:
                 record.skipped_frames += shape.chunk_frames
                 skipped.append((record.handle, moved))
                 return None
+            if not room:
+                return None
             # After skipped silence the encoder restarts here as at a stream start: its caches are
             # emptied and the window's first frames are masked, as before an utterance's first window.
             restart, record.skipped_frames = record.skipped_frames, 0
@@ -388,6 +392,8 @@ class Scheduler:
             return None
         frames = self.geometry.valid_frames(end - record.utt_start)
         if frames > max(0, start):
+            if not room:
+                return None
             available = min(frames - start, shape.step_mel)
             restart, record.skipped_frames = record.skipped_frames, 0
             lo = shape.first_valid(shape.first_start if restart else start)

@@ -125,6 +125,25 @@ def test_flush_after_a_full_window_with_no_new_frame_needs_no_step():
     assert not plan.steps and [(f.utt_start, f.end) for f in plan.finals] == [(0, 200)]
 
 
+def test_a_final_or_a_skip_needing_no_step_does_not_wait_for_room_in_a_full_batch():
+    """A full step (max_batch rows) used to stop the scan of its mode: a stream whose next action runs no
+    model work (its Final after a flush with nothing left to encode, or a window skipped as silence)
+    waited a tick behind it."""
+    s = Scheduler(4, 1, GEOMETRY, vad=True, skip_silence=1600)
+    busy, ending, silent = (s.admit(160, shape(1)) for _ in range(3))
+    busy.written = samples_for_windows(0, 16)
+    busy.vad_pos = busy.written
+    s.heard_voice(busy, busy.written)  # speech: its window is stepped
+    s.flush(ending.handle)  # nothing to encode: an immediate Final
+    silent.written = silent.vad_pos = 16000  # judged silent, more than 100 ms after the last speech
+    silent.next_window = 4
+    s._place(silent)
+    plan = s.plan()
+    assert [row.handle for b in plan.steps for row in b.rows] == [busy.handle]
+    assert [f.handle for f in plan.finals] == [ending.handle]
+    assert plan.skipped == (silent.handle,)
+
+
 def test_capacity_and_slot_reuse_bump_the_generation():
     s = make(max_streams=2)
     a = s.admit(80, shape(0))
