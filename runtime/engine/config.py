@@ -65,7 +65,9 @@ class EngineConfig:
     push is written as it comes."""
 
     usage_interval_seconds: float = 5.0
-    """A Usage event is sent after each this many seconds of a stream's processed audio, and at close."""
+    """A Usage event is sent after each this many seconds of a stream's processed audio, and at close.
+    Below one sample period of the model (1/16000 s): a Usage after every step that processed audio (never
+    an empty one)."""
 
     cuda_graphs: bool = True
     """On CUDA, replay steady-state encoder steps from CUDA graphs (one per mode and batch bucket),

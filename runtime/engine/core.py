@@ -111,7 +111,9 @@ class EngineCore:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.pending_resets: list[tuple[int, bool]] = []  # (slot, also VAD) to reset before the next plan
-        self.usage_samples = int(config.usage_interval_seconds * model.sample_rate)
+        # An interval below one sample period asks for Usage at every step: at least one sample, so that
+        # a count of no audio never sends an empty Usage.
+        self.usage_samples = max(1, int(config.usage_interval_seconds * model.sample_rate))
         self.stats = TickStats()
         # Called after every tick with its plan and seconds (engine thread): metrics, benchmarks. A tuple
         # replaced on change, so the loop reads a consistent set while other threads add or remove.

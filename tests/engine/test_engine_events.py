@@ -270,3 +270,32 @@ def test_partials_never_show_an_unfinished_character(ms_model, audio_clips, monk
     for k, partial in enumerate(partials):
         assert partial.stable_text == partial.text
         assert all(later.startswith(partial.stable_text) for later in texts[k + 1 :]), (partial, texts[k + 1])
+
+
+
+def test_a_usage_interval_below_one_sample_sends_no_empty_usage(ms_model, audio_clips):
+    """usage_interval_seconds below one sample period made the threshold 0 samples: any count of no audio
+    (a step or skip that moved past none) sent Usage(0.0). Such an interval asks for Usage as often as
+    there is audio to report: every event carries some, and they add up."""
+    model = ms_model("nemotron_rnnt")
+    audio = audio_clips["jfk.wav"][: 16000 * 2]
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=None, usage_interval_seconds=1e-5)) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            await stream.push(audio)
+            await stream.flush()
+            events = []
+            async for e in stream:
+                events.append(e)
+                if isinstance(e, Final):
+                    break
+            state = engine.core.streams[stream.handle]
+            with state.guard:
+                engine.core._count_usage(state, 0)  # a step that moved past no audio
+            await stream.close()
+            return events + [e async for e in stream]
+
+    usage = [e.audio_seconds for e in asyncio.run(main()) if isinstance(e, Usage)]
+    assert usage and all(seconds > 0 for seconds in usage), usage
+    assert round(sum(usage) * 16000) == len(audio)
