@@ -127,6 +127,11 @@ class StreamResampler:
             return audio
         return self._stream.resample_chunk(audio, last=False)
 
+    def tail_bound(self) -> int:
+        """The most samples `flush()` would give now (soxr's delay, in output samples: at most 0.5 more
+        than the tail, rounded), without flushing."""
+        return 0 if self._stream is None else math.ceil(self._stream.delay())
+
     def flush(self) -> np.ndarray:
         if self._stream is None:
             return np.zeros(0, dtype=np.float32)

@@ -147,3 +147,17 @@ def test_a_float_file_beyond_full_scale_is_refused_with_advice_for_a_file(tmp_pa
         load_audio_file(path, 16000)
     message = str(info.value)
     assert str(path) in message and "normalis" in message and "int16" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("rate", [1000, 8000, 11025, 44100, 48000, 96000])
+def test_stream_resampler_tail_bound_covers_the_tail(rate):
+    """A flush waits for room for `tail_bound()` samples before it flushes (engine/frontdoor.py): the
+    tail must never be longer, whatever was pushed before."""
+    rng = np.random.default_rng(rate)
+    for total in (0, 1, 97, rate // 3, 2 * rate + 7):
+        r = StreamResampler(rate, 16000)
+        audio = (rng.standard_normal(total) * 0.1).astype(np.float32)
+        for i in range(0, total, 331):
+            r.push(audio[i : i + 331])
+        bound = r.tail_bound()
+        assert len(r.flush()) <= bound

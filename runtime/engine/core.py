@@ -218,25 +218,50 @@ class EngineCore:
     def write(self, handle: int, samples: np.ndarray) -> int:
         """Append model-rate float32 samples, as many as the stream's buffer has room for; returns how
         many (the caller waits for on_space before writing the rest)."""
-        n = len(samples)
         with self.lock:
-            state = self._live(handle)
-            record = state.record
-            room = self.capacity - self.scheduler.buffered(record)
-            if room < n:
-                state.waiting_for_space = True
-                n = max(0, room)
-                samples = samples[:n]
-            if not n:
-                return 0
-            self.runner.write(record.slot, record.written, samples)
-            # Wake the loop only when this write gave the stream work; otherwise every 20 ms frame of
-            # every stream would re-plan all streams (quadratic in the number of streams).
-            work = self.scheduler.wrote(record, n)
+            n, work = self._write(self._live(handle), samples)
         # Already set: the loop clears it before it plans, so the plan after that sees this write.
         if work and not self.wake.is_set():
             self.wake.set()
         return n
+
+    def write_tail(self, handle: int, most: int, produce: Callable[[], np.ndarray]) -> np.ndarray | None:
+        """Write the samples `produce()` makes (at most `most`: a resampler's tail) once the stream's
+        buffer has room for `most`; returns those not written (none unless `most` was short), or None,
+        with `produce` not called, while there is no room (the caller waits for on_space). A flush that
+        times out or is cancelled meanwhile has then not flushed its resampler. Where waiting would make
+        no room (nothing of the stream's is left to process: a buffer barely above one step of its mode
+        and a long tail), the samples are made now, and what does not fit is returned."""
+        with self.lock:
+            state = self._live(handle)
+            record = state.record
+            if most and self.capacity - self.scheduler.buffered(record) < most and (
+                record.stepping or record.flushes or self.scheduler.has_work(record)
+            ):
+                state.waiting_for_space = True
+                return None
+            samples = produce()
+            n, work = self._write(state, samples)
+        if work and not self.wake.is_set():
+            self.wake.set()
+        return samples[n:]
+
+    def _write(self, state: StreamState, samples: np.ndarray) -> tuple[int, bool]:
+        """As many of `samples` as the buffer has room for (under the lock): (how many, whether the
+        stream now holds work)."""
+        n = len(samples)
+        record = state.record
+        room = self.capacity - self.scheduler.buffered(record)
+        if room < n:
+            state.waiting_for_space = True
+            n = max(0, room)
+            samples = samples[:n]
+        if not n:
+            return 0, False
+        self.runner.write(record.slot, record.written, samples)
+        # Wake the loop only when this write gave the stream work; otherwise every 20 ms frame of
+        # every stream would re-plan all streams (quadratic in the number of streams).
+        return n, self.scheduler.wrote(record, n)
 
     def flush(self, handle: int) -> None:
         with self.lock:

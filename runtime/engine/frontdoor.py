@@ -51,11 +51,12 @@ class _StreamBase:
     """What both front doors share: input conversion, resampling, and the audio accepted but not yet
     written to the engine.
 
-    Audio a push (or flush, for the resampler's tail) accepted stays in `_pending` until the engine has
-    room for it, and leaves it only once written: a push that was cancelled or timed out leaves the rest
-    of its audio to go first at the stream's next push or flush, so accepted audio is never lost or
-    reordered. Pushes and flushes of one stream are serialized (the resampler and `_pending` are per
-    stream)."""
+    Audio a push accepted stays in `_pending` until the engine has room for it, and leaves it only once
+    written: a push that was cancelled or timed out leaves the rest of its audio to go first at the
+    stream's next push or flush, so accepted audio is never lost or reordered. A flush takes the
+    resampler's tail only once the engine has room for all of it (core.write_tail), so one that times out
+    or is cancelled leaves the resampler as it was: the utterance goes on as one signal. Pushes and
+    flushes of one stream are serialized (the resampler and `_pending` are per stream)."""
 
     def __init__(self, core: EngineCore, sample_rate: int):
         self._core = core
@@ -73,6 +74,7 @@ class _StreamBase:
         # not yet in `_pending`, all of it newer than what is there.
         self._coalescer: Coalescer | None = None
         self._held: list[np.ndarray] = []
+        self._reopen_at: int | None = None  # where the utterance began, once a flush has taken the tail
 
     def _accept(self, pcm) -> bool:
         """Convert and resample `pcm`, then hold it, or move it with everything held into `_pending`
@@ -93,25 +95,33 @@ class _StreamBase:
         self._pending = samples
         return True
 
-    def _accept_tail(self) -> int | None:
-        """The resampler's tail, after everything held, into `_pending` (which must be empty). Returns
-        where the coalescer's utterance started, for `_flush_failed`."""
+    def _release_held(self) -> None:
+        """A flush starts: the audio held back (coalescer) goes on behind what is pending, as at a push
+        that reaches a point; the tail follows it (`_take_tail`)."""
         self._core.check_open(self.handle)
-        tail = self._resampler.flush()
-        start = None
-        if self._coalescer is not None:
-            start = self._coalescer.utterance_start
-            self._coalescer.flushed(len(tail))
-            tail = self._with_held(tail)
-        self._pending = tail
-        return start
+        self._reopen_at = None
+        if self._held:
+            self._pending = np.concatenate((self._pending, *self._held))
+            self._held.clear()
+            self._coalescer.mark_sent()
 
-    def _flush_failed(self, start: int | None) -> None:
+    def _take_tail(self) -> np.ndarray:
+        """The resampler's tail, counted by the coalescer as the utterance's end (called by the core once
+        the engine has room for it)."""
+        tail = self._resampler.flush()
+        if self._coalescer is not None:
+            self._reopen_at = self._coalescer.utterance_start
+            self._coalescer.flushed(len(tail))
+        return tail
+
+    def _flush_failed(self) -> None:
         """A flush left before reaching the engine (its audio's wait timed out, or it was cancelled): the
         utterance goes on, and so do the step points the coalescer holds pushes up to. (Moved to the
-        tail's end, they held the pushes before the next flush to the wrong points: later events.)"""
-        if start is not None:
-            self._coalescer.reopen(start)
+        tail's end, they held the pushes before the next flush to the wrong points: later events.) Only
+        a flush that took the tail moved them: one waiting for room for it has not."""
+        if self._reopen_at is not None:
+            self._coalescer.reopen(self._reopen_at)
+            self._reopen_at = None
 
     def _with_held(self, samples: np.ndarray) -> np.ndarray:
         if not self._held:
@@ -168,20 +178,27 @@ class _StreamBase:
         self._pending = _NOTHING if written == pending.size else pending[written:]
         return not self._pending.size
 
-    def _drain_waits(self, before_write=None, taken: bool = True, call: str = "push"):
-        """Write the pending audio as the stream's buffer makes room; yields the seconds left to wait
-        for room whenever it is full (the caller waits for on_space, or that long), and raises the
-        timeout once `push_timeout_seconds` pass without room. `before_write` runs before each write
-        attempt (an asyncio caller clears its room signal there, so a signal made after the attempt is
-        kept). `taken`: whether the calling push's (or flush's) own audio is among the pending, `call`
-        which of the two it is (for the timeout's message)."""
+    def _drain_waits(self, before_write=None, taken: bool = True, call: str = "push", tail: bool = False):
+        """Write the pending audio as the stream's buffer makes room, then (`tail`: a flush) the
+        resampler's tail; yields the seconds left to wait for room whenever it is full (the caller waits
+        for on_space, or that long), and raises the timeout once `push_timeout_seconds` pass without room.
+        `before_write` runs before each write attempt (an asyncio caller clears its room signal there, so
+        a signal made after the attempt is kept). `taken`: whether the calling push's (or flush's) own
+        audio is among the pending, `call` which of the two it is (for the timeout's message)."""
         deadline = None  # counted from when the buffer stopped taking audio
-        while self._pending.size:
+        while self._pending.size or tail:
             if before_write is not None:
                 before_write()
-            written = self._core.write(self.handle, self._pending[: self._piece])
+            if self._pending.size:
+                written = self._core.write(self.handle, self._pending[: self._piece])
+                if written:
+                    self._pending = self._pending[written:]
+            else:
+                rest = self._core.write_tail(self.handle, self._resampler.tail_bound(), self._take_tail)
+                written = rest is not None
+                if written:
+                    self._pending, tail, taken = rest, False, True
             if written:
-                self._pending = self._pending[written:]
                 deadline = None
                 continue
             now = time.monotonic()
@@ -329,9 +346,9 @@ class EngineStream(_StreamBase):
             if self._accept(pcm) and not self._write_at_once():
                 await self._drain()
 
-    async def _drain(self, taken: bool = True, call: str = "push") -> None:
+    async def _drain(self, taken: bool = True, call: str = "push", tail: bool = False) -> None:
         try:
-            for seconds in self._drain_waits(self._space.clear, taken, call):
+            for seconds in self._drain_waits(self._space.clear, taken, call, tail):
                 try:
                     await asyncio.wait_for(self._space.wait(), seconds)
                 except asyncio.TimeoutError:
@@ -344,12 +361,11 @@ class EngineStream(_StreamBase):
         """End the utterance: a Final follows, covering all audio pushed before this call."""
         self._check_loop()
         async with self._lock:
-            await self._drain(taken=False, call="flush")
-            start = self._accept_tail()
+            self._release_held()
             try:
-                await self._drain(call="flush")
+                await self._drain(taken=False, call="flush", tail=True)
             except BaseException:
-                self._flush_failed(start)
+                self._flush_failed()
                 raise
             self._core.flush(self.handle)
 
@@ -451,10 +467,10 @@ class SyncStream(_StreamBase):
             if self._accept(pcm) and not self._write_at_once():
                 self._drain()
 
-    def _drain(self, taken: bool = True, call: str = "push") -> None:
+    def _drain(self, taken: bool = True, call: str = "push", tail: bool = False) -> None:
         try:
             with self._space:  # held from the write attempt to the wait: no signal of room is missed
-                for seconds in self._drain_waits(taken=taken, call=call):
+                for seconds in self._drain_waits(taken=taken, call=call, tail=tail):
                     self._space.wait(min(seconds, 0.1))
         except BaseException:
             self._keep_pending()
@@ -463,12 +479,11 @@ class SyncStream(_StreamBase):
     def flush(self) -> None:
         self._core.check_not_orphaned()  # before the lock, as push()
         with self._lock:
-            self._drain(taken=False, call="flush")
-            start = self._accept_tail()
+            self._release_held()
             try:
-                self._drain(call="flush")
+                self._drain(taken=False, call="flush", tail=True)
             except BaseException:
-                self._flush_failed(start)
+                self._flush_failed()
                 raise
             self._core.flush(self.handle)
 

@@ -196,7 +196,8 @@ def test_a_stream_left_open_when_its_event_loop_ends_gives_back_its_slot(ms_mode
 
 def test_a_cancelled_push_or_flush_loses_no_audio_at_48k(ms_model, audio_clips, monkeypatch):
     """While the engine has no room, a push or flush is cancelled (asyncio.wait_for): the audio it had
-    accepted, the resampler's tail included, goes first at the next call; the Final covers it all."""
+    accepted goes first at the next call (the flush, waiting for room for the resampler's tail, has not
+    taken it); the Final covers it all."""
     model = ms_model("nemotron_rnnt")
     audio = audio_clips["jfk.wav"]
     audio48 = resample(audio, 16000, 48000)
@@ -212,10 +213,13 @@ def test_a_cancelled_push_or_flush_loses_no_audio_at_48k(ms_model, audio_clips, 
                 await asyncio.wait_for(stream.push(audio48[cut:]), 0.2)
             monkeypatch.setattr(engine.core, "write", write)
             await stream.push(audio48[:0])  # writes the cancelled push's audio
+            write_tail = engine.core.write_tail
             monkeypatch.setattr(engine.core, "write", lambda handle, samples: 0)
+            monkeypatch.setattr(engine.core, "write_tail", lambda handle, most, produce: None)
             with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(stream.flush(), 0.2)  # cancelled while writing the resampler tail
+                await asyncio.wait_for(stream.flush(), 0.2)  # cancelled while waiting for room for the tail
             monkeypatch.setattr(engine.core, "write", write)
+            monkeypatch.setattr(engine.core, "write_tail", write_tail)
             await stream.flush()
             return await final_of(stream)
 
@@ -826,3 +830,85 @@ def test_a_flush_that_timed_out_leaves_the_pushes_step_points_where_they_were(ms
     assert after == before
     assert final.end == len(audio)
     assert [t.id for t in final.tokens] == model.transcribe(audio, latency_ms=160).token_ids
+
+
+@pytest.mark.parametrize("front", ["async", "sync"])
+def test_a_flush_that_timed_out_at_48k_leaves_the_utterance_resampled_as_one_signal(ms_model, audio_clips, monkeypatch, front):
+    """A flush that times out waiting for room for the resampler's tail has not flushed the resampler:
+    the pushes before the retried flush go on where the utterance's signal was (they used to start a
+    fresh resampler's signal after the first tail), so the engine gets exactly the audio, and the tokens,
+    of the same pushes with one successful flush."""
+    from monosemantic import PushTimeoutError
+    from monosemantic.audio import StreamResampler
+
+    model = ms_model("nemotron_rnnt")
+    audio48 = resample(audio_clips["jfk.wav"], 16000, 48000)
+    # Small pieces while the buffer fills (its room ends below the tail), 20 ms ones after.
+    pieces = [audio48[i : i + 96] for i in range(0, 72000, 96)]
+    pieces += [audio48[i : i + 960] for i in range(72000, len(audio48), 960)]
+    config = EngineConfig(max_buffered_seconds=1.0, push_timeout_seconds=0.2, coalesce_pushes=False, **QUIET)
+    busy = threading.Event()
+    written = []
+
+    def hold(core):
+        """The engine is busy (its step waits for `busy`); the runner's writes are recorded."""
+        step, write = core.runner.step, core.runner.write
+        monkeypatch.setattr(core.runner, "step", lambda batch: busy.wait() and step(batch))
+        monkeypatch.setattr(core.runner, "write", lambda slot, at, samples: (written.append(samples.copy()), write(slot, at, samples))[1])
+
+    def fill(core, stream):
+        """How many pieces fill the buffer to less room than the resampler's tail, no push waiting."""
+        record, counter = core.scheduler.streams[stream.handle], StreamResampler(48000, 16000)
+        room = core.capacity - core.scheduler.buffered(record)  # shrinks only by writes: nothing is processed
+        for k, piece in enumerate(pieces):
+            tail = round(counter._stream.delay())  # what a flush before this piece would give
+            made = len(counter.push(piece))
+            if made > room:
+                assert room < tail, (room, tail)
+                return k
+            room -= made
+        raise AssertionError("the buffer never filled")
+
+    if front == "async":
+
+        async def main():
+            async with Engine(model, config) as engine:
+                hold(engine.core)
+                try:
+                    stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
+                    full = fill(engine.core, stream)
+                    for piece in pieces[:full]:
+                        await stream.push(piece)
+                    with pytest.raises(PushTimeoutError):
+                        await stream.flush()
+                finally:
+                    busy.set()
+                for piece in pieces[full:]:
+                    await stream.push(piece)
+                await stream.flush()
+                return await final_of(stream)
+
+        final = asyncio.run(main())
+    else:
+        with SyncEngine(model, config) as engine:
+            hold(engine.core)
+            try:
+                stream = engine.open_stream(latency_ms=160, sample_rate=48000)
+                full = fill(engine.core, stream)
+                for piece in pieces[:full]:
+                    stream.push(piece)
+                with pytest.raises(PushTimeoutError):
+                    stream.flush()
+            finally:
+                busy.set()
+            for piece in pieces[full:]:
+                stream.push(piece)
+            stream.flush()
+            final = next(e for e in iter(lambda: stream.get(timeout=30), None) if isinstance(e, Final))
+    reference, continuous = model.new_stream(latency_ms=160, sample_rate=48000), StreamResampler(48000, 16000)
+    for piece in pieces:
+        reference.feed(piece)
+    expected = np.concatenate([continuous.push(piece) for piece in pieces] + [continuous.flush()])
+    assert np.array_equal(np.concatenate(written), expected)
+    assert final.end == len(expected)
+    assert [t.id for t in final.tokens] == reference.finalize().token_ids
