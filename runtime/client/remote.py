@@ -110,6 +110,9 @@ class RemoteStream:
         self.model_sample_rate: int = ready["model_sample_rate"]
         # Whether the server reports voice activity; servers before this field always did.
         self.vad: bool = bool(ready.get("vad", True))
+        # The server's model, by name (no server paths); None from servers before the field.
+        model = ready.get("model")
+        self.model: str | None = model if isinstance(model, str) and model else None
         self._events = EventQueue()  # bounded for a reader far behind (event_queue)
         self._closed = False  # close() was called
         self._owed = 0  # flushes sent whose final has not arrived: a close() still waits for them
@@ -427,6 +430,9 @@ class RemoteEngine:
         self._streams: weakref.WeakSet[RemoteStream] = weakref.WeakSet()
         self._tasks: set[asyncio.Task] = set()  # readers, and closes of dropped streams, until they end
         self._closed = False
+        # The server's model as its latest stream's `ready` named it: unknown until a stream opens (and
+        # None from servers before the field). Adapters label their metrics with it.
+        self.model: str | None = None
 
     def _check_open(self) -> None:
         # As a local Engine once closed: reopening its own HTTP session would leak it unclosed.
@@ -493,6 +499,7 @@ class RemoteEngine:
             raise ConnectionLostError(f"the server did not open the stream (first message: {msg.data!r})", ws.close_code)
         stream = RemoteStream(ws, ready, self, coalesce=self.coalesce, keepalive=self.keepalive)
         self._streams.add(stream)
+        self.model = stream.model
         return stream
 
     def _forget(self, stream: RemoteStream) -> None:

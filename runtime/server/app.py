@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -36,6 +37,7 @@ class ServerState:
     def __init__(self, config: ServerConfig, model=None):
         self.config = config
         self.model = model
+        self.model_name: str | None = None  # what `ready` calls the model (public_model_name)
         self.engine = None
         self.metrics = ServerMetrics()
         self.ready = False
@@ -72,6 +74,8 @@ class ServerState:
                 self.model = await asyncio.to_thread(
                     load_model, self.config.model, device=self.config.device, dtype=self.config.dtype
                 )
+            # Named while the checkpoint is where it was loaded from: whether it is a local path decides.
+            self.model_name = public_model_name(getattr(self.model, "source", None) or self.config.model)
             engine = Engine(self.model, self.config.engine_config(self.model))
             engine.core.add_tick_hook(self.metrics.on_tick)
             await asyncio.to_thread(engine.core.start)  # captures CUDA graphs on GPU
@@ -137,6 +141,19 @@ class ServerState:
 
 
 STATE = web.AppKey("monosemantic_state", ServerState)
+
+
+def public_model_name(source: str) -> str | None:
+    """The model's name for clients: a Hugging Face id as given; a local file or directory by its final
+    path component, as the server's directory layout (user names, mount points) is not the clients'
+    business. None when there is no such component (a checkpoint at '/')."""
+    if not source:
+        return None
+    path = os.path.expanduser(source)
+    if not os.path.exists(path):
+        return source  # not a local path: the model loaded, so this is a repo id
+    # abspath, not realpath: a symlink's own name is the one the operator chose (`current.nemo`).
+    return os.path.basename(os.path.abspath(path)) or None
 
 
 # Retry-After (seconds) of a 503, by its reason (the stream endpoint's and /readyz's names). A slot frees
@@ -215,7 +232,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     try:
         ready = ready_message(
             stream_id, stream.latency_ms, params.sample_rate, state.model.sample_rate, state.model.latency_modes,
-            vad=stream.vad, timing=stream.timing, idle_timeout=config.idle_timeout_seconds,
+            vad=stream.vad, timing=stream.timing, idle_timeout=config.idle_timeout_seconds, model=state.model_name,
         )
         await session.run(ready)
     finally:

@@ -106,12 +106,13 @@ def check_audio(data: bytes) -> None:
 
 def ready_message(
     stream_id: str, latency_ms: int, sample_rate: int, model_sample_rate: int, latency_modes, vad: bool,
-    timing: StepTiming | None = None, idle_timeout: float | None = None,
+    timing: StepTiming | None = None, idle_timeout: float | None = None, model: str | None = None,
 ) -> dict:
     """`timing`: when the stream's audio makes work; sent as `steps` (and `vad_window` with VAD), so that
     a client may gather small frames up to those points (docs/protocol.md). `idle_timeout`: seconds of
     silence from the client after which the server closes the stream, so that a client whose input
-    pauses knows how often to send a keepalive."""
+    pauses knows how often to send a keepalive. `model`: the name of the server's model, which a
+    client's metrics are labelled with (its own configuration does not say what the server runs)."""
     message = {
         "type": "ready",
         "protocol": PROTOCOL_VERSION,
@@ -122,6 +123,8 @@ def ready_message(
         "latency_modes": list(latency_modes),
         "vad": vad,
     }
+    if model is not None:
+        message["model"] = model
     if idle_timeout is not None:
         message["idle_timeout"] = idle_timeout
     if timing is not None:

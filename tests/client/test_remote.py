@@ -72,6 +72,45 @@ def test_events_match_the_local_engine(server, model, audio_clips):
     assert not [e for e in events if isinstance(e, Error)]
 
 
+def test_the_servers_model_is_known_once_a_stream_opens(server, model):
+    """`ready` names the server's model (the checkpoint file's name, not its path): the stream has it,
+    and the engine once a stream has opened, for adapters to label their metrics with."""
+
+    async def main():
+        async with RemoteEngine(server.http) as engine:
+            before = engine.model
+            stream = await engine.open_stream()
+            await stream.close()
+            return before, stream.model, engine.model
+
+    before, on_stream, on_engine = asyncio.run(main())
+    assert before is None and on_stream == on_engine == Path(model.source).name
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ready", [READY, {**READY, "model": 5}, {**READY, "model": ""}])
+def test_a_server_that_does_not_name_its_model_still_opens_streams(ready):
+    """Servers before the field send no `model` (and a malformed one is no name): the stream opens all
+    the same, with no model known."""
+
+    async def handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(ready)
+        async for _ in ws:
+            pass
+        return ws
+
+    async def main():
+        async with fake_server(handler) as url:
+            async with RemoteEngine(url, connect_timeout=5) as engine:
+                stream = await engine.open_stream()
+                await stream.close()
+                return stream.model, engine.model
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == (None, None)
+
+
 def test_a_remote_stream_nobody_reads_keeps_its_final_in_bounded_memory(model, audio_clips, monkeypatch):
     """The client's events from the socket wait in the same bounded queue as a local stream's. (VAD off:
     speech events are never dropped, so with them the bound would be twice their number.)"""

@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from monosemantic import CapacityError, Final, Partial
 from monosemantic.client import AuthenticationError, RemoteEngine, ServerCapacityError
+
+from monosemantic.server.app import public_model_name
 
 from _support.server import RunningServer, finals, pcm16, receive_until, send_audio
 
@@ -55,6 +58,8 @@ def test_raw_protocol_round_trip_two_utterances(server, model, audio_clips):
     assert ready["model_sample_rate"] == 16000 and LATENCY in ready["latency_modes"] and ready["stream_id"]
     assert ready["vad"] is True  # the fixture's server runs VAD (a --no-vad one says false: tests/livekit_plugin)
     assert ready["idle_timeout"] == 60.0  # the server's idle timeout: how often a paused client must send
+    # The model, named without the server's directories: the checkpoint file's own name.
+    assert ready["model"] == Path(model.source).name == "nemotron_rnnt.nemo"
     fa, fb = first[-1], second[-1]
     assert fa["text"] == want_a.text and fb["text"] == want_b.text
     assert [w["word"] for w in fa["words"]] == [w.text for w in want_a.words]
@@ -68,6 +73,21 @@ def test_raw_protocol_round_trip_two_utterances(server, model, audio_clips):
     assert {m["type"] for m in first + second} <= {"partial", "final", "speech_started", "speech_ended", "usage"}
     assert code == 1000 and all(m["type"] in ("usage", "speech_ended") for m in rest)
     assert server.wait_until(lambda: server.open_streams() == 0)
+
+
+def test_the_model_is_named_without_the_servers_paths(tmp_path, monkeypatch):
+    """`ready` names the model for clients' metrics: a Hugging Face id as given, a local checkpoint by
+    its final path component (its directories are the server's business)."""
+    checkpoint = tmp_path / "models" / "asr-v3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.nemo").touch()
+    monkeypatch.chdir(tmp_path)
+    assert public_model_name("nvidia/nemotron-speech-streaming-en-0.6b") == "nvidia/nemotron-speech-streaming-en-0.6b"
+    assert public_model_name(str(checkpoint / "model.nemo")) == "model.nemo"
+    assert public_model_name(str(checkpoint) + "/") == "asr-v3"
+    assert public_model_name("models/asr-v3/..") == "models"  # a relative path, as the server resolves it
+    assert public_model_name(".") == tmp_path.name
+    assert public_model_name("/") is None  # no name to give without the path itself
 
 
 def test_six_remote_clients_share_batches_and_all_are_exact(server, model, audio_clips):
