@@ -86,9 +86,17 @@ class STT(stt.STT):
         self._base_url, self._api_key = base_url, api_key
         self._remote = remote_engine(base_url, api_key) if base_url else None
         self._local: EngineLike | None = None  # the shared engine, once loaded (checks latency modes)
+        self._server_model: str | None = None  # remote: the server's model as a closed client learnt it
 
     @property
     def model(self) -> str:
+        """The model transcribing (LiveKit labels STTMetrics with it). In remote mode the server's, as
+        its streams name it once one has opened (the `model` argument is ignored there); until then, or
+        from a server that does not name it, the `model` argument."""
+        if self._remote is not None:
+            served = getattr(self._remote, "model", None) or self._server_model
+            if served:
+                return served
         return self._spec.model
 
     @property
@@ -183,6 +191,8 @@ class STT(stt.STT):
             # A closed client refuses new streams (and a reopened one would leak its HTTP session), so
             # later streams get a fresh client.
             closing, self._remote = self._remote, remote_engine(self._base_url, self._api_key)
+            # The fresh client knows nothing of the server yet: metrics keep the name it gave.
+            self._server_model = getattr(closing, "model", None) or self._server_model
             await closing.aclose()
 
     async def _recognize_impl(

@@ -99,6 +99,41 @@ def test_a_remote_stt_serves_new_streams_after_aclose(server, ms_model, audio_cl
     assert " ".join(f.text for f in finals(streamed) if f.text)
 
 
+def test_remote_metrics_name_the_servers_model(server, ms_model, audio_clips, lk):
+    """STTMetrics are labelled with `STT.model`, which in remote mode was the constructor's `model` (by
+    default monosemantic.DEFAULT_MODEL) whatever the server ran. Once a stream has opened it is the model
+    the server's `ready` names (its checkpoint file's name here), and it stays so after aclose()."""
+    from pathlib import Path
+
+    from livekit import rtc
+    from livekit.agents.metrics import STTMetrics
+
+    import monosemantic
+
+    served = Path(ms_model("nemotron_rnnt").source).name
+    audio = audio_clips["jfk.wav"]
+    pcm = lk.to_int16(audio)
+
+    async def main():
+        stt = lk_monosemantic.STT(base_url=f"ws://127.0.0.1:{server.port}", api_key="s3cret")
+        metrics = []
+        stt.on("metrics_collected", metrics.append)
+        before = stt.model
+        try:
+            await lk.drive(stt.stream(), audio, realtime_factor=4.0)
+            await stt.recognize(rtc.AudioFrame(pcm.tobytes(), 16000, 1, len(pcm)))
+        finally:
+            await stt.aclose()
+        return before, metrics, stt.model
+
+    before, metrics, after = asyncio.run(main())
+    assert before == monosemantic.DEFAULT_MODEL  # nothing known of the server yet
+    streamed = [m for m in metrics if isinstance(m, STTMetrics) and m.streamed]
+    recognized = [m for m in metrics if isinstance(m, STTMetrics) and not m.streamed]
+    assert streamed and recognized
+    assert {m.metadata.model_name for m in streamed + recognized} == {served} and after == served
+
+
 async def run_until_error(stt, conn_options, errors: list):
     """Iterate a stream until it fails, collecting the STT's error events into `errors`."""
     stt.on("error", errors.append)
