@@ -30,6 +30,7 @@ from pipecat.frames.frames import (
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
+from pipecat.metrics.metrics import MetricsData
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import STTSettings
 from pipecat.services.stt_service import STTService
@@ -170,6 +171,9 @@ class MonosemanticSTTService(STTService):
         self._remote_args = (base_url, api_key)
         self._remote = remote_engine(base_url, api_key) if base_url else None
         self._max_open_failures = max_open_failures
+        # Remote mode: the model the server's `ready` names, once a stream has opened. The metrics carry
+        # it; `settings.model` stays as configured (it decides stream swaps and refused updates).
+        self._server_model: str | None = None
 
         self._session: StreamSession | None = None  # where incoming audio goes
         self._sessions: set[StreamSession] = set()  # every stream still open (current and retiring)
@@ -190,6 +194,24 @@ class MonosemanticSTTService(STTService):
 
     def can_generate_metrics(self) -> bool:
         return True
+
+    def _sync_model_name_to_metrics(self):
+        """Metrics name the model transcribing: in remote mode the server's, once a stream has told it
+        (`settings.model` is then a model the server does not use); else `settings.model`."""
+        served = getattr(self, "_server_model", None)  # (pipecat calls this before __init__ sets it)
+        if served is None:
+            super()._sync_model_name_to_metrics()
+            return
+        self.set_core_metrics_data(MetricsData(processor=self.name, model=served))
+        self._full_model_name = served  # what pipecat's tracing names the model, ahead of settings.model
+
+    def _note_server_model(self, stream) -> None:
+        """Remote mode: take the model name a newly opened stream's server gave (None from a server too
+        old to give one: the last known name, or `settings.model`, stays)."""
+        served = getattr(stream, "model", None)
+        if isinstance(served, str) and served and served != self._server_model:
+            self._server_model = served
+            self._sync_model_name_to_metrics()
 
     async def set_usable(self, is_usable: bool):
         if is_usable and not self.is_usable:
@@ -409,6 +431,9 @@ class MonosemanticSTTService(STTService):
         model, latency = self._settings.model, self._settings.latency_ms
         engine = await self._engine_for(model)
         stream = await engine.open_stream(latency_ms=latency, sample_rate=self.sample_rate)
+        if self._remote is not None:
+            self._note_server_model(stream)
+        # `model`, not the server's name: the session is compared with `settings.model` for swaps.
         session = StreamSession(stream, latency, model, after=after)
         self._sessions.add(session)
         session.task = self.create_task(self._read_events(session), name="monosemantic_events")
@@ -759,7 +784,8 @@ class MonosemanticSTTService(STTService):
             model = delta.model
             delta = copy.copy(delta)  # the caller's delta is left as it was
             delta.model = NOT_GIVEN  # `_settings.model` is the model streams open with: not before it loads
-            if self._remote is not None and model != self._settings.model:
+            # (The server's own model, by the name its `ready` gave, is no change either.)
+            if self._remote is not None and model not in (self._settings.model, self._server_model):
                 await self.push_error(
                     f"cannot switch to model {model!r} in remote mode: the server transcribes with the "
                     f"model `monosemantic serve` was started with, fixed until it restarts; keeping "

@@ -240,6 +240,45 @@ def test_a_model_change_is_refused_in_remote_mode_and_the_rest_of_the_update_app
     assert [f.text for f in h.finals()] == expected
 
 
+def test_remote_metrics_name_the_servers_model_without_reopening_streams(harness, model, speech):
+    """The metrics (TTFB, usage) were labelled with `settings.model`, the constructor's `model` (by
+    default monosemantic.DEFAULT_MODEL), which the server ignores. Once a stream has opened they carry the
+    model the server's `ready` names. `settings.model` stays what it was: it decides when a stream is
+    replaced and which updates are refused, and the server's name must change neither. An update naming
+    the server's model is no change either."""
+    from pathlib import Path
+
+    from pipecat.frames.frames import MetricsFrame
+    from pipecat.metrics.metrics import STTUsageMetricsData, TTFBMetricsData
+
+    import monosemantic
+
+    served = Path(model.source).name
+
+    async def main(port):
+        stt = MonosemanticSTTService(base_url=f"ws://127.0.0.1:{port}")
+        async with harness(stt, sample_rate=16000) as h:
+            await h.say(speech[0])
+            await h.wait_for(lambda: len(h.finals()) == 1)
+            stream = stt._session
+            Settings = MonosemanticSTTService.Settings
+            await h.worker.queue_frame(STTUpdateSettingsFrame(delta=Settings(model=served)))
+            await h.say(speech[1])
+            await h.wait_for(lambda: len(h.finals()) == 2)
+            assert stt._session is stream  # never reopened
+            await h.end()
+            return stt, h
+
+    with RunningServer(model) as server:
+        stt, h = asyncio.run(main(server.port))
+    assert not h.errors() and stt.settings.model == monosemantic.DEFAULT_MODEL
+    initial, *frames = h.down.of(MetricsFrame)
+    assert {d.value for d in initial.data} == {0.0}  # the pipeline's own zeros at start, of no model
+    data = [d for frame in frames for d in frame.data]
+    assert any(isinstance(d, TTFBMetricsData) for d in data) and any(isinstance(d, STTUsageMetricsData) for d in data)
+    assert {d.model for d in data} == {served}
+
+
 def test_a_server_that_never_answers_does_not_hold_up_the_pipeline(harness, speech):
     """A host that accepts the TCP connection but never answers the WebSocket handshake (hung, or a
     firewall's blackhole) makes a connection attempt last the client's whole connect timeout (10 s).
