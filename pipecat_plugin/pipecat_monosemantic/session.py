@@ -33,6 +33,11 @@ class StreamSession:
         self.retiring = False  # close once nothing is outstanding
         self.closed = False
         self.error: Error | None = None  # the error that took it out of service (reported at its end)
+        # For counting a stream that ends at once as a failed open (the service's _QUICK_FAILURE_SECONDS):
+        self.opened_at = 0.0  # when it opened (the service's clock)
+        self.adopted = False  # the service took it as its current stream (else its open counts a failure)
+        self.heard = False  # a transcript (Partial or Final) came: the server works
+        self.ended = False  # its events are over
 
     async def push(self, audio: bytes) -> None:
         try:

@@ -65,6 +65,13 @@ DEFAULT_LATENCY_MS = 160
 _REOPEN_BACKOFF_SECONDS = 1.0
 _REOPEN_BACKOFF_MAX_SECONDS = 8.0
 
+# A stream that ends (with an error, or by the server unasked) this soon after it opened, before any
+# transcript, counts as a failed open (as pipecat's QuickFailureTracker counts a websocket that dies right
+# after connecting): a server that accepts every stream and ends it at once (a broken deployment, an auth
+# proxy that closes after the upgrade) is otherwise reopened for as long as audio comes, and
+# `max_open_failures` never gives up.
+_QUICK_FAILURE_SECONDS = 5.0
+
 # A stream opens in a background task (a remote server may take up to its connect timeout to answer, and
 # a reloading engine seconds), so frames never wait on it. The audio (and flushes) received meanwhile is
 # kept, up to this many seconds of it, and goes to the stream in order once it opens; audio beyond that is
@@ -130,8 +137,9 @@ class MonosemanticSTTService(STTService):
                 reported as a non-fatal ErrorFrame and the next audio reconnects.
             api_key: The server's API key (default: the MONOSEMANTIC_API_KEY environment variable).
             max_open_failures: Give up after this many failed attempts in a row to open a stream (a
-                server down or unreachable, a full engine): that failure's ErrorFrame marks the service
-                unusable (`force_treat_as_permanent`), which is what pipecat's
+                server down or unreachable, a full engine, a stream that ends within 5 s of opening,
+                before any transcript, with an error or by the server unasked): that failure's
+                ErrorFrame marks the service unusable (`force_treat_as_permanent`), which is what pipecat's
                 `ServiceSwitcherStrategyFailover` switches to a backup STT on. `set_usable(True)` (or a
                 settings update) makes it try again. None (the default): retry for as long as audio
                 comes, with the reopen backoff.
@@ -180,7 +188,9 @@ class MonosemanticSTTService(STTService):
         self._lock = asyncio.Lock()  # orders pushes against flushes and stream swaps
         self._in_utterance = False  # between VADUserStartedSpeaking and VADUserStoppedSpeaking
         self._retry_at = 0.0
-        self._open_failures = 0  # failed opens in a row (the reopen backoff doubles with each)
+        # Failed opens in a row, quick failures included (the reopen backoff doubles with each). An open
+        # that succeeds does not reset it: a stream that transcribes, or outlives _QUICK_FAILURE_SECONDS, does.
+        self._open_failures = 0
         self._aborted = False  # cancelled: push nothing more
         self._draining = False  # stopping (EndFrame): the finals still to come are the last ones
         self._frame_audio: FrameAudio | None = None  # set at start, when the stream's rate is known
@@ -435,6 +445,7 @@ class MonosemanticSTTService(STTService):
             self._note_server_model(stream)
         # `model`, not the server's name: the session is compared with `settings.model` for swaps.
         session = StreamSession(stream, latency, model, after=after)
+        session.opened_at = time.monotonic()
         self._sessions.add(session)
         session.task = self.create_task(self._read_events(session), name="monosemantic_events")
         await self._connection_event("on_connected")
@@ -473,8 +484,9 @@ class MonosemanticSTTService(STTService):
             old, self._swap_from = self._swap_from, None
             if self._aborted:
                 return  # _abort closes every session it knows, this one included, and drops the backlog
-            if session is not None and session.closed:
-                # Its event task ended it before it got any audio, and reported why.
+            if session is not None and (session.closed or session.ended):
+                # Its event task ended it before it got any audio, and reported why (not as a failed
+                # open: it was not adopted yet, so that is counted here).
                 session, error = None, StreamError("the stream closed as soon as it opened")
             if session is None:
                 if old is None or old.closed or old.error is not None:
@@ -484,7 +496,7 @@ class MonosemanticSTTService(STTService):
                 session = old
             else:
                 self._session = session
-                self._open_failures = 0
+                session.adopted = True  # from here on its event task counts a quick failure of it
                 await self._replay_backlog(session)
             if old is not None and session is not old:
                 try:
@@ -525,9 +537,6 @@ class MonosemanticSTTService(STTService):
 
     async def _open_failed(self, e: Exception, lost_seconds: float) -> None:
         self._session = None
-        self._open_failures += 1
-        wait = min(_REOPEN_BACKOFF_MAX_SECONDS, _REOPEN_BACKOFF_SECONDS * 2 ** (self._open_failures - 1))
-        self._retry_at = time.monotonic() + wait
         # A checkpoint that cannot load, or a setting the model refuses, will fail the same way every
         # time: mark the service unusable (a settings update makes it usable again).
         # A server that refuses for good (a wrong key) is too; unreachable or full is not.
@@ -536,7 +545,21 @@ class MonosemanticSTTService(STTService):
         )
         lost = f"; the {lost_seconds:.2g} s of audio received while it was opening were not transcribed"
         lost = lost if lost_seconds else ""
-        retry = "" if permanent else f"; audio is not transcribed until a stream opens (next try in {wait:g} s)"
+        await self._connection_event("on_connection_error", f"could not open a recognition stream: {e}")
+        await self._failed_attempt(f"could not open a recognition stream: {e}{lost}", e, permanent)
+
+    async def _failed_attempt(self, what: str, e: Exception | None, permanent: bool = False) -> None:
+        """One more failed attempt in a row to get a working stream (an open that failed, or a stream
+        that ended at once): the next open backs off, and at `max_open_failures` the service gives up.
+        One ErrorFrame, `what` and what happens next."""
+        self._open_failures += 1
+        wait = min(_REOPEN_BACKOFF_MAX_SECONDS, _REOPEN_BACKOFF_SECONDS * 2 ** (self._open_failures - 1))
+        self._retry_at = time.monotonic() + wait
+        session = self._session
+        # Audio that met a stream already ended may have opened the next one before this was counted: the
+        # backoff is for the open after it.
+        reopening = self._opening is not None or (session is not None and not session.closed and not session.ended)
+        retry = "" if permanent or reopening else f"; audio is not transcribed until a stream opens (next try in {wait:g} s)"
         limit = self._max_open_failures
         if not permanent and limit is not None and self._open_failures >= limit:
             # Left retryable, this would never leave the service unusable, and a failover strategy would
@@ -546,12 +569,7 @@ class MonosemanticSTTService(STTService):
                 f"; giving up after {self._open_failures} failed attempts in a row (max_open_failures="
                 f"{limit}): audio is not transcribed until the service is made usable again"
             )
-        await self._connection_event("on_connection_error", f"could not open a recognition stream: {e}")
-        await self.push_error(
-            f"could not open a recognition stream: {e}{lost}{retry}",
-            exception=e,
-            force_treat_as_permanent=permanent,
-        )
+        await self.push_error(f"{what}{retry}", exception=e, force_treat_as_permanent=permanent)
 
     def _needs_new_stream(self, session: StreamSession) -> bool:
         return session.latency_ms != self._settings.latency_ms or session.model != self._settings.model
@@ -653,6 +671,9 @@ class MonosemanticSTTService(STTService):
             async for event in session.stream:
                 if self._aborted:
                     break
+                if isinstance(event, (Partial, Final)) and not session.heard:
+                    session.heard = True
+                    self._open_failures = 0  # a stream that transcribes: the failures in a row are over
                 if isinstance(event, Partial):
                     await self._on_partial(event)
                 elif isinstance(event, Final):
@@ -665,15 +686,21 @@ class MonosemanticSTTService(STTService):
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            quick = self._ended(session)
             if not self._aborted:
                 error = f"{self._describe(session.error)}, then " if session.error is not None else ""
                 await self._connection_event("on_connection_error", f"{error}connection lost: {e}")
-                await self.push_error(f"{error}reading transcripts failed: {e}{self._lost(session)}", exception=e)
+                await self._report_end(session, f"{error}reading transcripts failed: {e}{self._lost(session)}", quick, e)
         else:
+            quick = self._ended(session)
             if session.error is not None and not self._aborted:
                 # Reported now that the stream's events are over, when what of the utterance was lost is known.
                 await self._connection_event("on_connection_error", self._describe(session.error))
-                await self.push_error(f"{self._describe(session.error)}{self._lost(session)}")
+                await self._report_end(session, f"{self._describe(session.error)}{self._lost(session)}", quick)
+            elif quick and not session.closed and not self._aborted:
+                # The server ended it unasked and without a word (a real server says why, or answers a close).
+                await self._connection_event("on_connection_error", "the server ended the stream")
+                await self._report_end(session, f"the server ended the recognition stream{self._lost(session)}", quick)
         finally:
             session.done.set()
             self._sessions.discard(session)
@@ -686,6 +713,28 @@ class MonosemanticSTTService(STTService):
             # Its connection is over: closed by the service (a settings change, the pipeline's end) or by
             # the server, or lost.
             await self._connection_event("on_disconnected")
+
+    def _ended(self, session: StreamSession) -> bool:
+        """Mark the stream's events over (before any wait, so that an open still adopting it sees it), and
+        say whether this end would be a quick failure: an adopted stream, ended within
+        `_QUICK_FAILURE_SECONDS` of opening, before any transcript. A stream adopted and not quick to
+        end has shown the server working: the failures in a row are over."""
+        session.ended = True
+        if not session.adopted or self._aborted or session.heard:
+            return False
+        if time.monotonic() - session.opened_at < _QUICK_FAILURE_SECONDS:
+            return True
+        self._open_failures = 0
+        return False
+
+    async def _report_end(self, session: StreamSession, what: str, quick: bool, e: Exception | None = None) -> None:
+        """Report a stream's end that the service did not ask for; a quick one (see `_ended`) as a failed
+        attempt to get a working stream."""
+        if not quick:
+            await self.push_error(what, exception=e)
+            return
+        age = time.monotonic() - session.opened_at
+        await self._failed_attempt(f"{what}; the stream ended {age:.1f} s after it opened, before any transcript", e)
 
     def _language(self) -> Language | str | None:
         # pipecat stores a Language (or a code it does not know, as given) after converting the setting

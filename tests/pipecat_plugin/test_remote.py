@@ -416,6 +416,53 @@ def test_a_server_down_for_good_fails_over_after_max_open_failures(harness, mode
     assert failed_opens[1] not in h.errors() and not any(e.fatal for e in h.errors())
 
 
+@pytest.mark.parametrize("ending", ["a clean close", "a fatal error"])
+def test_a_server_that_ends_every_stream_at_once_gives_up_after_max_open_failures(harness, speech, monkeypatch, ending):
+    """A server that accepts each stream and ends it at once (a broken deployment, an auth proxy that
+    closes after the upgrade): every open succeeded and reset the count of failed opens, so the service
+    reopened for as long as audio came, a connection every few frames, and `max_open_failures` never
+    gave up (a failover never switched). A stream that ends within seconds of opening, before any
+    transcript, now counts as a failed open, as pipecat's websocket services count a connection that
+    dies right after connecting: the reopen backs off, and the third gives up."""
+    from aiohttp import web
+
+    from _support.server import READY, fake_server
+    from pipecat_monosemantic import stt as stt_module
+
+    monkeypatch.setattr(stt_module, "_REOPEN_BACKOFF_SECONDS", 0.05)
+    opened = []
+
+    async def ends_at_once(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        opened.append(request)
+        await ws.send_json(READY)
+        if ending == "a fatal error":
+            await ws.send_json({"type": "error", "code": "internal", "message": "broken", "fatal": True})
+            await ws.close(code=1011, message=b"internal")
+        else:
+            await ws.close()
+        return ws
+
+    async def main():
+        async with fake_server(ends_at_once) as url:
+            stt = MonosemanticSTTService(base_url=url, max_open_failures=3)
+            async with harness(stt, sample_rate=16000) as h:
+                for _ in range(250):  # 5 s of audio at most, in real time
+                    if not stt.is_usable:
+                        break
+                    await h.audio(speech[0][:320], pace=1.0)
+                usable = stt.is_usable
+                await h.end(timeout=10)
+                return usable, h
+
+    usable, h = asyncio.run(main())
+    assert not usable
+    gave_up = [e for e in h.errors() if "giving up" in e.error]
+    assert gave_up and "giving up after 3 failed attempts in a row" in gave_up[0].error
+    assert len([e for e in h.errors() if "next try in" in e.error]) == 2  # the two before: backed off
+
+
 def test_max_open_failures_is_checked_and_counts_afresh_once_the_service_is_usable_again():
     for bad in (0, -1, True, 2.0, "3"):
         with pytest.raises(ValueError, match="max_open_failures must be a positive integer or None"):
