@@ -14,8 +14,11 @@ forked while it ran.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import weakref
+
+_log = logging.getLogger("monosemantic.engine")
 
 FORKED = (
     "this engine was started in the process this one was forked from, and its loop thread runs only there: "
@@ -36,7 +39,10 @@ def stopped(core) -> None:
 @atexit.register
 def _stop_running() -> None:
     for core in list(_running):
-        core.stop()
+        try:
+            core.stop()
+        except Exception:  # the others still get theirs: a loop thread left running outlives the exit
+            _log.exception("stopping an engine at exit failed")
 
 
 def _orphan_running() -> None:
