@@ -44,7 +44,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type not in ("cpu", "cuda"):  # torch names more device types than the runtime runs on
+    # torch names more device types than the runtime runs on, and takes an index for the one CPU device
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index is not None):
         raise ValueError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         # Worded for both ways in: the Python argument and the command lines' flag.

@@ -70,7 +70,11 @@ def as_float32(audio, *, name: str = "audio", too_loud: str | None = None) -> np
     else:
         raise AudioError(f"{name}: unsupported sample dtype {arr.dtype} (use float32 in [-1, 1] or int16 PCM)")
     if arr.ndim != 1:
-        raise AudioError(f"{name}: expected mono audio as a 1-D array, got shape {tuple(arr.shape)}")
+        hint = ""
+        if arr.ndim == 2 and min(arr.shape) <= 8:  # channels: frames x channels, or channels x frames
+            axis = 1 if arr.shape[1] <= arr.shape[0] else 0
+            hint = f" (several channels: downmix them first, e.g. audio.mean(axis={axis}))"
+        raise AudioError(f"{name}: expected mono audio as a 1-D array, got shape {tuple(arr.shape)}{hint}")
     if scale is not None:
         # Scaled integer PCM lies in [-1, 1] and is finite: nothing to check (the check is a third of a
         # 20 ms frame's conversion, on every push of every stream).

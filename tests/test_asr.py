@@ -187,3 +187,13 @@ def test_a_file_name_passed_to_transcribe_is_told_to_be_read_first(ms_model):
         model.transcribe(["tests/data/jfk.wav"])
     with pytest.raises(monosemantic.AudioError, match="audio is a file name, not samples"):
         model.new_stream(latency_ms=160).feed("tests/data/jfk.wav")
+
+
+def test_a_cpu_index_is_refused():
+    """'cpu:1' was accepted as the CPU: the runtime has one CPU device, and an index there is a typo
+    for a GPU or a misunderstanding."""
+    from monosemantic.asr import resolve_device
+
+    with pytest.raises(ValueError, match="invalid device 'cpu:1'"):
+        resolve_device("cpu:1")
+    assert str(resolve_device("cpu")) == "cpu"

@@ -161,3 +161,12 @@ def test_stream_resampler_tail_bound_covers_the_tail(rate):
             r.push(audio[i : i + 331])
         bound = r.tail_bound()
         assert len(r.flush()) <= bound
+
+
+@pytest.mark.parametrize("shape", [(16000, 2), (2, 16000)])
+def test_a_stereo_array_is_told_how_to_downmix(shape):
+    """A two-channel array (what soundfile.read returns for a stereo file) was refused as 'expected mono
+    audio as a 1-D array', without saying how to make one."""
+    with pytest.raises(AudioError, match=r"mean\(axis=") as info:
+        as_float32(np.zeros(shape, dtype=np.float32))
+    assert "1-D" in str(info.value)
