@@ -37,9 +37,16 @@ _DTYPES = {
 }
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def check_device_and_dtype(device: str | torch.device, dtype: str | torch.dtype) -> None:
+    """Refuse a device or dtype that no machine could load (ValueError), without looking for the device:
+    for callers that load the model later (the adapters, at their first stream), so that a typo is an
+    error where it was made."""
+    if device != "auto":
+        _parse_device(device)
+    resolve_dtype(dtype)
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -47,6 +54,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     # torch names more device types than the runtime runs on, and takes an index for the one CPU device
     if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index is not None):
         raise ValueError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         # Worded for both ways in: the Python argument and the command lines' flag.
         raise ValueError(

@@ -78,6 +78,10 @@ class STT(stt.STT):
         model = monosemantic.DEFAULT_MODEL if model is None else model
         if engine_config is not None and not isinstance(engine_config, monosemantic.EngineConfig):
             raise TypeError(f"engine_config must be a monosemantic.EngineConfig, got {type(engine_config).__name__}")
+        if not base_url:  # (the server's business otherwise, and ignored)
+            from monosemantic.asr import check_device_and_dtype
+
+            check_device_and_dtype(device, dtype)
         self._spec = EngineSpec(os.fspath(model), str(device), str(dtype), engine_config)
         self._opts = STTOptions(latency_ms=latency_ms, language=language, interim_results=interim_results)
         self._opts.validate()

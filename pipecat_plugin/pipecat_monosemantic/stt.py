@@ -158,6 +158,10 @@ class MonosemanticSTTService(STTService):
             isinstance(max_open_failures, bool) or not isinstance(max_open_failures, int) or max_open_failures < 1
         ):
             raise ValueError(f"max_open_failures must be a positive integer or None, got {max_open_failures!r}")
+        if not base_url:  # (the server's business otherwise, and ignored)
+            from monosemantic.asr import check_device_and_dtype
+
+            check_device_and_dtype(device, dtype)
         if model is None:
             model = monosemantic.DEFAULT_MODEL
         defaults = self.Settings(

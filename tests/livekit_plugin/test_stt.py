@@ -417,6 +417,11 @@ def test_bad_options_are_clear_errors(checkpoint):
         lk_monosemantic.STT(model=checkpoint, engine_config={"vad": None})
     with pytest.raises(ValueError, match="interim_results"):
         lk_monosemantic.STT(model=checkpoint, interim_results="no")  # a non-empty string: true, interims on
+    # The model loads at the first stream; a typo there was an error only then, in the middle of a call.
+    with pytest.raises(ValueError, match="invalid device 'gpu'"):
+        lk_monosemantic.STT(model=checkpoint, device="gpu")
+    with pytest.raises(ValueError, match="invalid dtype 'fp32x'"):
+        lk_monosemantic.STT(model=checkpoint, dtype="fp32x")
     stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
     with pytest.raises(ValueError, match="language"):
         stt.update_options(language="")

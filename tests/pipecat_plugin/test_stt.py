@@ -668,3 +668,14 @@ def test_a_model_switch_whose_stream_cannot_open_keeps_the_old_stream_and_the_au
     assert [g[-1].text for g in split_by_utterance(h.transcripts())] == expected
     assert all(f.result.text == f.text for f in h.finals())
     assert old_engine.core.streams == {}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "gpu"}, "invalid device 'gpu'"), ({"device": "cpu:1"}, "invalid device 'cpu:1'"),
+    ({"dtype": "fp32x"}, "invalid dtype 'fp32x'"),
+])
+def test_a_bad_device_or_dtype_is_refused_at_construction(ckpt, kwargs, message):
+    """The model loads when the pipeline starts: a typo was reported only then, as an ErrorFrame that
+    marks the service unusable in the middle of a call."""
+    with pytest.raises(ValueError, match=message):
+        MonosemanticSTTService(model=ckpt, **{"device": "cpu", **kwargs})
