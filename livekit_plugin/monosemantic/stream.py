@@ -265,13 +265,19 @@ class SpeechStream(stt.RecognizeStream):
                 self._watch = None
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if self._es is not None:
-                await self._es.close()  # frees the engine slot, whatever ended the run
-                if stalled.done():
-                    self._cut(self._es)
-            for event in self._tracker.close():
-                self._send(event)
+            try:
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if self._es is not None:
+                    try:
+                        await self._es.close()  # frees the engine slot, whatever ended the run
+                    except Exception as exc:  # a connection that broke as it closed: nothing left to free
+                        logger.debug("closing the engine stream failed: %r", exc)
+                    if stalled.done():
+                        self._cut(self._es)
+            finally:
+                # Whatever happened above: a turn left open keeps the session 'speaking' for good.
+                for event in self._tracker.close():
+                    self._send(event)
 
     async def _open(self) -> EngineStreamLike:
         latency = self._opts.latency_ms

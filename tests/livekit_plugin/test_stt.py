@@ -191,6 +191,39 @@ def test_aclose_mid_utterance_ends_the_turn_and_frees_the_slot(checkpoint, audio
     assert events[-1].type in (T.END_OF_SPEECH, T.RECOGNITION_USAGE)
 
 
+class _CloseFails(PassThroughStream):
+    """An engine stream whose close() raises (after closing): a connection that breaks as it closes."""
+
+    async def close(self) -> None:
+        await self._es.close()
+        raise ConnectionResetError("the connection broke while closing")
+
+
+def test_an_open_turn_ends_when_closing_the_engine_stream_fails(checkpoint, audio_clips, lk):
+    """The turn's END_OF_SPEECH was sent after the engine stream's close(): a close that raised skipped
+    it, and the session stayed in 'speaking' for good (LiveKit never replies to a turn with no end); the
+    close's error also ended the LiveKit stream's iteration, although nothing was left to free."""
+    audio = audio_clips["sense_and_sensibility_01_austen_64kb-0880.wav"]
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
+        await engine_seam(stt, lambda stream, n: _CloseFails(stream))
+        stream = stt.stream()
+        events = []
+        reader = lk.start_reader(stream, events)
+        await lk.feed(stream, audio, realtime_factor=4.0)
+        await lk.wait_for(lambda: of_type(events, T.START_OF_SPEECH))  # mid-utterance: the turn is open
+        try:
+            await stream.aclose()
+        except Exception:
+            pass  # the close's own failure may surface here; the turn must still end
+        await asyncio.wait_for(reader, 10)
+        return events
+
+    events = asyncio.run(main())
+    assert len(of_type(events, T.START_OF_SPEECH)) == len(of_type(events, T.END_OF_SPEECH)) >= 1
+
+
 def test_stt_aclose_closes_its_streams_but_not_the_shared_engine(checkpoint, audio_clips, lk):
     async def main():
         stt = lk_monosemantic.STT(model=checkpoint, device="cpu")
