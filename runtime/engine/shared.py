@@ -22,7 +22,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from ..asr import DEFAULT_MODEL, load_model
+from ..asr import DEFAULT_MODEL, load_model, resolve_device, resolve_dtype
 from .config import EngineConfig
 from .frontdoor import Engine
 
@@ -47,7 +47,15 @@ def _key(model, device, dtype, config) -> EngineKey:
     source = os.fspath(model)
     if os.path.exists(source):  # the same file reached by two spellings is one engine
         source = os.path.realpath(source)
-    return EngineKey(source, str(device), str(dtype), config or EngineConfig())
+    # The device and precision as loaded, not as spelled: 'auto' and 'cpu' on a machine without CUDA, or
+    # 'fp32' and torch.float32, would otherwise load the model again into a second engine. Plain 'cuda'
+    # is the current GPU, as the model's placement is. A bad spelling is a ValueError here, before a load.
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        import torch
+
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return EngineKey(source, str(dev), str(resolve_dtype(dtype)).removeprefix("torch."), config or EngineConfig())
 
 
 def get_engine(
@@ -72,7 +80,7 @@ def get_engine(
             # A shared engine closed by one of its users (`aclose()`, `async with`) would refuse every
             # later stream of the process: it is replaced, on the model already loaded.
             if engine is None:
-                model_ = load_model(key.model, device=device, dtype=dtype)
+                model_ = load_model(key.model, device=key.device, dtype=key.dtype)
             else:
                 model_ = engine.model
                 # Let go of the closed engine before its replacement allocates: its slots (max_streams may

@@ -109,3 +109,29 @@ def test_a_shared_engine_closed_by_one_user_is_replaced_on_the_same_model(regist
         await stream.close()
 
     asyncio.run(main())
+
+
+def test_spellings_of_one_device_and_dtype_share_one_engine(registry, nemo_checkpoint, monkeypatch):
+    """The key held the device and dtype as spelled: 'auto' and 'cpu' on a machine without CUDA (an
+    adapter's default and a user's explicit device), or 'float32' and torch.float32, loaded the model
+    again and served it from a second engine, with its own slots and batches."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = nemo_checkpoint("nemotron_rnnt")
+    config = EngineConfig(max_streams=2, vad=None)
+    first = monosemantic.get_engine(path, device="auto", dtype="auto", config=config)
+    for device in ("cpu", torch.device("cpu")):
+        for dtype in ("float32", "fp32", torch.float32):
+            assert monosemantic.get_engine(path, device=device, dtype=dtype, config=config) is first
+    assert monosemantic.get_engine(path, device="cpu", config=EngineConfig(max_streams=2, vad=None)) is first
+    assert len(monosemantic.engine.shared.shared_engines()) == 1
+
+
+def test_a_bad_device_or_dtype_is_a_clear_error_and_not_cached(registry, nemo_checkpoint):
+    path = nemo_checkpoint("nemotron_rnnt")
+    with pytest.raises(ValueError, match="invalid device 'gpu'"):
+        monosemantic.get_engine(path, device="gpu")
+    with pytest.raises(ValueError, match="invalid dtype 'float64'"):
+        monosemantic.get_engine(path, device="cpu", dtype="float64")
+    assert monosemantic.engine.shared.shared_engines() == {}
