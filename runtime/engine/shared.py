@@ -44,6 +44,10 @@ _key_locks: dict[EngineKey, threading.Lock] = {}
 
 
 def _key(model, device, dtype, config) -> EngineKey:
+    # Checked first: a dict is unhashable in the registry, and anything else would fail only once the
+    # model had loaded (seconds), as an AttributeError deep in the engine.
+    if config is not None and not isinstance(config, EngineConfig):
+        raise TypeError(f"config must be a monosemantic.EngineConfig or None, got {type(config).__name__}")
     source = os.fspath(model)
     if os.path.exists(source):  # the same file reached by two spellings is one engine
         source = os.path.realpath(source)
@@ -55,7 +59,7 @@ def _key(model, device, dtype, config) -> EngineKey:
         import torch
 
         dev = torch.device("cuda", torch.cuda.current_device())
-    return EngineKey(source, str(dev), str(resolve_dtype(dtype)).removeprefix("torch."), config or EngineConfig())
+    return EngineKey(source, str(dev), str(resolve_dtype(dtype)).removeprefix("torch."), EngineConfig() if config is None else config)
 
 
 def get_engine(

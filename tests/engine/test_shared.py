@@ -135,3 +135,15 @@ def test_a_bad_device_or_dtype_is_a_clear_error_and_not_cached(registry, nemo_ch
     with pytest.raises(ValueError, match="invalid dtype 'float64'"):
         monosemantic.get_engine(path, device="cpu", dtype="float64")
     assert monosemantic.engine.shared.shared_engines() == {}
+
+
+@pytest.mark.parametrize("config", [{"max_streams": 4}, "max_streams=4", 4])
+def test_a_config_that_is_not_an_engine_config_is_refused_before_loading(registry, nemo_checkpoint, monkeypatch, config):
+    """A dict was an 'unhashable type' TypeError from the registry's dict; a str or int loaded the model
+    (seconds, a 0.6b checkpoint) and then failed with "'str' object has no attribute 'vad'"."""
+    path = nemo_checkpoint("nemotron_rnnt")
+    loads = []
+    monkeypatch.setattr(monosemantic.engine.shared, "load_model", lambda *a, **k: loads.append(a))
+    with pytest.raises(TypeError, match="config must be a monosemantic.EngineConfig or None, got"):
+        monosemantic.get_engine(path, device="cpu", config=config)
+    assert loads == [] and monosemantic.engine.shared.shared_engines() == {}
