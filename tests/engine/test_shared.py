@@ -147,3 +147,40 @@ def test_a_config_that_is_not_an_engine_config_is_refused_before_loading(registr
     with pytest.raises(TypeError, match="config must be a monosemantic.EngineConfig or None, got"):
         monosemantic.get_engine(path, device="cpu", config=config)
     assert loads == [] and monosemantic.engine.shared.shared_engines() == {}
+
+
+def test_a_slow_load_holds_up_only_its_own_key_and_a_failed_load_is_retried(registry, nemo_checkpoint, monkeypatch):
+    """While one model loads (seconds), another key's engine is served; a load that fails (a bad or
+    half-copied checkpoint) is not remembered: the next call for the key loads again."""
+    path = nemo_checkpoint("nemotron_rnnt")
+    shared = monosemantic.engine.shared
+    real_load = shared.load_model
+    release, entered, calls = threading.Event(), threading.Event(), []
+
+    def load(source, **kwargs):
+        calls.append(source)
+        if len(calls) == 1:  # the first load of the slow key waits, then fails
+            entered.set()
+            assert release.wait(60)
+            raise monosemantic.ModelLoadError("a half-copied checkpoint")
+        return real_load(source, **kwargs)
+
+    monkeypatch.setattr(shared, "load_model", load)
+    slow, fast = EngineConfig(max_streams=2, vad=None), EngineConfig(max_streams=3, vad=None)
+    errors = []
+
+    def first():
+        try:
+            shared.get_engine(path, device="cpu", config=slow)
+        except monosemantic.ModelLoadError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert entered.wait(60)
+    other = shared.get_engine(path, device="cpu", config=fast)  # not held up by the slow key's load
+    release.set()
+    thread.join()
+    assert len(errors) == 1 and list(shared.shared_engines().values()) == [other]
+    engine = shared.get_engine(path, device="cpu", config=slow)
+    assert engine is not other and len(calls) == 3 and len(shared.shared_engines()) == 2
