@@ -49,8 +49,9 @@ def _key(model, device, dtype, config) -> EngineKey:
     if config is not None and not isinstance(config, EngineConfig):
         raise TypeError(f"config must be a monosemantic.EngineConfig or None, got {type(config).__name__}")
     source = os.fspath(model)
-    if os.path.exists(source):  # the same file reached by two spellings is one engine
-        source = os.path.realpath(source)
+    local = os.path.expanduser(source)  # as load_model reads it
+    if os.path.exists(local):  # the same file reached by two spellings is one engine
+        source = os.path.realpath(local)
     # The device and precision as loaded, not as spelled: 'auto' and 'cpu' on a machine without CUDA, or
     # 'fp32' and torch.float32, would otherwise load the model again into a second engine. Plain 'cuda'
     # is the current GPU, as the model's placement is. A bad spelling is a ValueError here, before a load.

@@ -184,3 +184,14 @@ def test_a_slow_load_holds_up_only_its_own_key_and_a_failed_load_is_retried(regi
     assert len(errors) == 1 and list(shared.shared_engines().values()) == [other]
     engine = shared.get_engine(path, device="cpu", config=slow)
     assert engine is not other and len(calls) == 3 and len(shared.shared_engines()) == 2
+
+
+def test_a_path_under_the_home_directory_is_one_engine_however_spelled(registry, nemo_checkpoint, monkeypatch):
+    """load_model expands '~', the key did not: '~/model.nemo' and the same file's absolute path loaded
+    the model twice, into two engines."""
+    path = nemo_checkpoint("nemotron_rnnt")
+    monkeypatch.setenv("HOME", str(path.parent))
+    config = EngineConfig(max_streams=2, vad=None)
+    engine = monosemantic.get_engine(f"~/{path.name}", device="cpu", config=config)
+    assert monosemantic.get_engine(path, device="cpu", config=config) is engine
+    assert len(monosemantic.engine.shared.shared_engines()) == 1
