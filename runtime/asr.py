@@ -266,6 +266,14 @@ def load_model(
     # Inference only: parameters that required gradients made the state built from them outside a
     # no_grad block (a stream's fresh decoder state) record autograd graphs, which the engine's
     # per-utterance resets chained onto its slots' state for its whole life.
+    # Converting weights on the host (a checkpoint stored in half precision, or an encoder dtype other
+    # than float32 on the CPU) runs torch's parallel copy kernels, which start its OpenMP pool: a child
+    # forked after that would wait forever at its first op, as after a transcription (runtime/forking.py).
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors) or (
+        dev.type == "cpu" and enc_dtype != torch.float32
+    ):
+        forking.model_ran()
     module = module.float().to(dev).eval().requires_grad_(False)
     module.encoder.to(enc_dtype)
     return ASRModel(module, tokenizer, str(source), dev)

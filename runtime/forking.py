@@ -6,7 +6,8 @@ happens with multiprocessing's default start method on Linux before Python 3.14,
 `--preload`, whenever the parent transcribed before forking or ran an engine. So once this process has
 run a model (`model_ran`), a child forked from it runs one intra-op thread, which does not use the pool,
 and is told so. A parent that only loaded its model keeps every thread in its children: loading runs no
-parallel op.
+parallel op, unless it converts weights on the host (a checkpoint stored in half precision, or an
+encoder dtype other than float32 on the CPU), which counts as running one.
 """
 
 from __future__ import annotations
