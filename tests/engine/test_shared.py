@@ -195,3 +195,19 @@ def test_a_path_under_the_home_directory_is_one_engine_however_spelled(registry,
     engine = monosemantic.get_engine(f"~/{path.name}", device="cpu", config=config)
     assert monosemantic.get_engine(path, device="cpu", config=config) is engine
     assert len(monosemantic.engine.shared.shared_engines()) == 1
+
+
+def test_plain_cuda_auto_and_the_current_gpu_are_one_key(nemo_checkpoint, monkeypatch):
+    """load_model(device='cuda') places the model on the current GPU: 'auto', 'cuda' and 'cuda:0' (the
+    current one) are one engine; another GPU is another."""
+    import torch
+
+    from monosemantic.engine.shared import _key as key
+
+    path = nemo_checkpoint("nemotron_rnnt")  # built before CUDA is faked: NeMo looks for the driver
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    keys = {key(path, device, "auto", None) for device in ("auto", "cuda", "cuda:0", torch.device("cuda", 0))}
+    assert len(keys) == 1 and next(iter(keys)).device == "cuda:0"
+    assert key(path, "cuda:1", "auto", None) not in keys
