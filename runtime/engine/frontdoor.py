@@ -44,6 +44,17 @@ def pcm_to_float32(pcm) -> np.ndarray:
     return as_float32(pcm)
 
 
+def engine_config(config: EngineConfig | None) -> EngineConfig:
+    """The config an engine runs with: None is the defaults. Anything else than an EngineConfig (a dict
+    of its fields, say) failed deep in the engine as an AttributeError, or as an empty dict passed for
+    the defaults."""
+    if config is None:
+        return EngineConfig()
+    if not isinstance(config, EngineConfig):
+        raise TypeError(f"config must be a monosemantic.EngineConfig or None, got {type(config).__name__}")
+    return config
+
+
 _NOTHING = np.zeros(0, dtype=np.float32)
 
 
@@ -400,7 +411,7 @@ class Engine:
 
     def __init__(self, model: ASRModel, config: EngineConfig | None = None):
         self.model = model
-        self.config = config or EngineConfig()
+        self.config = engine_config(config)
         self.core = EngineCore(model, self.config)
         # One mailbox per asyncio loop that opened streams (a shared engine may serve several loops).
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -510,7 +521,7 @@ class SyncEngine:
 
     def __init__(self, model: ASRModel, config: EngineConfig | None = None):
         self.model = model
-        self.config = config or EngineConfig()
+        self.config = engine_config(config)
         self.core = EngineCore(model, self.config)
         self.core.start()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from ..asr import DEFAULT_MODEL, load_model, resolve_device, resolve_dtype
 from .config import EngineConfig
 from .frontdoor import Engine
+
+_log = logging.getLogger("monosemantic.engine")
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,10 @@ def close_shared_engines() -> None:
         # otherwise be joined by a second load of the same model under a new lock, and one of the two
         # engines left out of the registry, never stopped here.
     for engine in engines:
-        engine.core.stop()
+        try:
+            engine.core.stop()
+        except Exception:  # the others are stopped all the same: out of the registry, nothing else would
+            _log.exception("stopping a shared engine failed")
 
 
 atexit.register(close_shared_engines)

@@ -211,3 +211,32 @@ def test_plain_cuda_auto_and_the_current_gpu_are_one_key(nemo_checkpoint, monkey
     keys = {key(path, device, "auto", None) for device in ("auto", "cuda", "cuda:0", torch.device("cuda", 0))}
     assert len(keys) == 1 and next(iter(keys)).device == "cuda:0"
     assert key(path, "cuda:1", "auto", None) not in keys
+
+
+def test_close_shared_engines_stops_every_engine_when_one_stop_fails(registry, nemo_checkpoint, monkeypatch, caplog):
+    """The engines were stopped one after the other and the first stop() that raised ended the call: the
+    ones after it kept running, already out of the registry, until the interpreter's exit."""
+    from monosemantic.engine.core import EngineCore
+
+    first = monosemantic.get_engine(nemo_checkpoint("nemotron_rnnt"), device="cpu", config=EngineConfig(max_streams=1))
+    second = monosemantic.get_engine(nemo_checkpoint("nemotron_rnnt"), device="cpu", config=EngineConfig(max_streams=2))
+    stop = EngineCore.stop
+
+    def failing_once(core):
+        stop(core)
+        if core is first.core:
+            raise RuntimeError("a stop that failed")
+
+    monkeypatch.setattr(EngineCore, "stop", failing_once)
+    monosemantic.close_shared_engines()
+    assert first.core._stopping and second.core._stopping
+    assert any("a stop that failed" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+
+
+@pytest.mark.parametrize("config", [{"vad": None}, "EngineConfig()", 3])
+def test_an_engine_config_of_the_wrong_type_is_a_clear_error(ms_model, config):
+    """Engine(model, {...}) failed with an AttributeError about `vad` deep in the engine."""
+    with pytest.raises(TypeError, match="config must be a monosemantic.EngineConfig"):
+        monosemantic.Engine(ms_model("nemotron_rnnt"), config)
+    with pytest.raises(TypeError, match="config must be a monosemantic.EngineConfig"):
+        monosemantic.SyncEngine(ms_model("nemotron_rnnt"), config)
