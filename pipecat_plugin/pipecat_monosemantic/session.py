@@ -9,6 +9,7 @@ pushed audio goes untranscribed while the new stream already takes the next utte
 from __future__ import annotations
 
 import asyncio
+import time
 
 from monosemantic.errors import PushTimeoutError
 from monosemantic.events import Error
@@ -34,7 +35,7 @@ class StreamSession:
         self.closed = False
         self.error: Error | None = None  # the error that took it out of service (reported at its end)
         # For counting a stream that ends at once as a failed open (the service's _QUICK_FAILURE_SECONDS):
-        self.opened_at = 0.0  # when it opened (the service's clock)
+        self.opened_at = time.monotonic()  # when it opened (the service's clock)
         self.adopted = False  # the service took it as its current stream (else its open counts a failure)
         self.heard = False  # a transcript (Partial or Final) came: the server works
         self.ended = False  # its events are over

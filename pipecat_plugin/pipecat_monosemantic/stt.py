@@ -449,7 +449,6 @@ class MonosemanticSTTService(STTService):
             self._note_server_model(stream)
         # `model`, not the server's name: the session is compared with `settings.model` for swaps.
         session = StreamSession(stream, latency, model, after=after)
-        session.opened_at = time.monotonic()
         self._sessions.add(session)
         session.task = self.create_task(self._read_events(session), name="monosemantic_events")
         await self._connection_event("on_connected")

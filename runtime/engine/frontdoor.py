@@ -423,9 +423,10 @@ class Engine:
     async def _start(self) -> None:
         """Start the loop thread (a no-op once started) off the event loop: the start captures the CUDA
         graphs of `warmup_latencies`, seconds on a GPU, which would hold every other task of the loop."""
-        if not self.core.started:
+        if self.core.started:
+            self.core.start()  # a no-op, or the shutdown's refusal once the engine is closed
+        else:
             await asyncio.get_running_loop().run_in_executor(None, self.core.start)
-        self.core.start()  # raises the shutdown's refusal, as before, once the engine is closed
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..asr import DEFAULT_MODEL, load_model, resolve_device, resolve_dtype
 from .config import EngineConfig
-from .frontdoor import Engine
+from .frontdoor import Engine, engine_config
 
 _log = logging.getLogger("monosemantic.engine")
 
@@ -47,10 +47,9 @@ _key_locks: dict[EngineKey, threading.Lock] = {}
 
 
 def _key(model, device, dtype, config) -> EngineKey:
-    # Checked first: a dict is unhashable in the registry, and anything else would fail only once the
-    # model had loaded (seconds), as an AttributeError deep in the engine.
-    if config is not None and not isinstance(config, EngineConfig):
-        raise TypeError(f"config must be a monosemantic.EngineConfig or None, got {type(config).__name__}")
+    # Checked first, as Engine checks it: a dict is unhashable in the registry, and anything else would
+    # fail only once the model had loaded (seconds).
+    config = engine_config(config)
     source = os.fspath(model)
     local = os.path.expanduser(source)  # as load_model reads it
     if os.path.exists(local):  # the same file reached by two spellings is one engine
@@ -63,7 +62,7 @@ def _key(model, device, dtype, config) -> EngineKey:
         import torch
 
         dev = torch.device("cuda", torch.cuda.current_device())
-    return EngineKey(source, str(dev), str(resolve_dtype(dtype)).removeprefix("torch."), EngineConfig() if config is None else config)
+    return EngineKey(source, str(dev), str(resolve_dtype(dtype)).removeprefix("torch."), config)
 
 
 def get_engine(
