@@ -23,3 +23,15 @@ def check_positive_seconds(name: str, value) -> None:
     as timeouts (a traceback at shutdown, a stream closed "after nan s")."""
     if not (finite_real(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
+
+
+def flush_point(at) -> int | None:
+    """A flush's `at` (EngineStream.flush, RemoteStream.flush): None, or a sample index (an int, or a
+    numpy integer), never negative."""
+    if at is None:
+        return None
+    if isinstance(at, bool) or not isinstance(at, numbers.Integral):
+        raise TypeError(f"flush(at=...) takes a sample index (an int) or None, got {type(at).__name__}")
+    if at < 0:
+        raise ValueError(f"flush(at=...) must not be negative, got {at}")
+    return int(at)

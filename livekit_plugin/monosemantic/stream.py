@@ -2,8 +2,9 @@
 
 Two tasks per run: `_forward_input` moves the framework's frames and flush sentinels into the engine
 stream; `_forward_events` turns engine events into SpeechEvents (via TurnTracker) and flushes the engine
-stream when the VAD reports the end of speech. An asyncio lock keeps pushes and flushes in one order, so
-each flush cuts the audio exactly where the framework (or the VAD) asked.
+stream when the VAD reports the end of speech, at the sample where the VAD says speech ended. An
+asyncio lock keeps pushes and flushes in one order, so each flush cuts the audio exactly where the
+framework (or the VAD) asked, also when the input runs ahead of the engine.
 
 Input is resampled to 16 kHz by the base class (`sample_rate=16000`): the engine then receives model-rate
 audio and its flushes cut at exact samples, while the one resampler (LiveKit's, continuous across our
@@ -426,21 +427,29 @@ class SpeechStream(stt.RecognizeStream):
             return max(0.0, time.time() - (self._consumed - start) / SAMPLE_RATE)
         return max(0.0, self._origin(start) + start / SAMPLE_RATE)
 
-    async def _flush(self, reason: FlushReason) -> None:
+    async def _flush(self, reason: FlushReason, at: int | None = None) -> None:
+        """`at`: the engine stream's sample the utterance ends at (the VAD's end), else all audio pushed."""
         async with self._lock:
             if self._held is not None:
                 self._held.append(reason)  # replayed in order after the engine stream changes
                 return
-            await self._flush_locked(reason)
+            if self._reopen_requested:
+                # The new engine stream takes the audio from this flush on: audio after an earlier cut
+                # would stay in the old one, and be lost with it.
+                at = None
+            await self._flush_locked(reason, at)
             if self._reopen_requested:
                 self._held = []  # keep new audio back until this flush's Final: then reopen
 
-    async def _flush_locked(self, reason: FlushReason) -> None:
+    async def _flush_locked(self, reason: FlushReason, at: int | None = None) -> None:
         if not self._tracker.pending:
             self._owe()
         self._tracker.flushed(reason)  # before the call: its Final can only come after
         self._settled.clear()
-        await self._es.flush()
+        if at is None:
+            await self._es.flush()
+        else:
+            await self._es.flush(at=at)
 
     # ---- event side -------------------------------------------------------------------------------------
     async def _forward_events(self) -> None:
@@ -470,7 +479,10 @@ class SpeechStream(stt.RecognizeStream):
                 for speech_event in out:
                     self._send(speech_event)
                 if flush and not self._closing:
-                    await self._flush("vad")
+                    # At the VAD's end sample, not after all the audio pushed so far: with input faster
+                    # than real time (a pre-connect buffer, a backlog after a retry) that audio can hold the
+                    # next utterance's start, which would go into this turn's FINAL.
+                    await self._flush("vad", at=event.sample)
                 if isinstance(event, monosemantic.Final) and not self._tracker.pending:
                     if self._held is not None:
                         await self._change_stream()

@@ -29,7 +29,7 @@ from ..errors import AudioError, StreamError, missing_dependency
 from ..event_queue import EventQueue
 from ..events import Error, Event, Final
 from ..server.protocol import STREAM_PATH, ProtocolError, message_to_event, timing_from_ready
-from ..validate import check_positive_seconds
+from ..validate import check_positive_seconds, flush_point
 from ..engine.coalesce import Coalescer
 from .errors import (
     AuthenticationError,
@@ -214,17 +214,26 @@ class RemoteStream:
             # for the transport to drain): a cancellation there finds the piece already sent.
             await self._send(self._ws.send_bytes, piece)
 
-    async def flush(self) -> None:
-        """End the utterance: a Final follows, covering all audio pushed before this call."""
+    async def flush(self, at: int | None = None) -> None:
+        """End the utterance: a Final follows, covering all audio pushed before this call; with `at`, the
+        audio up to that stream sample, as EngineStream.flush (the server moves the point up past audio
+        it has already encoded; the Final's `end` says where it went). Unlike EngineStream.flush it
+        returns None: the point is the server's to settle. A server older than `at` flushes at the end
+        of the audio sent."""
+        at = flush_point(at)
         self._check_open()
         async with self._lock:
             await self._send_held()
             self._check_open()
             self._owed += 1  # before the send: the final may arrive before the send returns
-            if self._coalescer is not None:
+            coalescer = self._coalescer
+            cut = at is not None and (coalescer is None or at < coalescer.written)
+            if coalescer is not None:
                 # The frame reaches the transport before the send first waits: it is sent from here on.
-                self._coalescer.flushed()
-            await self._send(self._ws.send_str, '{"type":"flush"}')
+                coalescer.cut(at) if cut else coalescer.flushed()
+            # On the wire, times are seconds of the stream (round(seconds * rate) gives the sample back).
+            message = f'{{"type":"flush","at":{at / self.model_sample_rate!r}}}' if cut else '{"type":"flush"}'
+            await self._send(self._ws.send_str, message)
 
     async def close(self) -> None:
         """End the stream: the server still sends the finals of flushes sent before, then the iterator
@@ -327,6 +336,10 @@ async def _read(ref: "weakref.ref[RemoteStream]", ws, engine: "RemoteEngine") ->
                 fatal_seen = fatal_seen or fatal
                 if isinstance(event, Final) and stream._owed:
                     stream._owed -= 1
+                    if not stream._owed and stream._coalescer is not None:
+                        # The last flush's point, as the server put it: a flush(at=...) is moved up past
+                        # audio the server had already encoded, which only the server knows.
+                        stream._coalescer.cut(event.end)
                 if event is not None:
                     stream._events.put_nowait(event)
             elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):

@@ -70,6 +70,12 @@ class Coalescer:
         self.sent = self.utterance_start = self.written
         self.next_point = self._point_after(self.sent)
 
+    def cut(self, point: int) -> None:
+        """A flush ended the utterance at model-rate sample `point`, inside the audio sent (the
+        resampler keeps its state): the next utterance starts there."""
+        self.utterance_start = point
+        self.next_point = self._point_after(self.sent)
+
     def reopen(self, start: int) -> None:
         """A flush counted by `flushed` did not go out after all: the utterance that began at `start`
         goes on (the tail stays counted: it is sent at the next push or flush)."""

@@ -263,11 +263,19 @@ class EngineCore:
         # every stream would re-plan all streams (quadratic in the number of streams).
         return n, self.scheduler.wrote(record, n)
 
-    def flush(self, handle: int) -> None:
+    def flush(self, handle: int, at: int | None = None) -> int:
+        """End the stream's utterance (at stream sample `at`, if earlier than the audio written and the
+        stream can still be cut there: Scheduler.flush); returns the flush point."""
         with self.lock:
             self._live(handle)
-            self.scheduler.flush(handle)
+            point = self.scheduler.flush(handle, at)
         self.wake.set()
+        return point
+
+    def written(self, handle: int) -> int:
+        """Model-rate samples of the stream's audio in the engine (its next write's first sample)."""
+        with self.lock:
+            return self._live(handle).record.written
 
     def close(self, handle: int, reason: Error | None = None) -> None:
         """Release the stream's slot now (mid-step included: its results are dropped) and send it its

@@ -5,6 +5,7 @@
         stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
         await stream.push(pcm)            # int16 bytes/array or float32 array, any size
         await stream.flush()              # -> a Final covering everything pushed so far
+        await stream.flush(at=n)          # ... or the audio up to stream sample n (a SpeechEnded's)
         async for event in stream: ...
         await stream.close()
 """
@@ -23,6 +24,7 @@ from ..audio import StreamResampler, as_float32, typed_view_as_array
 from ..errors import AudioError, PushTimeoutError, StreamError
 from ..event_queue import EventQueue, SyncEventQueue
 from ..events import Error, Event
+from ..validate import flush_point
 from .config import EngineConfig
 from .core import EngineCore
 from .coalesce import Coalescer
@@ -124,6 +126,26 @@ class _StreamBase:
             self._reopen_at = self._coalescer.utterance_start
             self._coalescer.flushed(len(tail))
         return tail
+
+    @property
+    def written(self) -> int:
+        """Model-rate samples of the stream's audio the engine holds: the stream sample its next audio
+        starts at (audio pushed but held back or pending in front of the engine is not counted)."""
+        return self._core.written(self.handle)
+
+    def _cuts_inside(self, at: int | None) -> bool:
+        """Whether a flush at model-rate sample `at` ends the utterance inside the audio that has passed
+        the resampler (written to the engine, or pending): it is then cut there, and the resampler keeps
+        its state for the next utterance. A flush at or past that audio's end is a plain flush."""
+        return at is not None and at < self._core.written(self.handle) + self._pending.size
+
+    def _cut(self, at: int) -> int:
+        """Flush at `at` (the pending audio written): the core moves the point up to where the stream
+        can still be cut; the next utterance, and the coalescer's step points, start there."""
+        point = self._core.flush(self.handle, at)
+        if self._coalescer is not None:
+            self._coalescer.cut(point)
+        return point
 
     def _flush_failed(self) -> None:
         """A flush left before reaching the engine (its audio's wait timed out, or it was cancelled): the
@@ -368,17 +390,28 @@ class EngineStream(_StreamBase):
             self._keep_pending()
             raise
 
-    async def flush(self) -> None:
-        """End the utterance: a Final follows, covering all audio pushed before this call."""
+    async def flush(self, at: int | None = None) -> int:
+        """End the utterance: a Final follows, covering all audio pushed before this call.
+
+        `at`: end it at this sample of the stream instead (model-rate samples from the stream's start,
+        the unit of event times, e.g. a SpeechEnded's `sample`), when that lies before the end of the
+        audio pushed: the audio after it starts the next utterance. A point inside audio the engine has
+        already encoded (or before an earlier flush point) is moved up to the first sample after it,
+        so no audio goes into two utterances: cut where the engine is behind the audio (input faster
+        than real time), the Final ends exactly at `at`. Returns the flush point, the Final's `end`."""
+        at = flush_point(at)
         self._check_loop()
         async with self._lock:
             self._release_held()
+            if self._cuts_inside(at):
+                await self._drain(taken=False, call="flush")  # (the pending audio; the resampler stays)
+                return self._cut(at)
             try:
                 await self._drain(taken=False, call="flush", tail=True)
             except BaseException:
                 self._flush_failed()
                 raise
-            self._core.flush(self.handle)
+            return self._core.flush(self.handle)
 
     async def close(self) -> None:
         """Stop the stream now and free its slot. Audio whose Final has not been sent yet is dropped,
@@ -488,16 +521,21 @@ class SyncStream(_StreamBase):
             self._keep_pending()
             raise
 
-    def flush(self) -> None:
+    def flush(self, at: int | None = None) -> int:
+        """As EngineStream.flush."""
+        at = flush_point(at)
         self._core.check_not_orphaned()  # before the lock, as push()
         with self._lock:
             self._release_held()
+            if self._cuts_inside(at):
+                self._drain(taken=False, call="flush")
+                return self._cut(at)
             try:
                 self._drain(taken=False, call="flush", tail=True)
             except BaseException:
                 self._flush_failed()
                 raise
-            self._core.flush(self.handle)
+            return self._core.flush(self.handle)
 
     def close(self) -> None:
         self._core.close(self.handle)

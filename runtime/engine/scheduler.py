@@ -463,6 +463,25 @@ class Scheduler:
         record.skipped_frames = 0
         self._place(record)
 
-    def flush(self, handle: int) -> None:
+    def flush(self, handle: int, at: int | None = None) -> int:
+        """End the stream's utterance after the audio written so far, or at sample `at` if that is
+        earlier; returns the flush point. A cut is never put inside audio a step of the utterance has
+        read, or is reading (that audio would go into two utterances), nor before an earlier flush
+        point: an earlier `at` is moved up to the first sample where it can go (`cut_bound`)."""
         record = self.streams[handle]
-        record.flushes.append(record.written)
+        point = record.written
+        if at is not None and at < point:
+            point = max(at, self.cut_bound(record))
+        record.flushes.append(point)
+        return point
+
+    def cut_bound(self, record: StreamRecord) -> int:
+        """The earliest sample the stream's audio may be cut at now: the last flush point, else the end
+        of the audio read by the steps of the current utterance taken so far (a planned step included),
+        windows skipped as silence counted as read."""
+        if record.flushes:
+            return record.flushes[-1]
+        windows = record.next_window + record.stepping
+        if not windows:
+            return record.utt_start
+        return min(record.written, record.utt_start + self.geometry.window_ready_at(record.shape, windows - 1))

@@ -44,7 +44,11 @@ class StreamParams:
 
 @dataclass(frozen=True)
 class Flush:
-    """End the utterance: a final covering all audio sent before it follows."""
+    """End the utterance: a final covering all audio sent before it follows; with `at`, the audio up to
+    that time of the stream (seconds, as event times), the rest starting the next utterance (moved up
+    past audio the engine has already encoded: EngineStream.flush)."""
+
+    at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Close:
 
 Control = Flush | Close
 _CONTROLS = {"flush": Flush, "close": Close}
+MAX_FLUSH_AT = 10**9  # seconds of a stream's audio (31 years): beyond, the sample count loses precision
 
 
 def _int_param(query: Mapping[str, str], name: str, default: int | None, low: int, high: int) -> int | None:
@@ -92,6 +97,13 @@ def parse_control(text: str) -> Control:
         raise ProtocolError("bad_message", "the message has no string 'type' field")
     if kind not in _CONTROLS:
         raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}; expected one of {sorted(_CONTROLS)}")
+    if kind == "flush":
+        at = data.get("at")
+        if at is not None and not (type(at) in (int, float) and 0 <= at <= MAX_FLUSH_AT):  # (NaN fails too)
+            raise ProtocolError(
+                "bad_message", f"a flush's 'at' must be a number of seconds in 0..{MAX_FLUSH_AT}, got {str(at)[:40]}"
+            )
+        return Flush(None if at is None else float(at))
     return _CONTROLS[kind]()
 
 

@@ -142,12 +142,12 @@ class Session:
             await asyncio.wait({task})
 
     # ---- a client that leaves while the engine is behind ----------------------------------------------
-    async def _into_engine(self, call, *args) -> None:
+    async def _into_engine(self, call, *args):
         """`call(*args)` (the engine stream's push or flush), marked as waiting for the engine: while it
         waits for room, the peer check below watches the client instead of the receive loop."""
         self._engine_wait_since = time.monotonic()
         try:
-            await call(*args)
+            return await call(*args)
         finally:
             self._engine_wait_since = None
 
@@ -222,7 +222,8 @@ class Session:
                     await self._refuse(exc)
                     continue
                 if isinstance(control, Flush):
-                    if not await self._flush():
+                    at = None if control.at is None else round(control.at * self.model_rate)
+                    if not await self._flush(at):
                         return
                 elif isinstance(control, Close):
                     await self._close_gracefully()
@@ -288,12 +289,12 @@ class Session:
         self.metrics.audio_received.inc(samples / self.sample_rate)
         return True
 
-    async def _flush(self) -> bool:
+    async def _flush(self, at: int | None = None) -> bool:
         async with self.audio_lock:
             self.pending_flushes.append(time.monotonic())
             self.finals_done.clear()
             try:
-                await self._into_engine(self.stream.flush)
+                point = await self._into_engine(self.stream.flush, at)
             except PushTimeoutError as exc:
                 if self.stream_ended.is_set() or self._closer is not None or self._peer_gone:
                     return False
@@ -301,7 +302,8 @@ class Session:
                 return False
             except StreamError:  # closed, as for a push
                 return False
-            self.unflushed = 0
+            if at is None or point >= self.stream.written:
+                self.unflushed = 0  # (a cut before the end leaves the audio after it unflushed)
         return True
 
     async def _close_gracefully(self) -> None:

@@ -13,8 +13,8 @@ class PassThroughStream:
     async def push(self, pcm) -> None:
         await self._es.push(pcm)
 
-    async def flush(self) -> None:
-        await self._es.flush()
+    async def flush(self, at: int | None = None) -> None:
+        await self._es.flush(at=at)
 
     async def close(self) -> None:
         await self._es.close()

@@ -183,3 +183,14 @@ def test_a_resampled_local_stream_counts_its_points_across_flushes(model):
             await stream.close()
 
     asyncio.run(main())
+
+
+def test_a_cut_inside_the_audio_sent_starts_the_next_utterances_points_there():
+    """flush(at=...) inside the audio sent ends the utterance there, without a resampler tail: the
+    points that follow are those of an utterance starting at the cut."""
+    c = Coalescer(TIMING, 16000, 16000)
+    assert c.add(10000, 0.0)
+    c.mark_sent()
+    c.cut(7000)
+    assert c.utterance_start == 7000 and c.sent == c.written == 10000
+    assert c.next_point == min(p for p in points_between(TIMING, 7000, 10000, 30000))

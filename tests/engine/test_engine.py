@@ -4,6 +4,7 @@ latency modes, flush semantics, slot reuse, bad input isolation, capacity and ba
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -93,6 +94,73 @@ def test_flush_semantics(ms_model, audio_clips):
     assert [t.id for t in second.tokens] == alone.token_ids
     assert (second.start, second.end) == (len(a), len(a) + 12345)
     assert [t.start for t in second.tokens] == [t.start + len(a) for t in alone.tokens]
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_flush_at_a_sample_ends_the_utterance_there(ms_model, audio_clips, sync):
+    """Two utterances pushed at once, faster than real time (a backlog, a pre-connect buffer): a flush
+    at the first one's end ends its Final there, and the audio after it is the next utterance, each
+    transcribed as if alone. A cut the engine has already encoded past moves up to where it can go: the
+    Finals still cover the audio once, each equal to its part transcribed alone."""
+    model = ms_model("nemotron_rnnt")
+    a, b = audio_clips["jfk.wav"][:48000], audio_clips["61-70968-0000.flac"][:40000]
+    both = np.concatenate([a, b])
+
+    async def main():
+        async with Engine(model, EngineConfig(vad=None)) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            await stream.push(both)
+            points = [await stream.flush(at=len(a)), await stream.flush()]
+            finals = [(await collect_until_final(stream))[1] for _ in range(2)]
+            # behind the engine: wait until it has encoded most of the audio, then cut near its start
+            await stream.push(a)
+            while engine.core.buffered_seconds(stream.handle) > 0.5:
+                await asyncio.sleep(0.01)
+            late = await stream.flush(at=len(both) + 100)
+            await stream.flush()
+            finals += [(await collect_until_final(stream))[1] for _ in range(2)]
+            await stream.close()
+            return points + [late], finals
+
+    def run_sync():
+        with monosemantic.SyncEngine(model, EngineConfig(vad=None)) as engine:
+            stream = engine.open_stream(latency_ms=160)
+            stream.push(both)
+            points = [stream.flush(at=np.int64(len(a))), stream.flush()]
+            stream.push(a)
+            while engine.core.buffered_seconds(stream.handle) > 0.5:
+                time.sleep(0.01)
+            points.append(stream.flush(at=len(both) + 100))
+            stream.flush()
+            finals = []
+            while len(finals) < 4:
+                event = stream.get(timeout=60)
+                if isinstance(event, Final):
+                    finals.append(event)
+            stream.close()
+            return points, finals
+
+    points, finals = run_sync() if sync else asyncio.run(main())
+    assert points[:2] == [len(a), len(both)]
+    late = points[2]
+    assert len(both) + 100 < late < len(both) + len(a)  # moved up past the audio already encoded
+    parts = [a, b, a[: late - len(both)], a[late - len(both) :]]
+    bounds = [(0, len(a)), (len(a), len(both)), (len(both), late), (late, len(both) + len(a))]
+    for final, part, bound in zip(finals, parts, bounds):
+        assert (final.start, final.end) == bound
+        assert [t.id for t in final.tokens] == model.transcribe(part, latency_ms=160).token_ids
+
+
+def test_flush_at_refuses_what_is_not_a_sample_index(ms_model):
+    async def main():
+        async with Engine(ms_model("nemotron_rnnt"), EngineConfig(vad=None)) as engine:
+            stream = await engine.open_stream(latency_ms=160)
+            for bad, error in ((-1, ValueError), (1.5, TypeError), (True, TypeError), ("10", TypeError)):
+                with pytest.raises(error, match="at="):
+                    await stream.flush(at=bad)
+            await stream.close()
+
+    asyncio.run(main())
 
 
 def test_bad_input_errors_only_that_stream(ms_model, audio_clips):

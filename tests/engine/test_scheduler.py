@@ -125,6 +125,46 @@ def test_flush_after_a_full_window_with_no_new_frame_needs_no_step():
     assert not plan.steps and [(f.utt_start, f.end) for f in plan.finals] == [(0, 200)]
 
 
+def test_flush_at_an_earlier_sample_ends_the_utterance_there():
+    """Input faster than real time: the engine has read none of the audio yet, so a flush at a sample
+    before the end of what was written ends the utterance exactly there, and the audio after it is the
+    next utterance's."""
+    s = make()
+    r = s.admit(160, shape(1))
+    r.written = 30000
+    assert s.flush(r.handle, at=12345) == 12345
+    rows = []
+    while not (rows and rows[-1].final):
+        rows += [row for b in run(s).steps for row in b.rows]
+    assert [row.window for row in rows] == [-7, 9, 25, 41, 57, 73] and all(row.end == 12345 for row in rows)
+    assert r.utt_start == 12345 and r.next_window == 0 and not r.flushes
+    assert s.flush(r.handle, at=40000) == 30000  # past what was written: a plain flush
+
+
+def test_flush_at_a_sample_already_read_moves_up_to_the_audio_the_steps_read():
+    """A cut inside audio a step has read would put that audio into two utterances: the point moves up
+    to the end of what the utterance's steps read (a planned step's included), never before an earlier
+    flush point."""
+    s = make()
+    r = s.admit(160, shape(1))
+    r.written = samples_for_windows(1, 16) + 500
+    run(s)  # window 0
+    assert s.cut_bound(r) == samples_for_windows(0, 16)
+    plan = s.plan()  # window 1 planned, not done: its audio is being read
+    assert len(plan.steps) == 1 and r.stepping
+    point = s.flush(r.handle, at=100)
+    assert point == samples_for_windows(1, 16) < r.written
+    for row in plan.steps[0].rows:
+        s.step_done(row)
+    final_plan = run(s)
+    assert not final_plan.steps and [(f.utt_start, f.end) for f in final_plan.finals] == [(0, point)]
+    assert r.utt_start == point
+    # flushes already queued: a later one never cuts before them
+    r.written += 8000
+    first = s.flush(r.handle)
+    assert s.flush(r.handle, at=point + 10) == first == r.written
+
+
 def test_a_final_or_a_skip_needing_no_step_does_not_wait_for_room_in_a_full_batch():
     """A full step (max_batch rows) used to stop the scan of its mode: a stream whose next action runs no
     model work (its Final after a flush with nothing left to encode, or a window skipped as silence)

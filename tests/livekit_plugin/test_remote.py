@@ -194,7 +194,7 @@ def test_a_connection_lost_at_a_vad_flush_is_a_retryable_connection_error(server
     from monosemantic.client import ConnectionLostError
     from monosemantic.client.remote import RemoteStream
 
-    async def lost(self):
+    async def lost(self, at=None):
         raise ConnectionLostError("the connection to the server was lost: gone", 1006)
 
     monkeypatch.setattr(RemoteStream, "flush", lost)

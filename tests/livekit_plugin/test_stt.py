@@ -5,6 +5,7 @@ silences, shared engine across concurrent streams, flush, aclose, recognize(), o
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -616,3 +617,45 @@ def test_an_engine_stream_that_ends_unasked_is_retried(checkpoint, ms_model, aud
     kinds = [e.type for e in events]
     assert kinds.count(T.START_OF_SPEECH) == kinds.count(T.END_OF_SPEECH) == 2
     assert finals(events)[-1].start_time == pytest.approx(len(a) / 16000, abs=1e-3)
+
+
+def test_input_faster_than_real_time_is_cut_into_turns_at_the_vads_ends(checkpoint, ms_model, audio_clips, lk):
+    """Three clips with silences between them pushed all at once, as a pre-connect buffer or a backlog
+    after a retry comes: each turn's FINAL ends where the VAD heard its speech end, not after all the
+    audio pushed by then (which held the next clip's start, and put it into this turn's FINAL). Every
+    FINAL equals the offline transcription of its span, and no span holds two clips' onsets."""
+    audio = lk.speech_with_silences(audio_clips)
+    onsets = np.cumsum([0.5] + [len(audio_clips[k]) / 16000 + g for k, g in zip(
+        ("jfk.wav", "sense_and_sensibility_01_austen_64kb-0880.wav", "61-70968-0000.flac"), (1.5, 2.0, 1.2))])[:3]
+    model = ms_model("nemotron_rnnt")
+    config = monosemantic.EngineConfig(max_buffered_seconds=60.0)
+    engine = monosemantic.get_engine(checkpoint, device="cpu", config=config)  # the STT's shared engine
+    release = threading.Event()  # the engine stands still until the whole input is in it (a busy engine)
+    engine.core.add_tick_hook(lambda plan, elapsed: release.wait(30))
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=config)
+        stream = stt.stream()
+        events: list = []
+        reader = lk.start_reader(stream, events)
+        for frame in lk.frames(audio):
+            stream.push_frame(frame)  # no pacing: the whole input at once
+        await lk.wait_for(lambda: stream._tracker is not None and stream._tracker.pushed == len(audio))
+        release.set()
+        # the input stays open (live audio would follow): the turns end at the VAD's ends meanwhile
+        await lk.wait_for(lambda: len(of_type(events, T.END_OF_SPEECH)) >= 3, timeout=90)
+        stream.end_input()
+        await asyncio.wait_for(reader, 120)
+        return events
+
+    events = asyncio.run(main())
+    lk.check_invariants(events, len(audio) / 16000)
+    spans = [(f.start_time, f.end_time, f.text) for f in finals(events)]
+    for onset in onsets:
+        assert sum(a <= onset < b for a, b, _ in spans) == 1, (onset, spans)
+    assert all(sum(a <= onset < b for onset in onsets) <= 1 for a, b, _ in spans), spans
+    assert len([text for *_, text in spans if text]) >= 3
+    pcm = lk.to_int16(audio).astype(np.float32) / 32768
+    for a, b, text in spans:
+        part = pcm[round(a * 16000) : round(b * 16000)]
+        assert text == model.transcribe(part, latency_ms=160).text, (a, b)

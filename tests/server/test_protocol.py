@@ -156,3 +156,13 @@ def test_stream_parameters_are_plain_decimal_integers(raw):
     with pytest.raises(ProtocolError, match="latency_ms must be an integer"):
         parse_stream_params({"latency_ms": raw})
     assert parse_stream_params({"latency_ms": "160"}).latency_ms == 160
+
+
+def test_a_flush_may_name_the_time_it_ends_the_utterance_at():
+    assert parse_control('{"type": "flush"}') == Flush()
+    assert parse_control('{"type": "flush", "at": 1.5}') == Flush(1.5)
+    assert parse_control('{"type": "flush", "at": 3}') == Flush(3.0)
+    for bad in ('-1', '"1.5"', 'true', 'NaN', 'Infinity', '1e300', '[1]'):
+        with pytest.raises(ProtocolError, match="'at' must be a number of seconds") as caught:
+            parse_control('{"type": "flush", "at": %s}' % bad)
+        assert caught.value.code == "bad_message"

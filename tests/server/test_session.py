@@ -293,3 +293,60 @@ def test_push_to_a_closed_stream_raises_stream_error_whatever_the_audio_as_local
     local, remote = asyncio.run(main())
     assert local == ["StreamError"] * len(bad)
     assert remote == local
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_a_flush_at_a_time_cuts_the_utterance_there_as_a_local_stream_does(model, audio_clips, rate):
+    """docs/protocol.md: `{"type": "flush", "at": seconds}` ends the utterance at that time of the stream.
+    Two utterances sent at once (the engine held still meanwhile, so it has encoded none of them), then
+    a flush at the first one's end, then a plain flush: the same two Finals as a local stream given the
+    same calls, at a rate the server resamples too; at 16 kHz each equals its part transcribed alone.
+    The flush's time reaches the server exactly (seconds on the wire, `round(seconds * 16000)` back)."""
+    from monosemantic.audio import resample
+
+    a, b = audio_clips["jfk.wav"][:48000], audio_clips["61-70968-0000.flac"][:40000]
+    both = np.concatenate([a, b])
+    x = np.round(np.clip(resample(both, 16000, rate), -1, 1) * 32767).astype(np.int16)
+    cut = len(a) + 1  # a sample the two sides must agree on: not a round number of seconds
+    frame = rate // 50
+
+    async def run(stream, until_flushed):
+        for i in range(0, len(x), frame):
+            await stream.push(x[i : i + frame])
+        await stream.flush(at=cut)
+        await stream.flush()
+        await until_flushed()
+        finals = []
+        async for event in stream:
+            if isinstance(event, Final):
+                finals.append(event)
+                if len(finals) == 2:
+                    break
+        await stream.close()
+        return finals
+
+    with stalled_server(model, max_streams=1) as (running, stall, _):
+
+        async def main():
+            async with Engine(model, EngineConfig(max_streams=1)) as engine:
+                hold = __import__("threading").Event()
+                engine.core.add_tick_hook(lambda plan, elapsed: hold.wait(30))
+                local = await run(await engine.open_stream(latency_ms=LATENCY, sample_rate=rate), lambda: asyncio.to_thread(hold.set))
+            async with RemoteEngine(running.http) as remote_engine:
+                stream = await remote_engine.open_stream(latency_ms=LATENCY, sample_rate=rate)
+                sessions = list(running.state.sessions)
+
+                async def until_flushed():
+                    # both flushes reached the engine while it stood still
+                    assert await asyncio.to_thread(running.wait_until, lambda: len(sessions[0].pending_flushes) == 2)
+                    stall.set()
+
+                remote = await run(stream, until_flushed)
+            return local, remote
+
+        local, remote = asyncio.run(asyncio.wait_for(main(), 90))
+    assert remote == local
+    assert [(f.start, f.end) for f in local][0] == (0, cut)
+    if rate == 16000:
+        for final, part in zip(local, (both[:cut], both[cut:])):
+            assert [t.id for t in final.tokens] == model.transcribe(part, latency_ms=LATENCY).token_ids
