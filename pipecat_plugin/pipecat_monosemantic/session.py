@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Callable
 
 from monosemantic.errors import PushTimeoutError
 from monosemantic.events import Error
@@ -20,8 +21,17 @@ from .backend import StreamLike
 class StreamSession:
     """An engine stream, the task reading its events, and what is still owed by it."""
 
-    def __init__(self, stream: StreamLike, latency_ms: int | None, model: str, after: "StreamSession | None" = None):
+    def __init__(
+        self,
+        stream: StreamLike,
+        latency_ms: int | None,
+        model: str,
+        after: "StreamSession | None" = None,
+        on_sent: Callable[[bytes], None] | None = None,
+    ):
         self.stream = stream
+        # Told of every audio the stream took (the service's usage metrics count what reached a stream).
+        self.on_sent = on_sent
         # The stream this one replaced. Its last Final is delivered before any event of this stream, so
         # transcripts stay in utterance order although both streams run at once.
         self.after = after
@@ -48,14 +58,21 @@ class StreamSession:
             # or flush, so a flush owes its Final.
             if e.accepted:
                 self.unflushed = True
+                self._sent(audio)
             raise
         self.unflushed = True
+        self._sent(audio)
 
     async def keepalive(self, silence: bytes) -> None:
         """Send silence that keeps an idle connection open. It is not an utterance's audio: a flush does
         not owe a Final for it alone (`unflushed` is left as it was), and if speech follows, the silence
         is the start of that utterance, as the transport's own silence between turns is."""
         await self.stream.push(silence)
+        self._sent(silence)
+
+    def _sent(self, audio: bytes) -> None:
+        if self.on_sent is not None:
+            self.on_sent(audio)
 
     async def flush(self) -> bool:
         """End the utterance if audio was pushed since the last flush; True if a Final is now owed."""

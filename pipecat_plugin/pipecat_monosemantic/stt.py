@@ -299,6 +299,14 @@ class MonosemanticSTTService(STTService):
                 frame.num_frames = len(audio) // 2
         await super().process_audio_frame(frame, direction)
 
+    def _record_stt_audio_usage(self, audio: bytes | bytearray):
+        """Usage metrics count the audio sent to a stream (`_count_sent`), not each frame as it arrives:
+        a frame kept for a stream that then did not open, or dropped, was never sent; the keepalive's
+        silence, which no frame carries, was (pipecat's WebsocketSTTService counts its keepalives too)."""
+
+    def _count_sent(self, audio: bytes) -> None:
+        super()._record_stt_audio_usage(audio)
+
     async def _push_held_audio(self) -> None:
         """Push the audio the resampler still holds: a flush must cover every sample received before it."""
         tail = self._frame_audio.flush() if self._frame_audio is not None else b""
@@ -308,7 +316,6 @@ class MonosemanticSTTService(STTService):
         open_now = session is not None and not session.closed
         if not open_now and self._opening is None:
             return  # no stream took the frames before it either; their loss was reported then
-        self._record_stt_audio_usage(tail)
         if not open_now:
             await self._keep(tail)  # the frames before it wait for the opening stream too
             return
@@ -448,7 +455,7 @@ class MonosemanticSTTService(STTService):
         if self._remote is not None:
             self._note_server_model(stream)
         # `model`, not the server's name: the session is compared with `settings.model` for swaps.
-        session = StreamSession(stream, latency, model, after=after)
+        session = StreamSession(stream, latency, model, after=after, on_sent=self._count_sent)
         self._sessions.add(session)
         session.task = self.create_task(self._read_events(session), name="monosemantic_events")
         await self._connection_event("on_connected")

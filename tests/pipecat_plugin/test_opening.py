@@ -640,3 +640,49 @@ def test_a_non_fatal_server_error_closes_the_stream_it_drops_and_loses_no_audio(
     assert recorder.audio(0) + recorder.audio(1) == 12800  # nothing lost
     (error,) = h.errors()
     assert "bad_audio" in error.error and "not transcribed" not in error.error and not error.fatal
+
+
+def usage_seconds(h) -> float:
+    from pipecat.frames.frames import MetricsFrame
+    from pipecat.metrics.metrics import STTUsageMetricsData
+
+    return sum(d.value.audio_seconds for m in h.down.of(MetricsFrame) for d in m.data if isinstance(d, STTUsageMetricsData))
+
+
+def test_usage_counts_the_keepalive_silence_sent(harness):
+    """Usage metrics say how much audio went to the recognizer (what a hosted STT bills). The keepalive
+    silence sent while no audio came was not counted, although it is transcribed audio all the same (and
+    pipecat's WebsocketSTTService counts its keepalives)."""
+    recorder = Recorder()
+
+    async def main():
+        async with remote_service(harness, recorder, keepalive_timeout=0.2, keepalive_interval=0.05) as (stt, h):
+            await h.say(pcm(0.5))
+            await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+            await h.wait_for(lambda: recorder.audio(0) >= 16000 + 2 * 3200, timeout=5)  # two keepalives went
+            await h.end(timeout=10)
+            return h
+
+    h = asyncio.run(main())
+    assert recorder.audio(0) > 16000 and usage_seconds(h) == pytest.approx(recorder.audio(0) / 32000, abs=1e-6)
+
+
+def test_usage_does_not_count_audio_kept_for_a_stream_that_did_not_open(harness):
+    """Audio received while a stream opened is kept for it; if the open fails, it is not transcribed (an
+    ErrorFrame says so). It was counted in the usage metrics all the same, as if it had been sent."""
+    release = asyncio.Event()
+    recorder = Recorder(hold={0: release}, refuse=(0,))
+
+    async def main():
+        async with remote_service(harness, recorder) as (stt, h):
+            await h.say(pcm(0.3))  # kept while the stream opens
+            await h.wait_for(lambda: len(h.down.of(InputAudioRawFrame)) == 15, timeout=5)
+            release.set()  # and now it is refused
+            await h.wait_for(lambda: h.errors(), timeout=5)
+            await h.end(timeout=10)
+            return h
+
+    h = asyncio.run(main())
+    (error,) = h.errors()
+    assert "0.3 s of audio received while it was opening were not transcribed" in error.error
+    assert usage_seconds(h) == 0.0
