@@ -49,6 +49,7 @@ class StreamSession:
         self.adopted = False  # the service took it as its current stream (else its open counts a failure)
         self.heard = False  # a transcript (Partial or Final) came: the server works
         self.ended = False  # its events are over
+        self.end_reason: str | None = None  # why, when the service did not end it
 
     async def push(self, audio: bytes) -> None:
         try:

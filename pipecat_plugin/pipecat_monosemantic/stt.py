@@ -495,9 +495,11 @@ class MonosemanticSTTService(STTService):
             if self._aborted:
                 return  # _abort closes every session it knows, this one included, and drops the backlog
             if session is not None and (session.closed or session.ended):
-                # Its event task ended it before it got any audio, and reported why (not as a failed
-                # open: it was not adopted yet, so that is counted here).
-                session, error = None, StreamError("the stream closed as soon as it opened")
+                # It ended before it got any audio: a failed open, reported here (its event task leaves
+                # the report of a stream not adopted to this), with what its event task saw.
+                why = session.end_reason or (self._describe(session.error) if session.error is not None else None)
+                ended = f"the stream ended as soon as it opened: {why}" if why else "the stream closed as soon as it opened"
+                session, error = None, StreamError(ended)
             if session is None:
                 if old is None or old.closed or old.error is not None:
                     await self._open_failed(error, self._drop_backlog())
@@ -696,18 +698,21 @@ class MonosemanticSTTService(STTService):
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            quick = self._ended(session)
-            if not self._aborted:
-                error = f"{self._describe(session.error)}, then " if session.error is not None else ""
+            error = f"{self._describe(session.error)}, then " if session.error is not None else ""
+            quick = self._ended(session, f"{error}connection lost: {e}")
+            if self._reports_end(session):
                 await self._connection_event("on_connection_error", f"{error}connection lost: {e}")
                 await self._report_end(session, f"{error}reading transcripts failed: {e}{self._lost(session)}", quick, e)
         else:
-            quick = self._ended(session)
-            if session.error is not None and not self._aborted:
+            if session.error is not None:
+                quick = self._ended(session, self._describe(session.error))
+            else:
+                quick = self._ended(session, None if session.closed else "the server ended the stream")
+            if session.error is not None and self._reports_end(session):
                 # Reported now that the stream's events are over, when what of the utterance was lost is known.
                 await self._connection_event("on_connection_error", self._describe(session.error))
                 await self._report_end(session, f"{self._describe(session.error)}{self._lost(session)}", quick)
-            elif quick and not session.closed and not self._aborted:
+            elif quick and not session.closed and self._reports_end(session):
                 # The server ended it unasked and without a word (a real server says why, or answers a close).
                 await self._connection_event("on_connection_error", "the server ended the stream")
                 await self._report_end(session, f"the server ended the recognition stream{self._lost(session)}", quick)
@@ -724,18 +729,23 @@ class MonosemanticSTTService(STTService):
             # the server, or lost.
             await self._connection_event("on_disconnected")
 
-    def _ended(self, session: StreamSession) -> bool:
-        """Mark the stream's events over (before any wait, so that an open still adopting it sees it), and
-        say whether this end would be a quick failure: an adopted stream, ended within
-        `_QUICK_FAILURE_SECONDS` of opening, before any transcript. A stream adopted and not quick to
-        end has shown the server working: the failures in a row are over."""
-        session.ended = True
+    def _ended(self, session: StreamSession, why: str | None) -> bool:
+        """Mark the stream's events over, with `why` when the service did not end it (before any wait, so
+        that an open still adopting it sees both), and say whether this end would be a quick failure: an
+        adopted stream, ended within `_QUICK_FAILURE_SECONDS` of opening, before any transcript. A stream
+        adopted and not quick to end has shown the server working: the failures in a row are over."""
+        session.ended, session.end_reason = True, why
         if not session.adopted or self._aborted or session.heard:
             return False
         if time.monotonic() - session.opened_at < _QUICK_FAILURE_SECONDS:
             return True
         self._open_failures = 0
         return False
+
+    def _reports_end(self, session: StreamSession) -> bool:
+        """Whether the stream's event task reports its end: not once cancelled, and not for a stream the
+        service had not taken yet (its open reports that end, as the open's failure: one ErrorFrame)."""
+        return session.adopted and not self._aborted
 
     async def _report_end(self, session: StreamSession, what: str, quick: bool, e: Exception | None = None) -> None:
         """Report a stream's end that the service did not ask for; a quick one (see `_ended`) as a failed

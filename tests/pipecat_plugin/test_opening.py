@@ -686,3 +686,42 @@ def test_usage_does_not_count_audio_kept_for_a_stream_that_did_not_open(harness)
     (error,) = h.errors()
     assert "0.3 s of audio received while it was opening were not transcribed" in error.error
     assert usage_seconds(h) == 0.0
+
+
+@pytest.mark.parametrize("ending", ["a fatal error", "a lost connection"])
+def test_a_stream_that_dies_while_its_open_completes_is_one_error(harness, ending):
+    """A stream whose connection opens and then dies before the service has taken it as its stream (the
+    open is still completing) is a failed open, reported once. Its event task reported the end too, so
+    the user got two ErrorFrames for one failure (only one of them counted as a failed attempt)."""
+
+    async def dies_at_once(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(READY)
+        if ending == "a fatal error":
+            await ws.send_json({"type": "error", "code": "internal", "message": "broken", "fatal": True})
+            await ws.close(code=1011, message=b"internal")
+        else:
+            request.transport.abort()
+        return ws
+
+    class Service(MonosemanticSTTService):
+        async def _open_session(self, after=None):
+            session = await super()._open_session(after)
+            await asyncio.wait_for(session.done.wait(), 5)  # its events end before the open completes
+            return session
+
+    async def main():
+        async with fake_server(dies_at_once) as url:
+            stt = Service(base_url=url)
+            async with harness(stt, sample_rate=16000) as h:
+                await h.audio(pcm(0.1))
+                await h.wait_for(lambda: h.errors(), timeout=5)
+                await h.wait_for(lambda: stt._opening is None, timeout=5)
+                await h.end(timeout=10)
+                return stt, h
+
+    stt, h = asyncio.run(main())
+    (error,) = h.errors()
+    assert "could not open a recognition stream" in error.error and not error.fatal
+    assert stt._open_failures == 1
