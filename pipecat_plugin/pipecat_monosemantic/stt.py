@@ -712,8 +712,10 @@ class MonosemanticSTTService(STTService):
                 # Reported now that the stream's events are over, when what of the utterance was lost is known.
                 await self._connection_event("on_connection_error", self._describe(session.error))
                 await self._report_end(session, f"{self._describe(session.error)}{self._lost(session)}", quick)
-            elif quick and not session.closed and self._reports_end(session):
-                # The server ended it unasked and without a word (a real server says why, or answers a close).
+            elif not session.closed and self._reports_end(session):
+                # The server ended it unasked and without a word (a real server says why, or answers a
+                # close): transcription stopped, and the utterance in progress is lost; the next audio
+                # opens a new stream (a quick end backs off first).
                 await self._connection_event("on_connection_error", "the server ended the stream")
                 await self._report_end(session, f"the server ended the recognition stream{self._lost(session)}", quick)
         finally:

@@ -725,3 +725,33 @@ def test_a_stream_that_dies_while_its_open_completes_is_one_error(harness, endin
     (error,) = h.errors()
     assert "could not open a recognition stream" in error.error and not error.fatal
     assert stt._open_failures == 1
+
+
+def test_a_stream_the_server_ends_unasked_is_an_error_and_the_next_audio_reopens(harness):
+    """A stream that has worked for a while and that the server then ends cleanly, unasked and without
+    an error message (a close frame with code 1000: a proxy, a server of another make), was dropped
+    without a word: only an end right after opening was reported. The user never learnt that the
+    audio of the utterance in progress was not transcribed. Now a non-fatal ErrorFrame says so, and
+    the audio after the end goes to a new stream, as after any lost connection."""
+
+    class EndsMidUtterance(Recorder):
+        async def after_audio(self, n, ws):
+            if n == 0 and self.connections[0]["received"].count("flush") == 1:
+                await ws.close()  # in the second utterance, at its first audio: code 1000, no error message
+
+    recorder = EndsMidUtterance()
+
+    async def main():
+        async with remote_service(harness, recorder) as (stt, h):
+            await h.say(pcm(0.5))
+            await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+            await h.say(pcm(0.4))
+            await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
+            await h.end(timeout=10)
+            return h
+
+    h = asyncio.run(main())
+    (error,) = h.errors()
+    assert "the server ended the recognition stream" in error.error and "not transcribed" in error.error
+    assert not error.fatal
+    assert [f.text for f in h.finals()] == ["c0:16000", f"c1:{recorder.audio(1)}"] and recorder.audio(1) > 0
