@@ -4,7 +4,6 @@ can drive it with real WebSocket clients from `asyncio.run` and inspect its stat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import http.client
@@ -197,27 +196,6 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
-
-
-@contextlib.asynccontextmanager
-async def fake_server(handler):
-    """A WebSocket endpoint at /v1/stream run by `handler` on loopback: for the server misbehaviours a
-    real `monosemantic serve` does not commit on purpose (silence, a hang, a cut right after `close`)."""
-    app = web.Application()
-    app.router.add_get("/v1/stream", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"ws://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
-# The protocol's first message, as a fake server sends it.
-READY = {"type": "ready", "protocol": 1, "stream_id": "x", "latency_ms": 160, "sample_rate": 16000,
-         "model_sample_rate": 16000, "latency_modes": [160]}
 
 
 def with_default_sigint() -> None:

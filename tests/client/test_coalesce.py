@@ -15,7 +15,8 @@ from monosemantic.client import RemoteEngine
 from monosemantic.engine.coalesce import MAX_HOLD_SECONDS, Coalescer
 
 from _support.events import by_kind, utterances_in_frames
-from _support.server import READY, RunningServer, fake_server, pcm16
+from _support.fake_server import READY, fake_server
+from _support.server import RunningServer, pcm16
 
 pytestmark = pytest.mark.timeout(240)
 

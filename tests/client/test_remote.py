@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aiohttp import web
 
 import monosemantic.event_queue as event_queue
 from monosemantic import AudioError, Engine, Error, Final, SpeechEnded, SpeechStarted, StreamError, Usage
@@ -20,7 +19,8 @@ from monosemantic.client import ConnectionLostError, RemoteEngine, ServerRejecte
 from monosemantic.client.loadtest import LoadtestConfig, run_loadtest, summarize
 
 from _support.events import final_of
-from _support.server import READY, RunningServer, fake_server
+from _support.fake_server import READY, FakeServer, fake_server
+from _support.server import RunningServer
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,16 +93,8 @@ def test_a_server_that_does_not_name_its_model_still_opens_streams(ready):
     """Servers before the field send no `model` (and a malformed one is no name): the stream opens all
     the same, with no model known."""
 
-    async def handler(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json(ready)
-        async for _ in ws:
-            pass
-        return ws
-
     async def main():
-        async with fake_server(handler) as url:
+        async with fake_server(FakeServer(ready=ready)) as url:
             async with RemoteEngine(url, connect_timeout=5) as engine:
                 stream = await engine.open_stream()
                 await stream.close()
@@ -267,14 +259,9 @@ def test_loadtest_past_its_deadline_reports_what_it_measured(monkeypatch):
     with an error that says so, and the report comes."""
     import monosemantic.client.loadtest as loadtest
 
-    async def slow_to_open(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await asyncio.sleep(3.0)  # past the deadline below, within the client's connect timeout
-        await ws.send_json(READY)
-        async for _ in ws:  # never answers a flush
-            pass
-        return ws
+    # Ready 3 s after the upgrade (past the deadline below, within the client's connect timeout), and
+    # never a final.
+    slow_to_open = FakeServer(ready_delay=3.0, answer_flushes=False)
 
     monkeypatch.setattr(loadtest, "DEADLINE_MARGIN_S", 0.0)
     cfg = LoadtestConfig(url="ws://unused", streams=2, duration_s=1.0, ramp_s=0.0, final_timeout_s=0.25)
@@ -314,14 +301,8 @@ def test_loadtest_refuses_an_unwritable_json_path_before_running(tmp_path):
 
 
 def test_a_server_that_upgrades_but_never_says_ready_is_a_typed_error():
-    async def silent(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await asyncio.sleep(20)
-        return ws
-
     async def main():
-        async with fake_server(silent) as url:
+        async with fake_server(FakeServer(ready=None, then="hang")) as url:
             async with RemoteEngine(url, connect_timeout=1.0) as engine:
                 with pytest.raises(ConnectionLostError) as err:
                     await engine.open_stream()
@@ -334,15 +315,7 @@ def test_a_server_that_upgrades_but_never_says_ready_is_a_typed_error():
 def test_a_connection_lost_after_close_with_a_final_owed_raises():
     """close() after flush() still waits for the Final (the server drains it); a connection lost before
     it arrives loses that utterance, and the iterator must say so as without close()."""
-    async def cut_after_close(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json(READY)
-        async for msg in ws:
-            if msg.type is web.WSMsgType.TEXT and msg.json()["type"] == "close":
-                request.transport.abort()  # gone before the final of the flush before it
-                break
-        return ws
+    cut_after_close = FakeServer(answer_flushes=False, on_close="abort")  # gone before the flush's final
 
     async def close_and_lose(url, flush: bool):
         async with RemoteEngine(url) as engine:
@@ -369,15 +342,7 @@ def test_a_clean_close_frame_with_a_final_owed_raises():
     """A server that answers `close` with a clean 1000 close frame but without the final of an earlier
     flush (and without an error saying why) has lost that utterance: the iterator raises, as for a lost
     connection (a clean close frame used to end it as if nothing were owed)."""
-    async def clean_close_without_final(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json(READY)
-        async for msg in ws:
-            if msg.type is web.WSMsgType.TEXT and msg.json()["type"] == "close":
-                await ws.close(code=1000, message=b"close")
-                break
-        return ws
+    clean_close_without_final = FakeServer(answer_flushes=False)  # a close is answered with 1000
 
     async def main():
         async with fake_server(clean_close_without_final) as url:
@@ -561,16 +526,9 @@ def test_a_server_that_stops_answering_with_the_connection_open_is_a_lost_connec
     nothing: pushes, flushes and reads used to wait forever. The heartbeat's unanswered ping ends the
     stream with ConnectionLostError, which adapters retry. `reads`: the server still takes the audio (the
     client pushes freely) or takes nothing (the client's pushes wait for the socket to drain)."""
-    async def frozen(request):
-        ws = web.WebSocketResponse(autoping=False)  # no pongs: pings are answered only by a live reader
-        await ws.prepare(request)
-        await ws.send_json(READY)
-        if reads:
-            async for _ in ws:  # takes audio and pings alike, answers nothing
-                pass
-        else:
-            await asyncio.sleep(60)
-        return ws
+    # No pongs (pings are answered only by a live reader). It takes audio and pings alike and answers
+    # nothing, or takes nothing.
+    frozen = FakeServer(autoping=False, answer_flushes=False, then="serve" if reads else "hang")
 
     async def main():
         async with fake_server(frozen) as url:
@@ -613,23 +571,15 @@ def test_a_malformed_ready_message_is_a_stream_that_did_not_open(ready):
     """open_stream documents ConnectionLostError for a server that accepts the connection but does not
     open the stream. A ready message without its fields, or with them of the wrong types, raised
     KeyError, ValueError or AudioError instead, and left the connection open."""
-    closed = asyncio.Event()
-
-    async def malformed_ready(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json(ready)
-        async for _ in ws:
-            pass
-        closed.set()  # the client closed its side
-        return ws
+    malformed_ready = FakeServer(ready=ready)
 
     async def main():
         async with fake_server(malformed_ready) as url:
             async with RemoteEngine(url, connect_timeout=5) as engine:
                 with pytest.raises(ConnectionLostError) as lost:
                     await engine.open_stream()
-                await asyncio.wait_for(closed.wait(), 10)  # before the engine (and its HTTP session) closes
+                # The client closed its side, before the engine (and its HTTP session) closes.
+                await asyncio.wait_for(malformed_ready.connections[0].done.wait(), 10)
                 return lost.value
 
     lost = asyncio.run(asyncio.wait_for(main(), 30))
@@ -650,15 +600,8 @@ def test_numbers_python_cannot_convert_are_unreadable_messages_not_a_lost_connec
         "[" * 100_000,
     ]
 
-    async def garbage(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json(READY)
-        for text in bad:
-            await ws.send_str(text)
-            await ws.send_json({"type": "usage", "audio_seconds": 1.0})
-        await ws.close(code=1000, message=b"close")
-        return ws
+    usage = {"type": "usage", "audio_seconds": 1.0}
+    garbage = FakeServer(script=[m for text in bad for m in (text, usage)], then="close", close_reason="close")
 
     async def main():
         async with fake_server(garbage) as url:
@@ -779,15 +722,11 @@ def test_a_message_type_from_a_newer_server_is_ignored():
     every call's utterance in progress was split at such a message. Messages of a known type that are
     malformed stay errors."""
 
-    async def newer(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json(READY)
-        await ws.send_json({"type": "end_of_turn", "probability": 0.9, "time": 1.0})
-        await ws.send_json({"type": "usage", "audio_seconds": 1.0})
-        await ws.send_json({"type": 7})
-        await ws.close(code=1000, message=b"close")
-        return ws
+    newer = FakeServer(
+        script=[{"type": "end_of_turn", "probability": 0.9, "time": 1.0}, {"type": "usage", "audio_seconds": 1.0}, {"type": 7}],
+        then="close",
+        close_reason="close",
+    )
 
     async def main():
         async with fake_server(newer) as url:

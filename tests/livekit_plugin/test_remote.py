@@ -14,7 +14,8 @@ from aiohttp import web
 from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError, APITimeoutError
 from livekit.agents.stt import SpeechEventType as T
 
-from _support.server import READY, RunningServer, fake_server
+from _support.fake_server import READY, fake_server
+from _support.server import RunningServer
 from livekit.plugins import monosemantic as lk_monosemantic
 
 pytestmark = pytest.mark.timeout(300)

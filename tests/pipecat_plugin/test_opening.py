@@ -1,81 +1,24 @@
 """Streams open in the background, a settings change's new stream too: against a fake `monosemantic serve`
 endpoint on loopback whose handshakes the test holds back, nothing waits for an open, the audio and
 flushes received meanwhile reach the new stream (or, if it cannot open, the old one) in order, and a
-setting changed while a stream opened applies before the next utterance. The same endpoint serves tests
-that need a server's exact answers (an empty final) or many quick runs."""
+setting changed while a stream opened applies before the next utterance. The same endpoint (`FakeServer`)
+serves tests that need a server's exact answers (an empty final, a cut, a clean end unasked)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 
 import numpy as np
 import pytest
-from aiohttp import WSMsgType, web
 from pipecat.frames.frames import InputAudioRawFrame, STTUpdateSettingsFrame, VADUserStartedSpeakingFrame
 
-from _support.server import READY, fake_server
+from _support.fake_server import FakeServer, fake_server
 from pipecat_monosemantic import MonosemanticSTTService
 
 pytestmark = pytest.mark.timeout(60)
 
 Settings = MonosemanticSTTService.Settings
-
-
-class Recorder:
-    """A WebSocket endpoint that records every connection (its `latency_ms`, then the byte count of each
-    audio message and each flush) and answers each flush with a Final whose text is "c<connection>:<bytes
-    of audio since the previous flush>". `hold[n]` (an asyncio.Event) holds the n-th connection's ready
-    message back until set (never set: a server that never answers); `refuse` holds connection numbers
-    refused with HTTP 400 once their hold is released."""
-
-    def __init__(self, hold: dict[int, asyncio.Event] | None = None, refuse: tuple[int, ...] = ()):
-        self.hold = hold or {}
-        self.refuse = refuse
-        self.connections: list[dict] = []
-
-    async def __call__(self, request):
-        n = len(self.connections)
-        conn = {"latency_ms": request.query.get("latency_ms"), "received": [], "closed": False}
-        self.connections.append(conn)
-        if n in self.hold:
-            await self.hold[n].wait()
-        if n in self.refuse:
-            return web.json_response({"error": "unknown latency mode"}, status=400)
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json({**READY, "latency_ms": int(conn["latency_ms"] or 160)})
-        pending = 0
-        async for msg in ws:
-            if msg.type is WSMsgType.BINARY:
-                conn["received"].append(len(msg.data))
-                pending += len(msg.data)
-                await self.after_audio(n, ws)
-            elif msg.type is WSMsgType.TEXT:
-                kind = json.loads(msg.data)["type"]
-                if kind == "flush":
-                    conn["received"].append("flush")
-                    await self.before_final(n)
-                    text = self.final_text(n, pending)
-                    await ws.send_json({"type": "final", "text": text, "words": [], "start": 0, "end": 0})
-                    pending = 0
-                elif kind == "close":
-                    conn["closed"] = True
-                    await ws.close()
-        return ws
-
-    async def after_audio(self, n: int, ws) -> None:
-        pass
-
-    async def before_final(self, n: int) -> None:
-        pass
-
-    def final_text(self, n: int, pending: int) -> str:
-        return f"c{n}:{pending}"
-
-    def audio(self, n: int) -> int:
-        return sum(x for x in self.connections[n]["received"] if x != "flush")
 
 
 def pcm(seconds: float) -> np.ndarray:
@@ -87,7 +30,7 @@ def update(**fields) -> STTUpdateSettingsFrame:
 
 
 @contextlib.asynccontextmanager
-async def remote_service(harness, recorder: Recorder, **kwargs):
+async def remote_service(harness, recorder: FakeServer, **kwargs):
     """A remote MonosemanticSTTService against `recorder` on loopback, in the pipeline harness."""
     async with fake_server(recorder) as url:
         stt = MonosemanticSTTService(base_url=url, **kwargs)
@@ -95,7 +38,7 @@ async def remote_service(harness, recorder: Recorder, **kwargs):
             yield stt, h
 
 
-async def change_latency_after_an_utterance(h, recorder: Recorder) -> None:
+async def change_latency_after_an_utterance(h, recorder: FakeServer) -> None:
     """One utterance of 0.5 s and its Final, then latency 80: the new stream's connection is made."""
     await h.say(pcm(0.5))
     await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
@@ -103,7 +46,7 @@ async def change_latency_after_an_utterance(h, recorder: Recorder) -> None:
     await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
 
 
-async def change_latency_in_an_utterance(h, stt, recorder: Recorder, more: float = 0.0) -> None:
+async def change_latency_in_an_utterance(h, stt, recorder: FakeServer, more: float = 0.0) -> None:
     """Speech of 0.4 s, latency 80 (taken), `more` seconds of speech, the speech stops: the utterance
     finishes on the old stream and the new stream's connection is made."""
     await h.speech_starts()
@@ -116,9 +59,9 @@ async def change_latency_in_an_utterance(h, stt, recorder: Recorder, more: float
     await h.wait_for(lambda: len(recorder.connections) == 2, timeout=5)
 
 
-def check_the_utterance_ran_in_the_new_mode(recorder: Recorder, h) -> None:
+def check_the_utterance_ran_in_the_new_mode(recorder: FakeServer, h) -> None:
     """The one utterance of 0.5 s went to a second stream, opened in the 80 ms mode, without errors."""
-    assert [c["latency_ms"] for c in recorder.connections] == ["160", "80"]
+    assert [c.latency_ms for c in recorder.connections] == ["160", "80"]
     assert [f.text for f in h.finals()] == ["c1:16000"] and not h.errors()
 
 
@@ -127,7 +70,7 @@ def test_a_latency_change_whose_new_stream_never_answers_holds_up_nothing(harnes
     connection. It used to open on the frame path, holding the lock that every audio frame takes: a
     server that never answered the handshake stalled audio, VAD frames and cancel for the client's
     connect timeout (10 s). It opens in the background now."""
-    recorder = Recorder(hold={1: asyncio.Event()})  # the second connection is never answered
+    recorder = FakeServer(hold={1: asyncio.Event()})  # the second connection is never answered
 
     async def main():
         async with remote_service(harness, recorder) as (stt, h):
@@ -149,7 +92,7 @@ def test_audio_during_a_latency_changes_open_reaches_the_new_stream_in_order(har
     and flush, received while the new stream opens, go to it once it opens, in order, and its Final
     comes after the old stream's. The old stream is closed after its Final."""
     release = asyncio.Event()
-    recorder = Recorder(hold={1: release})
+    recorder = FakeServer(hold={1: release})
 
     async def main():
         async with remote_service(harness, recorder) as (stt, h):
@@ -161,15 +104,15 @@ def test_audio_during_a_latency_changes_open_reaches_the_new_stream_in_order(har
             assert [f.text for f in h.finals()] == ["c0:19200"]
             release.set()
             await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
-            assert stt._session.latency_ms == 80 and recorder.connections[0]["closed"]
+            assert stt._session.latency_ms == 80 and recorder.connections[0].closed
             await h.end(timeout=10)  # flushes the last 0.3 s
             return h
 
     h = asyncio.run(main())
-    assert recorder.connections[1]["latency_ms"] == "80"
+    assert recorder.connections[1].latency_ms == "80"
     assert [f.text for f in h.finals()] == ["c0:19200", "c1:19200", "c1:9600"]
     assert [f.finalized for f in h.finals()[1:]] == [False, True]  # the second came as the user spoke
-    assert recorder.connections[1]["received"] == [640] * 30 + ["flush"] + [640] * 15 + ["flush"]
+    assert recorder.connections[1].received == [640] * 30 + ["flush"] + [640] * 15 + ["flush"]
     assert not h.errors()
 
 
@@ -177,7 +120,7 @@ def test_a_new_stream_that_cannot_open_leaves_the_old_one_the_audio_kept_for_it(
     """If the stream for new settings is refused after audio was kept for it, the old stream carries on
     with that audio (nothing lost, in order), the setting goes back, and one ErrorFrame says so."""
     release = asyncio.Event()
-    recorder = Recorder(hold={1: release}, refuse=(1,))
+    recorder = FakeServer(hold={1: release}, refuse=(1,))
 
     async def main():
         async with remote_service(harness, recorder) as (stt, h):
@@ -203,7 +146,7 @@ def test_a_latency_change_while_the_stream_opens_applies_before_the_next_utteran
     utterance then ran in the old mode although it started after the change. The service now replaces
     that stream at once when it opens between utterances."""
     release = asyncio.Event()
-    recorder = Recorder(hold={0: release})
+    recorder = FakeServer(hold={0: release})
 
     async def main():
         async with remote_service(harness, recorder) as (stt, h):
@@ -226,7 +169,7 @@ def test_a_latency_change_during_an_utterance_without_audio_applies_at_its_end(h
     stream was not replaced either: the next utterance ran in the old mode."""
     from pipecat.frames.frames import STTMuteFrame
 
-    recorder = Recorder()
+    recorder = FakeServer()
 
     async def main():
         async with remote_service(harness, recorder) as (stt, h):
@@ -253,7 +196,7 @@ def test_end_frame_during_a_latency_changes_open(harness, answers):
     `stop_timeout` and the kept audio transcribed on it; if it does not open in time, one ErrorFrame says
     the kept audio was not transcribed, and the old stream still delivers its last Final."""
     release = asyncio.Event()
-    recorder = Recorder(hold={1: release})
+    recorder = FakeServer(hold={1: release})
 
     async def main():
         async with remote_service(harness, recorder, stop_timeout=1.0) as (stt, h):
@@ -280,7 +223,7 @@ def test_a_service_run_again_after_its_pipeline_ended_reconnects(harness):
     starts it again; an in-process service does). In remote mode the first run's cleanup closed its
     RemoteEngine for good, so every open of the second run failed ("this RemoteEngine is closed"), one
     ErrorFrame after another, and nothing was transcribed."""
-    recorder = Recorder()
+    recorder = FakeServer()
 
     async def main():
         async with fake_server(recorder) as url:
@@ -307,10 +250,10 @@ def test_a_final_with_no_text_reports_no_ttfb(harness):
     from pipecat.frames.frames import MetricsFrame
     from pipecat.metrics.metrics import TTFBMetricsData
 
-    class FirstBlank(Recorder):
-        def final_text(self, n, pending):
+    class FirstBlank(FakeServer):
+        def final_text(self, conn, pending):
             self.flushes = getattr(self, "flushes", 0) + 1
-            return "" if self.flushes == 1 else super().final_text(n, pending)
+            return "" if self.flushes == 1 else super().final_text(conn, pending)
 
     recorder = FirstBlank()
 
@@ -329,36 +272,12 @@ def test_a_final_with_no_text_reports_no_ttfb(harness):
     assert len(ttfb) == 1  # the second utterance's, measured to its transcript
 
 
-class CutsFirstConnection(Recorder):
-    """A Recorder whose first connection is cut (no close frame: a server process killed, a proxy
-    restarted) once `cut_after` bytes of audio came."""
-
-    def __init__(self, cut_after: int):
-        super().__init__()
-        self.cut_after = cut_after
-
-    async def __call__(self, request):
-        if self.connections:
-            return await super().__call__(request)
-        self.connections.append({"latency_ms": None, "received": [], "closed": False})
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json(READY)
-        async for msg in ws:
-            if msg.type is WSMsgType.BINARY:
-                self.connections[0]["received"].append(len(msg.data))
-                if self.audio(0) >= self.cut_after:
-                    request.transport.abort()
-                    break
-        return ws
-
-
 def test_a_connection_lost_mid_utterance_is_one_error_and_the_audio_after_it_goes_to_a_new_stream(harness):
     """Audio frames that met the lost connection before the stream's event task had seen it each failed
     with their own ErrorFrame ("audio frame not transcribed", one per 20 ms frame) and were dropped; the
     event task's own error did not say that the utterance in progress was lost. Now the loss is one
     ErrorFrame saying so, and the frames after it go to a new stream."""
-    recorder = CutsFirstConnection(cut_after=6400)
+    recorder = FakeServer(cut_after={0: 6400})  # cut (no close frame) after 0.2 s of audio
 
     async def main():
         async with remote_service(harness, recorder) as (stt, h):
@@ -389,8 +308,8 @@ def test_a_final_that_comes_after_the_user_spoke_again_is_not_finalized(harness)
     this one now only when the user is not speaking (or the pipeline is ending)."""
     late = asyncio.Event()
 
-    class LateFirstFinal(Recorder):
-        async def before_final(self, n):
+    class LateFirstFinal(FakeServer):
+        async def before_final(self, conn):
             if not getattr(self, "delayed", False):
                 self.delayed = True
                 await late.wait()
@@ -416,8 +335,8 @@ def test_a_final_that_comes_after_the_user_spoke_again_is_not_finalized(harness)
     assert not h.errors()
 
 
-class HoldsFirstFinal(Recorder):
-    """A Recorder that answers its first flush only once `release` is set (a final still in flight while
+class HoldsFirstFinal(FakeServer):
+    """A FakeServer that answers its first flush only once `release` is set (a final still in flight while
     the user says something short and stops again)."""
 
     def __init__(self):
@@ -428,7 +347,7 @@ class HoldsFirstFinal(Recorder):
         self.holding = False
         self.flushes = 0
 
-    async def before_final(self, n):
+    async def before_final(self, conn):
         self.flushes += 1
         if self.flushes == 1:
             self.holding = True
@@ -532,30 +451,21 @@ def test_a_user_turn_holds_both_finals_when_the_first_comes_after_the_second_sto
     assert turns == ["c0:16000 c0:9600"]
 
 
-class PartialThenCut(Recorder):
-    """A Recorder whose first connection answers its first audio with a partial, and is cut (no close
+class PartialThenCut(FakeServer):
+    """A FakeServer whose first connection answers its first audio with a partial, and is cut (no close
     frame) at the first audio after `cut` is set."""
 
     def __init__(self):
         super().__init__()
         self.cut = asyncio.Event()
 
-    async def __call__(self, request):
-        if self.connections:
-            return await super().__call__(request)
-        self.connections.append({"latency_ms": None, "received": [], "closed": False})
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json(READY)
-        async for msg in ws:
-            if msg.type is WSMsgType.BINARY:
-                self.connections[0]["received"].append(len(msg.data))
-                if self.cut.is_set():
-                    request.transport.abort()
-                    break
-                if len(self.connections[0]["received"]) == 1:
-                    await ws.send_json({"type": "partial", "text": "he", "stable_text": "he"})
-        return ws
+    async def after_audio(self, conn, ws):
+        if conn.n != 0:
+            return
+        if self.cut.is_set():
+            conn.abort()
+        elif len(conn.received) == 1:
+            await ws.send_json({"type": "partial", "text": "he", "stable_text": "he"})
 
 
 @pytest.mark.parametrize("frame_rate", [16000, 24000])
@@ -615,9 +525,9 @@ def test_a_non_fatal_server_error_closes_the_stream_it_drops_and_loses_no_audio(
     stream is now retired: flushed, closed after its final. The audio after the error goes to a new
     stream, so the utterance's audio is all transcribed, in two finals."""
 
-    class RefusesOnce(Recorder):
-        async def after_audio(self, n, ws):
-            if n == 0 and len(self.connections[0]["received"]) == 5:
+    class RefusesOnce(FakeServer):
+        async def after_audio(self, conn, ws):
+            if conn.n == 0 and len(conn.received) == 5:
                 await ws.send_json({"type": "error", "code": "bad_audio", "message": "refused", "fatal": False})
 
     recorder = RefusesOnce()
@@ -627,7 +537,7 @@ def test_a_non_fatal_server_error_closes_the_stream_it_drops_and_loses_no_audio(
             await h.wait_for(lambda: stt._session is not None, timeout=5)
             await h.speech_starts()
             await h.audio(pcm(0.4))
-            await h.wait_for(lambda: len(recorder.connections) == 2 and recorder.connections[0]["closed"], timeout=5)
+            await h.wait_for(lambda: len(recorder.connections) == 2 and recorder.connections[0].closed, timeout=5)
             await h.speech_stops()
             await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
             await h.end(timeout=10)
@@ -635,7 +545,7 @@ def test_a_non_fatal_server_error_closes_the_stream_it_drops_and_loses_no_audio(
 
     h = asyncio.run(main())
     first, second = recorder.connections
-    assert first["received"][-1] == "flush" and first["closed"]
+    assert first.received[-1] == "flush" and first.closed
     assert sorted(f.text for f in h.finals()) == [f"c0:{recorder.audio(0)}", f"c1:{recorder.audio(1)}"]
     assert recorder.audio(0) + recorder.audio(1) == 12800  # nothing lost
     (error,) = h.errors()
@@ -653,7 +563,7 @@ def test_usage_counts_the_keepalive_silence_sent(harness):
     """Usage metrics say how much audio went to the recognizer (what a hosted STT bills). The keepalive
     silence sent while no audio came was not counted, although it is transcribed audio all the same (and
     pipecat's WebsocketSTTService counts its keepalives)."""
-    recorder = Recorder()
+    recorder = FakeServer()
 
     async def main():
         async with remote_service(harness, recorder, keepalive_timeout=0.2, keepalive_interval=0.05) as (stt, h):
@@ -671,7 +581,7 @@ def test_usage_does_not_count_audio_kept_for_a_stream_that_did_not_open(harness)
     """Audio received while a stream opened is kept for it; if the open fails, it is not transcribed (an
     ErrorFrame says so). It was counted in the usage metrics all the same, as if it had been sent."""
     release = asyncio.Event()
-    recorder = Recorder(hold={0: release}, refuse=(0,))
+    recorder = FakeServer(hold={0: release}, refuse=(0,))
 
     async def main():
         async with remote_service(harness, recorder) as (stt, h):
@@ -694,16 +604,11 @@ def test_a_stream_that_dies_while_its_open_completes_is_one_error(harness, endin
     open is still completing) is a failed open, reported once. Its event task reported the end too, so
     the user got two ErrorFrames for one failure (only one of them counted as a failed attempt)."""
 
-    async def dies_at_once(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json(READY)
-        if ending == "a fatal error":
-            await ws.send_json({"type": "error", "code": "internal", "message": "broken", "fatal": True})
-            await ws.close(code=1011, message=b"internal")
-        else:
-            request.transport.abort()
-        return ws
+    if ending == "a fatal error":
+        error = {"type": "error", "code": "internal", "message": "broken", "fatal": True}
+        dies_at_once = FakeServer(script=[error], then="close", close_code=1011, close_reason="internal")
+    else:
+        dies_at_once = FakeServer(then="abort")
 
     class Service(MonosemanticSTTService):
         async def _open_session(self, after=None):
@@ -734,9 +639,9 @@ def test_a_stream_the_server_ends_unasked_is_an_error_and_the_next_audio_reopens
     audio of the utterance in progress was not transcribed. Now a non-fatal ErrorFrame says so, and
     the audio after the end goes to a new stream, as after any lost connection."""
 
-    class EndsMidUtterance(Recorder):
-        async def after_audio(self, n, ws):
-            if n == 0 and self.connections[0]["received"].count("flush") == 1:
+    class EndsMidUtterance(FakeServer):
+        async def after_audio(self, conn, ws):
+            if conn.n == 0 and conn.received.count("flush") == 1:
                 await ws.close()  # in the second utterance, at its first audio: code 1000, no error message
 
     recorder = EndsMidUtterance()

@@ -424,25 +424,15 @@ def test_a_server_that_ends_every_stream_at_once_gives_up_after_max_open_failure
     gave up (a failover never switched). A stream that ends within seconds of opening, before any
     transcript, now counts as a failed open, as pipecat's websocket services count a connection that
     dies right after connecting: the reopen backs off, and the third gives up."""
-    from aiohttp import web
-
-    from _support.server import READY, fake_server
+    from _support.fake_server import FakeServer, fake_server
     from pipecat_monosemantic import stt as stt_module
 
     monkeypatch.setattr(stt_module, "_REOPEN_BACKOFF_SECONDS", 0.05)
-    opened = []
-
-    async def ends_at_once(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        opened.append(request)
-        await ws.send_json(READY)
-        if ending == "a fatal error":
-            await ws.send_json({"type": "error", "code": "internal", "message": "broken", "fatal": True})
-            await ws.close(code=1011, message=b"internal")
-        else:
-            await ws.close()
-        return ws
+    if ending == "a fatal error":
+        error = {"type": "error", "code": "internal", "message": "broken", "fatal": True}
+        ends_at_once = FakeServer(script=[error], then="close", close_code=1011, close_reason="internal")
+    else:
+        ends_at_once = FakeServer(then="close")
 
     async def main():
         async with fake_server(ends_at_once) as url:
@@ -457,7 +447,7 @@ def test_a_server_that_ends_every_stream_at_once_gives_up_after_max_open_failure
                 return usable, h
 
     usable, h = asyncio.run(main())
-    assert not usable
+    assert not usable and len(ends_at_once.connections) == 3 and len(h.errors()) == 3  # one per failed attempt
     gave_up = [e for e in h.errors() if "giving up" in e.error]
     assert gave_up and "giving up after 3 failed attempts in a row" in gave_up[0].error
     assert len([e for e in h.errors() if "next try in" in e.error]) == 2  # the two before: backed off
