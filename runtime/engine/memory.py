@@ -133,17 +133,21 @@ def device_name(device) -> str:
     return str(device)
 
 
-def check_slots_fit(slots: int, per_slot: SlotBytes, device, host_available: int | None, device_available: int | None) -> None:
+def check_slots_fit(
+    slots: int, per_slot: SlotBytes, device, host_available: int | None, device_available: int | None, scratch: int = 0
+) -> None:
     """Raise CapacityError if `slots` slots of state cannot fit in the memory available: on CPU device
-    and host state share the host's memory."""
+    and host state share the host's memory. `scratch` is device state allocated beside the slots (the
+    runner's padding row of encoder caches), counted with them: the check is of what is allocated."""
     if device.type == "cpu":
-        needs = [("host memory", slots * per_slot.total(), host_available)]
+        needs = [("host memory", per_slot.total(), scratch, host_available)]
     else:
         device = device_name(device)
-        needs = [(f"{device} memory", slots * per_slot.device, device_available), ("host memory", slots * per_slot.host, host_available)]
-    for where, need, have in needs:
+        needs = [(f"{device} memory", per_slot.device, scratch, device_available), ("host memory", per_slot.host, 0, host_available)]
+    for where, each, extra, have in needs:
+        need = slots * each + extra
         if have is not None and need > have:
-            fit = have // max(1, need // slots)
+            fit = max(0, have - extra) // max(1, each)
             raise CapacityError(
                 f"EngineConfig(max_streams={slots}) needs {need / GiB:.1f} GiB of {where} for stream state "
                 f"({per_slot.device / 2**20:.2f} MiB per stream of encoder, decoder and VAD state on {device}, "

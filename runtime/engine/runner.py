@@ -86,7 +86,10 @@ class ModelRunner:
             device=sum(state_bytes(state) for state in one),
             host=(ring_samples + self.mirror) * np.dtype(np.float32).itemsize,
         )
-        check_slots_fit(slots, self.slot_bytes, self.device, available_host_memory(), available_device_memory(self.device))
+        scratch = state_bytes(one[0])  # the encoder-cache row past the slots, allocated below
+        check_slots_fit(
+            slots, self.slot_bytes, self.device, available_host_memory(), available_device_memory(self.device), scratch
+        )
         self.ring = np.zeros((slots, ring_samples + self.mirror), dtype=np.float32)
         self.cache = SlotCache.zeros(module.encoder, cache_frames, slots + 1, self.device)  # + scratch row
         self.decoder = initial_state(module.decoder, module.joint, slots, self.device)

@@ -174,3 +174,29 @@ def test_a_cgroup_v1_memory_limit_is_read(tmp_path):
     _limit(root / "memory" / "docker" / "abc", 4 << 30, 3 << 30, v1=True)
     (root / "memory" / "docker" / "abc" / "memory.stat").write_text(f"inactive_file 1\ntotal_inactive_file {1 << 30}\n")
     assert available_host_memory(meminfo, root, me) == 2 << 30
+
+
+def test_the_check_counts_the_scratch_cache_row_the_runner_allocates(ms_model, monkeypatch):
+    """The runner allocates one encoder-cache row past the slots (the row CUDA graphs pad batches with),
+    which the check left out: an engine sized to the memory passed it, then allocated more than there was."""
+    from monosemantic.engine import runner as runner_module
+
+    model = ms_model("nemotron_rnnt")
+    config = EngineConfig(max_streams=3, vad=None)
+    probe = Engine(model, config).core.runner
+    allocated = probe.ring.nbytes + state_bytes(probe.cache) + state_bytes(probe.decoder)  # CPU: all host memory
+    monkeypatch.setattr(runner_module, "available_host_memory", lambda: allocated - 1)
+    with pytest.raises(CapacityError, match=r"max_streams=3\).*about 2 fit"):
+        Engine(model, config)
+    monkeypatch.setattr(runner_module, "available_host_memory", lambda: allocated)
+    Engine(model, config)  # exactly what is allocated fits
+
+
+def test_device_memory_outside_the_slots_counts_against_the_device():
+    per_slot = SlotBytes(device=10 << 20, host=1 << 20)
+    gpu = torch.device("cuda", 0)
+    check_slots_fit(100, per_slot, gpu, host_available=10**12, device_available=1005 << 20, scratch=5 << 20)
+    with pytest.raises(CapacityError, match=r"of cuda:0 memory.*about 99 fit"):
+        check_slots_fit(100, per_slot, gpu, host_available=10**12, device_available=(1005 << 20) - 1, scratch=5 << 20)
+    with pytest.raises(CapacityError, match=r"of host memory.*about 99 fit"):
+        check_slots_fit(100, per_slot, torch.device("cpu"), host_available=(1105 << 20) - 1, device_available=None, scratch=5 << 20)
