@@ -165,7 +165,8 @@ class EngineCore:
             process.started(self)
 
     def stop(self) -> None:
-        """Stop the loop; every open stream gets Error('closed') and is released."""
+        """Stop the loop; every open stream gets Error('closed') and is released, and so is the memory of
+        every slot's state."""
         with self.lock:
             self._stopping = True
             states = list(self.streams.values())
@@ -175,6 +176,10 @@ class EngineCore:
         with self._start_lock:
             if self._thread is not None:
                 self._thread.join()
+            # Every stream is closed and the loop thread has ended: nothing uses the slots any more (a
+            # write, flush or open is refused first, under this lock).
+            with self.lock:
+                self.runner.release()
             process.stopped(self)
 
     def _orphan(self) -> None:

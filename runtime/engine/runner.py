@@ -100,6 +100,19 @@ class ModelRunner:
             self.vad_model = SileroVAD.from_package(device=self.device)
             self.vad_state = make_vad_state(slots, self.device)
 
+    def release(self) -> None:
+        """Let go of every slot's state, and the CUDA graphs that write it, once the engine has stopped
+        (its loop thread ended, every stream closed): a stopped engine someone still holds (a user's
+        variable) no longer keeps max_streams slots of memory from a new engine. Nothing may step, write
+        or reset a slot after this; the engine refuses every such call first."""
+        self.ring = self.cache = self.decoder = self.vad_state = self.vad_model = None
+        if self.graphs is not None:
+            self.graphs, self._pool = {}, None
+        if self.device.type == "cuda":
+            # The next engine's memory check reads the device's free memory, which does not count blocks
+            # still cached by PyTorch's allocator.
+            torch.cuda.empty_cache()
+
     # ---- audio -------------------------------------------------------------------------------------
     def write(self, slot: int, position: int, samples: np.ndarray) -> None:
         """Store samples at absolute stream position `position` in the slot's ring."""

@@ -52,3 +52,26 @@ def test_slots_beyond_free_gpu_memory_are_refused_with_the_sizes(nemo_checkpoint
     streams = 2 * free // probe.core.runner.slot_bytes.device + 1  # twice what the GPU holds
     with pytest.raises(monosemantic.CapacityError, match=rf"max_streams={streams}\) needs .* GiB of cuda:0 memory"):
         Engine(model, EngineConfig(max_streams=streams, vad=None, max_buffered_seconds=1.0))
+
+
+def test_a_closed_engine_lets_go_of_its_slot_state_and_graphs_while_still_referenced(nemo_checkpoint):
+    """A stopped engine kept its slot caches and the CUDA graphs that write them (with their memory
+    pool) until nothing referred to it any more."""
+    import gc
+    import weakref
+
+    model = monosemantic.load_model(nemo_checkpoint("nemotron_rnnt"), device="cuda")
+
+    async def main():
+        engine = Engine(model, EngineConfig(max_streams=4, max_batch=4, vad=None, warmup_latencies=(160,)))
+        async with engine:
+            runner = engine.core.runner
+            graph = next(iter(runner.graphs.values()))
+            held = [weakref.ref(t) for t in (runner.cache.keys[0], runner.decoder.h, graph.out)]
+            del runner, graph
+        return engine, held
+
+    engine, held = asyncio.run(main())
+    gc.collect()
+    assert [ref() is None for ref in held] == [True] * len(held)
+    assert not engine.core.runner.graphs

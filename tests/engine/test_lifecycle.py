@@ -190,6 +190,60 @@ def test_a_closed_shared_engine_is_let_go_before_its_replacement_allocates(ms_mo
         shared.close_shared_engines()
 
 
+@pytest.mark.timeout(120)
+def test_a_closed_engine_lets_go_of_its_slot_state_while_still_referenced(ms_model, monkeypatch):
+    """close_shared_engines() left a stopped engine's slot state (audio rings, encoder caches, decoder and
+    VAD state: max_streams of each) to the engine object, freed only once nothing referred to it: with a
+    user's variable still holding the engine, a new engine for the same model needed the memory twice.
+    The stopped engine's streams and calls still fail with StreamError, not on a freed buffer."""
+    import gc
+    import weakref
+
+    from monosemantic.engine import runner as runner_module
+    from monosemantic.engine import shared
+
+    model = ms_model("nemotron_rnnt")
+    monkeypatch.setattr(shared, "load_model", lambda *args, **kwargs: model)
+    config = EngineConfig(**{**QUIET, "vad": monosemantic.VADConfig()})
+    shared.close_shared_engines()
+
+    async def main():
+        first = await shared.aget_engine("a-model-closed-while-held", device="cpu", config=config)
+        stream = await first.open_stream()
+        await stream.push(np.zeros(1600, np.float32))
+        runner = first.core.runner
+        state = [runner.ring, runner.cache.keys[0], runner.decoder.h, runner.vad_state.h]
+        held = [weakref.ref(buffer) for buffer in state]
+        del state, runner
+        shared.close_shared_engines()
+        events = [event async for event in stream]
+        assert events[-1].code == "closed"
+        gc.collect()
+        assert [ref() is None for ref in held] == [True] * len(held)  # while `first` and `stream` are still held
+        real = runner_module.available_host_memory
+
+        def available():
+            gc.collect()
+            return 0 if any(ref() is not None for ref in held) else real()
+
+        monkeypatch.setattr(runner_module, "available_host_memory", available)
+        second = await shared.aget_engine("a-model-closed-while-held", device="cpu", config=config)
+        assert second is not first and not second.core.shut_down
+        with pytest.raises(StreamError):
+            await stream.push(np.zeros(1600, np.float32))
+        with pytest.raises(StreamError):
+            await stream.flush()
+        with pytest.raises(StreamError):
+            await first.open_stream()
+        await stream.close()
+        await first.aclose()  # closing it again is harmless
+
+    try:
+        asyncio.run(main())
+    finally:
+        shared.close_shared_engines()
+
+
 def _autograd_nodes(*tensors) -> int:
     """Autograd graph nodes reachable from these tensors (0 for tensors that record no graph)."""
     seen, stack = set(), [t.grad_fn for t in tensors]
