@@ -10,6 +10,13 @@ it also runs at interpreter exit. A shared engine that one of its users closed i
 So is one inherited by a forked child (multiprocessing's default on Linux before Python 3.14): the
 engine's loop thread runs only in the parent.
 
+Engines of one checkpoint, device and dtype with different EngineConfigs share one loaded model. That
+is safe because an engine only reads its model: the runner keeps every stream's state in tensors of its
+own, casts no weights (load_model sets the encoder's dtype once), changes none in place, and its CUDA
+graphs, captured per engine into a memory pool of its own with thread-local capture checks, read the
+weights another engine's thread may be reading at the same time. The latency modes' plans are built
+from the model and cached on it, and are only read as well.
+
     engine = await monosemantic.aget_engine("nvidia/nemotron-speech-streaming-en-0.6b", device="auto")
     stream = await engine.open_stream(latency_ms=160, sample_rate=48000)
 """
@@ -21,9 +28,10 @@ import atexit
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 
-from ..asr import DEFAULT_MODEL, load_model, resolve_device, resolve_dtype
+from ..asr import DEFAULT_MODEL, ASRModel, load_model, resolve_device, resolve_dtype
 from .config import EngineConfig
 from .frontdoor import Engine, engine_config
 
@@ -44,6 +52,10 @@ class EngineKey:
 _engines: dict[EngineKey, Engine] = {}
 _registry_lock = threading.Lock()
 _key_locks: dict[EngineKey, threading.Lock] = {}
+# The models the registry's engines run, by (model, device, dtype): weak, so a model is held by the
+# engines that use it and no longer.
+_models: weakref.WeakValueDictionary[tuple[str, str, str], ASRModel] = weakref.WeakValueDictionary()
+_model_locks: dict[tuple[str, str, str], threading.Lock] = {}
 
 
 def _key(model, device, dtype, config) -> EngineKey:
@@ -87,7 +99,7 @@ def get_engine(
             # A shared engine closed by one of its users (`aclose()`, `async with`) would refuse every
             # later stream of the process: it is replaced, on the model already loaded.
             if engine is None:
-                model_ = load_model(key.model, device=key.device, dtype=key.dtype)
+                model_ = _shared_model(key)
             else:
                 model_ = engine.model
                 # Let go of the closed engine before its replacement allocates: its slots (max_streams may
@@ -101,6 +113,19 @@ def get_engine(
             with _registry_lock:
                 _engines[key] = engine
     return engine
+
+
+def _shared_model(key: EngineKey) -> ASRModel:
+    """The model of the key's checkpoint, device and dtype, loaded once for every configuration served
+    from it. Loads of other models are not held up; a failed load is not remembered."""
+    which = (key.model, key.device, key.dtype)
+    with _registry_lock:
+        lock = _model_locks.setdefault(which, threading.Lock())
+    with lock:
+        model = _models.get(which)
+        if model is None:
+            model = _models[which] = load_model(key.model, device=key.device, dtype=key.dtype)
+    return model
 
 
 async def aget_engine(
@@ -125,6 +150,7 @@ def close_shared_engines() -> None:
     with _registry_lock:
         engines = list(_engines.values())
         _engines.clear()
+        _models.clear()  # the next get_engine loads again, as after a first start
         # The per-key locks stay (one per key ever asked for): a get_engine loading under one now would
         # otherwise be joined by a second load of the same model under a new lock, and one of the two
         # engines left out of the registry, never stopped here.
@@ -145,6 +171,7 @@ def _fresh_locks_after_fork() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
     _key_locks.clear()
+    _model_locks.clear()
 
 
 os.register_at_fork(after_in_child=_fresh_locks_after_fork)

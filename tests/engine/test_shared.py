@@ -43,6 +43,35 @@ def test_same_key_shares_one_engine_and_loads_once(registry, nemo_checkpoint):
     assert other is not engines[0]  # a different configuration is a different engine
 
 
+def test_engines_of_one_model_with_different_configs_share_the_loaded_model(registry, nemo_checkpoint, audio_clips, monkeypatch):
+    """Each EngineConfig of one checkpoint, device and dtype loaded the checkpoint again (its seconds, and
+    the weights' memory once per configuration). The runner only reads the model, so one loaded model
+    backs both engines, and both serve streams at the same time as the model transcribes alone."""
+    shared = monosemantic.engine.shared
+    path = nemo_checkpoint("nemotron_rnnt")
+    real_load, loads = shared.load_model, []
+    monkeypatch.setattr(shared, "load_model", lambda *args, **kwargs: loads.append(args) or real_load(*args, **kwargs))
+    small = monosemantic.get_engine(path, device="cpu", config=EngineConfig(max_streams=2, vad=None))
+    large = monosemantic.get_engine(path, device="cpu", config=EngineConfig(max_streams=4, max_batch=2, vad=None))
+    assert large is not small and large.model is small.model and len(loads) == 1
+    audio = next(iter(audio_clips.values()))
+    expected = small.model.transcribe(audio, latency_ms=160).text
+
+    async def one(engine):
+        stream = await engine.open_stream(latency_ms=160)
+        await stream.push(audio)
+        await stream.flush()
+        async for event in stream:
+            if isinstance(event, Final):
+                await stream.close()
+                return event.text
+
+    async def main():
+        return await asyncio.gather(one(small), one(large), one(small), one(large))
+
+    assert asyncio.run(main()) == [expected] * 4
+
+
 def test_shared_engine_serves_streams_from_different_event_loops(registry, nemo_checkpoint, ms_model, audio_clips):
     """Each adapter may run its own event loop (a thread per bot): one engine serves them all."""
     path = nemo_checkpoint("nemotron_rnnt")
@@ -150,9 +179,10 @@ def test_a_config_that_is_not_an_engine_config_is_refused_before_loading(registr
 
 
 def test_a_slow_load_holds_up_only_its_own_key_and_a_failed_load_is_retried(registry, nemo_checkpoint, monkeypatch):
-    """While one model loads (seconds), another key's engine is served; a load that fails (a bad or
-    half-copied checkpoint) is not remembered: the next call for the key loads again."""
-    path = nemo_checkpoint("nemotron_rnnt")
+    """While one model loads (seconds), another model's engine is served; a load that fails (a bad or
+    half-copied checkpoint) is not remembered: the next call for the key loads again. (Another
+    configuration of the same model waits for that load: it is served from the same loaded model.)"""
+    path, other_path = nemo_checkpoint("nemotron_rnnt"), nemo_checkpoint("nemotron_tdt")
     shared = monosemantic.engine.shared
     real_load = shared.load_model
     release, entered, calls = threading.Event(), threading.Event(), []
@@ -178,7 +208,7 @@ def test_a_slow_load_holds_up_only_its_own_key_and_a_failed_load_is_retried(regi
     thread = threading.Thread(target=first)
     thread.start()
     assert entered.wait(60)
-    other = shared.get_engine(path, device="cpu", config=fast)  # not held up by the slow key's load
+    other = shared.get_engine(other_path, device="cpu", config=fast)  # not held up by the slow key's load
     release.set()
     thread.join()
     assert len(errors) == 1 and list(shared.shared_engines().values()) == [other]
