@@ -170,7 +170,9 @@ def parse_args(argv=None):
     parser.add_argument("--url", help="recognize on a `monosemantic serve` at this URL instead of loading a model")
     parser.add_argument("--api-key", default=None, help="the server's key (default: $MONOSEMANTIC_API_KEY)")
     args = parser.parse_args(argv)
-    if bool(args.file) == args.mic:
+    if args.file and args.mic:
+        parser.error("give an audio file or --mic, not both")
+    if not args.file and not args.mic:
         parser.error("give an audio file or --mic")
     return args
 

@@ -79,6 +79,8 @@ def test_a_refused_open_is_one_line_and_releases_the_client(ms_model, nemo_check
 def test_bad_arguments_are_one_line_errors(tmp_path):
     result = run()
     assert result.returncode == 2 and "give an audio file or --mic" in result.stderr
+    both = run(str(ROOT / "tests" / "data" / "jfk.wav"), "--mic")  # asked the user for what they gave
+    assert both.returncode == 2 and "not both" in both.stderr, both.stderr
     result = run(str(tmp_path / "missing.wav"), "--model", str(tmp_path / "missing.nemo"), "--device", "cpu")
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error:")
     assert "Traceback" not in result.stderr
