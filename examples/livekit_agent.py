@@ -14,19 +14,22 @@ MONOSEMANTIC_LATENCY_MS; or MONOSEMANTIC_URL=ws://host:8080 (and MONOSEMANTIC_AP
 `monosemantic serve` instance shared by every worker process instead of a model in this one. Silero VAD (livekit-plugins-silero) decides turns and flushes the STT.
 
 The model loads once per process in `setup` (before jobs arrive); every session of the process then
-shares that one engine, batched together.
+shares that one engine, batched together. A model that could not be found stops the agent at start.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
+from pathlib import Path
 
 from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobProcess, cli
 
 from livekit.plugins import monosemantic
 
 DEFAULT_LLM = "openai:gpt-4.1-mini"
+WORKER_COMMANDS = ("console", "dev", "start", "connect")  # the commands that start processes running `setup`
 DEFAULT_TTS = "openai:gpt-4o-mini-tts"
 
 
@@ -48,6 +51,31 @@ def build_stt(**overrides) -> monosemantic.STT:
         options = dict(base_url=os.environ["MONOSEMANTIC_URL"], latency_ms=options["latency_ms"])
     options.update(overrides)
     return monosemantic.STT(**options)
+
+
+def check_model() -> None:
+    """Stop at start, in one line, on a model the worker processes cannot find. Each of them loads it in
+    `setup`, where LiveKit reports a failure as a traceback for every process, and keeps starting more.
+    A Hugging Face id is fetched into its cache here (the processes then find it there); a local
+    checkpoint must exist (the processes read it)."""
+    if os.environ.get("MONOSEMANTIC_URL"):
+        return  # the server has its model
+    from monosemantic import DEFAULT_MODEL, ModelLoadError
+    from monosemantic.models.checkpoint import download_from_hub
+
+    spec = os.environ.get("MONOSEMANTIC_MODEL") or DEFAULT_MODEL
+    if Path(spec).expanduser().exists():
+        return
+    repo_id = spec.count("/") == 1 and not spec.startswith(("/", ".", "~")) and not spec.endswith(".nemo")
+    if not repo_id:
+        raise SystemExit(
+            f"error: MONOSEMANTIC_MODEL={spec!r}: no such file or directory, and not a Hugging Face repo id "
+            f"('org/name'); give a .nemo file, an extracted checkpoint directory or a repo id"
+        )
+    try:
+        download_from_hub(spec)
+    except ModelLoadError as exc:
+        raise SystemExit(f"error: MONOSEMANTIC_MODEL={spec!r}: {exc}") from None
 
 
 def build_model(spec: str, kind: str):
@@ -92,4 +120,6 @@ async def entrypoint(ctx: JobContext) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in WORKER_COMMANDS:
+        check_model()
     cli.run_app(server)
