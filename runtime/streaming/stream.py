@@ -175,7 +175,10 @@ class FullContextStream(_StreamBase):
 
     def feed(self, audio) -> int:
         pcm = self._prepare(audio)
-        self.audio.append(pcm)
+        # Kept until the utterance ends, and the caller may refill its array meanwhile (a capture
+        # callback's buffer): float32 at the model's rate comes through unconverted (it, or a view of
+        # it), anything else as a new array.
+        self.audio.append(pcm.copy() if pcm is audio or not pcm.flags.owndata else pcm)
         self.samples += pcm.shape[0]
         self.since_update += pcm.shape[0]
         if self.since_update < self.interval:

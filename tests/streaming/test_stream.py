@@ -166,3 +166,22 @@ def test_full_context_partials_come_every_interval_whatever_the_piece_size(ms_mo
     for start in range(0, len(audio), 9600):  # 600 ms pieces
         stream.feed(audio[start : start + 9600])
     assert updates == [19200, 38400, 48000, 67200, 86400, 96000]  # after 1.2, 2.4, 3.0, 4.2, 5.4, 6.0 s
+
+
+@pytest.mark.parametrize("variant", ["parakeet_tdt", "nemotron_rnnt"])
+def test_a_caller_reusing_its_buffer_does_not_change_what_was_fed(ms_model, audio_clips, variant):
+    """A capture callback hands over the same buffer every time, refilled (sounddevice's `indata`, a ring
+    buffer). A full-context stream kept the caller's float32 array itself (as_float32 and the resampler
+    at the model's rate pass it through unconverted), so refilling it rewrote the audio already fed, and
+    the final was the transcription of the last piece repeated."""
+    model = ms_model(variant)
+    audio = audio_clips["jfk.wav"]
+    n = len(audio) // 320 * 320
+    stream = model.new_stream()
+    buffer = np.empty(320, dtype=np.float32)
+    for start in range(0, n, 320):
+        buffer[:] = audio[start : start + 320]
+        stream.feed(buffer)
+    buffer[:] = 0.0
+    latency = model.default_latency_ms if model.cache_aware else None
+    assert stream.finalize().token_ids == model.transcribe(audio[:n], latency_ms=latency).token_ids
