@@ -71,7 +71,9 @@ def as_float32(audio, *, name: str = "audio", too_loud: str | None = None) -> np
         raise AudioError(f"{name}: unsupported sample dtype {arr.dtype} (use float32 in [-1, 1] or int16 PCM)")
     if arr.ndim != 1:
         hint = ""
-        if arr.ndim == 2 and min(arr.shape) <= 8:  # channels: frames x channels, or channels x frames
+        if arr.ndim == 2 and min(arr.shape) == 1:  # one channel, as soundfile's always_2d reads mono
+            hint = " (one channel: flatten it, e.g. audio.reshape(-1))"
+        elif arr.ndim == 2 and min(arr.shape) <= 8:  # channels: frames x channels, or channels x frames
             axis = 1 if arr.shape[1] <= arr.shape[0] else 0
             hint = f" (several channels: downmix them first, e.g. audio.mean(axis={axis}))"
         raise AudioError(f"{name}: expected mono audio as a 1-D array, got shape {tuple(arr.shape)}{hint}")

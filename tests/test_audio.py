@@ -170,3 +170,12 @@ def test_a_stereo_array_is_told_how_to_downmix(shape):
     with pytest.raises(AudioError, match=r"mean\(axis=") as info:
         as_float32(np.zeros(shape, dtype=np.float32))
     assert "1-D" in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(16000, 1), (1, 16000)])
+def test_a_one_channel_2d_array_is_not_told_it_has_several_channels(shape):
+    """A (n, 1) array (soundfile.read(..., always_2d=True) of a mono file) or a (1, n) one (a batch of
+    one tensor) was told it had 'several channels' to downmix; it has one, and needs only flattening."""
+    with pytest.raises(AudioError, match=r"reshape\(-1\)") as info:
+        as_float32(np.zeros(shape, dtype=np.float32))
+    assert "several channels" not in str(info.value) and "1-D" in str(info.value)
