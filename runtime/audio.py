@@ -47,10 +47,11 @@ def typed_view_as_array(pcm):
 
 
 def as_float32(audio, *, name: str = "audio", too_loud: str | None = None) -> np.ndarray:
-    """A contiguous, writable 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor, list).
-    int16/int32 are scaled to [-1, 1]. Raises AudioError for other shapes/dtypes, NaN/inf samples and
+    """A contiguous, writable 1-D float32 array in [-1, 1] from float or integer PCM (numpy array, torch tensor,
+    list, typed memoryview). int16/int32 are scaled to [-1, 1]. Raises AudioError for other shapes/dtypes, NaN/inf samples and
     float samples beyond +-FLOAT_LIMIT (`too_loud`: what to do about them, where the default advice, for
     int16 values in a float array, does not fit)."""
+    audio = typed_view_as_array(audio)  # as the engine's push reads it
     if isinstance(audio, (bytes, bytearray, memoryview)):
         raise AudioError(f"{name}: raw bytes are ambiguous here; pass a numpy array (int16 PCM or float32)")
     if isinstance(audio, (str, os.PathLike)):  # NeMo's transcribe takes paths; numpy reads one as dtype <U or object

@@ -179,3 +179,19 @@ def test_a_one_channel_2d_array_is_not_told_it_has_several_channels(shape):
     with pytest.raises(AudioError, match=r"reshape\(-1\)") as info:
         as_float32(np.zeros(shape, dtype=np.float32))
     assert "several channels" not in str(info.value) and "1-D" in str(info.value)
+
+
+def test_a_typed_memoryview_is_read_as_its_dtype_offline_as_in_the_engine():
+    """The engine's push (and RemoteEngine's) read a memoryview of a float32 or int16 array as that array;
+    as_float32, behind model.transcribe and a model stream's feed, refused the same view as 'raw bytes
+    are ambiguous'. Raw byte views stay refused here: only the engine's push takes int16 bytes."""
+    samples = np.array([0.5, -0.25, 0.0], dtype=np.float32)
+    np.testing.assert_array_equal(as_float32(memoryview(samples)), samples)
+    pcm = np.array([16384, -8192], dtype=np.int16)
+    np.testing.assert_array_equal(as_float32(memoryview(pcm)), [0.5, -0.25])
+    with pytest.raises(AudioError, match="raw bytes"):
+        as_float32(memoryview(pcm.tobytes()))
+    view = memoryview(samples)
+    view.release()
+    with pytest.raises(AudioError, match="released memoryview"):
+        as_float32(view)
