@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -156,8 +157,11 @@ def load_audio_file(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
         raise AudioError(f"{text}: no such file")
     if os.path.isdir(text):
         raise AudioError(f"{text}: is a directory, not an audio file")
+    # soundfile encodes a str path as strict UTF-8 outside Windows, so a name that is not UTF-8 (held with
+    # surrogates) could not be opened; its bytes open it. Windows names are Unicode (soundfile's wide API).
+    name = text if sys.platform == "win32" else os.fsencode(text)
     try:
-        data, rate = soundfile.read(text, dtype="float32", always_2d=True)
+        data, rate = soundfile.read(name, dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile reports corrupt/unknown formats with various exception types
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise AudioError(f"{text}: cannot read audio ({reason})") from None

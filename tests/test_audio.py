@@ -195,3 +195,28 @@ def test_a_typed_memoryview_is_read_as_its_dtype_offline_as_in_the_engine():
     view.release()
     with pytest.raises(AudioError, match="released memoryview"):
         as_float32(view)
+
+
+def _name_not_utf8(tmp_path: Path) -> Path:
+    """A path whose name is not UTF-8 (bytes a Linux file name may hold), or a skip where it cannot exist."""
+    import os
+    import sys
+
+    if sys.platform == "win32":
+        pytest.skip("Windows file names are Unicode")
+    path = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.wav"))  # Latin-1 'é'
+    try:
+        path.touch()
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    return path
+
+
+def test_a_file_whose_name_is_not_utf8_is_read(tmp_path, audio_clips):
+    """Python holds such a name with surrogates ('caf\\udce9.wav'), and soundfile encodes a str path as
+    strict UTF-8: the file could not be read ('cannot read audio (... surrogates not allowed)')."""
+    path = _name_not_utf8(tmp_path)
+    plain = tmp_path / "plain.wav"
+    sf.write(plain, audio_clips["jfk.wav"][:16000], 16000)
+    path.write_bytes(plain.read_bytes())
+    np.testing.assert_array_equal(load_audio_file(path, 16000), load_audio_file(plain, 16000))
