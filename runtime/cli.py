@@ -103,7 +103,9 @@ def _transcribe(args) -> int:
         model.context_for(args.latency_ms)
     failed = 0
     for file in args.files:
-        printer = _Printer(args.json, os.path.basename(file) if len(args.files) > 1 else None)
+        # A name that is not UTF-8 is held with surrogates, which a strict UTF-8 stdout cannot print.
+        label = os.fsencode(os.path.basename(file)).decode("utf-8", "replace")
+        printer = _Printer(args.json, label if len(args.files) > 1 else None)
         try:
             audio = load_audio_file(file, model.sample_rate)
             if args.stream:

@@ -118,3 +118,28 @@ def test_stream_of_a_full_context_model_takes_latency_ms_as_its_partial_interval
     assert offline.returncode == 1 and "full-context" in offline.stderr and len(offline.stderr.strip().splitlines()) == 1
     bad = run_cli(*base[:-1], "0", "--stream")
     assert bad.returncode == 1 and "positive integer" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_shown(checkpoint, tmp_path):
+    """A Linux file name may hold bytes that are not UTF-8 (Python holds them as surrogates). soundfile
+    could not open such a file, and once it could, printing its name as the line's label stopped the run
+    with "'utf-8' codec can't encode character '\\udce9'" where stdout is strict UTF-8 (a UTF-8 locale
+    such as en_US.UTF-8, PYTHONIOENCODING below); the files after it were not transcribed."""
+    import os
+    import shutil
+
+    if sys.platform == "win32":
+        pytest.skip("Windows file names are Unicode")
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.wav")
+    try:
+        shutil.copyfile(DATA / "jfk.wav", odd)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "monosemantic", "transcribe", odd, str(DATA / "jfk.wav"), "--model", checkpoint, "--device", "cpu"],
+        capture_output=True, cwd=ROOT, timeout=600, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    lines = done.stdout.decode("utf-8").splitlines()
+    assert [line.split(":")[0] for line in lines] == ["caf\ufffd.wav", "jfk.wav"]
+    assert lines[0].split(":", 1)[1] == lines[1].split(":", 1)[1]
