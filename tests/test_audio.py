@@ -108,6 +108,26 @@ def test_stream_resampler_loses_no_audio(audio_clips):
     assert abs(len(out) - len(audio) / 3) <= 1
 
 
+@pytest.mark.parametrize("rate", [8000, 11025, 22050, 44100, 48000])
+def test_stream_resampler_equals_one_shot_resampling_whatever_the_pieces(audio_clips, rate):
+    """Pieces of any size (empty, one sample, odd sizes), then flush: the samples of one-shot resampling
+    of the whole signal. A second flush gives nothing more, and after a flush the resampler starts
+    afresh (a stream's next utterance)."""
+    audio = resample(audio_clips["61-70968-0000.flac"][:40000], 16000, rate)
+    expected = resample(audio, rate, 16000)
+    rng = np.random.default_rng(rate)
+    resampler = StreamResampler(rate, 16000)
+    for _ in range(2):
+        pieces, start = [], 0
+        while start < len(audio):
+            size = int(rng.choice([0, 1, 2, 7, 160, 333, 960, 4099]))
+            pieces.append(resampler.push(audio[start : start + size]))
+            start += size
+        pieces.append(resampler.flush())
+        assert len(resampler.flush()) == 0
+        np.testing.assert_allclose(np.concatenate(pieces), expected, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("rate", [0, -16000, 1.5, "16000", True, 10**7])
 def test_bad_sample_rates_are_refused(rate):
     with pytest.raises(AudioError, match="sample rate"):
