@@ -199,10 +199,16 @@ class ASRModel:
                 "audio is a list of numbers, but a list passed to transcribe is a batch of clips: pass one "
                 "clip as a 1-D numpy array (np.asarray(samples, dtype=np.float32)), or a list of such arrays"
             )
-        prepared = [
-            resample(as_float32(a, name=f"audio[{i}]" if not single else "audio"), sample_rate, self.sample_rate)
-            for i, a in enumerate(clips)
-        ]
+        try:
+            prepared = [
+                resample(as_float32(a, name=f"audio[{i}]" if not single else "audio"), sample_rate, self.sample_rate)
+                for i, a in enumerate(clips)
+            ]
+        except AudioError as exc:
+            shape = tuple(getattr(audio, "shape", ()))
+            if single and len(shape) == 2 and min(shape) > 1:  # a padded batch, as a 2-D tensor, or channels
+                raise AudioError(f"{exc}; a batch of clips is a list of 1-D arrays, not a 2-D array") from None
+            raise
         forking.model_ran()
         results: list[Transcript] = []
         for start in range(0, len(prepared), batch_size):

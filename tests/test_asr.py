@@ -197,3 +197,13 @@ def test_a_cpu_index_is_refused():
     with pytest.raises(ValueError, match="invalid device 'cpu:1'"):
         resolve_device("cpu:1")
     assert str(resolve_device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("shape", [(2, 16000), (16000, 2)])
+def test_a_2d_array_is_told_it_may_be_a_batch_as_a_list(ms_model, shape):
+    """model.transcribe(np.stack(clips)) (a batch as a 2-D array, as a padded batch tensor is) was told
+    only to downmix 'several channels' with audio.mean, which would average the clips into one: a batch
+    is a list of 1-D arrays."""
+    with pytest.raises(monosemantic.AudioError, match=r"list of 1-D arrays") as info:
+        ms_model("nemotron_rnnt").transcribe(np.zeros(shape, dtype=np.float32))
+    assert "mean(axis=" in str(info.value)  # still the advice for a stereo array
