@@ -16,6 +16,11 @@ With --url the same runs against a `monosemantic serve` (remote mode): the plugi
 (VAD included) are the server's.
 
     python benchmarks/livekit_ttf.py --url ws://127.0.0.1:8080 --streams 16 --utterances 5
+
+--turns measures the end of a turn the engine's VAD finds instead (VAD on, no flush call): after each
+utterance --gap seconds of silence follow, and the time is from the push of the utterance's last frame to
+the first FINAL after it (so it includes the VAD's wait for `min_silence_ms`). Only the plugin runs
+(the raw engine has no turns).
 """
 
 from __future__ import annotations
@@ -107,6 +112,41 @@ async def plugin_stream(stt, utterances, pace) -> list[float]:
     return times
 
 
+async def plugin_turns(stt, utterances, pace, gap) -> list[float]:
+    """Per utterance: from its last frame's push to the first FINAL after it, with the VAD ending the turn
+    in the `gap` seconds of silence that follow."""
+    from livekit import rtc
+    from livekit.agents.stt import SpeechEventType
+
+    stream = stt.stream()
+    finals: list[float] = []  # arrival times
+
+    async def read():
+        async for event in stream:
+            if event.type == SpeechEventType.FINAL_TRANSCRIPT:
+                finals.append(time.perf_counter())
+
+    async def push(piece):
+        stream.push_frame(rtc.AudioFrame(piece.tobytes(), 16000, 1, len(piece)))
+
+    reader = asyncio.create_task(read())
+    silence = np.zeros(int(gap * 16000), dtype=np.int16)
+    times = []
+    for audio in utterances:
+        await paced(pcm16(audio), push, pace)
+        pushed = time.perf_counter()
+        await paced(silence, push, pace)
+        # the turn's FINAL: the first to come after the utterance's last frame (where exactly it cuts
+        # is the version's business: not part of the criterion)
+        arrivals = [t for t in finals if t >= pushed]
+        if arrivals:
+            times.append(min(arrivals) - pushed)
+        finals.clear()
+    await stream.aclose()
+    await reader
+    return times
+
+
 def summary(times: list[float]) -> dict:
     ms = np.array(times) * 1000
     return {"n": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1)}
@@ -125,12 +165,15 @@ async def main(args) -> dict:
     pool = clips(args.seconds)
     plan = [[pool[(s + u) % len(pool)] for u in range(args.utterances)] for s in range(args.streams)]
     await raw_stream(engine, [pool[0][:16000]], args.latency_ms, 4.0)  # warm-up, not measured
-    raw = await asyncio.gather(*(raw_stream(engine, p, args.latency_ms, args.pace) for p in plan))
+    raw = [] if args.turns else await asyncio.gather(*(raw_stream(engine, p, args.latency_ms, args.pace) for p in plan))
     if args.url:
         stt = lk_monosemantic.STT(base_url=args.url, latency_ms=args.latency_ms)
     else:
         stt = lk_monosemantic.STT(model=args.model, device=args.device, latency_ms=args.latency_ms, engine_config=config)
-    plugin = await asyncio.gather(*(plugin_stream(stt, p, args.pace) for p in plan))
+    if args.turns:
+        plugin = await asyncio.gather(*(plugin_turns(stt, p, args.pace, args.gap) for p in plan))
+    else:
+        plugin = await asyncio.gather(*(plugin_stream(stt, p, args.pace) for p in plan))
     await stt.aclose()
     if args.url:
         await engine.aclose()
@@ -139,7 +182,9 @@ async def main(args) -> dict:
     return {
         "model": args.url or str(args.model), "device": "server" if args.url else args.device, "streams": args.streams, "utterances": args.utterances,
         "utterance_seconds": args.seconds, "latency_ms": args.latency_ms, "vad": args.vad, "pace": args.pace,
-        "engine": summary([t for ts in raw for t in ts]),
+        "turns": args.turns, "gap": args.gap if args.turns else None,
+        "utterances_ended": sum(len(ts) for ts in plugin) if args.turns else None,
+        "engine": summary([t for ts in raw for t in ts]) if raw else None,
         "plugin": summary([t for ts in plugin for t in ts]),
     }
 
@@ -155,7 +200,10 @@ if __name__ == "__main__":
     parser.add_argument("--pace", type=float, default=1.0, help="audio speed, x real time")
     parser.add_argument("--vad", action="store_true", help="run the engine's VAD too")
     parser.add_argument("--url", default=None, help="a `monosemantic serve` URL: measure remote mode")
+    parser.add_argument("--turns", action="store_true", help="VAD-ended turns (implies --vad), plugin only")
+    parser.add_argument("--gap", type=float, default=1.0, help="--turns: seconds of silence after each utterance")
     args = parser.parse_args()
+    args.vad = args.vad or args.turns
     args.model = args.model or monosemantic.DEFAULT_MODEL
     result = asyncio.run(main(args))
     monosemantic.close_shared_engines()
