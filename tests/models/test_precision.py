@@ -44,3 +44,92 @@ def test_exact_fp32_leaves_the_users_torch_settings_alone(nemo_checkpoint, case)
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+
+
+def _tf32_flags() -> tuple[object, object]:
+    """The process-wide TF32 settings exact_fp32 changes, through the API it uses on this torch."""
+    import torch
+
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        return matmul.fp32_precision, conv.fp32_precision
+    return matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_tf32_flags(flags: tuple[object, object]) -> None:
+    import torch
+
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul.fp32_precision, conv.fp32_precision = flags
+    else:
+        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.mark.parametrize("last_out", ["first_in", "second_in"])
+def test_exact_fp32_overlapping_threads_keep_fp32_until_the_last_one_leaves(last_out):
+    """A shared model runs in several engine loop threads (and the user's thread) at once. Each entry
+    saved the flags it found and restored them on exit, so with two overlapping entries the first to leave
+    gave TF32 back while the other still computed, and the second then 'restored' the fp32 setting it had
+    found, leaving the process without the user's TF32 for good."""
+    import threading
+
+    import torch
+
+    from monosemantic.models.precision import exact_fp32
+
+    user = _tf32_flags()
+    user_tf32 = ("tf32", "tf32") if isinstance(user[0], str) else (True, True)
+    exact = ("ieee", "ieee") if isinstance(user[0], str) else (False, False)
+    _set_tf32_flags(user_tf32)
+    try:
+        inside: dict[str, tuple[object, object]] = {}
+        errors: list[BaseException] = []
+        first_in, second_in, first_out_done = threading.Event(), threading.Event(), threading.Event()
+        second_out_done = threading.Event()
+
+        def wait(event: threading.Event) -> None:
+            assert event.wait(10), "the other thread did not get there"
+
+        def first() -> None:
+            try:
+                with exact_fp32(torch.float32):
+                    first_in.set()
+                    wait(second_in)
+                    if last_out == "first_in":
+                        wait(second_out_done)
+                    inside["first"] = _tf32_flags()
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+            finally:
+                first_in.set()
+                first_out_done.set()
+
+        def second() -> None:
+            try:
+                wait(first_in)
+                with exact_fp32(torch.float32):
+                    second_in.set()
+                    if last_out == "second_in":
+                        wait(first_out_done)
+                    inside["second"] = _tf32_flags()
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+            finally:
+                second_in.set()
+                second_out_done.set()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert not errors, errors
+        assert inside == {"first": exact, "second": exact}, "TF32 came back while a thread still computed"
+        assert _tf32_flags() == user_tf32, "the user's TF32 setting was not given back"
+        # The count is back to zero: a later entry saves and sets afresh.
+        with exact_fp32(torch.float32):
+            assert _tf32_flags() == exact
+        assert _tf32_flags() == user_tf32
+    finally:
+        _set_tf32_flags(user)
