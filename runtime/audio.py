@@ -148,15 +148,21 @@ class StreamResampler:
         return tail
 
 
-def load_audio_file(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
-    """Read a wav/flac/ogg file, downmix to mono and resample to `sample_rate`: 1-D float32."""
-    import soundfile
-
+def check_audio_path(path: str | os.PathLike) -> str:
+    """The path as a str when it names something that is not a directory; an AudioError otherwise."""
     text = os.fspath(path)
     if not os.path.exists(text):
         raise AudioError(f"{text}: no such file")
     if os.path.isdir(text):
         raise AudioError(f"{text}: is a directory, not an audio file")
+    return text
+
+
+def load_audio_file(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
+    """Read a wav/flac/ogg file, downmix to mono and resample to `sample_rate`: 1-D float32."""
+    import soundfile
+
+    text = check_audio_path(path)
     # soundfile encodes a str path as strict UTF-8 outside Windows, so a name that is not UTF-8 (held with
     # surrogates) could not be opened; its bytes open it. Windows names are Unicode (soundfile's wide API).
     name = text if sys.platform == "win32" else os.fsencode(text)

@@ -90,10 +90,20 @@ def _stream_file(model, audio, args, printer: _Printer, file: str):
 
 def _transcribe(args) -> int:
     from .asr import load_model
-    from .audio import load_audio_file
+    from .audio import check_audio_path, load_audio_file
 
     if args.realtime and not args.stream:
         raise ValueError("--realtime paces --stream: add --stream, or leave --realtime out")
+    # A mistyped name is a usage error: say so before loading (maybe downloading) the model.
+    bad_paths = 0
+    for file in args.files:
+        try:
+            check_audio_path(file)
+        except MonosemanticError as exc:
+            print(f"monosemantic: error: {exc}", file=sys.stderr, flush=True)
+            bad_paths += 1
+    if bad_paths:
+        return 1
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     # Reject a bad --latency-ms before reading any file. A full-context model has no latency modes, but
     # its stream takes latency_ms as the interval its partial is recomputed at: new_stream checks that.
