@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -104,7 +105,21 @@ class ASRModel:
         self._plans: dict[tuple[int, int], ChunkPlan] = {}
         cfg = module.cfg
         self.decoding_args = (cfg.decoding.durations, cfg.decoding.max_symbols)
-        self._modes = {self._shape(c).latency_ms(cfg.frontend.hop_length, self.sample_rate): c for c in cfg.encoder.att_context_sizes} if cfg.cache_aware else {}
+        self._modes: dict[int, tuple[int, int]] = {}
+        for context in cfg.encoder.att_context_sizes if cfg.cache_aware else []:
+            latency = self._shape(context).latency_ms(cfg.frontend.hop_length, self.sample_rate)
+            if latency not in self._modes:
+                self._modes[latency] = context
+                continue
+            # A mode is chosen by latency, i.e. by its right context alone. Keeping the first keeps the
+            # checkpoint's default (listed first) reachable, and default_latency_ms meaning that context.
+            warnings.warn(
+                f"{source}: attention context {list(context)} has the same {latency} ms latency as "
+                f"{list(self._modes[latency])}, which comes first; latency_ms={latency} selects "
+                f"{list(self._modes[latency])}, and {list(context)} cannot be selected",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ---- description -------------------------------------------------------------------------------
     @property

@@ -51,6 +51,25 @@ def test_latency_modes(ms_model):
     assert "RNN-T" in repr(nemotron) and "TDT" in repr(parakeet)
 
 
+def test_two_contexts_with_one_latency_keep_the_default_and_warn(nemo_checkpoint_dir, tmp_path):
+    """Modes are chosen by latency, which is the right context alone: (70, 6) and (35, 6) are both 560 ms.
+    The later context silently replaced the default one under that latency, so default_latency_ms led to
+    (35, 6) while latency_ms=None used (70, 6), and (70, 6) could not be chosen by latency at all. The first
+    (the checkpoint's default comes first) is kept and the load warns that the other cannot be chosen."""
+    from dataclasses import replace
+
+    from _support.nemo_checkpoints import VARIANTS, build_model, get_tokenizer_dir, quiet_nemo
+
+    variant = replace(VARIANTS["nemotron_rnnt"], name="same_latency", att_context_size=((70, 6), (35, 6), (70, 1)))
+    path = tmp_path / "same_latency.nemo"
+    with quiet_nemo():
+        build_model(variant, get_tokenizer_dir(nemo_checkpoint_dir)).save_to(str(path))
+    with pytest.warns(UserWarning, match=r"\[35, 6\] .*same 560 ms latency as \[70, 6\]"):
+        model = monosemantic.load_model(path, device="cpu")
+    assert model.latency_modes == [560, 160] and model.default_latency_ms == 560
+    assert model.context_for(560) == model.context_for(None) == (70, 6)
+
+
 def test_full_context_stream_partials_and_final(ms_model, audio_clips):
     model = ms_model("parakeet_tdt")
     audio = audio_clips["jfk.wav"]
