@@ -161,7 +161,7 @@ async def caption(args, stream, microphone, rate: int) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("file", nargs="?", help="audio file (wav/flac/ogg, any rate)")
+    parser.add_argument("file", nargs="?", help="audio file (wav, flac, ogg/opus, mp3; any rate)")
     parser.add_argument("--mic", action="store_true", help="caption the default microphone")
     parser.add_argument("--fast", action="store_true", help="with a file: do not pace at real time")
     parser.add_argument("--model", default=monosemantic.DEFAULT_MODEL, help="Hugging Face id or .nemo file")

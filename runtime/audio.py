@@ -159,7 +159,11 @@ def check_audio_path(path: str | os.PathLike) -> str:
 
 
 def load_audio_file(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
-    """Read a wav/flac/ogg file, downmix to mono and resample to `sample_rate`: 1-D float32."""
+    """Read an audio file, downmix to mono and resample to `sample_rate`: 1-D float32.
+
+    Any format the libsndfile behind soundfile reads: wav, flac, ogg (Vorbis, Opus from libsndfile 1.0.29),
+    mp3 (from 1.1.0), aiff and more; `soundfile.available_formats()` lists them.
+    """
     import soundfile
 
     text = check_audio_path(path)

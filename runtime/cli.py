@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="monosemantic", description="Streaming speech recognition runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("transcribe", help="transcribe audio files (wav/flac/ogg, any rate and channel count)")
+    tr = sub.add_parser("transcribe", help="transcribe audio files (wav, flac, ogg/opus, mp3: what libsndfile reads; any rate and channel count)")
     tr.add_argument("files", nargs="+", metavar="FILE")
     tr.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face repo id, .nemo file or checkpoint dir (default {DEFAULT_MODEL})")
     tr.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
