@@ -529,6 +529,9 @@ class MonosemanticSTTService(STTService):
         audio kept meanwhile (nothing lost, in order), and the settings it was opened with revert to that
         stream's (a later update, received while it opened, stays and is tried next)."""
         latency, model = tried
+        # A connection that failed, as in `_open_failed`: an application watching the connection hears
+        # of it whether or not an old stream carries on.
+        await self._connection_event("on_connection_error", f"could not open a recognition stream: {e}")
         # Not a failure of the service: left to classify the exception, pipecat would take a server's
         # refusal (HTTP 400 for a mode it lacks) for a permanent INVALID_REQUEST and write the service
         # off, and no more audio would reach the old stream that carries on. The setting was the

@@ -140,6 +140,48 @@ def test_a_new_stream_that_cannot_open_leaves_the_old_one_the_audio_kept_for_it(
     assert not error.fatal
 
 
+@pytest.mark.parametrize("failure", ["refused", "dies at once"])
+def test_a_settings_changes_stream_that_fails_is_a_connection_error_as_any_failed_open(harness, failure):
+    """A stream that cannot open raised on_connection_error when it was the service's only stream, but
+    none when it was the stream for new settings (the old one carrying on): an application watching the
+    connection (alerting, a failover) never heard of that failure. Both are now reported the same way,
+    once; one that opens and dies at once is too (its event task reports it, as for any stream)."""
+    recorder = FakeServer(refuse=(1,) if failure == "refused" else ())
+
+    async def main():
+        async with fake_server(recorder) as url:
+            stt = MonosemanticSTTService(base_url=url)
+            seen: list[str] = []
+
+            @stt.event_handler("on_connection_error")
+            async def on_connection_error(service, error):
+                seen.append(error)
+
+            async with harness(stt, sample_rate=16000) as h:
+                await h.say(pcm(0.5))
+                await h.wait_for(lambda: len(h.finals()) == 1, timeout=10)
+                if failure == "dies at once":
+                    recorder.then = "abort"  # from the next connection on: ready, then cut
+                await h.worker.queue_frame(update(latency_ms=80))
+                await h.wait_for(lambda: h.errors() and seen, timeout=5)  # the handlers run as tasks
+                if failure == "refused":  # the old stream carries on
+                    await h.say(pcm(0.6))
+                    await h.wait_for(lambda: len(h.finals()) == 2, timeout=10)
+                await h.end(timeout=10)
+                return stt, h, seen
+
+    stt, h, seen = asyncio.run(main())
+    (error,) = h.errors()
+    assert not error.fatal
+    (connection_error,) = seen
+    if failure == "refused":
+        assert [f.text for f in h.finals()] == ["c0:16000", "c0:19200"] and stt.settings.latency_ms == 160
+        assert "cannot apply latency_ms=80" in error.error
+        assert connection_error == "could not open a recognition stream: the server refused the stream: HTTP 400"
+    else:
+        assert "connection lost" in connection_error, connection_error
+
+
 def test_a_latency_change_while_the_stream_opens_applies_before_the_next_utterance(harness):
     """A change that arrives while the service's stream is still opening (at start, or after a lost
     connection) found no stream to replace, and the stream opened with the old setting; the next
