@@ -15,6 +15,7 @@ sees TF32 off, and a TF32 setting the user changes during that time is replaced 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Iterator
 
@@ -61,6 +62,20 @@ def _restore(saved: tuple[object, object]) -> None:
         matmul.fp32_precision, conv.fp32_precision = saved
     else:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while a thread of its parent was inside has none inside: give the user's settings
+    back, and take a fresh lock (one held by a parent thread at the fork would never be released)."""
+    global _lock, _depth, _saved
+    _lock, _depth = threading.Lock(), 0
+    saved, _saved = _saved, None
+    if saved is not None:
+        _restore(saved)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager

@@ -133,3 +133,44 @@ def test_exact_fp32_overlapping_threads_keep_fp32_until_the_last_one_leaves(last
         assert _tf32_flags() == user_tf32
     finally:
         _set_tf32_flags(user)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no os.fork on this platform")
+def test_a_child_forked_while_a_thread_is_inside_exact_fp32_gets_the_users_settings():
+    """The count of threads inside is process state: a child forked while a parent thread was inside
+    inherited it, with no thread of its own to bring it to zero, and kept TF32 off for good."""
+    import os
+    import threading
+
+    import torch
+
+    from monosemantic.models.precision import exact_fp32
+
+    user = _tf32_flags()
+    user_tf32 = ("tf32", "tf32") if isinstance(user[0], str) else (True, True)
+    exact = ("ieee", "ieee") if isinstance(user[0], str) else (False, False)
+    _set_tf32_flags(user_tf32)
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with exact_fp32(torch.float32):
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            ok = _tf32_flags() == user_tf32
+            with exact_fp32(torch.float32):
+                ok = ok and _tf32_flags() == exact
+            ok = ok and _tf32_flags() == user_tf32
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child did not get the user's TF32 settings back"
+    finally:
+        leave.set()
+        thread.join(10)
+        _set_tf32_flags(user)
