@@ -94,15 +94,17 @@ def _transcribe(args) -> int:
 
     if args.realtime and not args.stream:
         raise ValueError("--realtime paces --stream: add --stream, or leave --realtime out")
-    # A mistyped name is a usage error: say so before loading (maybe downloading) the model.
-    bad_paths = 0
+    # A mistyped name is said at once, before loading (maybe downloading) the model; the other files
+    # still run, as cat or grep go on past a missing one, and the exit status says one failed.
+    files = []
     for file in args.files:
         try:
             check_audio_path(file)
         except MonosemanticError as exc:
             print(f"monosemantic: error: {exc}", file=sys.stderr, flush=True)
-            bad_paths += 1
-    if bad_paths:
+        else:
+            files.append(file)
+    if not files:
         return 1
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     # Reject a bad --latency-ms before reading any file. A full-context model has no latency modes, but
@@ -111,8 +113,8 @@ def _transcribe(args) -> int:
         model.new_stream(latency_ms=args.latency_ms)
     else:
         model.context_for(args.latency_ms)
-    failed = 0
-    for file in args.files:
+    failed = len(args.files) - len(files)
+    for file in files:
         # A name that is not UTF-8 is held with surrogates, which a strict UTF-8 stdout cannot print.
         label = os.fsencode(os.path.basename(file)).decode("utf-8", "replace")
         printer = _Printer(args.json, label if len(args.files) > 1 else None)

@@ -55,30 +55,43 @@ def test_plain_text_output(checkpoint, ms_model, audio_clips):
 
 
 def test_bad_files_get_one_line_errors_and_the_rest_still_run(checkpoint, tmp_path):
+    """Every kind of bad file gets its one line and the others are transcribed, exit status 1: a missing
+    file and a directory said at once (before the model loads), an empty or corrupt one when its turn
+    comes."""
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     corrupt = tmp_path / "corrupt.flac"
     corrupt.write_bytes(b"fLaC" + b"\x00" * 64)
-    done = run_cli("transcribe", str(empty), str(DATA / "jfk.wav"), str(corrupt),
+    missing = tmp_path / "missing.wav"
+    done = run_cli("transcribe", str(empty), str(DATA / "jfk.wav"), str(missing), str(corrupt), str(DATA),
                    "--model", checkpoint, "--device", "cpu", "--json")
     assert done.returncode == 1
     errors = done.stderr.strip().splitlines()
-    assert len(errors) == 2 and all(line.startswith("monosemantic: error: ") for line in errors)
+    assert len(errors) == 4 and all(line.startswith("monosemantic: error: ") for line in errors)
+    assert errors[:2] == [
+        f"monosemantic: error: {missing}: no such file",
+        f"monosemantic: error: {DATA}: is a directory, not an audio file",
+    ]
     assert "Traceback" not in done.stderr
     finals = [json.loads(line) for line in done.stdout.splitlines()]
     assert [f["file"] for f in finals if f["type"] == "final"] == [str(DATA / "jfk.wav")]
 
 
-def test_missing_files_and_directories_are_refused_before_the_model_loads(tmp_path):
+def test_missing_files_and_directories_are_said_before_the_model_loads(tmp_path):
     """A mistyped file name was found only after the model had loaded (downloaded, on a first run). The
-    paths are now checked first: a model that does not exist is never looked at."""
+    paths are now checked first: their errors come before the model's, and with no file left a model that
+    does not exist is never looked at."""
     missing = tmp_path / "missing.wav"
     done = run_cli("transcribe", str(DATA / "jfk.wav"), str(missing), str(DATA), "--model", "/no/such.nemo")
-    assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.strip().splitlines() == [
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and done.stdout == "" and len(lines) == 3
+    assert lines[:2] == [
         f"monosemantic: error: {missing}: no such file",
         f"monosemantic: error: {DATA}: is a directory, not an audio file",
     ]
+    assert "not found" in lines[2]  # then the model
+    done = run_cli("transcribe", str(missing), str(DATA), "--model", "/no/such.nemo")
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == lines[:2]
 
 
 @pytest.mark.parametrize(
