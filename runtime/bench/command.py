@@ -18,7 +18,7 @@ from .output import check_writable, write_json
 from .result import BenchResult, percentiles
 from .workload import make_workload
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")  # in a directory; libsndfile 1.1+ reads them all
 MAX_SECONDS = 3600.0  # audio per stream: the workload is built in memory before the run
 MAX_BATCH_WAIT_MS = 86_400_000.0  # one day, as EngineConfig bounds its durations
 DEFAULT_STREAMS = 8
@@ -35,7 +35,7 @@ def load_clips(paths: list[str] | None, sample_rate: int) -> list[np.ndarray]:
         source = Path(__file__).resolve().parents[2] / "tests" / "data"
         found = next((d for d in (here, source) if d.is_dir()), None)
         if found is None:
-            raise ValueError("no speech to send: pass --audio with wav/flac files or directories (the default, tests/data, exists only in a checkout of the repository)")
+            raise ValueError("no speech to send: pass --audio with audio files (wav, flac, ogg, opus, mp3) or directories (the default, tests/data, exists only in a checkout of the repository)")
         paths = [str(found)]
     files: list[Path] = []
     for p in paths:
@@ -45,7 +45,7 @@ def load_clips(paths: list[str] | None, sample_rate: int) -> list[np.ndarray]:
         else:
             files.append(path)
     if not files:
-        raise ValueError(f"no audio files found in {', '.join(paths)}; pass --audio with wav/flac files")
+        raise ValueError(f"no audio files found in {', '.join(paths)}; pass --audio with audio files (wav, flac, ogg, opus, mp3)")
     return [load_audio_file(f, sample_rate) for f in files]
 
 
