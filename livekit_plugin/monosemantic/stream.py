@@ -276,6 +276,9 @@ class SpeechStream(stt.RecognizeStream):
                     if stalled.done():
                         self._cut(self._es)
             finally:
+                if not self._aclosing:  # (aclose drops what was owed, as LiveKit's "close immediately" says)
+                    for event in self._tracker.lost():
+                        self._send(event)
                 # Whatever happened above: a turn left open keeps the session 'speaking' for good.
                 for event in self._tracker.close():
                     self._send(event)

@@ -123,6 +123,22 @@ class TurnTracker:
         end = self._speech_end if self._speech_end is not None else self.pushed
         return [self._end(max(end, self._speech_start))]
 
+    def lost(self) -> list[stt.SpeechEvent]:
+        """The engine stream failed with Finals owed: an empty FINAL for each framework flush among them.
+
+        The session waits for a FINAL after a flush it asked for (commit_user_turn, up to its
+        `transcript_timeout`), and no later engine stream can answer it: the retry's never saw that
+        flush, and the audio before it was lost with this one. The VAD's own flushes need none: `close()`
+        ends their turn."""
+        out = []
+        for reason in self.pending:
+            if reason == "framework":
+                lost = monosemantic.Final(text="", start=self.utterance_start, end=max(self.utterance_start, self.pushed))
+                out.append(self._final_event(lost))
+                self.utterance_start = lost.end
+        self.pending.clear()
+        return out
+
     def rebase(self, chunk: int) -> None:
         """The stream replaced its engine stream (latency `chunk` samples) at an idle boundary: the new
         one counts samples from 0, after the `pushed` samples of the old one."""

@@ -570,6 +570,38 @@ def test_audio_held_back_for_a_latency_change_goes_to_the_retry(checkpoint, ms_m
     lk.check_invariants(events, (len(a) + len(b)) / 16000)
 
 
+def test_a_framework_flush_lost_with_its_engine_stream_is_answered_after_the_retry(checkpoint, ms_model, audio_clips, lk):
+    """The session's commit_user_turn() flushes the STT and waits `transcript_timeout` for a FINAL. The
+    engine stream died before that flush's Final; the base class retried the run on a new engine stream,
+    but nothing flushed that one, so the flush was never answered and the session waited its whole
+    timeout. The retry now flushes for it first: an empty FINAL (that audio was lost), then the stream
+    goes on."""
+    a, b = audio_clips["jfk.wav"], audio_clips["61-70968-0000.flac"]
+    model = ms_model("nemotron_rnnt")
+
+    async def main():
+        stt = lk_monosemantic.STT(model=checkpoint, device="cpu", engine_config=NO_VAD)
+        opened = await engine_seam(stt, lambda stream, n: _LostBeforeFinal(stream) if n == 1 else stream)
+        errors = []
+        stt.on("error", errors.append)
+        stream = stt.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.01))
+        events = []
+        reader = lk.start_reader(stream, events)
+        await lk.feed(stream, a)
+        stream.flush()  # as commit_user_turn() does
+        await lk.wait_for(lambda: len(opened) == 2)  # the run failed and was retried
+        await lk.feed(stream, b)
+        stream.end_input()
+        await asyncio.wait_for(reader, 60)
+        return events, errors
+
+    events, errors = asyncio.run(main())
+    assert len(errors) == 1 and errors[0].recoverable
+    # one FINAL per flush: the lost one's (empty), then end_input()'s
+    assert [f.text for f in finals(events)] == ["", model.transcribe(b, latency_ms=160).text]
+    assert finals(events)[1].start_time == pytest.approx(len(a) / 16000, abs=1e-3)
+
+
 class _EndsAfterFirstFinal(PassThroughStream):
     """An engine stream that ends right after its first Final, without an error and without being closed:
     a server's connection closed cleanly by something between it and the plugin (a proxy, say)."""
