@@ -273,8 +273,7 @@ class SpeechStream(stt.RecognizeStream):
                         await self._es.close()  # frees the engine slot, whatever ended the run
                     except Exception as exc:  # a connection that broke as it closed: nothing left to free
                         logger.debug("closing the engine stream failed: %r", exc)
-                    if stalled.done():
-                        self._cut(self._es)
+                    self._cut(self._es)
             finally:
                 if not self._aclosing:  # (aclose drops what was owed, as LiveKit's "close immediately" says)
                     for event in self._tracker.lost():
@@ -357,7 +356,9 @@ class SpeechStream(stt.RecognizeStream):
     @staticmethod
     def _cut(es: EngineStreamLike) -> None:
         """A hung server would hold the connection of a stream closed on it open: cut it, in the
-        background, if it does not close within a moment."""
+        background, if it does not close within a moment. Whatever ended the run: a server can hang
+        while nothing is owed too (no flush sent), and aclose() then only sends it `close`, which it
+        does not answer (a stream whose server already closed returns at once)."""
         wait_closed = getattr(es, "wait_closed", None)
         if wait_closed is not None:
             task = asyncio.ensure_future(wait_closed(_CUT_GRACE_SECONDS))

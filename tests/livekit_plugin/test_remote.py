@@ -14,7 +14,7 @@ from aiohttp import web
 from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError, APITimeoutError
 from livekit.agents.stt import SpeechEventType as T
 
-from _support.fake_server import READY, fake_server
+from _support.fake_server import READY, FakeServer, fake_server
 from _support.server import RunningServer
 from livekit.plugins import monosemantic as lk_monosemantic
 
@@ -360,6 +360,32 @@ def test_a_stream_owing_no_final_is_not_timed_out_by_a_quiet_server(lk):
 
     errors = asyncio.run(main())
     assert errors == [] and len(connections) == 1
+
+
+def test_aclose_cuts_the_connection_of_a_server_that_hung_while_nothing_was_owed(lk):
+    """aclose() sends the server `close` and lets the run end; a server that hung answers neither. The
+    connection was cut only when the run had timed out waiting for something owed (a Final): one that
+    hung while nothing was owed (no flush sent) kept its connection open after aclose(), and with it a
+    slot on the server, until the STT itself was closed."""
+    import importlib
+
+    plugin_stream = importlib.import_module("livekit.plugins.monosemantic.stream")
+
+    async def main():
+        async with fake_server(FakeServer(then="hang")) as url:  # never reads, never answers
+            stt = lk_monosemantic.STT(base_url=url)
+            stream = stt.stream(conn_options=APIConnectOptions(max_retry=0, timeout=30))
+            try:
+                await lk.feed(stream, np.zeros(16000, np.float32))
+                await lk.wait_for(lambda: stream._es is not None)
+                es = stream._es
+                await stream.aclose()
+                await asyncio.gather(*plugin_stream._cutting)  # the cut, if aclose made one
+                return es._ws.closed
+            finally:
+                await stt.aclose()
+
+    assert asyncio.run(main())
 
 
 def test_a_pause_in_the_input_longer_than_the_servers_idle_timeout_keeps_the_stream(ms_model, audio_clips, lk):
