@@ -108,3 +108,53 @@ def test_download_files_asks_the_hub_for_what_load_model_reads(tmp_path, monkeyp
     with pytest.raises(monosemantic.ModelLoadError):
         monosemantic.load_model(monosemantic.DEFAULT_MODEL, device="cpu")
     assert len(calls) == 2 and calls[0] == calls[1]
+
+
+def _download_files_with_hub(tmp_path, monkeypatch, *, fails: tuple[str, ...] = ()) -> list[str]:
+    """Run the registered plugin's download_files() against a stand-in hub; returns the repos it asked
+    for (those in `fails` raise as an unreachable hub would)."""
+    import huggingface_hub
+    from livekit.agents import Plugin
+
+    from livekit.plugins import monosemantic as plugin
+
+    asked: list[str] = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        if repo_id in fails:
+            raise ConnectionError("hub unreachable")
+        snapshot = tmp_path / "snapshot"
+        snapshot.mkdir(exist_ok=True)
+        (snapshot / "model.nemo").write_bytes(b"")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    [registered] = [p for p in Plugin.registered_plugins if p.package == plugin.__package__]
+    registered.download_files()
+    return asked
+
+
+def test_download_files_also_fetches_the_model_monosemantic_model_names(tmp_path, monkeypatch):
+    """An agent configured by MONOSEMANTIC_MODEL (the example agent reads it) loads that model, which
+    download-files did not fetch: the image was built without it, and the first session downloaded it."""
+    monkeypatch.setenv("MONOSEMANTIC_MODEL", "acme/custom-asr")
+    assert _download_files_with_hub(tmp_path, monkeypatch) == [monosemantic.DEFAULT_MODEL, "acme/custom-asr"]
+
+
+def test_download_files_fetches_nothing_for_a_local_monosemantic_model(tmp_path, monkeypatch):
+    """A path is read where it is (also one that exists only where the agent runs, a mounted volume)."""
+    checkpoint = tmp_path / "mine.nemo"
+    checkpoint.write_bytes(b"")
+    for local in (str(checkpoint), "/models/not-mounted-yet.nemo", "~/models/asr", "./asr.nemo"):
+        monkeypatch.setenv("MONOSEMANTIC_MODEL", local)
+        assert _download_files_with_hub(tmp_path, monkeypatch) == [monosemantic.DEFAULT_MODEL]
+
+
+def test_download_files_names_the_monosemantic_model_it_could_not_fetch(tmp_path, monkeypatch):
+    from livekit.agents._exceptions import CLIError
+
+    monkeypatch.setenv("MONOSEMANTIC_MODEL", "acme/custom-asr")
+    with pytest.raises(CLIError) as info:
+        _download_files_with_hub(tmp_path, monkeypatch, fails=("acme/custom-asr",))
+    assert "MONOSEMANTIC_MODEL" in str(info.value) and "acme/custom-asr" in str(info.value)
