@@ -106,6 +106,7 @@ class SpeechStream(stt.RecognizeStream):
         self._origin_at: list[float] = []
         self._origins: list[float] = []
         self._consumed = 0
+        self._anchored: tuple[int, float] | None = None  # the last run's first sample and the origin `_anchor` gave it
         # Stream-relative times (`Clock.seconds`): the input sample the current run started at, the wall
         # time at which the base class began the last attempt, and the seconds its retries added to
         # `start_time_offset` (see `_run`).
@@ -157,8 +158,20 @@ class SpeechStream(stt.RecognizeStream):
         return self._origins[max(i, 0)]
 
     def _paused(self, start: int, sample: int) -> float:
-        """Seconds the input paused between input samples `start` and `sample`."""
-        return self._origin(sample) - self._origin(start) if self._origins else 0.0
+        """Seconds the input paused between input samples `start` and `sample`.
+
+        From a run's first sample (`Clock.wall` adds this to the run's anchor), counted from the origin
+        the anchor was computed with, not the one the frames put there now: the stretch holding it may
+        have been forgotten since (after `_ORIGINS_KEPT` more pauses: the lookup would then give a later
+        stretch's origin, and every time after it would run early by the pauses forgotten, an
+        END_OF_SPEECH before its own START), or a backlog may have moved its origin back (then the
+        run's times are those of the audio, not late by the frame that was late). Either way the wall
+        time of input sample p is `_origin(p) + p / SAMPLE_RATE`, as `_anchor` says."""
+        if not self._origins:
+            return 0.0
+        if self._anchored is not None and self._anchored[0] == start:
+            return self._origin(sample) - self._anchored[1]
+        return self._origin(sample) - self._origin(start)
 
     def check_latency(self, latency_ms: int) -> None:
         """ValueError now, naming the modes, if the stream's engine is local and its model lacks this
@@ -429,7 +442,8 @@ class SpeechStream(stt.RecognizeStream):
         from the input before this run's."""
         if not self._origins:  # (no frame came through push_frame: the audio ends now)
             return max(0.0, time.time() - (self._consumed - start) / SAMPLE_RATE)
-        return max(0.0, self._origin(start) + start / SAMPLE_RATE)
+        self._anchored = (start, self._origin(start))
+        return max(0.0, self._anchored[1] + start / SAMPLE_RATE)
 
     async def _flush(self, reason: FlushReason, at: int | None = None) -> None:
         """`at`: the engine stream's sample the utterance ends at (the VAD's end), else all audio pushed."""

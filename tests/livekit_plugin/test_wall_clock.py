@@ -251,3 +251,61 @@ def test_a_late_frame_followed_by_its_backlog_is_no_pause(monkeypatch):
     late, paused = asyncio.run(main())
     assert late == pytest.approx(0.0, abs=1e-6)
     assert paused == pytest.approx((2.0, 0.0), abs=1e-6)
+
+
+def test_turn_times_stay_true_after_more_pauses_than_the_stream_remembers(monkeypatch):
+    """Every pause in the input (push-to-talk: each release of the button) starts a stretch with its own
+    origin, and the stream remembers the last 256. Once it had forgotten the first, the run's first
+    sample was looked up in the oldest stretch kept: every later time ran early by the pauses forgotten
+    (the first one here, 60 s, the user waiting before speaking), and an END_OF_SPEECH came before its
+    own START_OF_SPEECH."""
+    from livekit import rtc
+
+    from livekit.plugins.monosemantic import stream as stream_module
+    from livekit.plugins.monosemantic.turns import Clock
+
+    now = [1000.0]
+    monkeypatch.setattr(stream_module, "time", types.SimpleNamespace(time=lambda: now[0]))
+    frame = rtc.AudioFrame(bytes(640), 16000, 1, 320)  # 20 ms
+
+    async def main():
+        stt = lk_monosemantic.STT(model="unused", device="cpu")
+
+        async def never_ready():
+            await asyncio.Event().wait()
+
+        stt._engine = never_ready  # no engine: the run's clock is built here, as _run builds it
+        stream = stt.stream()
+        pushed = 0
+
+        def live(n):
+            nonlocal pushed
+            for _ in range(n):
+                now[0] += 0.02
+                stream.push_frame(frame)
+                pushed += 320
+
+        live(5)
+        stream.start_time = stream._anchor(0)  # the run's first push
+        clock = Clock(offset=lambda: 0.0, anchor=lambda: stream.start_time, first=lambda: 0, paused=stream._paused)
+        tracker = TurnTracker(clock, language="en", interim_results=False)
+        now[0] += 60.0
+        live(5)
+        for _ in range(254):  # 256 stretches of input so far: none forgotten
+            now[0] += 0.5
+            live(5)
+        onset, true_onset = pushed - 320, now[0] - 0.02
+        [start], _ = tracker.handle(monosemantic.SpeechStarted(onset))
+        now[0] += 0.5
+        live(5)  # the 257th stretch: the first is forgotten
+        offset, true_offset = pushed, now[0]
+        tracker.handle(monosemantic.SpeechEnded(offset))
+        tracker.flushed("vad")
+        out, _ = tracker.handle(monosemantic.Final(text="", end=offset))
+        stream._task.cancel()
+        await stream.aclose()
+        return start.speech_start_time, true_onset, out[-1].speech_end_time, true_offset
+
+    start, true_start, end, true_end = asyncio.run(main())
+    assert start == pytest.approx(true_start, abs=1e-3)
+    assert end == pytest.approx(true_end, abs=1e-3)
