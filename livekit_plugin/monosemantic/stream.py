@@ -248,9 +248,10 @@ class SpeechStream(stt.RecognizeStream):
             paused=self._paused,
         )
         # Turns follow the engine's voice activity, or the text where the engine (a server) runs no VAD.
+        # A retried run's turn times go on from the failed run's last one.
         self._tracker = TurnTracker(
             clock, language=self._opts.language, interim_results=self._opts.interim_results, vad=self._es.vad,
-            chunk=self._chunk(),
+            chunk=self._chunk(), not_before=self._tracker.last_wall if self._tracker is not None else 0.0,
         )
         # What a failed run had held back for a stream change was taken from the input but given to no
         # engine stream: this run starts with it (the base class hands each frame to one run only).

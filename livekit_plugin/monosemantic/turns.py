@@ -70,9 +70,16 @@ class _Segment:
 
 class TurnTracker:
     def __init__(
-        self, clock: Clock, *, language: str, interim_results: bool, vad: bool = True, chunk: int = 0
+        self, clock: Clock, *, language: str, interim_results: bool, vad: bool = True, chunk: int = 0,
+        not_before: float = 0.0,
     ):
+        """`not_before`: the last wall-clock time an earlier run's tracker sent (`last_wall`)."""
         self.clock = clock
+        # Latest speech_start_time / speech_end_time sent: later ones never come before it. The stream's
+        # clock can move back between two events (a frame the event loop delayed dates a stretch of input
+        # by its arrival until its backlog, right behind it, dates it back), and LiveKit takes an END
+        # before its START, or before the previous END, at its word.
+        self.last_wall = not_before
         self.vad = vad  # without the engine's VAD, text opens a turn and every Final closes it
         self.chunk = chunk  # engine samples one step of the engine stream transcribes (its latency mode)
         self.language = language
@@ -180,7 +187,7 @@ class TurnTracker:
         self.state = "speaking"
         self._speech_start = sample
         self._speech_end = None  # a previous turn's end is not this one's
-        onset = min(self.clock.wall(sample), time.time())  # input faster than real time runs ahead of the clock
+        onset = self._wall(sample)
         out = [stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH, speech_start_time=onset)]
         if self.text and self.interim_results:  # hypothesis that arrived before the VAD was sure
             out.append(self._transcript(stt.SpeechEventType.INTERIM_TRANSCRIPT, self.text, end=self.text_end))
@@ -250,8 +257,10 @@ class TurnTracker:
         return stt.SpeechEvent(type=stt.SpeechEventType.FINAL_TRANSCRIPT, alternatives=[data])
 
     def _end(self, sample: int) -> stt.SpeechEvent:
-        # speech_end_time is wall-clock; with real-time input it never lies in the future, but the
-        # framework clamps it to now anyway
-        return stt.SpeechEvent(
-            type=stt.SpeechEventType.END_OF_SPEECH, speech_end_time=min(self.clock.wall(sample), time.time())
-        )
+        return stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH, speech_end_time=self._wall(sample))
+
+    def _wall(self, sample: int) -> float:
+        """Wall-clock time of `sample` for a START or END: never in the future (input faster than real
+        time runs ahead of the clock), never before the last one sent (`last_wall`)."""
+        self.last_wall = max(self.last_wall, min(self.clock.wall(sample), time.time()))
+        return self.last_wall

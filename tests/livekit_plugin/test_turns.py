@@ -147,3 +147,24 @@ def test_text_outside_any_turn_starts_at_its_first_word():
                      "flush:framework", Final("uh", words=[Word("uh", 40000, 44000)], start=9000, end=48000)])
     assert [e.type for e in events] == [S, F, E, S, F, E]
     assert events[3].speech_start_time == 1000.0 + 40000 / 16000  # not the Final's start, 9000
+
+
+def test_turn_times_never_go_backwards_when_the_clock_moves_back():
+    """The stream's wall clock can move back between two events: a frame the event loop delayed starts
+    a stretch of input dated by its arrival, and its backlog, arriving right behind it, dates it back
+    (by up to the delay). A START sent in between was late by that much, and the END after it (or the
+    next turn's START) could come before it."""
+    anchor = [1000.0]
+    t = TurnTracker(Clock(offset=lambda: 0.0, anchor=lambda: anchor[0]), language="en", interim_results=True)
+    events = run(t, [SpeechStarted(16000)])
+    anchor[0] -= 0.5  # the backlog came
+    events += run(t, [SpeechEnded(20000), Final("", end=20000)])
+    anchor[0] -= 0.5
+    events += run(t, [SpeechStarted(24000)])
+    times = [e.speech_start_time if e.type == S else e.speech_end_time for e in events if e.type in (S, E)]
+    assert len(times) == 3 and times == sorted(times)
+    # a retried run's tracker goes on from where this one stopped
+    later = TurnTracker(Clock(offset=lambda: 0.0, anchor=lambda: 990.0), language="en", interim_results=True,
+                        not_before=t.last_wall)
+    [start] = run(later, [SpeechStarted(0)])
+    assert start.speech_start_time >= times[-1]
