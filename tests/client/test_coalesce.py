@@ -8,14 +8,13 @@ import asyncio
 
 import numpy as np
 import pytest
-from aiohttp import web
 
 from monosemantic import Engine, EngineConfig, Final
 from monosemantic.client import RemoteEngine
 from monosemantic.engine.coalesce import MAX_HOLD_SECONDS, Coalescer
 
 from _support.events import by_kind, utterances_in_frames
-from _support.fake_server import READY, fake_server
+from _support.fake_server import READY, FakeServer, fake_server
 from _support.server import RunningServer, pcm16
 
 pytestmark = pytest.mark.timeout(240)
@@ -117,29 +116,20 @@ def test_a_push_after_a_pause_goes_at_once(server):
 def test_a_server_without_step_timing_gets_every_push():
     """A server before the ready message's `steps` (or one sending a malformed one): every push is a
     message, as before."""
-    received: list[int] = []
-
-    async def handler(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json({**READY, "steps": {"first": 0, "every": 2560}})  # malformed: not positive
-        async for msg in ws:
-            if msg.type.name == "BINARY":
-                received.append(len(msg.data))
-            else:
-                break
-        return ws
+    server = FakeServer(ready={**READY, "steps": {"first": 0, "every": 2560}})  # malformed: not positive
 
     async def main():
-        async with fake_server(handler) as url:
+        async with fake_server(server) as url:
             async with RemoteEngine(url) as engine:
                 stream = await engine.open_stream()
                 assert stream._coalescer is None
                 for _ in range(10):
                     await stream.push(np.zeros(320, np.int16))
                 await stream.flush()
-                await asyncio.sleep(0.2)
+                async for event in stream:  # its Final: the server has read everything before the flush
+                    if isinstance(event, Final):
+                        break
                 await stream.close()
 
     asyncio.run(main())
-    assert received == [640] * 10
+    assert server.connections[0].received == [640] * 10 + ["flush"]

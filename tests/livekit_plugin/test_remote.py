@@ -227,20 +227,10 @@ def test_recognize_against_a_server_that_never_answers_times_out_and_is_retried(
     """A server that opened the stream and then hung (a stuck engine) while its connection stays up,
     answering pings: recognize() waited for the Final forever and LiveKit's retry never started. It now
     fails after conn_options.timeout without any event, with the retryable APITimeoutError."""
-    connections = []
-
-    async def wedged(request):
-        ws = web.WebSocketResponse()  # autoping: the connection looks alive
-        await ws.prepare(request)
-        connections.append(ws)
-        await ws.send_json(READY)
-        async for msg in ws:  # takes the audio and the flush, answers nothing
-            if msg.type is web.WSMsgType.TEXT and msg.json()["type"] == "close":
-                break  # (so that the test's connections end at once)
-        return ws
+    server = FakeServer(answer_flushes=False)  # takes the audio and the flush, answers nothing
 
     async def main():
-        async with fake_server(wedged) as url:
+        async with fake_server(server) as url:
             stt = lk_monosemantic.STT(base_url=url)
             errors = []
             stt.on("error", errors.append)
@@ -254,7 +244,7 @@ def test_recognize_against_a_server_that_never_answers_times_out_and_is_retried(
             return info.value, errors
 
     error, errors = asyncio.run(main())
-    assert len(connections) == 2  # the timeout was retried on a new connection
+    assert len(server.connections) == 2  # the timeout was retried on a new connection
     assert isinstance(error.__cause__, APITimeoutError)
     assert [(type(e.error), e.recoverable) for e in errors] == [(APITimeoutError, True), (APITimeoutError, False)]
 
