@@ -54,6 +54,7 @@ _GOING_AWAY = 1001
 # expires. A server that does not say its timeout has the default's, 60 s.
 _KEEPALIVE_SHARE = 1 / 3
 _DEFAULT_IDLE_TIMEOUT = 60.0
+_CUT_SECONDS = 1.0  # the closing handshake a hung server gets before its connection is dropped
 _KEEPALIVE = b""  # an empty binary frame: no audio, and it resets the server's idle timeout
 
 
@@ -260,7 +261,13 @@ class RemoteStream:
         try:
             await asyncio.wait_for(asyncio.shield(self._reader), timeout)
         except asyncio.TimeoutError:
-            await self._ws.close()
+            # A server that did not end the stream in `timeout` hardly answers a closing handshake
+            # either, which aiohttp waits 10 s for: the cut got a second, then the connection is dropped
+            # (a cancelled close drops it).
+            try:
+                await asyncio.wait_for(self._ws.close(), _CUT_SECONDS)
+            except asyncio.TimeoutError:
+                pass
             await asyncio.gather(self._reader, return_exceptions=True)
 
     # ---- receiving (the reader task runs _read, below) -----------------------------------------------
@@ -353,7 +360,11 @@ async def _read(ref: "weakref.ref[RemoteStream]", ws, engine: "RemoteEngine") ->
             stream._finish(None, repr(exc), fatal_seen)
     finally:
         if not ws.closed:
-            await ws.close()
+            # (after the server's close frame this returns at once; a hung server gets _CUT_SECONDS)
+            try:
+                await asyncio.wait_for(ws.close(), _CUT_SECONDS)
+            except asyncio.TimeoutError:
+                pass
         # The connection is over: aclose() has nothing left to close here, and a caller that drops a
         # stream the server ended (without close()) must not leave it in the engine for good.
         stream = ref()
@@ -497,7 +508,7 @@ class RemoteEngine:
             # Upgraded but silent (not a monosemantic server, or one stuck): it would hardly answer a
             # closing handshake either, so that gets a second before the connection is cut.
             try:
-                await asyncio.wait_for(ws.close(), 1.0)
+                await asyncio.wait_for(ws.close(), _CUT_SECONDS)
             except asyncio.TimeoutError:
                 pass
             raise ConnectionLostError(

@@ -737,3 +737,19 @@ def test_a_message_type_from_a_newer_server_is_ignored():
     events = asyncio.run(asyncio.wait_for(main(), 30))
     assert events[0] == Usage(1.0)
     assert [e.code for e in events[1:]] == ["protocol"]  # a type that is not a name is malformed
+
+
+def test_wait_closed_drops_the_connection_of_a_hung_server_after_its_timeout():
+    """A server that hung answers neither the protocol's close nor the closing handshake. wait_closed's
+    cut closed the WebSocket, which waits for the server's close frame for aiohttp's 10 s: a 1 s cut took
+    11 s. The handshake now gets a second, then the connection is dropped."""
+
+    async def main():
+        async with fake_server(FakeServer(then="hang")) as url:
+            async with RemoteEngine(url) as engine:
+                stream = await engine.open_stream()
+                await stream.close()
+                await asyncio.wait_for(stream.wait_closed(0.1), 5)  # (it took 10.1 s)
+                return stream._ws.closed
+
+    assert asyncio.run(main())
