@@ -28,7 +28,7 @@ from ..audio import as_float32, check_rate, typed_view_as_array
 from ..errors import AudioError, StreamError, missing_dependency
 from ..event_queue import EventQueue
 from ..events import Error, Event, Final
-from ..server.protocol import STREAM_PATH, ProtocolError, message_to_event, timing_from_ready
+from ..server.protocol import MAX_FLUSH_AT, STREAM_PATH, ProtocolError, message_to_event, timing_from_ready
 from ..validate import check_positive_seconds, flush_point
 from ..engine.coalesce import Coalescer
 from .errors import (
@@ -228,7 +228,11 @@ class RemoteStream:
             self._check_open()
             self._owed += 1  # before the send: the final may arrive before the send returns
             coalescer = self._coalescer
-            cut = at is not None and (coalescer is None or at < coalescer.written)
+            # A point past any stream's audio (the protocol's bound) is a plain flush, as locally: sent as
+            # seconds the server would refuse it (or Python fail to make a float of it), the Final owed.
+            cut = at is not None and at < MAX_FLUSH_AT * self.model_sample_rate and (
+                coalescer is None or at < coalescer.written
+            )
             if coalescer is not None:
                 # The frame reaches the transport before the send first waits: it is sent from here on.
                 coalescer.cut(at) if cut else coalescer.flushed()

@@ -753,3 +753,31 @@ def test_wait_closed_drops_the_connection_of_a_hung_server_after_its_timeout():
                 return stream._ws.closed
 
     assert asyncio.run(main())
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_a_flush_at_a_sample_far_past_the_audio_is_a_plain_flush_as_locally(server, model, audio_clips, coalesce):
+    """flush(at=n) with n at or past the end of the audio is a plain flush (docs/engine.md), whatever n:
+    a local stream compares integers. A remote stream sent n as seconds, which the protocol refuses past
+    10^9 s (the server answered bad_message, did not flush, and the client then waited for a Final that
+    never came: close() raised ConnectionLostError, the utterance lost) and which Python cannot make a
+    float of past ~10^308 (OverflowError, after counting a Final owed). Such a point is past any audio."""
+    audio = audio_clips["jfk.wav"][:16000]
+    want = model.transcribe(audio, latency_ms=160).token_ids
+
+    async def main():
+        async with RemoteEngine(server.http, coalesce=coalesce) as engine:
+            stream = await engine.open_stream(latency_ms=160, sample_rate=16000)
+            finals = []
+            for at in (16000 * 10**9 + 1, 10**400):
+                await stream.push(audio)
+                await stream.flush(at=at)
+                finals.append(await final_of(stream))
+            await stream.close()
+            errors = [e async for e in stream if isinstance(e, Error)]
+            return finals, errors
+
+    finals, errors = asyncio.run(asyncio.wait_for(main(), 60))
+    assert errors == []
+    assert [(f.start, f.end) for f in finals] == [(0, 16000), (16000, 32000)]
+    assert all([t.id for t in f.tokens] == want for f in finals)
