@@ -235,7 +235,9 @@ class RemoteStream:
             )
             if coalescer is not None:
                 # The frame reaches the transport before the send first waits: it is sent from here on.
-                coalescer.cut(at) if cut else coalescer.flushed()
+                # A cut never goes before the last flush point (the server moves it up to there at least;
+                # where exactly, its Final says): the step points count from there, not from `at`.
+                coalescer.cut(max(at, coalescer.utterance_start)) if cut else coalescer.flushed()
             # On the wire, times are seconds of the stream (round(seconds * rate) gives the sample back).
             message = f'{{"type":"flush","at":{at / self.model_sample_rate!r}}}' if cut else '{"type":"flush"}'
             await self._send(self._ws.send_str, message)

@@ -781,3 +781,50 @@ def test_a_flush_at_a_sample_far_past_the_audio_is_a_plain_flush_as_locally(serv
     assert errors == []
     assert [(f.start, f.end) for f in finals] == [(0, 16000), (16000, 32000)]
     assert all([t.id for t in f.tokens] == want for f in finals)
+
+
+def test_a_flush_at_a_sample_before_the_last_flush_point_keeps_the_servers_step_points():
+    """A flush's point never goes before an earlier flush point (the server moves it up to it, an empty
+    Final): a flush(at=0) after a flush at 1 s starts the next utterance at 1 s. The client gathers
+    pushes up to the server's step points counted from the utterance's start; it counted them from 0
+    instead until the Final came back, holding audio past the points where the server could use it
+    (later partials). Here the server answers no flush: every step point from 1 s on must be sent."""
+    from aiohttp import web
+
+    first, every = 1480, 2560
+
+    async def handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({**READY, "steps": {"first": first, "every": every}})
+        async for msg in ws:
+            if msg.type.name != "BINARY" and '"close"' in msg.data:
+                break
+        return ws
+
+    async def main():
+        async with fake_server(handler) as url:
+            async with RemoteEngine(url) as engine:
+                stream = await engine.open_stream()
+                sent: list[int] = []
+                send = stream._ws.send_bytes
+
+                async def counted(data, *args, **kwargs):
+                    sent.append(len(data) // 2)
+                    return await send(data, *args, **kwargs)
+
+                stream._ws.send_bytes = counted
+                await stream.push(np.zeros(16000, np.int16))
+                await stream.flush()
+                await stream.flush(at=0)
+                pushed, late = 16000, []
+                for _ in range(50):
+                    await stream.push(np.zeros(320, np.int16))
+                    pushed += 320
+                    due = 16000 + first + max(0, (pushed - 16000 - first) // every) * every
+                    if pushed >= 16000 + first and sum(sent) < due:
+                        late.append((pushed, sum(sent), due))
+                await stream.close()
+                return late
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == []
