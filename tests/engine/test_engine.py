@@ -151,6 +151,72 @@ def test_flush_at_a_sample_ends_the_utterance_there(ms_model, audio_clips, sync)
         assert [t.id for t in final.tokens] == model.transcribe(part, latency_ms=160).token_ids
 
 
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_flush_at_a_sample_that_times_out_or_is_cancelled_ends_nothing(ms_model, audio_clips, sync):
+    """A flush(at=n) waiting for room for the audio before it (the engine held still, the buffer full)
+    that times out or is cancelled leaves the stream as it was: no flush point, the audio pushed kept,
+    the resampler untouched (44.1 kHz). Once the engine runs, flush(at=n) again and a plain flush give
+    two Finals covering the audio once, each its part transcribed alone."""
+    import threading
+
+    from monosemantic.audio import StreamResampler, resample
+
+    model = ms_model("nemotron_rnnt")
+    rate = 44100
+    audio = resample(np.concatenate([audio_clips["jfk.wav"][:40000], audio_clips["61-70968-0000.flac"][:16000]]), 16000, rate)
+    mirror = StreamResampler(rate, 16000)
+    model_audio = np.concatenate([mirror.push(audio), mirror.flush()])
+    config = EngineConfig(max_buffered_seconds=1.0, push_timeout_seconds=0.3, vad=None)
+    hold = threading.Event()
+
+    async def main():
+        async with Engine(model, config) as engine:
+            engine.core.add_tick_hook(lambda plan, elapsed: hold.wait(30))
+            stream = await engine.open_stream(latency_ms=160, sample_rate=rate)
+            record = engine.core.scheduler.streams[stream.handle]
+            with pytest.raises(StreamError, match="push timed out"):
+                await stream.push(audio)  # accepted; most of it waits for room
+            with pytest.raises(StreamError, match="flush timed out"):
+                await stream.flush(at=30000)
+            task = asyncio.create_task(stream.flush(at=30000))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not record.flushes
+            hold.set()
+            points = [await stream.flush(at=30000), await stream.flush()]
+            finals = [(await collect_until_final(stream))[1] for _ in range(2)]
+            await stream.close()
+            return points, finals
+
+    def run_sync():
+        with monosemantic.SyncEngine(model, config) as engine:
+            engine.core.add_tick_hook(lambda plan, elapsed: hold.wait(30))
+            stream = engine.open_stream(latency_ms=160, sample_rate=rate)
+            record = engine.core.scheduler.streams[stream.handle]
+            with pytest.raises(StreamError, match="push timed out"):
+                stream.push(audio)
+            with pytest.raises(StreamError, match="flush timed out"):
+                stream.flush(at=30000)
+            assert not record.flushes
+            hold.set()
+            points = [stream.flush(at=30000), stream.flush()]
+            finals = []
+            while len(finals) < 2:
+                event = stream.get(timeout=60)
+                if isinstance(event, Final):
+                    finals.append(event)
+            stream.close()
+            return points, finals
+
+    points, finals = run_sync() if sync else asyncio.run(main())
+    assert 30000 <= points[0] < points[1] == len(model_audio)
+    for final, (start, end) in zip(finals, [(0, points[0]), (points[0], points[1])]):
+        assert (final.start, final.end) == (start, end)
+        assert [t.id for t in final.tokens] == model.transcribe(model_audio[start:end], latency_ms=160).token_ids
+
+
 def test_flush_at_refuses_what_is_not_a_sample_index(ms_model):
     async def main():
         async with Engine(ms_model("nemotron_rnnt"), EngineConfig(vad=None)) as engine:
