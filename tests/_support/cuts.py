@@ -91,10 +91,11 @@ async def drive_with_cuts(stream, rng, clips, rate, coalescing_timing=None, sync
     return (np.concatenate(audio) if audio else np.zeros(0, np.float32)), flushes
 
 
-def check_cut_finals(model, latency_ms, audio, flushes, finals, tokens=True):
+def check_cut_finals(model, latency_ms, audio, flushes, finals, tokens=True, exact=False):
     """The Finals of `drive_with_cuts`'s flushes: one each, in order, covering the audio once, each
     ending at its flush's point (at `at` or after it for a cut, where the audio ended for a plain
-    flush), and each equal to its span transcribed alone (`tokens`)."""
+    flush), and each equal to its span transcribed alone (`tokens`). `exact`: the engine read none of
+    the audio before the flushes, so each cut is at `at`, or at the previous point if that is later."""
     assert len(finals) == len(flushes)
     start = 0
     for k, ((at, cut, point, size), final) in enumerate(zip(flushes, finals)):
@@ -102,6 +103,8 @@ def check_cut_finals(model, latency_ms, audio, flushes, finals, tokens=True):
         if point is not None:
             assert final.end == point, (k, final, flushes)
         assert (at <= final.end <= size) if cut else final.end == size, (k, final, flushes[k])
+        if exact and cut:
+            assert final.end == max(at, start), (k, final, flushes[k])
         part = audio[final.start : final.end]
         if tokens:
             expected = model.transcribe(part, latency_ms=latency_ms).token_ids if len(part) else []

@@ -352,13 +352,15 @@ def test_a_flush_at_a_time_cuts_the_utterance_there_as_a_local_stream_does(model
             assert [t.id for t in final.tokens] == model.transcribe(part, latency_ms=LATENCY).token_ids
 
 
-@pytest.mark.parametrize("coalesce", [True, False])
-def test_random_flushes_at_a_time_through_the_server_cover_the_audio_once_as_locally(server, model, audio_clips, coalesce):
+@pytest.mark.parametrize("coalesce, stalled", [(True, False), (False, False), (True, True)])
+def test_random_flushes_at_a_time_through_the_server_cover_the_audio_once_as_locally(server, model, audio_clips, coalesce, stalled):
     """RemoteStream.flush(at=...) at every kind of point (0, an earlier flush point, behind the engine,
     inside the audio, at and past its end) among plain flushes, at 16 kHz and at rates the server
     resamples, with the client's coalescing on and off: one Final per flush, in order, covering the
     audio once, each ending at `at` or after it (where the audio ended for a plain flush) and equal to
-    its span transcribed alone, as for a local stream (tests/engine/test_scheduler_sequences.py)."""
+    its span transcribed alone, as for a local stream (tests/engine/test_scheduler_sequences.py).
+    `stalled`: the engine stands still until every flush is sent, so each cut is exact, as a local
+    stream's then is: at `at`, or at the previous flush point if `at` lies before it."""
     import random
 
     from _support.cuts import check_cut_finals, drive_with_cuts
@@ -369,12 +371,25 @@ def test_random_flushes_at_a_time_through_the_server_cover_the_audio_once_as_loc
     async def one(engine, i):
         stream = await engine.open_stream(latency_ms=LATENCY, sample_rate=rates[i])
         audio, flushes = await drive_with_cuts(stream, random.Random(31 * i + coalesce), clips, rates[i], pcm16=True)
-        await stream.close()
-        return audio, flushes, [e async for e in stream if isinstance(e, Final)]
+        return stream, audio, flushes
 
-    async def main():
-        async with RemoteEngine(server.http, coalesce=coalesce) as engine:
-            return await asyncio.gather(*(one(engine, i) for i in range(len(rates))))
+    async def main(url, release):
+        async with RemoteEngine(url, coalesce=coalesce) as engine:
+            driven = await asyncio.gather(*(one(engine, i) for i in range(len(rates))))
+            await release()
+            results = []
+            for stream, audio, flushes in driven:
+                await stream.close()
+                results.append((audio, flushes, [e async for e in stream if isinstance(e, Final)]))
+            return results
 
-    for audio, flushes, finals in asyncio.run(asyncio.wait_for(main(), 90)):
-        check_cut_finals(model, LATENCY, audio, flushes, finals)
+    async def nothing():
+        pass
+
+    if stalled:
+        with stalled_server(model, max_streams=4, max_buffered_seconds=60.0) as (running, stall, _):
+            results = asyncio.run(asyncio.wait_for(main(running.http, lambda: asyncio.to_thread(stall.set)), 90))
+    else:
+        results = asyncio.run(asyncio.wait_for(main(server.http, nothing), 90))
+    for audio, flushes, finals in results:
+        check_cut_finals(model, LATENCY, audio, flushes, finals, exact=stalled)
