@@ -295,6 +295,9 @@ class Session:
             self.finals_done.clear()
             try:
                 point = await self._into_engine(self.stream.flush, at)
+                # (The engine's thread may end the stream by now: asked after the flush, `written` then
+                # raises StreamError too.)
+                cut_before_the_end = at is not None and point < self.stream.written
             except PushTimeoutError as exc:
                 if self.stream_ended.is_set() or self._closer is not None or self._peer_gone:
                     return False
@@ -302,7 +305,7 @@ class Session:
                 return False
             except StreamError:  # closed, as for a push
                 return False
-            if at is None or point >= self.stream.written:
+            if not cut_before_the_end:
                 self.unflushed = 0  # (a cut before the end leaves the audio after it unflushed)
         return True
 

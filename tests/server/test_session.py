@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 
 import aiohttp
@@ -393,3 +394,40 @@ def test_random_flushes_at_a_time_through_the_server_cover_the_audio_once_as_loc
         results = asyncio.run(asyncio.wait_for(main(server.http, nothing), 90))
     for audio, flushes, finals in results:
         check_cut_finals(model, LATENCY, audio, flushes, finals, exact=stalled)
+
+
+def test_a_stream_the_engine_ends_just_after_a_flush_at_a_time_is_reported_with_its_error(model, audio_clips, caplog):
+    """The engine may end a stream (an error, its shutdown: from its own thread) at any moment, also
+    between a flush and the next call into it. A flush with `at` then asked the ended stream how much audio it held, and
+    the StreamError that raised escaped the receive loop: "stream handler failed" logged with its
+    traceback, as a bug of the server. As for a push or a plain flush, the stream simply ends with the
+    engine's error and its close code."""
+    from monosemantic import Error as EngineError
+
+    speech = pcm16(audio_clips["jfk.wav"][:32000])
+    with RunningServer(model, max_streams=1) as running:
+
+        async def main():
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(running.ws, params={"latency_ms": str(LATENCY)}) as ws:
+                    await ws.receive(timeout=10)
+                    (session,) = list(running.state.sessions)
+                    stream = session.stream
+                    flush = stream.flush
+
+                    async def flush_then_the_engine_ends_the_stream(at=None):
+                        point = await flush(at)
+                        stream._core.close(stream.handle, EngineError("closed", "the engine was shut down"))
+                        return point
+
+                    stream.flush = flush_then_the_engine_ends_the_stream
+                    await ws.send_bytes(speech)
+                    await ws.send_json({"type": "flush", "at": 0.5})
+                    messages, _ = await _messages_until_close(ws)
+                    return messages, ws.close_code
+
+        messages, code = asyncio.run(asyncio.wait_for(main(), 30))
+    errors = [m for m in messages if m["type"] == "error"]
+    assert [e["code"] for e in errors] == ["closed"], messages
+    assert code == 1001
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
