@@ -353,15 +353,16 @@ def test_a_flush_at_a_time_cuts_the_utterance_there_as_a_local_stream_does(model
             assert [t.id for t in final.tokens] == model.transcribe(part, latency_ms=LATENCY).token_ids
 
 
-@pytest.mark.parametrize("coalesce, stalled", [(True, False), (False, False), (True, True)])
-def test_random_flushes_at_a_time_through_the_server_cover_the_audio_once_as_locally(server, model, audio_clips, coalesce, stalled):
+@pytest.mark.parametrize("coalesce, stalled, vad", [(True, False, True), (False, False, True), (True, True, True), (True, False, False)])
+def test_random_flushes_at_a_time_through_the_server_cover_the_audio_once_as_locally(server, model, audio_clips, coalesce, stalled, vad):
     """RemoteStream.flush(at=...) at every kind of point (0, an earlier flush point, behind the engine,
     inside the audio, at and past its end) among plain flushes, at 16 kHz and at rates the server
     resamples, with the client's coalescing on and off: one Final per flush, in order, covering the
     audio once, each ending at `at` or after it (where the audio ended for a plain flush) and equal to
     its span transcribed alone, as for a local stream (tests/engine/test_scheduler_sequences.py).
     `stalled`: the engine stands still until every flush is sent, so each cut is exact, as a local
-    stream's then is: at `at`, or at the previous flush point if `at` lies before it."""
+    stream's then is: at `at`, or at the previous flush point if `at` lies before it. Without VAD the
+    server's engine streams gather pushes too (coalesce.py)."""
     import random
 
     from _support.cuts import check_cut_finals, drive_with_cuts
@@ -390,6 +391,9 @@ def test_random_flushes_at_a_time_through_the_server_cover_the_audio_once_as_loc
     if stalled:
         with stalled_server(model, max_streams=4, max_buffered_seconds=60.0) as (running, stall, _):
             results = asyncio.run(asyncio.wait_for(main(running.http, lambda: asyncio.to_thread(stall.set)), 90))
+    elif not vad:
+        with RunningServer(model, max_streams=4, vad=False) as running:
+            results = asyncio.run(asyncio.wait_for(main(running.http, nothing), 90))
     else:
         results = asyncio.run(asyncio.wait_for(main(server.http, nothing), 90))
     for audio, flushes, finals in results:
