@@ -255,7 +255,7 @@ def test_random_sequences_with_flushes_at_a_sample_cover_the_audio_once_in_order
         else:
             f.now[0] += 0.01
             f.tick(during=f.write_or_flush_at if rng.random() < 0.3 else None)
-        f.check(bound=10 ** 6)  # (waiting is the other test's)
+        f.check(bound=3 * max_streams + round(f.s.batch_wait(80) / 0.01) + 1)
     f.drain()
 
 
