@@ -24,6 +24,16 @@ async def collect_until_final(stream) -> tuple[list, Final]:
     raise AssertionError(f"stream ended without a Final: {events}")
 
 
+def sync_finals(stream, n: int) -> list[Final]:
+    """The next `n` Finals of a SyncStream (other events skipped)."""
+    finals = []
+    while len(finals) < n:
+        event = stream.get(timeout=60)
+        if isinstance(event, Final):
+            finals.append(event)
+    return finals
+
+
 async def push_randomly(stream, audio: np.ndarray, rng, low=1, high=6000) -> None:
     i = 0
     while i < len(audio):
@@ -132,11 +142,7 @@ def test_flush_at_a_sample_ends_the_utterance_there(ms_model, audio_clips, sync)
                 time.sleep(0.01)
             points.append(stream.flush(at=len(both) + 100))
             stream.flush()
-            finals = []
-            while len(finals) < 4:
-                event = stream.get(timeout=60)
-                if isinstance(event, Final):
-                    finals.append(event)
+            finals = sync_finals(stream, 4)
             stream.close()
             return points, finals
 
@@ -202,11 +208,7 @@ def test_a_flush_at_a_sample_that_times_out_or_is_cancelled_ends_nothing(ms_mode
             assert not record.flushes
             hold.set()
             points = [stream.flush(at=30000), stream.flush()]
-            finals = []
-            while len(finals) < 2:
-                event = stream.get(timeout=60)
-                if isinstance(event, Final):
-                    finals.append(event)
+            finals = sync_finals(stream, 2)
             stream.close()
             return points, finals
 
