@@ -86,22 +86,28 @@ async def raw_stream(engine, utterances, latency_ms, pace) -> list[float]:
     return times
 
 
-async def plugin_stream(stt, utterances, pace) -> list[float]:
+def plugin_session(stt, on_final):
+    """A plugin stream, a task calling on_final(arrival time) at each FINAL_TRANSCRIPT, and a push of
+    int16 16 kHz audio as one frame."""
     from livekit import rtc
     from livekit.agents.stt import SpeechEventType
 
     stream = stt.stream()
-    times, finals = [], asyncio.Queue()
 
     async def read():
         async for event in stream:
             if event.type == SpeechEventType.FINAL_TRANSCRIPT:
-                finals.put_nowait(time.perf_counter())
+                on_final(time.perf_counter())
 
     async def push(piece):
         stream.push_frame(rtc.AudioFrame(piece.tobytes(), 16000, 1, len(piece)))
 
-    reader = asyncio.create_task(read())
+    return stream, asyncio.create_task(read()), push
+
+
+async def plugin_stream(stt, utterances, pace) -> list[float]:
+    times, finals = [], asyncio.Queue()
+    stream, reader, push = plugin_session(stt, finals.put_nowait)
     for audio in utterances:
         await paced(pcm16(audio), push, pace)
         t0 = time.perf_counter()
@@ -115,21 +121,8 @@ async def plugin_stream(stt, utterances, pace) -> list[float]:
 async def plugin_turns(stt, utterances, pace, gap) -> list[float]:
     """Per utterance: from its last frame's push to the first FINAL after it, with the VAD ending the turn
     in the `gap` seconds of silence that follow."""
-    from livekit import rtc
-    from livekit.agents.stt import SpeechEventType
-
-    stream = stt.stream()
     finals: list[float] = []  # arrival times
-
-    async def read():
-        async for event in stream:
-            if event.type == SpeechEventType.FINAL_TRANSCRIPT:
-                finals.append(time.perf_counter())
-
-    async def push(piece):
-        stream.push_frame(rtc.AudioFrame(piece.tobytes(), 16000, 1, len(piece)))
-
-    reader = asyncio.create_task(read())
+    stream, reader, push = plugin_session(stt, finals.append)
     silence = np.zeros(int(gap * 16000), dtype=np.int16)
     times = []
     for audio in utterances:
