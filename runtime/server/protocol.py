@@ -50,6 +50,10 @@ class Flush:
 
     at: float | None = None
 
+    def at_sample(self, rate: int) -> int | None:
+        """`at` as a sample count at the model's `rate` (as event times are read back)."""
+        return None if self.at is None else _samples(self.at, rate)
+
 
 @dataclass(frozen=True)
 class Close:

@@ -222,8 +222,7 @@ class Session:
                     await self._refuse(exc)
                     continue
                 if isinstance(control, Flush):
-                    at = None if control.at is None else round(control.at * self.model_rate)
-                    if not await self._flush(at):
+                    if not await self._flush(control.at_sample(self.model_rate)):
                         return
                 elif isinstance(control, Close):
                     await self._close_gracefully()
