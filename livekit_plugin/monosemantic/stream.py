@@ -465,10 +465,7 @@ class SpeechStream(stt.RecognizeStream):
             self._owe()
         self._tracker.flushed(reason)  # before the call: its Final can only come after
         self._settled.clear()
-        if at is None:
-            await self._es.flush()
-        else:
-            await self._es.flush(at=at)
+        await self._es.flush(at=at)
 
     # ---- event side -------------------------------------------------------------------------------------
     async def _forward_events(self) -> None:

@@ -45,7 +45,7 @@ class ScriptedStream:
             self.events.put_nowait(monosemantic.Partial(self.text, self.text, self.utt_start, end))
         self.stepped = end
 
-    async def flush(self) -> None:
+    async def flush(self, at: int | None = None) -> None:  # (no VAD: the plugin never passes `at`)
         end = len(self.audio)
         if self.stepped < end:
             self._step(end)
